@@ -1,0 +1,72 @@
+"""Barlow Twins: redundancy reduction through the cross-correlation of two views.
+
+Zbontar et al., "Barlow Twins: Self-Supervised Learning via Redundancy Reduction", ICML 2021.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from sdk.card import Card
+from sdk.distributed import gather_with_grad
+from sdk.errors import ConfigError
+from sdk.hookspecs import hookimpl
+from sdk.interfaces import Objective
+from sdk.types import Batch, Loss, Views
+
+
+def _batch_normalize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """(z - mean) / sqrt(var + eps) along the batch, biased variance (BatchNorm1d, affine=False)."""
+    z = z.float()
+    mean = z.mean(dim=0)
+    var = z.var(dim=0, unbiased=False)
+    return (z - mean) / torch.sqrt(var + eps)
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3,
+                      eps: float = 1e-5) -> torch.Tensor:
+    """``sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2`` with ``C = z1n^T z2n / N``."""
+    n = z1.shape[0]
+    c = _batch_normalize(z1, eps).T @ _batch_normalize(z2, eps) / n
+    diag = torch.diagonal(c)
+    on_diag = (diag - 1).pow(2).sum()
+    off_diag = c.pow(2).sum() - diag.pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+class BarlowTwins(Objective):
+    """Barlow Twins over two (or more: every pair, averaged) views. ``gather=True`` builds the
+    cross-correlation over the batch of every DDP rank, as the paper's all-reduce does."""
+
+    requires = {"views": 2}
+
+    def __init__(self, lambd: float = 5e-3, eps: float = 1e-5, gather: bool = False):
+        super().__init__()
+        if lambd < 0:
+            raise ConfigError(f"barlow_twins: lambd must be >= 0, got {lambd}", param="lambd")
+        if not eps > 0:
+            raise ConfigError(f"barlow_twins: eps must be > 0, got {eps}", param="eps")
+        self.lambd, self.eps, self.gather = lambd, eps, gather
+
+    def forward(self, views: Views, batch: Batch) -> Loss:
+        zs = [gather_with_grad(z) for z in views.embeddings] if self.gather else views.embeddings
+        terms = [barlow_twins_loss(a, b, self.lambd, self.eps)
+                 for a, b in itertools.combinations(zs, 2)]
+        return Loss(value=torch.stack(terms).mean())
+
+
+CARD = Card(
+    name="barlow_twins", kind="objective",
+    title="Barlow Twins: Self-Supervised Learning via Redundancy Reduction",
+    paper="arXiv:2103.03230",
+    summary="Drives the cross-correlation of batch-normalised embeddings of two views to the "
+            "identity: invariance on the diagonal, redundancy reduction off it.",
+    formula="C = BN(z1)^T BN(z2) / N; L = sum_i (1 - C_ii)^2 + lambd * sum_{i!=j} C_ij^2",
+)
+
+
+@hookimpl
+def paperplug_register(registry) -> None:
+    registry.add("objective", "barlow_twins", BarlowTwins, card=CARD)

@@ -1,0 +1,62 @@
+"""Cross-entropy with label smoothing.
+
+Label smoothing: Szegedy et al., "Rethinking the Inception Architecture for Computer Vision",
+CVPR 2016.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sdk.card import Card
+from sdk.errors import ConfigError, ShapeError
+from sdk.hookspecs import hookimpl
+from sdk.interfaces import Objective
+from sdk.types import Batch, Loss, Views
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor,
+                       label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-sample ``-sum_c q_c log softmax(logits)_c``, ``q = (1 - e) y + e / C``.
+
+    ``targets`` are class ids [B] or probabilities [B, C] (soft labels, e.g. from mixup).
+    """
+    if targets.dim() == 2 and targets.shape != logits.shape:
+        raise ShapeError(f"cross_entropy: soft targets {list(targets.shape)} must match logits "
+                         f"{list(logits.shape)}")
+    if targets.dim() == 2:
+        targets = targets.to(logits.dtype)
+    return F.cross_entropy(logits.float(), targets if targets.dim() == 1 else targets.float(),
+                           label_smoothing=label_smoothing, reduction="none")
+
+
+class CrossEntropy(Objective):
+    """Mean cross-entropy of ``Views.logits`` against ``Batch.targets`` (ids or soft labels)."""
+
+    requires = {"logits": True, "targets": True}
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"cross_entropy: label_smoothing must be in [0, 1), got "
+                              f"{label_smoothing}", param="label_smoothing")
+        self.label_smoothing = label_smoothing
+
+    def forward(self, views: Views, batch: Batch) -> Loss:
+        per_sample = cross_entropy_loss(views.logits, batch.targets, self.label_smoothing)
+        return Loss(value=per_sample.mean(), per_sample=per_sample)
+
+
+CARD = Card(
+    name="cross_entropy", kind="objective",
+    title="Rethinking the Inception Architecture for Computer Vision (label smoothing)",
+    paper="arXiv:1512.00567",
+    summary="Softmax cross-entropy on logits, with optional label smoothing and soft targets.",
+    formula="l_i = -sum_c q_ic log softmax(z_i)_c, q_i = (1 - eps) y_i + eps / C",
+)
+
+
+@hookimpl
+def paperplug_register(registry) -> None:
+    registry.add("objective", "cross_entropy", CrossEntropy, card=CARD)

@@ -1,0 +1,75 @@
+"""Temperature scaling: one scalar T fitted on held-out logits by minimising the NLL.
+
+Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sdk.card import Card
+from sdk.errors import ConfigError, ShapeError
+from sdk.hookspecs import hookimpl
+from sdk.interfaces import Calibrator
+
+
+def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.dim() != 2:
+        raise ShapeError(f"temperature_scaling: logits must be [N, C], got {list(logits.shape)}")
+    if labels.shape != (logits.shape[0],):
+        raise ShapeError(f"temperature_scaling: labels must be [{logits.shape[0]}], "
+                         f"got {list(labels.shape)}")
+
+
+class TemperatureScaling(Calibrator):
+    """``softmax(z / T)``; ``T = exp(log_t)`` fitted with L-BFGS on the NLL of held-out data."""
+
+    def __init__(self, max_iter: int = 100, lr: float = 0.1):
+        super().__init__()
+        if max_iter < 1:
+            raise ConfigError(f"temperature_scaling: max_iter must be >= 1, got {max_iter}",
+                              param="max_iter")
+        if not lr > 0:
+            raise ConfigError(f"temperature_scaling: lr must be > 0, got {lr}", param="lr")
+        self.max_iter, self.lr = max_iter, lr
+        self.log_t = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    @property
+    def temperature(self) -> float:
+        return float(self.log_t.exp())
+
+    def fit(self, logits: torch.Tensor, labels: torch.Tensor, **extra) -> TemperatureScaling:
+        _check(logits, labels)
+        logits = logits.detach().float()
+        log_t = torch.zeros((), device=logits.device, requires_grad=True)
+        opt = torch.optim.LBFGS([log_t], lr=self.lr, max_iter=self.max_iter,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(logits / log_t.exp(), labels)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            self.log_t.copy_(log_t.detach())
+        return self
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits / self.log_t.exp().to(logits.dtype)
+
+
+CARD = Card(
+    name="temperature_scaling", kind="calibrator",
+    title="On Calibration of Modern Neural Networks", paper="arXiv:1706.04599",
+    summary="Divides logits by one temperature fitted on held-out data by minimising NLL; "
+            "keeps the argmax, fixes over-confidence.",
+    formula="p = softmax(z / T), T = argmin_T sum_i -log softmax(z_i / T)_{y_i}",
+)
+
+
+@hookimpl
+def paperplug_register(registry) -> None:
+    registry.add("calibrator", "temperature_scaling", TemperatureScaling, card=CARD)

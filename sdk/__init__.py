@@ -1,0 +1,70 @@
+"""paperplug core: typed interfaces, plugin registry, composition and the training engine.
+
+``import sdk`` is cheap: it imports neither torch nor any plugin. Public names are
+resolved on first access (PEP 562), plugins on first lookup.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from sdk.errors import (
+    ConfigError,
+    PluginConflictError,
+    PluginError,
+    PluginNotFoundError,
+    RequirementError,
+    ShapeError,
+)
+
+__version__ = "0.1.0"
+
+_LAZY: dict[str, str] = {
+    "Views": "sdk.types",
+    "Batch": "sdk.types",
+    "Loss": "sdk.types",
+    "Pairs": "sdk.types",
+    "Card": "sdk.card",
+    "Param": "sdk.card",
+    "hookimpl": "sdk.hookspecs",
+    "Registry": "sdk.registry",
+    "registry": "sdk.registry",
+    "create": "sdk.registry",
+    "plugins": "sdk.registry",
+    "broken_plugins": "sdk.registry",
+    "WeightedSum": "sdk.compose",
+    "Trainer": "sdk.engine",
+}
+_SUBMODULES = {
+    "interfaces", "types", "card", "hookspecs", "registry", "compose", "config", "contrastive",
+    "distributed", "testing", "engine", "metrics", "data", "checkpoint", "plots", "cli",
+}
+
+__all__ = [
+    "ConfigError", "PluginConflictError", "PluginError", "PluginNotFoundError",
+    "RequirementError", "ShapeError", *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"sdk.{name}")
+    raise AttributeError(f"module 'sdk' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from sdk.card import Card, Param
+    from sdk.compose import WeightedSum
+    from sdk.engine import Trainer
+    from sdk.hookspecs import hookimpl
+    from sdk.registry import Registry, broken_plugins, create, plugins, registry
+    from sdk.types import Batch, Loss, Pairs, Views

@@ -1,0 +1,117 @@
+"""Objective algebra: ``0.5 * a + b`` is a :class:`WeightedSum` that logs every term."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+from torch import nn
+
+from sdk.interfaces import Objective, Schedule
+from sdk.types import Batch, Loss, Views
+
+
+def _check_weight(weight: Any) -> float | Schedule:
+    if isinstance(weight, Schedule):
+        return weight
+    if isinstance(weight, numbers.Real) and not isinstance(weight, bool):
+        return float(weight)
+    raise TypeError(f"objective weight must be a number or an sdk Schedule, got {type(weight).__name__}")
+
+
+class WeightedSum(Objective):
+    """``sum_k w_k * L_k``; ``logs`` hold each term's value under its name (and its own logs as
+    ``name/key``). A weight may be a Schedule of the training step. ``per_sample`` is the
+    weighted sum of the terms' per-sample losses when every term provides one."""
+
+    def __init__(self, terms: list[tuple[float | Schedule, Objective]]):
+        super().__init__()
+        self.weights: list[float | Schedule] = [_check_weight(w) for w, _ in terms]
+        self.terms = nn.ModuleList([obj for _, obj in terms])
+        self.step, self.max_steps = 0, None
+        self._term_names = self._unique_names()
+
+    @classmethod
+    def of(cls, objective: Objective, weight: Any = 1.0) -> WeightedSum:
+        if isinstance(objective, WeightedSum):
+            w = _check_weight(weight)
+            if isinstance(w, Schedule) and any(isinstance(x, Schedule) for x in objective.weights):
+                raise TypeError("cannot multiply scheduled weights by another schedule")
+            if isinstance(w, Schedule):
+                return cls([(w, o) if x == 1.0 else (_Scaled(w, x), o)
+                            for x, o in zip(objective.weights, objective.terms)])
+            return cls([(_scale(x, w), o) for x, o in zip(objective.weights, objective.terms)])
+        return cls([(weight, objective)])
+
+    def __add__(self, other: Any) -> Objective:
+        if not isinstance(other, Objective):
+            return NotImplemented
+        right = other if isinstance(other, WeightedSum) else WeightedSum.of(other)
+        return WeightedSum(list(zip(self.weights, self.terms)) + list(zip(right.weights, right.terms)))
+
+    @property
+    def requires(self) -> dict[str, Any]:  # type: ignore[override]
+        merged: dict[str, Any] = {}
+        for term in self.terms:
+            for key, value in term.requires.items():
+                if key == "views":
+                    merged[key] = max(merged.get(key, 0), int(value))
+                elif key == "extras":
+                    merged[key] = tuple(sorted(set(merged.get(key, ())) | set(value)))
+                else:
+                    merged[key] = merged.get(key, False) or bool(value)
+        return merged
+
+    def _unique_names(self) -> list[str]:
+        seen: dict[str, int] = {}
+        names = []
+        for term in self.terms:
+            n = seen.get(term.name, 0)
+            seen[term.name] = n + 1
+            names.append(term.name if n == 0 else f"{term.name}_{n + 1}")
+        return names
+
+    def set_progress(self, step: int, max_steps: int | None) -> None:
+        self.step, self.max_steps = step, max_steps
+        for term in self.terms:
+            term.set_progress(step, max_steps)
+
+    def current_weights(self) -> list[float]:
+        return [w(self.step, self.max_steps) if isinstance(w, Schedule) else w for w in self.weights]
+
+    def forward(self, views: Views, batch: Batch) -> Loss:
+        total = None
+        per_sample = None
+        per_sample_ok = True
+        logs: dict[str, torch.Tensor] = {}
+        for name, w, term in zip(self._term_names, self.current_weights(), self.terms):
+            loss = term(views, batch)
+            contrib = w * loss.value
+            total = contrib if total is None else total + contrib
+            logs[name] = loss.value.detach()
+            for key, value in loss.logs.items():
+                logs[f"{name}/{key}"] = value
+            if loss.per_sample is None:
+                per_sample_ok = False
+            elif per_sample_ok:
+                ps = w * loss.per_sample
+                per_sample = ps if per_sample is None else per_sample + ps
+        return Loss(value=total, per_sample=per_sample if per_sample_ok else None, logs=logs)
+
+    def extra_repr(self) -> str:
+        return " + ".join(f"{w} * {n}" for w, n in zip(self.weights, self._term_names))
+
+
+def _scale(x: float | Schedule, w: float) -> float | Schedule:
+    return x * w if isinstance(x, float) else _Scaled(x, w)
+
+
+class _Scaled(Schedule):
+    """A schedule times a constant (from ``c * (schedule_weighted_objective)``)."""
+
+    def __init__(self, schedule: Schedule, factor: float):
+        self.schedule, self.factor = schedule, factor
+
+    def __call__(self, step: int, max_steps: int | None = None) -> float:
+        return self.factor * self.schedule(step, max_steps)

@@ -1,0 +1,35 @@
+"""Exceptions raised by paperplug. Every message names the field, plugin or shape at fault."""
+
+from __future__ import annotations
+
+
+class PluginError(Exception):
+    """Base class of plugin lookup and registration errors."""
+
+
+class PluginNotFoundError(PluginError, LookupError):
+    """No plugin of that kind and name is registered."""
+
+
+class PluginConflictError(PluginError):
+    """Two packages registered a plugin under the same kind and name."""
+
+
+class ConfigError(ValueError):
+    """A parameter or recipe entry is unknown or has the wrong type.
+
+    ``path`` names the offending key (``"objectives[1].lambd"``), ``param`` the parameter.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None, path: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.path = path
+
+
+class ShapeError(ValueError):
+    """A tensor has the wrong shape, dtype or batch size for the record or plugin using it."""
+
+
+class RequirementError(ValueError):
+    """An objective received fewer views, or no targets/logits/index, than it declares it requires."""

@@ -1,0 +1,242 @@
+"""Plugin discovery (pluggy + entry points), lookup, parameter validation and isolation."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import threading
+import typing
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from typing import Any
+
+import attrs
+import pluggy
+from typeguard import TypeCheckError, check_type
+
+from sdk import hookspecs
+from sdk.card import KINDS, Card, Param
+from sdk.errors import ConfigError, PluginConflictError, PluginNotFoundError
+
+ENTRY_POINT_GROUP = "paperplug"
+
+
+@attrs.frozen
+class BrokenPlugin:
+    """A plugin module that failed to load or register: its entry-point name, package, error."""
+
+    name: str
+    package: str
+    error: str
+
+
+@attrs.frozen
+class Entry:
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    card: Card
+
+
+def _signature_params(factory: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter],
+                                                               dict[str, Any], bool]:
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    sig = inspect.signature(factory)
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: skip type checks, keep names
+        hints = {}
+    params = {}
+    var_kw = False
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            var_kw = True
+        elif p.kind is not p.VAR_POSITIONAL:
+            params[p.name] = p
+    return params, hints, var_kw
+
+
+def _type_name(hint: Any) -> str:
+    if hint is inspect.Parameter.empty:
+        return "any"
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def describe_params(factory: Callable[..., Any]) -> tuple[Param, ...]:
+    params, hints, _ = _signature_params(factory)
+    out = []
+    for name, p in params.items():
+        hint = hints.get(name, p.annotation)
+        default = attrs.NOTHING if p.default is p.empty else p.default
+        out.append(Param(name=name, type=_type_name(hint), default=default))
+    return tuple(out)
+
+
+def _suggest(name: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+class Registry:
+    """All plugins by kind and name. ``sdk.registry()`` returns the discovered global one."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], Entry] = {}
+        self._conflicts: dict[tuple[str, str], list[str]] = {}
+        self.broken: list[BrokenPlugin] = []
+        self._package = ""
+
+    # registration --------------------------------------------------------------
+    def add(self, kind: str, name: str, factory: Callable[..., Any], *, card: Card) -> None:
+        """Register ``factory`` (a class or function) as plugin ``name`` of ``kind``."""
+        if kind not in KINDS:
+            raise ValueError(f"registry.add({name!r}): unknown kind {kind!r}; one of {', '.join(KINDS)}")
+        if not isinstance(card, Card):
+            raise TypeError(f"registry.add({kind!r}, {name!r}): card must be sdk.Card, "
+                            f"got {type(card).__name__}")
+        if card.name != name or card.kind != kind:
+            raise ValueError(f"registry.add({kind!r}, {name!r}): the card says "
+                             f"kind={card.kind!r}, name={card.name!r}")
+        if not callable(factory):
+            raise TypeError(f"registry.add({kind!r}, {name!r}): factory is not callable")
+        card = attrs.evolve(card, params=describe_params(factory), package=self._package)
+        key = (kind, name)
+        if key in self._entries:
+            first = self._entries[key].card.package or "<unknown package>"
+            second = self._package or "<unknown package>"
+            self._conflicts.setdefault(key, [first]).append(second)
+            raise PluginConflictError(
+                f"{kind} plugin {name!r} is registered twice: by package {first!r} and by "
+                f"package {second!r}; uninstall one of them")
+        self._entries[key] = Entry(kind, name, factory, card)
+
+    # lookup --------------------------------------------------------------------
+    def get(self, kind: str, name: str) -> Entry:
+        if kind not in KINDS:
+            raise PluginNotFoundError(f"unknown plugin kind {kind!r}; kinds are {', '.join(KINDS)}."
+                                      + _suggest(kind, KINDS))
+        key = (kind, name)
+        if key in self._conflicts:
+            packages = " and ".join(repr(p) for p in self._conflicts[key])
+            raise PluginConflictError(f"{kind} plugin {name!r} is provided by several packages "
+                                      f"({packages}); uninstall all but one")
+        if key not in self._entries:
+            names = sorted(n for k, n in self._entries if k == kind)
+            other = sorted(k for k, n in self._entries if n == name)
+            hint = f" (there is a {other[0]} plugin of that name)" if other else ""
+            raise PluginNotFoundError(
+                f"no {kind} plugin named {name!r}{hint}." + _suggest(name, names)
+                + f" Available {kind} plugins: {', '.join(names) or 'none'}")
+        return self._entries[key]
+
+    def cards(self, kind: str | None = None) -> list[Card]:
+        if kind is not None and kind not in KINDS:
+            raise PluginNotFoundError(f"unknown plugin kind {kind!r}; kinds are {', '.join(KINDS)}."
+                                      + _suggest(kind, KINDS))
+        return [e.card for (k, _), e in sorted(self._entries.items()) if kind in (None, k)]
+
+    def validate(self, kind: str, name: str, params: dict[str, Any]) -> None:
+        """Raise :class:`ConfigError` for an unknown or ill-typed parameter."""
+        factory = self.get(kind, name).factory
+        accepted, hints, var_kw = _signature_params(factory)
+        for key, value in params.items():
+            if key not in accepted:
+                if var_kw:
+                    continue
+                raise ConfigError(
+                    f"{kind} plugin {name!r} has no parameter {key!r}." + _suggest(key, accepted)
+                    + f" Accepted: {', '.join(accepted) or 'none'}", param=key)
+            hint = hints.get(key)
+            if hint is None:
+                continue
+            try:
+                check_type(value, hint)
+            except TypeCheckError as exc:
+                raise ConfigError(
+                    f"{kind} plugin {name!r}: parameter {key!r} expected {_type_name(hint)}, "
+                    f"got {value!r} ({type(value).__name__}): {exc}", param=key) from None
+        missing = [n for n, p in accepted.items() if p.default is p.empty and n not in params]
+        if missing:
+            raise ConfigError(f"{kind} plugin {name!r}: missing required parameter "
+                              f"{missing[0]!r}", param=missing[0])
+
+    def create(self, kind: str, name: str, **params: Any) -> Any:
+        """Build plugin ``name`` of ``kind`` with validated ``params``."""
+        self.validate(kind, name, params)
+        instance = self.get(kind, name).factory(**params)
+        if kind == "objective":
+            instance.name = name
+        return instance
+
+    # discovery -----------------------------------------------------------------
+    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
+        """Import every module of the entry-point group and call its ``paperplug_register``.
+
+        A module that fails to import or to register is recorded in :attr:`broken` (name,
+        package, error) and skipped; the others are unaffected.
+        """
+        pm = pluggy.PluginManager(hookspecs.PROJECT)
+        pm.add_hookspecs(hookspecs)
+        self.plugin_manager = pm
+        for ep in sorted(metadata.entry_points(group=group), key=lambda e: e.name):
+            package = ep.dist.name if ep.dist is not None else "<unknown package>"
+            try:
+                module = ep.load()
+                pm.register(module, name=f"{package}:{ep.name}")
+            except Exception as exc:  # noqa: BLE001 - isolate any failure of a third party
+                self.broken.append(BrokenPlugin(ep.name, package, f"{type(exc).__name__}: {exc}"))
+                continue
+            self.register_module(module, name=ep.name, package=package)
+
+    def register_module(self, module: Any, *, name: str, package: str = "") -> None:
+        """Call one plugin object's ``paperplug_register`` hook, isolating its failures."""
+        hook = getattr(module, "paperplug_register", None)
+        if hook is None:
+            self.broken.append(BrokenPlugin(name, package, "defines no paperplug_register hook"))
+            return
+        self._package = package
+        try:
+            hook(registry=self)
+        except Exception as exc:  # noqa: BLE001
+            self.broken.append(BrokenPlugin(name, package, f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._package = ""
+
+
+_GLOBAL: Registry | None = None
+_LOCK = threading.Lock()
+
+
+def registry() -> Registry:
+    """The process-wide registry, discovered from entry points on first use."""
+    global _GLOBAL
+    if _GLOBAL is None:
+        with _LOCK:
+            if _GLOBAL is None:
+                reg = Registry()
+                reg.load_entry_points()
+                _GLOBAL = reg
+    return _GLOBAL
+
+
+def reset() -> None:
+    """Forget the discovered plugins (the next lookup discovers again)."""
+    global _GLOBAL
+    _GLOBAL = None
+
+
+def create(kind: str, name: str, **params: Any) -> Any:
+    """Build plugin ``name`` of ``kind``: ``sdk.create("objective", "barlow_twins", lambd=5e-3)``."""
+    return registry().create(kind, name, **params)
+
+
+def plugins(kind: str | None = None) -> list[Card]:
+    """Cards of the registered plugins, optionally of one kind."""
+    return registry().cards(kind)
+
+
+def broken_plugins() -> list[BrokenPlugin]:
+    """Plugin modules that failed to import or register, with their errors."""
+    return list(registry().broken)

@@ -1,0 +1,196 @@
+"""Records that flow between plugins: Views, Batch, Loss, Pairs.
+
+All are frozen attrs classes with keyword-only fields. Construction validates types and
+batch sizes and raises :class:`sdk.ShapeError` / ``TypeError`` naming the field at fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+from sdk.errors import ShapeError
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _shape(t: Tensor) -> str:
+    return f"[{', '.join(str(s) for s in t.shape)}]"
+
+
+def _tensor_or_none(record: str, field: str, value: Any) -> None:
+    if value is not None and not isinstance(value, Tensor):
+        raise TypeError(f"{record}.{field}: expected a torch.Tensor or None, got {type(value).__name__}")
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if value is None:
+        return _EMPTY
+    if not isinstance(value, Mapping):
+        raise TypeError(f"extras: expected a mapping of str to values, got {type(value).__name__}")
+    return MappingProxyType(dict(value))
+
+
+def _embeddings(value: Any) -> tuple[Tensor, ...]:
+    if isinstance(value, Tensor):
+        raise TypeError("Views.embeddings: expected a tuple of [B, D] tensors (one per view), "
+                        "got a single tensor; wrap it: Views(embeddings=(z,))")
+    return tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class Views:
+    """Model outputs for one batch.
+
+    ``embeddings``: one ``[B, D]`` tensor per view; ``logits``: ``[B, C]`` class scores;
+    ``extras``: further named outputs (e.g. ``"teacher"``: the teacher's embeddings per view,
+    ``"features"``: backbone features before the projection head).
+    """
+
+    embeddings: tuple[Tensor, ...] = attrs.field(default=(), converter=_embeddings)
+    logits: Tensor | None = None
+    extras: Mapping[str, Any] = attrs.field(default=_EMPTY, converter=_frozen_mapping)
+
+    def __attrs_post_init__(self) -> None:
+        sizes = []
+        for i, z in enumerate(self.embeddings):
+            if not isinstance(z, Tensor):
+                raise TypeError(f"Views.embeddings[{i}]: expected a torch.Tensor, "
+                                f"got {type(z).__name__}")
+            if z.dim() != 2:
+                raise ShapeError(f"Views.embeddings[{i}]: expected shape [B, D], got {_shape(z)}")
+            sizes.append(z.shape)
+        if len({s for s in sizes}) > 1:
+            shapes = ", ".join(f"embeddings[{i}]={list(s)}" for i, s in enumerate(sizes))
+            raise ShapeError(f"Views.embeddings: all views must share one shape [B, D]; got {shapes}")
+        _tensor_or_none("Views", "logits", self.logits)
+        if self.logits is not None:
+            if self.logits.dim() != 2:
+                raise ShapeError(f"Views.logits: expected shape [B, C], got {_shape(self.logits)}")
+            if sizes and self.logits.shape[0] != sizes[0][0]:
+                raise ShapeError(f"Views.logits: batch size {self.logits.shape[0]} does not match "
+                                 f"embeddings' batch size {sizes[0][0]}")
+
+    @property
+    def n_views(self) -> int:
+        return len(self.embeddings)
+
+    @property
+    def batch_size(self) -> int:
+        if self.embeddings:
+            return self.embeddings[0].shape[0]
+        if self.logits is not None:
+            return self.logits.shape[0]
+        raise ShapeError("Views: holds neither embeddings nor logits")
+
+    def evolve(self, **changes: Any) -> Views:
+        return attrs.evolve(self, **changes)
+
+
+@attrs.frozen(kw_only=True)
+class Batch:
+    """What is known about the samples of one batch (every field optional).
+
+    ``targets``: class ids ``[B]`` (long), soft labels or multi-label sets ``[B, C]``;
+    ``index``: dataset indices ``[B]`` (long) for per-sample state; ``domain``: ids ``[B]``;
+    ``weight``: sample weights ``[B]``; ``extras``: further per-sample tensors or values.
+    """
+
+    targets: Tensor | None = None
+    index: Tensor | None = None
+    domain: Tensor | None = None
+    weight: Tensor | None = None
+    extras: Mapping[str, Any] = attrs.field(default=_EMPTY, converter=_frozen_mapping)
+
+    def __attrs_post_init__(self) -> None:
+        sizes: dict[str, int] = {}
+        for name in ("targets", "index", "domain", "weight"):
+            value = getattr(self, name)
+            _tensor_or_none("Batch", name, value)
+            if value is None:
+                continue
+            if value.dim() == 0:
+                raise ShapeError(f"Batch.{name}: expected a per-sample tensor [B, ...], got a scalar")
+            if name != "targets" and value.dim() != 1:
+                raise ShapeError(f"Batch.{name}: expected shape [B], got {_shape(value)}")
+            sizes[name] = value.shape[0]
+        for name in ("index", "domain"):
+            value = getattr(self, name)
+            if value is not None and value.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"Batch.{name}: expected an integer tensor, got {value.dtype}")
+        if len(set(sizes.values())) > 1:
+            detail = ", ".join(f"{k}={v}" for k, v in sizes.items())
+            raise ShapeError(f"Batch: fields disagree on the batch size ({detail})")
+
+    @property
+    def batch_size(self) -> int | None:
+        for name in ("targets", "index", "domain", "weight"):
+            value = getattr(self, name)
+            if value is not None:
+                return value.shape[0]
+        return None
+
+    def evolve(self, **changes: Any) -> Batch:
+        return attrs.evolve(self, **changes)
+
+
+@attrs.frozen(kw_only=True)
+class Loss:
+    """An objective's result: scalar ``value``, optional ``per_sample`` [B], detached ``logs``."""
+
+    value: Tensor
+    per_sample: Tensor | None = None
+    logs: Mapping[str, Tensor] = attrs.field(default=_EMPTY, converter=_frozen_mapping)
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.value, Tensor):
+            raise TypeError(f"Loss.value: expected a scalar torch.Tensor, got {type(self.value).__name__}")
+        if self.value.dim() != 0:
+            raise ShapeError(f"Loss.value: expected a scalar (0-dim) tensor, got {_shape(self.value)}")
+        _tensor_or_none("Loss", "per_sample", self.per_sample)
+        if self.per_sample is not None and self.per_sample.dim() != 1:
+            raise ShapeError(f"Loss.per_sample: expected shape [B], got {_shape(self.per_sample)}")
+
+
+@attrs.frozen(kw_only=True)
+class Pairs:
+    """Which (anchor, candidate) pairs count, as boolean masks ``[A, N]``.
+
+    Rows are anchors and columns candidates, both indexing ``torch.cat(views.embeddings)``
+    unless the objective documents otherwise. ``weight`` ``[A, N]`` scales each pair (a pair
+    of weight w counts w times). ``extra_negatives`` ``[A, M, D]`` are synthetic negatives
+    appended per anchor (e.g. hard negative mixing).
+    """
+
+    positive: Tensor
+    negative: Tensor
+    weight: Tensor | None = None
+    extra_negatives: Tensor | None = None
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("positive", "negative"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor):
+                raise TypeError(f"Pairs.{name}: expected a bool torch.Tensor, got {type(value).__name__}")
+            if value.dtype != torch.bool:
+                raise TypeError(f"Pairs.{name}: expected dtype torch.bool, got {value.dtype}")
+            if value.dim() != 2:
+                raise ShapeError(f"Pairs.{name}: expected shape [A, N], got {_shape(value)}")
+        if self.positive.shape != self.negative.shape:
+            raise ShapeError(f"Pairs: positive {_shape(self.positive)} and negative "
+                             f"{_shape(self.negative)} masks differ in shape")
+        _tensor_or_none("Pairs", "weight", self.weight)
+        if self.weight is not None and self.weight.shape != self.positive.shape:
+            raise ShapeError(f"Pairs.weight: expected shape {_shape(self.positive)}, "
+                             f"got {_shape(self.weight)}")
+        _tensor_or_none("Pairs", "extra_negatives", self.extra_negatives)
+        if self.extra_negatives is not None and (
+            self.extra_negatives.dim() != 3 or self.extra_negatives.shape[0] != self.positive.shape[0]
+        ):
+            raise ShapeError(f"Pairs.extra_negatives: expected shape [{self.positive.shape[0]}, M, D], "
+                             f"got {_shape(self.extra_negatives)}")

@@ -50,6 +50,10 @@ class Mixup(Transform):
         extras = {**batch.extras, "mixup_lambda": lam, "mixup_perm": perm}
         return x, batch.evolve(targets=y, extras=extras)
 
+    def example_inputs(self, batch_size: int, generator: torch.Generator):
+        labels = torch.arange(batch_size) % 3
+        return torch.randn(batch_size, 16, generator=generator), Batch(targets=F.one_hot(labels, 3).float())
+
 
 CARD = Card(
     name="mixup", kind="transform", title="mixup: Beyond Empirical Risk Minimization",

@@ -19,22 +19,21 @@ class ProjectionHead(Encoder):
 
     The contrastive loss is applied to ``z``; :meth:`features` returns ``f(x)``, the
     representation used downstream (the paper's finding: it transfers better than ``z``).
-    Without a backbone the head maps ``in_dim`` features directly.
+    Without a backbone the head maps ``in_dim`` features directly (default 128, the ``mlp``
+    encoder's default output size).
     """
 
     def __init__(self, backbone: Encoder | None = None, in_dim: int | None = None,
                  hidden_dim: int = 512, out_dim: int = 128, layers: int = 2,
                  batch_norm: bool = True):
         super().__init__()
-        if backbone is None and in_dim is None:
-            raise ConfigError("projection_head: give a backbone Encoder or in_dim", param="in_dim")
         if backbone is not None and in_dim is not None and in_dim != backbone.out_dim:
             raise ConfigError(f"projection_head: in_dim={in_dim} disagrees with the backbone's "
                               f"out_dim={backbone.out_dim}", param="in_dim")
         if layers < 1:
             raise ConfigError(f"projection_head: layers must be >= 1, got {layers}", param="layers")
         self.backbone = backbone
-        self.in_dim = backbone.out_dim if backbone is not None else in_dim
+        self.in_dim = backbone.out_dim if backbone is not None else (in_dim or 128)
         self.out_dim = out_dim
         self.head = mlp_layers([self.in_dim, *[hidden_dim] * (layers - 1), out_dim],
                                batch_norm=batch_norm)

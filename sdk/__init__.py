@@ -29,7 +29,7 @@ _LAZY: dict[str, str] = {
     "Param": "sdk.card",
     "hookimpl": "sdk.hookspecs",
     "Registry": "sdk.registry",
-    "registry": "sdk.registry",
+    "get_registry": "sdk.registry",
     "create": "sdk.registry",
     "plugins": "sdk.registry",
     "broken_plugins": "sdk.registry",
@@ -66,5 +66,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from sdk.compose import WeightedSum
     from sdk.engine import Trainer
     from sdk.hookspecs import hookimpl
-    from sdk.registry import Registry, broken_plugins, create, plugins, registry
+    from sdk.registry import Registry, broken_plugins, create, get_registry, plugins
     from sdk.types import Batch, Loss, Pairs, Views

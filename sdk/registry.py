@@ -80,7 +80,7 @@ def _suggest(name: str, options: Iterable[str]) -> str:
 
 
 class Registry:
-    """All plugins by kind and name. ``sdk.registry()`` returns the discovered global one."""
+    """All plugins by kind and name. ``sdk.get_registry()`` returns the discovered global one."""
 
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], Entry] = {}
@@ -209,7 +209,7 @@ _GLOBAL: Registry | None = None
 _LOCK = threading.Lock()
 
 
-def registry() -> Registry:
+def get_registry() -> Registry:
     """The process-wide registry, discovered from entry points on first use."""
     global _GLOBAL
     if _GLOBAL is None:
@@ -229,14 +229,14 @@ def reset() -> None:
 
 def create(kind: str, name: str, **params: Any) -> Any:
     """Build plugin ``name`` of ``kind``: ``sdk.create("objective", "barlow_twins", lambd=5e-3)``."""
-    return registry().create(kind, name, **params)
+    return get_registry().create(kind, name, **params)
 
 
 def plugins(kind: str | None = None) -> list[Card]:
     """Cards of the registered plugins, optionally of one kind."""
-    return registry().cards(kind)
+    return get_registry().cards(kind)
 
 
 def broken_plugins() -> list[BrokenPlugin]:
     """Plugin modules that failed to import or register, with their errors."""
-    return list(registry().broken)
+    return list(get_registry().broken)

@@ -29,7 +29,7 @@ from sdk.interfaces import (
     Teacher,
     Transform,
 )
-from sdk.registry import registry as global_registry
+from sdk.registry import get_registry
 from sdk.types import Batch, Loss, Pairs, Views
 
 BATCH, DIM, CLASSES = 8, 16, 5
@@ -323,7 +323,7 @@ def check_plugin(kind: str, name: str, *, builtin: bool = False, registry: Any =
 
     ``builtin=True`` also requires the card's ``paper`` and ``formula``.
     """
-    reg = registry if registry is not None else global_registry()
+    reg = registry if registry is not None else get_registry()
     entry = reg.get(kind, name)
     check_card(entry.card, builtin=builtin)
     label = f"{kind} {name}"

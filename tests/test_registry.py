@@ -1,0 +1,134 @@
+"""Discovery, lookup, parameter validation and isolation of broken plugins."""
+
+import subprocess
+import sys
+
+import pytest
+
+import sdk
+from sdk.card import Card
+from sdk.registry import Registry
+from sdk.interfaces import Objective
+
+
+def test_import_sdk_imports_neither_torch_nor_plugins():
+    code = ("import sys, sdk; bad = [m for m in sys.modules if m == 'torch' or m.startswith('plugins')]; "
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_plugin_module_is_an_entry_point():
+    from importlib import metadata
+    from pathlib import Path
+
+    import plugins
+
+    listed = {ep.value for ep in metadata.entry_points(group="paperplug")}
+    root = Path(plugins.__file__).parent
+    modules = {f"plugins.{p.stem}" for p in root.glob("*.py") if not p.stem.startswith("_")}
+    modules |= {f"plugins.{p.parent.name}" for p in root.glob("*/__init__.py")}
+    assert modules - listed == set()
+
+
+def test_unknown_name_lists_closest():
+    with pytest.raises(sdk.PluginNotFoundError, match=r"Did you mean 'nt_xent'\?") as info:
+        sdk.create("objective", "nt-xent")
+    assert isinstance(info.value, LookupError)
+    assert "barlow_twins" in str(info.value)
+
+
+def test_unknown_kind():
+    with pytest.raises(sdk.PluginNotFoundError, match=r"unknown plugin kind 'objectiv'.*'objective'"):
+        sdk.create("objectiv", "nt_xent")
+
+
+def test_name_of_another_kind_is_pointed_out():
+    with pytest.raises(sdk.PluginNotFoundError, match="there is a objective plugin of that name"):
+        sdk.create("sampler", "nt_xent")
+
+
+def test_unknown_parameter_names_accepted_ones():
+    with pytest.raises(sdk.ConfigError, match=r"no parameter 'lamda'\. Did you mean 'lambd'\?.*Accepted: lambd, eps, gather") as info:
+        sdk.create("objective", "barlow_twins", lamda=1.0)
+    assert isinstance(info.value, ValueError) and info.value.param == "lamda"
+
+
+def test_ill_typed_parameter():
+    with pytest.raises(sdk.ConfigError, match=r"parameter 'lambd' expected float, got 'x' \(str\)") as info:
+        sdk.create("objective", "barlow_twins", lambd="x")
+    assert info.value.param == "lambd"
+
+
+def test_int_is_accepted_for_float_and_value_validation():
+    assert sdk.create("objective", "barlow_twins", lambd=1).lambd == 1
+    with pytest.raises(sdk.ConfigError, match="temperature must be > 0"):
+        sdk.create("objective", "nt_xent", temperature=0.0)
+
+
+def test_cards_have_params_from_signature():
+    card = next(c for c in sdk.plugins("objective") if c.name == "barlow_twins")
+    params = {p.name: p for p in card.params}
+    assert params["lambd"].type == "float" and params["lambd"].default == 5e-3
+    assert card.package == "paperplug"
+    assert {c.kind for c in sdk.plugins("sampler")} == {"sampler"}
+
+
+def _objective_module(name: str, package_marker: str):
+    class Dummy(Objective):
+        def forward(self, views, batch):
+            return sdk.Loss(value=views.embeddings[0].sum())
+
+    class Module:
+        @staticmethod
+        @sdk.hookimpl
+        def paperplug_register(registry):
+            registry.add("objective", name, Dummy,
+                         card=Card(name=name, kind="objective", title=package_marker, summary="s"))
+
+    return Module
+
+
+def test_conflicting_packages_are_both_named():
+    reg = Registry()
+    reg.register_module(_objective_module("twin", "first"), name="twin", package="pkg-a")
+    reg.register_module(_objective_module("twin", "second"), name="twin", package="pkg-b")
+    assert [b.package for b in reg.broken] == ["pkg-b"]
+    assert "pkg-a" in reg.broken[0].error and "pkg-b" in reg.broken[0].error
+    with pytest.raises(sdk.PluginConflictError, match="'pkg-a' and 'pkg-b'"):
+        reg.create("objective", "twin")
+
+
+def test_broken_register_hook_is_isolated():
+    class Broken:
+        @staticmethod
+        def paperplug_register(registry):
+            raise RuntimeError("boom")
+
+    reg = Registry()
+    reg.register_module(Broken, name="broken", package="pkg-broken")
+    reg.register_module(_objective_module("ok", "ok"), name="ok", package="pkg-ok")
+    assert reg.broken[0].name == "broken" and "RuntimeError: boom" in reg.broken[0].error
+    assert reg.create("objective", "ok").name == "ok"
+
+
+def test_card_validation():
+    with pytest.raises(ValueError, match="Card.kind: 'loss' is not one of"):
+        Card(name="x", kind="loss", title="t", summary="s")
+    with pytest.raises(ValueError, match="Card.summary must be a non-empty string"):
+        Card(name="x", kind="objective", title="t", summary=" ")
+    reg = Registry()
+    with pytest.raises(ValueError, match="the card says kind='objective', name='y'"):
+        reg.add("objective", "x", lambda: None, card=Card(name="y", kind="objective", title="t", summary="s"))
+
+
+def test_missing_required_parameter():
+    reg = Registry()
+
+    def factory(size: int):
+        return size
+
+    reg.add("metric", "needs_size", factory,
+            card=Card(name="needs_size", kind="metric", title="t", summary="s"))
+    with pytest.raises(sdk.ConfigError, match="missing required parameter 'size'"):
+        reg.create("metric", "needs_size")

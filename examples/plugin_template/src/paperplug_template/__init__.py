@@ -1,0 +1,3 @@
+"""An external paperplug plugin package (a template to copy): the VICReg objective."""
+
+__version__ = "0.1.0"

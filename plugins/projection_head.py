@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
+from plugins.mlp import mlp_layers
 from sdk.card import Card
 from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Encoder
-from plugins.mlp import mlp_layers
 
 
 class ProjectionHead(Encoder):

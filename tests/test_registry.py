@@ -7,8 +7,8 @@ import pytest
 
 import sdk
 from sdk.card import Card
-from sdk.registry import Registry
 from sdk.interfaces import Objective
+from sdk.registry import Registry
 
 
 def test_import_sdk_imports_neither_torch_nor_plugins():

@@ -1,0 +1,52 @@
+"""cross_entropy against the written-out formula, with label smoothing and soft targets."""
+
+import math
+
+import pytest
+import torch
+
+import sdk
+
+
+def slow(logits, targets, eps):
+    total = []
+    for z, y in zip(logits.tolist(), targets.tolist()):
+        c = len(z)
+        lse = math.log(sum(math.exp(v) for v in z))
+        q = [(1 - eps) * (1.0 if k == y else 0.0) + eps / c for k in range(c)]
+        total.append(-sum(qk * (zk - lse) for qk, zk in zip(q, z)))
+    return total
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_matches_formula(eps):
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(6, 4, generator=g), torch.tensor([0, 3, 1, 1, 2, 0])
+    loss = sdk.create("objective", "cross_entropy", label_smoothing=eps)(
+        sdk.Views(logits=logits), sdk.Batch(targets=y))
+    expected = slow(logits, y, eps)
+    assert loss.per_sample.tolist() == pytest.approx(expected, rel=1e-5)
+    assert loss.value.item() == pytest.approx(sum(expected) / 6, rel=1e-5)
+
+
+def test_soft_targets_are_linear():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 3, generator=g)
+    a, b = torch.tensor([0, 1, 2, 0, 1]), torch.tensor([2, 2, 0, 1, 0])
+    soft = 0.3 * torch.nn.functional.one_hot(a, 3) + 0.7 * torch.nn.functional.one_hot(b, 3)
+    ce = sdk.create("objective", "cross_entropy")
+    mixed = ce(sdk.Views(logits=logits), sdk.Batch(targets=soft.float())).per_sample
+    parts = (0.3 * ce(sdk.Views(logits=logits), sdk.Batch(targets=a)).per_sample
+             + 0.7 * ce(sdk.Views(logits=logits), sdk.Batch(targets=b)).per_sample)
+    assert torch.allclose(mixed, parts, atol=1e-6)
+
+
+def test_errors():
+    with pytest.raises(sdk.ConfigError, match="label_smoothing must be in"):
+        sdk.create("objective", "cross_entropy", label_smoothing=1.0)
+    with pytest.raises(sdk.ShapeError, match=r"soft targets \[4, 2\] must match logits \[4, 3\]"):
+        sdk.create("objective", "cross_entropy")(sdk.Views(logits=torch.zeros(4, 3)),
+                                                  sdk.Batch(targets=torch.zeros(4, 2)))
+    with pytest.raises(sdk.RequirementError, match="needs Views.logits"):
+        sdk.create("objective", "cross_entropy")(sdk.Views(embeddings=(torch.zeros(4, 3),)),
+                                                  sdk.Batch(targets=torch.zeros(4, dtype=torch.long)))

@@ -1,0 +1,43 @@
+"""The README's code runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_quickstart_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    namespace: dict = {}
+    exec(compile(blocks[0], "README quickstart", "exec"), namespace)
+    assert namespace["loss"].value.requires_grad
+    assert set(namespace["loss"].logs) == {"barlow_twins", "nt_xent"}
+
+
+def test_setup_section_has_two_commands_demo_first():
+    text = README.read_text().split("## Set-up", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert len(lines) == 2
+    assert "nox -s demo" in lines[0] and "nox -s tests" in lines[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (README.parent / ".ci" / "run").read_text()
+    block = re.search(r"```bash\n(.*?)```", README.read_text().split("## Set-up", 1)[1], flags=re.S)
+    assert block.group(1).strip().splitlines()[1] in ci
+
+
+def test_plugin_example_registers_and_conforms():
+    import types
+
+    from sdk.registry import Registry
+    from sdk.testing import check_plugin
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    module = types.ModuleType("my_loss")
+    exec(compile(blocks[1], "README plugin example", "exec"), module.__dict__)
+    reg = Registry()
+    reg.register_module(module, name="my_loss", package="my-package")
+    assert reg.broken == []
+    check_plugin("objective", "my_loss", registry=reg, scale=2.0)

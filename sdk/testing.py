@@ -59,24 +59,33 @@ def _tensors(obj: Any) -> list[Tensor]:
     return []
 
 
-def _cast(obj: Any, dtype: torch.dtype) -> Any:
-    """Copy of ``obj`` with its floating tensors cast to ``dtype`` (leaves requiring grad)."""
+def _map(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Copy of ``obj`` (records, tuples, dicts) with ``fn`` applied to every tensor."""
     if isinstance(obj, Tensor):
-        if obj.is_floating_point():
-            return obj.detach().to(dtype).requires_grad_(obj.requires_grad)
-        return obj
+        return fn(obj)
     if isinstance(obj, Views):
-        return Views(embeddings=tuple(_cast(z, dtype) for z in obj.embeddings),
-                     logits=_cast(obj.logits, dtype), extras=_cast(dict(obj.extras), dtype))
+        return Views(embeddings=tuple(_map(z, fn) for z in obj.embeddings),
+                     logits=_map(obj.logits, fn), extras=_map(dict(obj.extras), fn))
     if isinstance(obj, Batch):
-        return obj.evolve(extras=_cast(dict(obj.extras), dtype))
-    if isinstance(obj, tuple):
-        return tuple(_cast(o, dtype) for o in obj)
-    if isinstance(obj, list):
-        return [_cast(o, dtype) for o in obj]
+        return Batch(**{f: _map(getattr(obj, f), fn) for f in ("targets", "index", "domain", "weight")},
+                     extras=_map(dict(obj.extras), fn))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map(o, fn) for o in obj)
     if isinstance(obj, dict):
-        return {k: _cast(v, dtype) for k, v in obj.items()}
+        return {k: _map(v, fn) for k, v in obj.items()}
     return obj
+
+
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors cast to ``dtype``, as new leaves keeping ``requires_grad``."""
+    return _map(obj, lambda t: t.detach().to(dtype).requires_grad_(t.requires_grad)
+                if t.is_floating_point() else t)
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    """Tensors moved to ``device``, as new leaves keeping ``requires_grad``."""
+    return _map(obj, lambda t: t.detach().to(device).requires_grad_(t.requires_grad)
+                if t.is_floating_point() else t.to(device))
 
 
 # synthetic inputs ---------------------------------------------------------------------------
@@ -121,10 +130,15 @@ def _default_inputs(plugin: Any, g: torch.Generator) -> Any:
     return None
 
 
+_DEVICE = torch.device("cpu")
+
+
 def example_inputs(plugin: Any, seed: int = 0) -> Any:
+    """The plugin's own ``example_inputs(batch_size, generator)`` or synthetic ones, on the
+    device being checked."""
     g = _gen(seed)
     own = getattr(plugin, "example_inputs", None)
-    return own(BATCH, g) if callable(own) else _default_inputs(plugin, g)
+    return _to(own(BATCH, g) if callable(own) else _default_inputs(plugin, g), _DEVICE)
 
 
 # checks -------------------------------------------------------------------------------------
@@ -181,7 +195,7 @@ def _check_objective(name: str, make: Callable[[], Any]) -> None:
         else:
             raise _fail(name, "errors", f"accepted {need - 1} views though it requires {need}")
     if batch.targets is not None and views.embeddings:
-        bad = Batch(targets=torch.zeros(views.batch_size + 1, dtype=torch.long))
+        bad = Batch(targets=torch.zeros(views.batch_size + 1, dtype=torch.long, device=_DEVICE))
         try:
             make()(views, bad)
         except ShapeError:
@@ -250,7 +264,7 @@ def _check_encoder(name: str, make: Callable[[], Any]) -> None:
     z.pow(2).mean().backward()
     if not any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters()):
         raise _fail(name, "gradient", "no parameter received a gradient")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(_DEVICE.type, dtype=torch.bfloat16):
         if not torch.isfinite(enc(x).float()).all():
             raise _fail(name, "bfloat16", "non-finite output under bf16 autocast")
     _check_state_round_trip(name, enc, make, lambda p: p(x))
@@ -318,11 +332,14 @@ _CHECKS: dict[type, Callable[[str, Callable[[], Any]], None]] = {
 
 
 def check_plugin(kind: str, name: str, *, builtin: bool = False, registry: Any = None,
-                 **params: Any) -> None:
+                 device: str | torch.device = "cpu", **params: Any) -> None:
     """Run the conformance checks on plugin ``name`` of ``kind`` built with ``params``.
 
+    ``device`` selects where plugin and inputs live (``"cuda"`` on a GPU machine);
     ``builtin=True`` also requires the card's ``paper`` and ``formula``.
     """
+    global _DEVICE
+    _DEVICE = torch.device(device)
     reg = registry if registry is not None else get_registry()
     entry = reg.get(kind, name)
     check_card(entry.card, builtin=builtin)
@@ -330,7 +347,8 @@ def check_plugin(kind: str, name: str, *, builtin: bool = False, registry: Any =
 
     def make() -> Any:
         torch.manual_seed(0)
-        return reg.create(kind, name, **params)
+        plugin = reg.create(kind, name, **params)
+        return plugin.to(_DEVICE) if isinstance(plugin, torch.nn.Module) else plugin
 
     plugin = make()
     for base, check in _CHECKS.items():

@@ -52,6 +52,7 @@ class WeightedSum(Objective):
 
     @property
     def requires(self) -> dict[str, Any]:  # type: ignore[override]
+        """The terms' requirements combined: the most views any term needs, every flag set."""
         merged: dict[str, Any] = {}
         for term in self.terms:
             for key, value in term.requires.items():

@@ -1,4 +1,4 @@
-"""The plugin interfaces. Each is small; stateful ones are ``torch.nn.Module``s.
+"""The plugin interfaces. Each is small; stateful ones are ``torch.nn.Module`` subclasses.
 
 Five core kinds (Encoder, Objective, Sampler, Calibrator, Reweighter) and the extra kinds
 the seed methods need (Teacher, Schedule, Metric, Transform, Callback).

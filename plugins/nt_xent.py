@@ -35,7 +35,9 @@ class NTXent(Objective):
 
     with cosine similarity s. Default positives: the other views of the same sample (SimCLR);
     a Sampler (e.g. ``label_positives``, giving SupCon) can choose positives, negatives and
-    pair weights. ``gather=True`` contrasts against the embeddings of every DDP rank.
+    pair weights, and add synthetic negatives; a queue or memory-bank teacher's entries in
+    ``Views.extras["negatives"]`` join every anchor's denominator. ``gather=True`` contrasts
+    against the embeddings of every DDP rank.
     """
 
     requires = {"views": 2}
@@ -50,18 +52,16 @@ class NTXent(Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         c = contrastive.contrast(views, batch, gather=self.gather)
+        pairs = None if self.sampler is None else contrastive.sampler_pairs(c, self.sampler)
+        extra, extra_mask = contrastive.extra_negatives(c, pairs)
+        extra = None if extra is None else extra / self.temperature
+        if pairs is None:
+            loss = contrastive.instance_info_nce(c, self.temperature, extra_negative_logits=extra,
+                                                 extra_negative_mask=extra_mask)
+            return Loss(value=loss.mean(), per_sample=contrastive.per_sample(loss, c))
         logits = c.anchors @ c.candidates.T / self.temperature
-        extra = None
-        if self.sampler is None:
-            positive, negative = contrastive.same_index_masks(c)
-            weight = None
-        else:
-            pairs = contrastive.sampler_pairs(c, self.sampler)
-            positive, negative, weight = pairs.positive, pairs.negative, pairs.weight
-            if pairs.extra_negatives is not None:
-                extra = torch.einsum("ad,amd->am", c.anchors, pairs.extra_negatives) / self.temperature
-        loss, valid = contrastive.info_nce(logits, positive, negative, weight=weight,
-                                           extra_negative_logits=extra)
+        loss, valid = contrastive.info_nce(logits, pairs.positive, pairs.negative, weight=pairs.weight,
+                                           extra_negative_logits=extra, extra_negative_mask=extra_mask)
         return Loss(value=contrastive.masked_mean(loss, valid),
                     per_sample=contrastive.per_sample(loss, c))
 
@@ -73,7 +73,7 @@ CARD = Card(
     summary="Normalised-temperature cross-entropy over all views of a batch; Sampler-aware, "
             "multi-positive (SupCon with label_positives), gathers across ranks.",
     formula="l_i = -mean_{p in P(i)} log exp(cos(z_i,z_p)/t) / sum_{a != i} exp(cos(z_i,z_a)/t); "
-            "L = mean_i l_i",
+            "L = mean_i l_i; extra negatives (synthetic, queue, memory bank) join the denominator",
 )
 
 

@@ -10,6 +10,14 @@ optional pair weights scale them. For anchor ``i`` with positives ``P_i`` and de
 which is NT-Xent for one positive and SupCon (L_out) for several. Never builds ``[A, N, D]``;
 masked entries are filled with a large finite negative, so no ``-inf`` arithmetic makes NaN
 gradients; anchors without a positive are excluded from the mean.
+
+Candidates beyond the batch join the denominator as *extra negatives* (:func:`extra_negatives`):
+synthetic ones from a Sampler (``Pairs.extra_negatives`` vectors or ``Pairs.extra_negative_sims``
+similarities) and a shared memory published in ``Views.extras`` by a queue or memory-bank
+teacher (``"negatives"`` [M, D], optional ``"negatives_mask"`` [M] of valid entries and
+``"negatives_index"`` [M] of dataset indices: an anchor never counts its own sample's entries).
+With the default pairs (other views of the sample are positives), :func:`instance_info_nce`
+computes the same loss without building any mask.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from sdk.distributed import gather_no_grad, gather_with_grad, rank, world_size
 from sdk.errors import ShapeError
 from sdk.types import Batch, Pairs, Views
 
+NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX = "negatives", "negatives_mask", "negatives_index"
+
 
 def _neg(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 2
@@ -30,34 +40,78 @@ def _neg(dtype: torch.dtype) -> float:
 
 def masked_logsumexp(logits: Tensor, mask: Tensor, weight: Tensor | None = None) -> Tensor:
     """``log sum_j mask_ij * w_ij * exp(logits_ij)`` over the last dimension (finite when empty)."""
-    x = logits.masked_fill(~mask, _neg(logits.dtype))
+    x = torch.where(mask, logits, _neg(logits.dtype))
     if weight is not None:
         x = x + weight.to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny).log()
     return torch.logsumexp(x, dim=-1)
 
 
+def _add_extra(log_den: Tensor, extra_logits: Tensor | None, extra_mask: Tensor | None) -> Tensor:
+    if extra_logits is None:
+        return log_den
+    extra_logits = extra_logits.float()
+    extra = (torch.logsumexp(extra_logits, dim=-1) if extra_mask is None
+             else masked_logsumexp(extra_logits, extra_mask))
+    return torch.logaddexp(log_den, extra)
+
+
 def info_nce(logits: Tensor, positive: Tensor, negative: Tensor, *, weight: Tensor | None = None,
              positive_in_denominator: bool = True,
-             extra_negative_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
+             extra_negative_logits: Tensor | None = None,
+             extra_negative_mask: Tensor | None = None,
+             positive_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-anchor masked InfoNCE (see module docstring) and the mask of anchors with a positive.
 
     ``logits`` [A, N] are already divided by the temperature; ``extra_negative_logits`` [A, M]
-    are further negatives of weight 1 (synthetic negatives). Returns ``(loss [A], valid [A])``
-    with ``loss`` zero where ``valid`` is false.
+    are further negatives of weight 1 (synthetic or memory negatives), of which only those
+    where ``extra_negative_mask`` [A, M] is true count; ``positive_scale`` [A, N] multiplies each
+    positive's logit in the positive term (a constant such as DCLW's weight). Returns
+    ``(loss [A], valid [A])`` with ``loss`` zero where ``valid`` is false.
     """
     if positive.shape != logits.shape or negative.shape != logits.shape:
         raise ShapeError(f"info_nce: masks {list(positive.shape)}/{list(negative.shape)} must match "
                          f"logits {list(logits.shape)}")
     logits = logits.float()
     denominator = negative | positive if positive_in_denominator else negative
-    log_den = masked_logsumexp(logits, denominator, weight)
-    if extra_negative_logits is not None:
-        log_den = torch.logaddexp(log_den, torch.logsumexp(extra_negative_logits.float(), dim=-1))
+    log_den = _add_extra(masked_logsumexp(logits, denominator, weight), extra_negative_logits,
+                         extra_negative_mask)
     pos_w = positive.to(logits.dtype) if weight is None else positive * weight.to(logits.dtype)
     n_pos = pos_w.sum(dim=-1)
     valid = n_pos > 0
-    pos_term = (pos_w * logits).sum(dim=-1) / n_pos.clamp_min(torch.finfo(logits.dtype).tiny)
+    scaled = pos_w if positive_scale is None else pos_w * positive_scale.to(logits.dtype)
+    pos_term = (scaled * logits).sum(dim=-1) / n_pos.clamp_min(torch.finfo(logits.dtype).tiny)
     return torch.where(valid, log_den - pos_term, torch.zeros_like(log_den)), valid
+
+
+def instance_info_nce(c: Contrast, temperature: float, *, positive_in_denominator: bool = True,
+                      extra_negative_logits: Tensor | None = None,
+                      extra_negative_mask: Tensor | None = None,
+                      positive_scale: Tensor | None = None) -> Tensor:
+    """:func:`info_nce` with the default pairs (positives: the other views of the anchor's sample;
+    negatives: every view of every other sample), computed without masks.
+
+    The similarity matrix is the only ``[A, N]`` tensor: excluded entries (the anchor itself,
+    and its positives when ``positive_in_denominator`` is false) are overwritten in place and the
+    positive logits come from row-wise dot products. ``positive_scale`` is [A, V-1], one factor
+    per positive column of :func:`positive_columns`. Returns the per-anchor loss [A] (every
+    anchor has a positive).
+    """
+    logits = (c.anchors @ c.candidates.T).float()
+    logits.mul_(1.0 / temperature)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    neg = _neg(logits.dtype)
+    if c.n_views * c.batch_size == c.candidates.shape[0]:
+        logits.diagonal().fill_(neg)  # single process: anchor r is candidate r
+    else:
+        logits[rows, c.self_col] = neg
+    pos_cols = positive_columns(c)
+    if not positive_in_denominator:
+        logits[rows[:, None], pos_cols] = neg
+    log_den = _add_extra(torch.logsumexp(logits, dim=-1), extra_negative_logits, extra_negative_mask)
+    pos = torch.einsum("ad,akd->ak", c.anchors, c.candidates[pos_cols]).float() / temperature
+    if positive_scale is not None:
+        pos = pos * positive_scale.to(pos.dtype)
+    return log_den - pos.mean(dim=-1)
 
 
 def masked_mean(values: Tensor, valid: Tensor) -> Tensor:
@@ -93,10 +147,11 @@ def contrast(views: Views, batch: Batch, *, gather: bool = False, normalize: boo
         gathered = [gather_with_grad(z) for z in zs]
         g_batch = Batch(**{f: gather_no_grad(getattr(batch, f)) if getattr(batch, f) is not None
                            else None for f in ("targets", "index", "domain", "weight")})
-        g_views = Views(embeddings=tuple(gathered))
+        g_views = Views(embeddings=tuple(gathered), extras=views.extras)
         offset = rank() * b
     else:
-        gathered, g_batch, g_views, offset = zs, batch, Views(embeddings=tuple(zs)), 0
+        gathered, g_batch, offset = zs, batch, 0
+        g_views = Views(embeddings=tuple(zs), extras=views.extras)
     candidates = torch.cat(gathered)
     local = torch.arange(b, device=anchors.device) + offset
     self_col = torch.cat([local + k * b * world for k in range(v)])
@@ -111,6 +166,21 @@ def same_index_masks(c: Contrast) -> tuple[Tensor, Tensor]:
     same = sample[c.self_col][:, None] == sample[None, :]
     not_self = _not_self(c)
     return same & not_self, ~same
+
+
+def positive_columns(c: Contrast) -> Tensor:
+    """Columns [A, V-1] of the other views of each anchor's sample (the default positives)."""
+    per_view = c.candidates.shape[0] // c.n_views
+    view, col = c.self_col // per_view, c.self_col % per_view
+    others = [((view + k) % c.n_views) * per_view + col for k in range(1, c.n_views)]
+    return torch.stack(others, dim=1)
+
+
+def anchor_index(c: Contrast) -> Tensor | None:
+    """Dataset index (``Batch.index``) of every anchor, or None when the batch has none."""
+    if c.batch.index is None:
+        return None
+    return c.batch.index[c.self_col % (c.candidates.shape[0] // c.n_views)]
 
 
 def _not_self(c: Contrast) -> Tensor:
@@ -130,10 +200,49 @@ def sampler_pairs(c: Contrast, sampler) -> Pairs:
                          f"expected [{n}, {n}] over the concatenated views")
     not_self = _not_self(c)
     rows = c.self_col
-    extra = pairs.extra_negatives[rows] if pairs.extra_negatives is not None else None
+
+    def own(t: Tensor | None) -> Tensor | None:
+        return t[rows] if t is not None else None
+
     return Pairs(positive=pairs.positive[rows] & not_self, negative=pairs.negative[rows] & not_self,
-                 weight=pairs.weight[rows] if pairs.weight is not None else None,
-                 extra_negatives=extra)
+                 weight=own(pairs.weight), extra_negatives=own(pairs.extra_negatives),
+                 extra_negative_sims=own(pairs.extra_negative_sims))
+
+
+def memory_mask(extras, index: Tensor | None, rows: int) -> Tensor | None:
+    """Which memory entries (``extras["negatives"]``) are negatives of each of ``rows`` anchors
+    with dataset indices ``index``: valid entries not of the anchor's own sample; None if all."""
+    valid, owner = extras.get(NEGATIVES_MASK), extras.get(NEGATIVES_INDEX)
+    mask = None if valid is None else valid[None, :].expand(rows, -1)
+    if owner is not None and index is not None:
+        other = owner[None, :] != index[:, None]
+        mask = other if mask is None else mask & other
+    return mask
+
+
+def extra_negatives(c: Contrast, pairs: Pairs | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """Cosine similarities [A, M] of each anchor with its extra negatives and their mask [A, M]
+    (None when every entry counts): the Sampler's synthetic negatives (``pairs``, already
+    restricted to this rank's anchors) then the memory in ``Views.extras["negatives"]``
+    (detached; entries are taken as given). ``(None, None)`` when there are none."""
+    sims: list[Tensor] = []
+    masks: list[Tensor | None] = []
+    if pairs is not None and pairs.extra_negatives is not None:
+        sims.append(torch.einsum("ad,amd->am", c.anchors, pairs.extra_negatives.to(c.anchors.dtype)))
+        masks.append(None)
+    if pairs is not None and pairs.extra_negative_sims is not None:
+        sims.append(pairs.extra_negative_sims)
+        masks.append(None)
+    memory = c.views.extras.get(NEGATIVES)
+    if memory is not None:
+        sims.append(c.anchors @ memory.detach().to(c.anchors.dtype).T)
+        masks.append(memory_mask(c.views.extras, anchor_index(c), c.anchors.shape[0]))
+    if not sims:
+        return None, None
+    if all(m is None for m in masks):
+        return (sims[0] if len(sims) == 1 else torch.cat(sims, dim=1)), None
+    full = [torch.ones_like(s, dtype=torch.bool) if m is None else m for s, m in zip(sims, masks)]
+    return torch.cat(sims, dim=1), torch.cat(full, dim=1)
 
 
 def per_sample(loss: Tensor, c: Contrast) -> Tensor:

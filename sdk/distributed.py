@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -58,3 +61,62 @@ def gather_no_grad(x: Tensor) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+# process-group set-up ------------------------------------------------------------------------
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` as set by torchrun (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """``LOCAL_RANK`` as set by torchrun (0 when not launched by it)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init(backend: str | None = None) -> bool:
+    """Join the process group torchrun describes (``env://``); no-op for a single process.
+
+    ``backend`` defaults to NCCL when CUDA is available, gloo otherwise. Returns whether the
+    process is part of a multi-process group.
+    """
+    if is_distributed():
+        return world_size() > 1
+    if env_world_size() <= 1 or not dist.is_available():
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def is_main() -> bool:
+    """Whether this is rank 0 (the process that logs and writes checkpoints)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed() and world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` when alone."""
+    if not is_distributed() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_mean_(tensors: list[Tensor]) -> None:
+    """Average ``tensors`` in place over the ranks (gradients of parameters outside DDP)."""
+    if not is_distributed() or world_size() == 1 or not tensors:
+        return
+    for t in tensors:
+        dist.all_reduce(t)
+        t.div_(world_size())

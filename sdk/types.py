@@ -164,13 +164,15 @@ class Pairs:
     Rows are anchors and columns candidates, both indexing ``torch.cat(views.embeddings)``
     unless the objective documents otherwise. ``weight`` ``[A, N]`` scales each pair (a pair
     of weight w counts w times). ``extra_negatives`` ``[A, M, D]`` are synthetic negatives
-    appended per anchor (e.g. hard negative mixing).
+    appended per anchor (e.g. hard negative mixing); ``extra_negative_sims`` ``[A, M]`` are the
+    cosine similarities of each anchor with synthetic negatives given without their vectors.
     """
 
     positive: Tensor
     negative: Tensor
     weight: Tensor | None = None
     extra_negatives: Tensor | None = None
+    extra_negative_sims: Tensor | None = None
 
     def __attrs_post_init__(self) -> None:
         for name in ("positive", "negative"):
@@ -194,3 +196,10 @@ class Pairs:
         ):
             raise ShapeError(f"Pairs.extra_negatives: expected shape [{self.positive.shape[0]}, M, D], "
                              f"got {_shape(self.extra_negatives)}")
+        _tensor_or_none("Pairs", "extra_negative_sims", self.extra_negative_sims)
+        if self.extra_negative_sims is not None and (
+            self.extra_negative_sims.dim() != 2
+            or self.extra_negative_sims.shape[0] != self.positive.shape[0]
+        ):
+            raise ShapeError(f"Pairs.extra_negative_sims: expected shape [{self.positive.shape[0]}, M], "
+                             f"got {_shape(self.extra_negative_sims)}")

@@ -1,0 +1,684 @@
+"""Evaluation metrics: prediction quality, calibration and representation quality.
+
+Functions take tensors on any device and return Python floats. Each prediction metric also
+has a streaming :class:`~sdk.interfaces.Metric` (``update`` / ``compute`` / ``reset``) that
+accumulates float64 sufficient statistics on the device of its inputs, so its memory does not
+grow with the data, and whose ``compute`` equals the one-shot function on the concatenation
+of everything passed to ``update``.
+
+Conventions
+    * ``probs`` is ``[N, C]`` (rows sum to one), ``labels`` is ``[N]`` integer class ids.
+    * Calibration bins are equal-width on [0, 1] and closed on the right:
+      bin ``b`` (1-based) holds ``(b-1)/M < p <= b/M`` and ``p = 0`` joins the first bin.
+      This is the convention of the reference code of Guo et al. (2017)
+      (``confidence > lower and confidence <= upper``). netcal's histogram bins are closed on
+      the left instead (``lower <= p < upper``); the two differ only for a value lying exactly
+      on an interior edge.
+    * Embedding metrics L2-normalise rows where their paper does (kNN, alignment,
+      uniformity); RankMe and the linear probe use the raw embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sdk.errors import ConfigError, ShapeError
+from sdk.interfaces import Metric
+
+_STAT = torch.float64  # dtype of accumulated statistics
+
+__all__ = [
+    "accuracy", "nll", "brier", "calibration_bins", "ece", "mce", "classwise_bins",
+    "classwise_ece", "knn_predict", "knn_accuracy", "LinearProbeClassifier", "fit_linear_probe",
+    "linear_probe_accuracy", "alignment", "uniformity", "rankme",
+    "Accuracy", "NLL", "Brier", "ECE", "MCE", "ClasswiseECE", "KNNAccuracy", "LinearProbe",
+    "Alignment", "Uniformity", "RankMe",
+]
+
+
+# validation -------------------------------------------------------------------------------------
+def _positive(name: str, param: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name}: {param} must be > 0, got {value}", param=param)
+
+
+def _at_least(name: str, param: str, value: int, low: int = 1) -> None:
+    if value < low:
+        raise ConfigError(f"{name}: {param} must be >= {low}, got {value}", param=param)
+
+
+def _real(x: Tensor) -> Tensor:
+    """Half-precision inputs are measured in float32; float32/float64 are kept."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _check_scores(name: str, scores: Tensor, labels: Tensor) -> None:
+    if scores.dim() != 2:
+        raise ShapeError(f"{name}: scores must be [N, C], got {list(scores.shape)}")
+    if labels.shape != (scores.shape[0],):
+        raise ShapeError(f"{name}: labels must be [{scores.shape[0]}] class ids, "
+                         f"got {list(labels.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ShapeError(f"{name}: labels must be integer class ids, got dtype {labels.dtype}")
+    n_classes = scores.shape[1]
+    if labels.numel() and bool((labels < 0).any() | (labels >= n_classes).any()):
+        raise ShapeError(f"{name}: labels must lie in [0, {n_classes}) for scores "
+                         f"{list(scores.shape)}, got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def _check_embeddings(name: str, z: Tensor, labels: Tensor | None = None, what: str = "z") -> None:
+    if z.dim() != 2:
+        raise ShapeError(f"{name}: {what} must be [N, D], got {list(z.shape)}")
+    if labels is not None:
+        if labels.shape != (z.shape[0],):
+            raise ShapeError(f"{name}: labels of {what} must be [{z.shape[0]}], "
+                             f"got {list(labels.shape)}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ShapeError(f"{name}: labels must be integer class ids, got dtype {labels.dtype}")
+
+
+def _ratio(num: Tensor, den: Tensor) -> float:
+    """``num / den`` as a float; NaN when nothing was measured."""
+    den = float(den)
+    return float(num) / den if den > 0 else math.nan
+
+
+# accuracy, NLL, Brier ---------------------------------------------------------------------------
+def _accuracy_stats(scores: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    _check_scores("accuracy", scores, labels)
+    correct = (scores.argmax(dim=1) == labels).to(_STAT).sum()
+    return {"correct": correct, "total": torch.tensor(float(labels.numel()), dtype=_STAT,
+                                                      device=labels.device)}
+
+
+def accuracy(logits_or_probs: Tensor, labels: Tensor) -> float:
+    """Fraction of rows whose argmax equals the label: ``mean_i [argmax_c s_ic == y_i]``."""
+    s = _accuracy_stats(logits_or_probs, labels)
+    return _ratio(s["correct"], s["total"])
+
+
+def _nll_stats(probs: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    _check_scores("nll", probs, labels)
+    probs = _real(probs)
+    p_true = probs.gather(1, labels.long()[:, None]).squeeze(1)
+    loss = -torch.log(p_true.clamp_min(torch.finfo(probs.dtype).eps))
+    return {"sum": loss.to(_STAT).sum(),
+            "count": torch.tensor(float(labels.numel()), dtype=_STAT, device=labels.device)}
+
+
+def nll(probs: Tensor, labels: Tensor) -> float:
+    """Mean negative log-likelihood ``-mean_i log p_{i, y_i}``.
+
+    Probabilities below the machine epsilon of their dtype are clipped to it (as scikit-learn's
+    ``log_loss``), so a confident mistake costs a large but finite amount.
+    """
+    s = _nll_stats(probs, labels)
+    return _ratio(s["sum"], s["count"])
+
+
+def _brier_stats(probs: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    _check_scores("brier", probs, labels)
+    probs = _real(probs)
+    onehot = F.one_hot(labels.long(), probs.shape[1]).to(probs.dtype)
+    per_sample = (probs - onehot).pow(2).sum(dim=1)
+    return {"sum": per_sample.to(_STAT).sum(),
+            "count": torch.tensor(float(labels.numel()), dtype=_STAT, device=labels.device)}
+
+
+def brier(probs: Tensor, labels: Tensor) -> float:
+    """Multi-class Brier score (Brier 1950): ``mean_i sum_c (p_ic - [y_i = c])^2``.
+
+    Summed over classes and averaged over samples, so it lies in [0, 2]; it is neither halved
+    nor divided by the number of classes (scikit-learn's multiclass ``brier_score_loss`` with
+    ``scale_by_half=False``).
+    """
+    s = _brier_stats(probs, labels)
+    return _ratio(s["sum"], s["count"])
+
+
+# calibration ------------------------------------------------------------------------------------
+def _bin_index(values: Tensor, n_bins: int) -> Tensor:
+    """Index of the right-closed equal-width bin ``((b-1)/M, b/M]`` holding each value; values at or
+    below 0 go to the first bin, values above 1 (rounding) to the last."""
+    inner = torch.linspace(0, 1, n_bins + 1, dtype=values.dtype, device=values.device)[1:-1]
+    return torch.bucketize(values, inner, right=False)
+
+
+def calibration_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-bin statistics of the top-label confidence, float64 tensors ``[n_bins]``:
+    ``(count, sum of confidences, number correct)``. Reliability diagrams plot
+    ``correct / count`` against ``confidence / count``."""
+    _at_least("calibration_bins", "n_bins", n_bins)
+    _check_scores("calibration_bins", probs, labels)
+    conf, pred = _real(probs).max(dim=1)
+    b = _bin_index(conf, n_bins)
+    zeros = torch.zeros(n_bins, dtype=_STAT, device=probs.device)
+    count = zeros.index_add(0, b, torch.ones_like(conf, dtype=_STAT))
+    conf_sum = zeros.index_add(0, b, conf.to(_STAT))
+    correct = zeros.index_add(0, b, (pred == labels).to(_STAT))
+    return count, conf_sum, correct
+
+
+def _ece_from_bins(count: Tensor, conf_sum: Tensor, correct: Tensor) -> float:
+    return _ratio((correct - conf_sum).abs().sum(), count.sum())
+
+
+def _mce_from_bins(count: Tensor, conf_sum: Tensor, correct: Tensor) -> float:
+    filled = count > 0
+    if not bool(filled.any()):
+        return math.nan
+    return float(((correct - conf_sum).abs()[filled] / count[filled]).max())
+
+
+def ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error of the top label (Guo et al. 2017):
+    ``sum_b |B_b|/N * |acc(B_b) - conf(B_b)|`` over ``n_bins`` equal-width confidence bins
+    (right-closed, see the module docstring)."""
+    return _ece_from_bins(*calibration_bins(probs, labels, n_bins))
+
+
+def mce(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
+    """Maximum calibration error (Guo et al. 2017): ``max_b |acc(B_b) - conf(B_b)|`` over the
+    non-empty bins of :func:`ece`."""
+    return _mce_from_bins(*calibration_bins(probs, labels, n_bins))
+
+
+def classwise_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class, per-bin statistics of every class probability, float64 ``[C, n_bins]``:
+    ``(count, sum of p_c, number of samples of class c)``."""
+    _at_least("classwise_bins", "n_bins", n_bins)
+    _check_scores("classwise_bins", probs, labels)
+    probs = _real(probs)
+    n_classes = probs.shape[1]
+    flat = (_bin_index(probs, n_bins) + n_bins * torch.arange(n_classes, device=probs.device)).reshape(-1)
+    onehot = F.one_hot(labels.long(), n_classes).to(_STAT).reshape(-1)
+    zeros = torch.zeros(n_classes * n_bins, dtype=_STAT, device=probs.device)
+    count = zeros.index_add(0, flat, torch.ones_like(onehot))
+    prob_sum = zeros.index_add(0, flat, probs.to(_STAT).reshape(-1))
+    label_sum = zeros.index_add(0, flat, onehot)
+    shape = (n_classes, n_bins)
+    return count.view(shape), prob_sum.view(shape), label_sum.view(shape)
+
+
+def _classwise_from_bins(count: Tensor, prob_sum: Tensor, label_sum: Tensor) -> float:
+    return _ratio((label_sum - prob_sum).abs().sum(), count.sum())  # count.sum() = N * C
+
+
+def classwise_ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
+    """Classwise ECE (Kull et al. 2019): the mean over classes ``c`` of the binned calibration
+    error of ``p_c`` against the indicator ``[y = c]``::
+
+        1/C sum_c sum_b |B_cb|/N * |mean_{i in B_cb} [y_i = c] - mean_{i in B_cb} p_ic|
+
+    with ``n_bins`` equal-width bins of the class-``c`` probability (right-closed, 0 in the
+    first). The reference code of the paper bins with ``np.digitize(p, linspace(0, 1, n_bins))``,
+    i.e. ``n_bins - 1`` left-closed bins plus one bin for ``p = 1``; here every class uses the
+    same ``n_bins`` bins as :func:`ece`.
+    """
+    return _classwise_from_bins(*classwise_bins(probs, labels, n_bins))
+
+
+# kNN and linear probe ---------------------------------------------------------------------------
+def knn_predict(train_emb: Tensor, train_y: Tensor, test_emb: Tensor, k: int = 20,
+                temperature: float = 0.07, num_classes: int | None = None,
+                chunk_size: int = 512) -> Tensor:
+    """Weighted kNN vote of InstDisc (Wu et al. 2018), returned as a tensor of class ids ``[M]``.
+
+    Rows are L2-normalised; each test row takes its ``k`` most cosine-similar training rows
+    ``s_1..s_k`` and predicts ``argmax_c sum_j exp(s_j / T) [y_j = c]`` (ties go to the smaller
+    class id). Test rows are processed ``chunk_size`` at a time, so memory is
+    ``O(chunk_size * N_train)``. ``k`` larger than the training set uses all of it.
+    """
+    name = "knn_accuracy"
+    _at_least(name, "k", k)
+    _positive(name, "temperature", temperature)
+    _at_least(name, "chunk_size", chunk_size)
+    _check_embeddings(name, train_emb, train_y, "train_emb")
+    _check_embeddings(name, test_emb, None, "test_emb")
+    if train_emb.shape[1] != test_emb.shape[1]:
+        raise ShapeError(f"{name}: train_emb {list(train_emb.shape)} and test_emb "
+                         f"{list(test_emb.shape)} differ in dimension")
+    if train_emb.shape[0] == 0:
+        raise ShapeError(f"{name}: train_emb is empty")
+    bank = F.normalize(_real(train_emb).detach(), dim=1)
+    bank_y = train_y.to(bank.device).long()
+    n_classes = int(bank_y.max()) + 1 if num_classes is None else num_classes
+    kk = min(k, bank.shape[0])
+    preds = []
+    for start in range(0, test_emb.shape[0], chunk_size):
+        q = F.normalize(_real(test_emb[start:start + chunk_size]).detach().to(bank), dim=1)
+        sim, idx = (q @ bank.T).topk(kk, dim=1)
+        weight = ((sim - sim[:, :1]) / temperature).exp()  # exp(s/T) up to a per-row factor
+        votes = torch.zeros(q.shape[0], n_classes, dtype=weight.dtype, device=q.device)
+        preds.append(votes.scatter_add_(1, bank_y[idx], weight).argmax(dim=1))
+    if not preds:
+        return torch.zeros(0, dtype=torch.long, device=bank.device)
+    return torch.cat(preds)
+
+
+def knn_accuracy(train_emb: Tensor, train_y: Tensor, test_emb: Tensor, test_y: Tensor,
+                 k: int = 20, temperature: float = 0.07, chunk_size: int = 512) -> float:
+    """Accuracy of the InstDisc weighted kNN vote (:func:`knn_predict`) on the test set."""
+    _check_embeddings("knn_accuracy", test_emb, test_y, "test_emb")
+    pred = knn_predict(train_emb, train_y, test_emb, k=k, temperature=temperature,
+                       chunk_size=chunk_size)
+    return _ratio((pred == test_y.to(pred.device)).sum(), torch.tensor(float(test_y.numel())))
+
+
+class LinearProbeClassifier:
+    """A fitted probe: ``logits = ((x - mean) / std) @ weight + bias``."""
+
+    def __init__(self, mean: Tensor, std: Tensor, weight: Tensor, bias: Tensor):
+        self.mean, self.std, self.weight, self.bias = mean, std, weight, bias
+
+    def logits(self, x: Tensor) -> Tensor:
+        x = _real(x).detach().to(self.weight)
+        return ((x - self.mean) / self.std) @ self.weight + self.bias
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.logits(x).argmax(dim=1)
+
+
+def fit_linear_probe(train_emb: Tensor, train_y: Tensor, weight_decay: float = 1e-4,
+                     max_iter: int = 1000, num_classes: int | None = None) -> LinearProbeClassifier:
+    """Multinomial logistic regression on standardised frozen embeddings, fitted with L-BFGS.
+
+    Features are standardised with the training mean and standard deviation (constant features
+    are left unscaled); weights and biases start at zero and minimise
+    ``mean_i CE(W x_i + b, y_i) + weight_decay / 2 * ||W||_F^2`` (the bias is not penalised) with
+    full-batch L-BFGS (strong-Wolfe line search, at most ``max_iter`` iterations), so the result is
+    deterministic. This is scikit-learn's ``LogisticRegression(C=1 / (weight_decay * N))``.
+    """
+    name = "linear_probe"
+    if not weight_decay >= 0:
+        raise ConfigError(f"{name}: weight_decay must be >= 0, got {weight_decay}", param="weight_decay")
+    _at_least(name, "max_iter", max_iter)
+    _check_embeddings(name, train_emb, train_y, "train_emb")
+    if train_emb.shape[0] == 0:
+        raise ShapeError(f"{name}: train_emb is empty")
+    x = _real(train_emb).detach()
+    y = train_y.to(x.device).long()
+    n_classes = int(y.max()) + 1 if num_classes is None else num_classes
+    mean = x.mean(dim=0)
+    std = x.std(dim=0, unbiased=False)
+    std = torch.where(std > 1e-12, std, torch.ones_like(std))
+    x = (x - mean) / std
+    weight = torch.zeros(x.shape[1], n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + 0.5 * weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return LinearProbeClassifier(mean, std, weight.detach(), bias.detach())
+
+
+def linear_probe_accuracy(train_emb: Tensor, train_y: Tensor, test_emb: Tensor, test_y: Tensor,
+                          weight_decay: float = 1e-4, max_iter: int = 1000) -> float:
+    """Test accuracy of :func:`fit_linear_probe` trained on the training embeddings."""
+    _check_embeddings("linear_probe", test_emb, test_y, "test_emb")
+    probe = fit_linear_probe(train_emb, train_y, weight_decay=weight_decay, max_iter=max_iter)
+    pred = probe.predict(test_emb)
+    return _ratio((pred == test_y.to(pred.device)).sum(), torch.tensor(float(test_y.numel())))
+
+
+# alignment, uniformity, RankMe ------------------------------------------------------------------
+def _alignment_stats(z1: Tensor, z2: Tensor, alpha: float) -> dict[str, Tensor]:
+    _positive("alignment", "alpha", alpha)
+    _check_embeddings("alignment", z1, None, "z1")
+    if z2.shape != z1.shape:
+        raise ShapeError(f"alignment: z1 {list(z1.shape)} and z2 {list(z2.shape)} must match")
+    d = F.normalize(_real(z1), dim=1) - F.normalize(_real(z2), dim=1)
+    return {"sum": d.norm(dim=1).pow(alpha).to(_STAT).sum(),
+            "count": torch.tensor(float(z1.shape[0]), dtype=_STAT, device=z1.device)}
+
+
+def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> float:
+    """Alignment (Wang & Isola 2020): ``mean_i ||f(x_i) - f(x_i^+)||_2^alpha`` on L2-normalised
+    positive pairs (rows of ``z1`` and ``z2``); lower is better."""
+    s = _alignment_stats(z1, z2, alpha)
+    return _ratio(s["sum"], s["count"])
+
+
+def uniformity(z: Tensor, t: float = 2.0, chunk_size: int = 1024) -> float:
+    """Uniformity (Wang & Isola 2020): ``log mean_{i<j} exp(-t ||f(x_i) - f(x_j)||_2^2)`` over all
+    distinct pairs of L2-normalised rows; lower is better.
+
+    Computed as a log-sum-exp, ``chunk_size`` rows at a time (memory ``O(chunk_size * N)``).
+    """
+    _positive("uniformity", "t", t)
+    _at_least("uniformity", "chunk_size", chunk_size)
+    _check_embeddings("uniformity", z)
+    n = z.shape[0]
+    if n < 2:
+        raise ShapeError(f"uniformity: needs at least 2 rows, got {list(z.shape)}")
+    u = F.normalize(_real(z), dim=1)
+    col = torch.arange(n, device=u.device)
+    parts = []
+    for start in range(0, n, chunk_size):
+        rows = u[start:start + chunk_size]
+        sq = (2 - 2 * rows @ u.T).clamp_min(0)  # ||a - b||^2 of unit vectors
+        later = col[None, :] > (start + torch.arange(rows.shape[0], device=u.device))[:, None]
+        parts.append(torch.logsumexp((-t * sq).masked_fill(~later, -math.inf).flatten(), dim=0))
+    n_pairs = n * (n - 1) / 2
+    return float(torch.logsumexp(torch.stack(parts), dim=0)) - math.log(n_pairs)
+
+
+def _rankme_from_singular_values(s: Tensor, eps: float) -> float:
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def rankme(z: Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al. 2023): ``exp(-sum_k p_k log p_k)`` with ``p_k = s_k / ||s||_1 + eps``
+    and ``s`` the ``min(N, D)`` singular values of the embedding matrix ``z [N, D]`` (not
+    centred). Ranges from about 1 (collapse) to ``min(N, D)``."""
+    if not eps >= 0:
+        raise ConfigError(f"rankme: eps must be >= 0, got {eps}", param="eps")
+    _check_embeddings("rankme", z)
+    if z.numel() == 0:
+        raise ShapeError(f"rankme: z is empty, got {list(z.shape)}")
+    return _rankme_from_singular_values(torch.linalg.svdvals(z.detach().to(_STAT)), eps)
+
+
+# streaming metrics ------------------------------------------------------------------------------
+class _Sums(Metric):
+    """Adds float64 statistics on the device of the first update; ``state_dict`` carries them."""
+
+    def __init__(self) -> None:
+        self._stats: dict[str, Tensor] = {}
+
+    def _add(self, stats: Mapping[str, Tensor]) -> None:
+        for key, value in stats.items():
+            current = self._stats.get(key)
+            if current is not None and current.shape != value.shape:
+                raise ShapeError(f"{type(self).__name__}: statistic {key!r} of shape "
+                                 f"{list(value.shape)} cannot join the accumulated "
+                                 f"{list(current.shape)} (the number of classes changed?)")
+            value = value.detach()
+            self._stats[key] = value.clone() if current is None else current + value.to(current.device)
+
+    def _get(self, *keys: str) -> tuple[Tensor, ...] | None:
+        if not self._stats:
+            return None
+        return tuple(self._stats[k] for k in keys)
+
+    def reset(self) -> None:
+        self._stats = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: value.clone() for key, value in self._stats.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._stats = {key: torch.as_tensor(value).clone() for key, value in state.items()}
+
+
+class Accuracy(_Sums):
+    """Streaming :func:`accuracy`: ``update(logits_or_probs, labels)`` counts correct rows."""
+
+    def update(self, logits_or_probs: Tensor, labels: Tensor) -> None:
+        self._add(_accuracy_stats(logits_or_probs, labels))
+
+    def compute(self) -> float:
+        s = self._get("correct", "total")
+        return math.nan if s is None else _ratio(*s)
+
+
+class NLL(_Sums):
+    """Streaming :func:`nll`: ``update(probs, labels)`` sums ``-log p_y``."""
+
+    def update(self, probs: Tensor, labels: Tensor) -> None:
+        self._add(_nll_stats(probs, labels))
+
+    def compute(self) -> float:
+        s = self._get("sum", "count")
+        return math.nan if s is None else _ratio(*s)
+
+
+class Brier(_Sums):
+    """Streaming :func:`brier`: ``update(probs, labels)`` sums ``sum_c (p_c - y_c)^2``."""
+
+    def update(self, probs: Tensor, labels: Tensor) -> None:
+        self._add(_brier_stats(probs, labels))
+
+    def compute(self) -> float:
+        s = self._get("sum", "count")
+        return math.nan if s is None else _ratio(*s)
+
+
+class _Binned(_Sums):
+    def __init__(self, n_bins: int = 15):
+        super().__init__()
+        _at_least(type(self).__name__, "n_bins", n_bins)
+        self.n_bins = n_bins
+
+
+class ECE(_Binned):
+    """Streaming :func:`ece`: per-bin counts, confidence sums and correct counts (``[n_bins]``)."""
+
+    def update(self, probs: Tensor, labels: Tensor) -> None:
+        count, conf, correct = calibration_bins(probs, labels, self.n_bins)
+        self._add({"count": count, "confidence": conf, "correct": correct})
+
+    def bins(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Accumulated ``(count, sum of confidences, number correct)``, or None before any update."""
+        return self._get("count", "confidence", "correct")
+
+    def compute(self) -> float:
+        s = self.bins()
+        return math.nan if s is None else _ece_from_bins(*s)
+
+
+class MCE(ECE):
+    """Streaming :func:`mce` from the same per-bin statistics as :class:`ECE`."""
+
+    def compute(self) -> float:
+        s = self.bins()
+        return math.nan if s is None else _mce_from_bins(*s)
+
+
+class ClasswiseECE(_Binned):
+    """Streaming :func:`classwise_ece`: per-class, per-bin sums (``[C, n_bins]``)."""
+
+    def update(self, probs: Tensor, labels: Tensor) -> None:
+        count, prob_sum, label_sum = classwise_bins(probs, labels, self.n_bins)
+        self._add({"count": count, "prob_sum": prob_sum, "label_sum": label_sum})
+
+    def compute(self) -> float:
+        s = self._get("count", "prob_sum", "label_sum")
+        return math.nan if s is None else _classwise_from_bins(*s)
+
+
+class Alignment(_Sums):
+    """Streaming :func:`alignment`: ``update(z1, z2)`` sums ``||f(x) - f(x+)||^alpha``."""
+
+    def __init__(self, alpha: float = 2.0):
+        super().__init__()
+        _positive("alignment", "alpha", alpha)
+        self.alpha = alpha
+
+    def update(self, z1: Tensor, z2: Tensor) -> None:
+        self._add(_alignment_stats(z1, z2, self.alpha))
+
+    def compute(self) -> float:
+        s = self._get("sum", "count")
+        return math.nan if s is None else _ratio(*s)
+
+
+class RankMe(_Sums):
+    """Streaming :func:`rankme`: accumulates the Gram matrix ``Z^T Z`` (``[D, D]``, float64), whose
+    eigenvalues are the squared singular values of ``Z``, so memory does not grow with ``N``."""
+
+    def __init__(self, eps: float = 1e-7):
+        super().__init__()
+        if not eps >= 0:
+            raise ConfigError(f"rankme: eps must be >= 0, got {eps}", param="eps")
+        self.eps = eps
+
+    def update(self, z: Tensor) -> None:
+        _check_embeddings("rankme", z)
+        z = z.detach().to(_STAT)
+        self._add({"gram": z.T @ z, "count": torch.tensor(float(z.shape[0]), dtype=_STAT,
+                                                          device=z.device)})
+
+    def compute(self) -> float:
+        s = self._get("gram", "count")
+        if s is None:
+            return math.nan
+        gram, count = s
+        r = min(int(count), gram.shape[0])
+        eig = torch.linalg.eigvalsh(gram).flip(0)[:r]  # the r largest, descending
+        return _rankme_from_singular_values(eig.clamp_min(0).sqrt(), self.eps)
+
+
+class _Stored(Metric):
+    """Keeps what it is given; for metrics that need every row at once."""
+
+    def __init__(self) -> None:
+        self._rows: list[Tensor] = []
+
+    def reset(self) -> None:
+        self._rows = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": torch.cat(self._rows)} if self._rows else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._rows = [torch.as_tensor(state["rows"]).clone()] if "rows" in state else []
+
+
+class Uniformity(_Stored):
+    """:func:`uniformity` over every row passed to ``update(z)``; it needs all pairs, so it keeps
+    the L2-normalised rows (memory ``O(N * D)``)."""
+
+    def __init__(self, t: float = 2.0, chunk_size: int = 1024):
+        super().__init__()
+        _positive("uniformity", "t", t)
+        _at_least("uniformity", "chunk_size", chunk_size)
+        self.t, self.chunk_size = t, chunk_size
+
+    def update(self, z: Tensor) -> None:
+        _check_embeddings("uniformity", z)
+        self._rows.append(F.normalize(_real(z).detach(), dim=1))
+
+    def compute(self) -> float:
+        if sum(r.shape[0] for r in self._rows) < 2:
+            return math.nan
+        device = self._rows[0].device
+        return uniformity(torch.cat([r.to(device) for r in self._rows]), t=self.t,
+                          chunk_size=self.chunk_size)
+
+
+class KNNAccuracy(_Sums):
+    """Streaming :func:`knn_accuracy`: ``fit(train_emb, train_y)`` sets the neighbour bank,
+    ``update(test_emb, test_y)`` counts correct votes batch by batch."""
+
+    def __init__(self, k: int = 20, temperature: float = 0.07, chunk_size: int = 512):
+        super().__init__()
+        _at_least("knn_accuracy", "k", k)
+        _positive("knn_accuracy", "temperature", temperature)
+        _at_least("knn_accuracy", "chunk_size", chunk_size)
+        self.k, self.temperature, self.chunk_size = k, temperature, chunk_size
+        self._bank: tuple[Tensor, Tensor] | None = None
+
+    def fit(self, train_emb: Tensor, train_y: Tensor) -> KNNAccuracy:
+        _check_embeddings("knn_accuracy", train_emb, train_y, "train_emb")
+        if train_emb.shape[0] == 0:
+            raise ShapeError("knn_accuracy: train_emb is empty")
+        self._bank = (F.normalize(_real(train_emb).detach(), dim=1), train_y.detach().long())
+        super().reset()
+        return self
+
+    def update(self, test_emb: Tensor, test_y: Tensor) -> None:
+        if self._bank is None:
+            raise RuntimeError("knn_accuracy: call fit(train_emb, train_y) before update()")
+        _check_embeddings("knn_accuracy", test_emb, test_y, "test_emb")
+        bank, bank_y = self._bank
+        pred = knn_predict(bank, bank_y, test_emb, k=self.k, temperature=self.temperature,
+                           chunk_size=self.chunk_size)
+        self._add({"correct": (pred == test_y.to(pred.device)).to(_STAT).sum(),
+                   "total": torch.tensor(float(test_y.numel()), dtype=_STAT, device=pred.device)})
+
+    def compute(self) -> float:
+        s = self._get("correct", "total")
+        return math.nan if s is None else _ratio(*s)
+
+    def reset(self) -> None:
+        super().reset()
+        self._bank = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._bank is not None:
+            state["bank"], state["bank_labels"] = (t.clone() for t in self._bank)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        state = dict(state)
+        bank, labels = state.pop("bank", None), state.pop("bank_labels", None)
+        super().load_state_dict(state)
+        self._bank = None if bank is None else (torch.as_tensor(bank).clone(),
+                                                torch.as_tensor(labels).clone())
+
+
+class LinearProbe(_Sums):
+    """Streaming :func:`linear_probe_accuracy`: ``fit(train_emb, train_y)`` trains the probe,
+    ``update(test_emb, test_y)`` counts its correct predictions batch by batch."""
+
+    _PARAMS = ("mean", "std", "weight", "bias")
+
+    def __init__(self, weight_decay: float = 1e-4, max_iter: int = 1000):
+        super().__init__()
+        if not weight_decay >= 0:
+            raise ConfigError(f"linear_probe: weight_decay must be >= 0, got {weight_decay}",
+                              param="weight_decay")
+        _at_least("linear_probe", "max_iter", max_iter)
+        self.weight_decay, self.max_iter = weight_decay, max_iter
+        self.probe: LinearProbeClassifier | None = None
+
+    def fit(self, train_emb: Tensor, train_y: Tensor) -> LinearProbe:
+        self.probe = fit_linear_probe(train_emb, train_y, weight_decay=self.weight_decay,
+                                      max_iter=self.max_iter)
+        super().reset()
+        return self
+
+    def update(self, test_emb: Tensor, test_y: Tensor) -> None:
+        if self.probe is None:
+            raise RuntimeError("linear_probe: call fit(train_emb, train_y) before update()")
+        _check_embeddings("linear_probe", test_emb, test_y, "test_emb")
+        pred = self.probe.predict(test_emb)
+        self._add({"correct": (pred == test_y.to(pred.device)).to(_STAT).sum(),
+                   "total": torch.tensor(float(test_y.numel()), dtype=_STAT, device=pred.device)})
+
+    def compute(self) -> float:
+        s = self._get("correct", "total")
+        return math.nan if s is None else _ratio(*s)
+
+    def reset(self) -> None:
+        super().reset()
+        self.probe = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.probe is not None:
+            state.update({f"probe_{k}": getattr(self.probe, k).clone() for k in self._PARAMS})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        state = dict(state)
+        probe = {k: state.pop(f"probe_{k}") for k in self._PARAMS if f"probe_{k}" in state}
+        super().load_state_dict(state)
+        self.probe = (LinearProbeClassifier(**{k: torch.as_tensor(v).clone() for k, v in probe.items()})
+                      if len(probe) == len(self._PARAMS) else None)

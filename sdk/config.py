@@ -1,0 +1,527 @@
+"""TOML recipes: parsed with tomllib, structured into attrs configs with cattrs, built into plugins.
+
+A recipe names every part of a run; each plugin is a table with ``name`` and its parameters
+(nested tables with a ``name`` are plugins too, their kind read from the parameter's type)::
+
+    name = "simclr_digits"
+    seed = 0
+    [data]            # sdk.data.load + the view augmentation
+    name = "digits"
+    batch_size = 256
+    augment = { shift = 1, noise = 0.1, mask = 0.2 }
+    [encoder]
+    name = "projection_head"
+    out_dim = 64
+    [encoder.backbone]
+    name = "mlp"
+    hidden_dims = [256]
+    [[objectives]]    # summed: weight * objective (weight: number or a schedule table)
+    name = "nt_xent"
+    temperature = 0.5
+    [optimizer]       # any torch.optim class by (case-insensitive) name
+    name = "adamw"
+    lr = 1e-3
+    [trainer]         # sdk.Trainer arguments
+    max_epochs = 100
+
+Optional tables: ``sampler``, ``reweighter``, ``teacher``, ``schedule`` (an LR multiplier),
+``calibrator``, ``[[transforms]]``, ``[[callbacks]]``, ``evaluation``. Errors name the key
+path: ``objectives[1].lambd: expected float, got "x"``.
+
+Parameters a recipe cannot spell are filled from the data when a plugin accepts them and the
+recipe leaves them out: ``in_dim`` (the innermost encoder), ``num_classes``, ``labels``
+(training targets) and ``dataset`` (the training split).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import re
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError
+
+from sdk.errors import ConfigError, PluginError
+
+# configs ------------------------------------------------------------------------------------
+
+
+@attrs.define(kw_only=True)
+class PluginSpec:
+    """A plugin: its ``name``, optional explicit ``kind``, and parameters (nested specs allowed)."""
+
+    name: str
+    params: dict[str, Any] = attrs.Factory(dict)
+    kind: str | None = None
+
+
+@attrs.define(kw_only=True)
+class ObjectiveSpec(PluginSpec):
+    """An objective term and its weight (a number, or a schedule plugin of the step)."""
+
+    weight: float | PluginSpec = 1.0
+
+
+@attrs.define(kw_only=True)
+class AugmentConfig:
+    """The view generator (:func:`sdk.data.augmentation`); all off by default."""
+
+    shift: int = 0
+    noise: float = 0.0
+    mask: float = 0.0
+    scale: float = 0.0
+
+
+@attrs.define(kw_only=True)
+class DataConfig:
+    name: str = "digits"
+    batch_size: int = 256
+    calibration_fraction: float = 0.2
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    num_workers: int = 0
+    drop_last: bool = True
+    augment: AugmentConfig | None = None
+
+
+@attrs.define(kw_only=True)
+class OptimizerConfig:
+    """``torch.optim.<name>(params, lr=lr, weight_decay=weight_decay, **options)``."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    options: dict[str, Any] = attrs.Factory(dict)
+
+
+@attrs.define(kw_only=True)
+class TrainerConfig:
+    """Arguments of :class:`sdk.Trainer`."""
+
+    max_epochs: int | None = None
+    max_steps: int | None = None
+    precision: str = "32"
+    accumulate: int = 1
+    clip_grad_norm: float | None = None
+    device: str = "auto"
+    compile: bool = False
+    log_every: int = 50
+    checkpoint_every: int | None = None
+
+
+@attrs.define(kw_only=True)
+class EvaluationConfig:
+    """How a run is measured: kNN (weighted, InstDisc) and linear probe on the representation
+    (backbone features when the encoder has them and ``features`` is true)."""
+
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear_probe: bool = True
+    features: bool = True
+    random_init: bool = True
+
+
+@attrs.define(kw_only=True)
+class Recipe:
+    name: str = "recipe"
+    seed: int = 0
+    data: DataConfig = attrs.Factory(DataConfig)
+    encoder: PluginSpec
+    objectives: list[ObjectiveSpec]
+    sampler: PluginSpec | None = None
+    reweighter: PluginSpec | None = None
+    teacher: PluginSpec | None = None
+    schedule: PluginSpec | None = None
+    calibrator: PluginSpec | None = None
+    transforms: list[PluginSpec] = attrs.Factory(list)
+    callbacks: list[PluginSpec] = attrs.Factory(list)
+    optimizer: OptimizerConfig = attrs.Factory(OptimizerConfig)
+    trainer: TrainerConfig = attrs.Factory(TrainerConfig)
+    evaluation: EvaluationConfig = attrs.Factory(EvaluationConfig)
+
+    @property
+    def supervised(self) -> bool:
+        """Whether the objective needs logits (then the encoder's output is the logits)."""
+        from sdk.registry import get_registry
+
+        reg = get_registry()
+        return any(bool(getattr(reg.get("objective", o.name).factory, "requires", {})
+                        .get("logits")) for o in self.objectives)
+
+
+# structuring --------------------------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return repr(value)
+
+
+def _strict(kind: type, accept: tuple[type, ...]) -> Any:
+    def hook(value: Any, _: Any) -> Any:
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, accept):
+            raise TypeError(f"expected {kind.__name__}, got {_show(value)}")
+        return kind(value)
+    return hook
+
+
+def _plugin_spec(value: Any, cls: type) -> PluginSpec:
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a plugin table with a 'name', got {_show(value)}")
+    if "name" not in value or not isinstance(value["name"], str):
+        raise TypeError("a plugin table needs name = \"<plugin name>\"")
+    rest = dict(value)
+    name, kind = rest.pop("name"), rest.pop("kind", None)
+    extra: dict[str, Any] = {}
+    if cls is ObjectiveSpec and "weight" in rest:
+        weight = rest.pop("weight")
+        if isinstance(weight, Mapping):
+            extra["weight"] = _plugin_spec(weight, PluginSpec)
+        elif isinstance(weight, (int, float)) and not isinstance(weight, bool):
+            extra["weight"] = float(weight)
+        else:
+            raise TypeError(f"weight: expected a number or a schedule table, got {_show(weight)}")
+    return cls(name=name, kind=kind, params={k: _nested(v) for k, v in rest.items()}, **extra)
+
+
+def _nested(value: Any) -> Any:
+    if isinstance(value, Mapping) and "name" in value:
+        return _plugin_spec(value, PluginSpec)
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) and "name" in v
+                                                  for v in value):
+        return [_plugin_spec(v, PluginSpec) for v in value]
+    return value
+
+
+def _unstructure_spec(spec: PluginSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": spec.name}
+    if spec.kind is not None:
+        out["kind"] = spec.kind
+    if isinstance(spec, ObjectiveSpec):
+        out["weight"] = (spec.weight if not isinstance(spec.weight, PluginSpec)
+                         else _unstructure_spec(spec.weight))
+    for key, value in spec.params.items():
+        if isinstance(value, PluginSpec):
+            value = _unstructure_spec(value)
+        elif isinstance(value, list) and value and isinstance(value[0], PluginSpec):
+            value = [_unstructure_spec(v) for v in value]
+        out[key] = value
+    return out
+
+
+def _converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(int, _strict(int, (int,)))
+    conv.register_structure_hook(float, _strict(float, (int, float)))
+    conv.register_structure_hook(str, _strict(str, (str,)))
+    conv.register_structure_hook(bool, _strict(bool, (bool,)))
+    conv.register_structure_hook(PluginSpec, _plugin_spec)
+    conv.register_structure_hook(ObjectiveSpec, _plugin_spec)
+    conv.register_unstructure_hook(PluginSpec, _unstructure_spec)
+    conv.register_unstructure_hook(ObjectiveSpec, _unstructure_spec)
+    return conv
+
+
+CONVERTER = _converter()
+_AT = re.compile(r"^(?P<msg>.*) @ \$(?P<path>.*)$", re.S)
+
+
+def _cattrs_errors(exc: ClassValidationError) -> ConfigError:
+    messages = cattrs.transform_error(exc, path="$", format_exception=_format_exception)
+    lines = []
+    for message in messages:
+        m = _AT.match(message)
+        if m is None:
+            lines.append(message)
+            continue
+        path = m["path"].lstrip(".")
+        lines.append(f"{path}: {m['msg']}" if path else m["msg"])
+    first_path = lines[0].split(":", 1)[0] if lines else None
+    return ConfigError("invalid recipe: " + "; ".join(lines) if len(lines) > 1 else lines[0],
+                       path=first_path)
+
+
+def _format_exception(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, KeyError):
+        return f"required key {exc.args[0]!r} is missing"
+    text = str(exc)
+    if text.startswith("Extra fields in constructor for"):
+        fields = text.split(":", 1)[1].strip()
+        return f"unknown key(s) {fields}"
+    return text
+
+
+# loading ------------------------------------------------------------------------------------
+
+
+def parse_path(path: str) -> list[str | int]:
+    """``"objectives[1].lambd"`` -> ``["objectives", 1, "lambd"]``."""
+    parts: list[str | int] = []
+    for token in path.split("."):
+        m = re.fullmatch(r"([A-Za-z_][\w-]*)((?:\[\d+\])*)", token)
+        if m is None:
+            raise ConfigError(f"--set: cannot parse key path {path!r}", path=path)
+        parts.append(m[1])
+        parts.extend(int(i) for i in re.findall(r"\[(\d+)\]", m[2]))
+    return parts
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``key.path=value`` (value parsed as TOML, else taken as a string) to ``data``."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, text = assignment.split("=", 1)
+    parts = parse_path(key.strip())
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        where = _join(parts[: i + 1])
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise ConfigError(f"--set {key}: {where} does not exist", path=where)
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {_join(parts[:i])} is not a table", path=where)
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise ConfigError(f"--set {key}: {_join(parts)} does not exist", path=_join(parts))
+        node[last] = _parse_value(text.strip())
+    else:
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {_join(parts[:-1])} is not a table", path=key)
+        node[last] = _parse_value(text.strip())
+
+
+def _join(parts: Sequence[str | int]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+def structure(data: Mapping[str, Any]) -> Recipe:
+    """Turn a recipe mapping into a :class:`Recipe` (errors name the key path)."""
+    if "objectives" in data and isinstance(data["objectives"], Mapping):
+        data = {**data, "objectives": [data["objectives"]]}
+    try:
+        return CONVERTER.structure(dict(data), Recipe)
+    except ClassValidationError as exc:
+        raise _cattrs_errors(exc) from None
+
+
+def load_recipe(source: str | Path | Mapping[str, Any],
+                overrides: Sequence[str] = ()) -> Recipe:
+    """Read a TOML recipe (a path or a mapping), apply ``key=value`` overrides, structure it."""
+    if isinstance(source, Mapping):
+        data = json.loads(json.dumps(source))
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"recipe {str(path)!r} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return structure(data)
+
+
+def unstructure(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain TOML-ready data (the resolved recipe a run writes to config.toml)."""
+    return CONVERTER.unstructure(recipe)
+
+
+# TOML output --------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_key(k)} = {_toml_value(v)}" for k, v in value.items()
+                                if v is not None) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _is_table_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
+
+
+def dump_toml(data: Mapping[str, Any], _prefix: str = "") -> str:
+    """Write nested mappings as TOML (``None`` values are left out)."""
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping) or _is_table_list(value):
+            tables.append((key, value))
+        else:
+            lines.append(f"{_key(key)} = {_toml_value(value)}")
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for key, value in tables:
+        name = f"{_prefix}.{_key(key)}" if _prefix else _key(key)
+        if isinstance(value, Mapping):
+            out += f"\n[{name}]\n" + dump_toml(value, name)
+        else:
+            for item in value:
+                out += f"\n[[{name}]]\n" + dump_toml(item, name)
+    return out
+
+
+# building -----------------------------------------------------------------------------------
+
+
+def _kind_of(hint: Any) -> str | None:
+    """The plugin kind a parameter annotation names (``Encoder | None`` -> ``"encoder"``)."""
+    from sdk.interfaces import INTERFACES
+
+    for c in (hint, *typing.get_args(hint)):
+        if isinstance(c, type):
+            for kind, iface in INTERFACES.items():
+                if issubclass(c, iface):
+                    return kind
+        elif c is not hint and typing.get_args(c):
+            found = _kind_of(c)
+            if found:
+                return found
+    return None
+
+
+@attrs.define
+class BuildContext:
+    """What the data tells plugins that ask for it (``in_dim``, ``num_classes``, ...)."""
+
+    in_dim: int | None = None
+    num_classes: int | None = None
+    labels: Any = None
+    dataset: Any = None
+
+
+def create(spec: PluginSpec, kind: str, path: str, context: BuildContext | None = None) -> Any:
+    """Build ``spec`` as a plugin of ``kind`` (nested specs first), naming ``path`` in errors."""
+    from sdk.registry import _signature_params, _type_name, get_registry
+
+    reg = get_registry()
+    kind = spec.kind or kind
+    try:
+        entry = reg.get(kind, spec.name)
+    except PluginError as exc:
+        raise ConfigError(f"{path}.name: {exc}", path=f"{path}.name") from None
+    accepted, hints, _ = _signature_params(entry.factory)
+    params: dict[str, Any] = {}
+    has_nested_encoder = False
+    for key, value in spec.params.items():
+        where = f"{path}.{key}"
+        if isinstance(value, PluginSpec) or isinstance(value, list) and value and isinstance(
+                value[0], PluginSpec):
+            sub_kind = _kind_of(hints.get(key)) if key in hints else None
+            items = value if isinstance(value, list) else [value]
+            built = []
+            for i, item in enumerate(items):
+                k = item.kind or sub_kind
+                item_path = f"{where}[{i}]" if isinstance(value, list) else where
+                if k is None:
+                    raise ConfigError(f"{item_path}: cannot tell which kind of plugin "
+                                      f"{item.name!r} is; add kind = \"...\"", path=item_path)
+                has_nested_encoder |= k == "encoder"
+                built.append(create(item, k, item_path, context))
+            params[key] = built if isinstance(value, list) else built[0]
+        else:
+            hint = hints.get(key)
+            if isinstance(value, list) and hint is not None and _wants_tuple(hint):
+                value = tuple(value)
+            params[key] = value
+    if context is not None:
+        fill = {"num_classes": context.num_classes, "labels": context.labels,
+                "dataset": context.dataset}
+        if kind == "encoder" and not has_nested_encoder:
+            fill["in_dim"] = context.in_dim
+        for key, value in fill.items():
+            if key in accepted and key not in params and value is not None:
+                params[key] = value
+    try:
+        reg.validate(kind, spec.name, params)
+    except ConfigError as exc:
+        key = exc.param or ""
+        where = f"{path}.{key}" if key else path
+        message = str(exc)
+        if key in hints and key in params and key in spec.params:
+            message = (f"expected {_type_name(hints[key])}, got {_show(spec.params[key])} "
+                       f"({kind} plugin {spec.name!r})")
+        raise ConfigError(f"{where}: {message}", param=exc.param, path=where) from None
+    try:
+        return reg.create(kind, spec.name, **params)
+    except ConfigError as exc:
+        where = f"{path}.{exc.param}" if exc.param else path
+        raise ConfigError(f"{where}: {exc}", param=exc.param, path=where) from None
+
+
+def _wants_tuple(hint: Any) -> bool:
+    options = [hint, *typing.get_args(hint)]
+    has_tuple = any(o is tuple or typing.get_origin(o) is tuple for o in options)
+    has_list = any(o is list or typing.get_origin(o) is list for o in options)
+    return has_tuple and not has_list
+
+
+def build_optimizer(config: OptimizerConfig) -> Any:
+    """A factory ``params -> torch.optim.<name>(params, lr, weight_decay, **options)``."""
+    import torch
+
+    classes = {name.lower(): cls for name, cls in vars(torch.optim).items()
+               if inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)}
+    cls = classes.get(config.name.lower())
+    if cls is None:
+        raise ConfigError(f"optimizer.name: unknown optimizer {config.name!r}; one of "
+                          f"{', '.join(sorted(classes))}", path="optimizer.name")
+    accepted = inspect.signature(cls).parameters
+    for key in config.options:
+        if key not in accepted:
+            raise ConfigError(f"optimizer.options.{key}: {cls.__name__} has no parameter "
+                              f"{key!r}", path=f"optimizer.options.{key}")
+    kwargs = {"lr": config.lr, **config.options}
+    if "weight_decay" in accepted:
+        kwargs["weight_decay"] = config.weight_decay
+
+    def factory(params: Any) -> Any:
+        return cls(params, **kwargs)
+
+    return factory

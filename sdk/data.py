@@ -1,0 +1,233 @@
+"""Small real datasets (scikit-learn's digits, wine, breast_cancer) and tensor-level views.
+
+Every dataset yields ``(x, y, index)`` so the engine can fill ``Batch.targets`` and
+``Batch.index`` (per-sample state is keyed by dataset index). :func:`load` returns stratified
+``train`` / ``calibration`` / ``test`` splits; the held-out ``calibration`` split is where
+post-hoc calibrators are fitted, ``test`` is where everything is measured.
+
+The augmentations are plain tensor transforms (they act on a whole batch, on its device, and
+draw from torch's global generator, so a seeded run is reproducible and resumable):
+:class:`RandomShift` (integer translations of images), :class:`GaussianNoise`,
+:class:`RandomMask` (each input feature zeroed with probability p), :class:`RandomScale`
+(per-sample intensity scaling), chained by :class:`Compose`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from sdk.errors import ConfigError, ShapeError
+from sdk.interfaces import Transform
+from sdk.types import Batch
+
+DATASETS = ("digits", "wine", "breast_cancer")
+
+
+class IndexedDataset(TensorDataset):
+    """``TensorDataset(x, y, arange(n))``: items are ``(x, y, index)``.
+
+    ``index`` is the position in the *full* dataset the split was cut from, so state keyed by
+    ``Batch.index`` stays valid across splits.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, index: Tensor | None = None):
+        if x.shape[0] != y.shape[0]:
+            raise ShapeError(f"IndexedDataset: x has {x.shape[0]} rows but y has {y.shape[0]}")
+        index = torch.arange(x.shape[0]) if index is None else index.long()
+        super().__init__(x, y, index)
+
+    @property
+    def x(self) -> Tensor:
+        return self.tensors[0]
+
+    @property
+    def y(self) -> Tensor:
+        return self.tensors[1]
+
+    @property
+    def index(self) -> Tensor:
+        return self.tensors[2]
+
+
+@attrs.frozen(kw_only=True)
+class DataSplits:
+    """Stratified splits of one dataset plus what a model needs to know about it."""
+
+    name: str
+    train: IndexedDataset
+    calibration: IndexedDataset
+    test: IndexedDataset
+    num_classes: int
+    in_dim: int
+    image_shape: tuple[int, int] | None = None
+
+
+def stratified_split(y: Tensor, fractions: Sequence[float], seed: int = 0) -> list[Tensor]:
+    """Split indices ``0..n-1`` into ``len(fractions) + 1`` disjoint parts, stratified by ``y``.
+
+    Part ``k < len(fractions)`` receives ``round(fractions[k] * n_c)`` samples of each class
+    ``c``; the last part the rest. The permutation is drawn from a generator seeded by ``seed``.
+    """
+    if any(f < 0 for f in fractions) or sum(fractions) >= 1:
+        raise ConfigError(f"split fractions must be >= 0 and sum to < 1, got {list(fractions)}",
+                          param="fractions")
+    g = torch.Generator().manual_seed(seed)
+    parts: list[list[Tensor]] = [[] for _ in range(len(fractions) + 1)]
+    for c in torch.unique(y):
+        members = torch.nonzero(y == c).flatten()
+        members = members[torch.randperm(members.numel(), generator=g)]
+        start = 0
+        for k, f in enumerate(fractions):
+            count = int(round(f * members.numel()))
+            parts[k].append(members[start:start + count])
+            start += count
+        parts[-1].append(members[start:])
+    return [torch.cat(p).sort().values for p in parts]
+
+
+def _sklearn(name: str) -> tuple[Tensor, Tensor]:
+    try:
+        from sklearn import datasets
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("sdk.data needs scikit-learn: pip install 'paperplug[test]'") from exc
+    loaders = {"digits": datasets.load_digits, "wine": datasets.load_wine,
+               "breast_cancer": datasets.load_breast_cancer}
+    bunch = loaders[name]()
+    return (torch.as_tensor(bunch.data, dtype=torch.float32),
+            torch.as_tensor(bunch.target, dtype=torch.long))
+
+
+def load(name: str = "digits", *, calibration_fraction: float = 0.2,
+         test_fraction: float = 0.2, seed: int = 0) -> DataSplits:
+    """Load a scikit-learn dataset as stratified ``train`` / ``calibration`` / ``test`` splits.
+
+    ``digits`` (8x8 images, 10 classes) is scaled to ``[0, 1]``; the tabular ``wine`` and
+    ``breast_cancer`` are standardised with the *training* split's mean and deviation.
+    """
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}",
+                          param="name")
+    x, y = _sklearn(name)
+    cal_idx, test_idx, train_idx = stratified_split(y, [calibration_fraction, test_fraction], seed)
+    if name == "digits":
+        x = x / 16.0
+        shape: tuple[int, int] | None = (8, 8)
+    else:
+        mean, std = x[train_idx].mean(0), x[train_idx].std(0).clamp_min(1e-8)
+        x = (x - mean) / std
+        shape = None
+
+    def part(idx: Tensor) -> IndexedDataset:
+        return IndexedDataset(x[idx], y[idx], idx)
+
+    return DataSplits(name=name, train=part(train_idx), calibration=part(cal_idx),
+                      test=part(test_idx), num_classes=int(y.max()) + 1, in_dim=x.shape[1],
+                      image_shape=shape)
+
+
+# augmentations ------------------------------------------------------------------------------
+
+
+class Compose(Transform):
+    """Apply transforms in order."""
+
+    def __init__(self, transforms: Sequence[Transform]):
+        super().__init__()
+        self.transforms = torch.nn.ModuleList(transforms)
+
+    def forward(self, x: Tensor, batch: Batch) -> tuple[Tensor, Batch]:
+        for t in self.transforms:
+            x, batch = t(x, batch)
+        return x, batch
+
+
+class RandomShift(Transform):
+    """Translate each image of ``[B, H*W]`` (or ``[B, H, W]``) by an integer offset drawn
+    uniformly from ``[-max_shift, max_shift]`` per axis and sample; vacated pixels are 0."""
+
+    def __init__(self, shape: tuple[int, int] = (8, 8), max_shift: int = 1):
+        super().__init__()
+        if max_shift < 0:
+            raise ConfigError(f"max_shift must be >= 0, got {max_shift}", param="max_shift")
+        self.shape, self.max_shift = tuple(shape), max_shift
+
+    def forward(self, x: Tensor, batch: Batch) -> tuple[Tensor, Batch]:
+        h, w = self.shape
+        s = self.max_shift
+        if x.shape[1:].numel() != h * w:
+            raise ShapeError(f"RandomShift: expected images of {h}x{w} = {h * w} values, "
+                             f"got {list(x.shape)}")
+        if s == 0:
+            return x, batch
+        b = x.shape[0]
+        img = torch.nn.functional.pad(x.reshape(b, h, w), (s, s, s, s))
+        dy, dx = torch.randint(-s, s + 1, (2, b, 1), device=x.device)
+        rows = torch.arange(h, device=x.device) + s - dy  # [B, H]
+        cols = torch.arange(w, device=x.device) + s - dx  # [B, W]
+        out = img[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None],
+                  cols[:, None, :]]
+        return out.reshape(x.shape), batch
+
+
+class GaussianNoise(Transform):
+    """``x + std * eps``, ``eps ~ N(0, I)``."""
+
+    def __init__(self, std: float = 0.1):
+        super().__init__()
+        if std < 0:
+            raise ConfigError(f"std must be >= 0, got {std}", param="std")
+        self.std = std
+
+    def forward(self, x: Tensor, batch: Batch) -> tuple[Tensor, Batch]:
+        return x + self.std * torch.randn_like(x), batch
+
+
+class RandomMask(Transform):
+    """Zero each input value independently with probability ``p`` (no rescaling)."""
+
+    def __init__(self, p: float = 0.2):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ConfigError(f"p must be in [0, 1), got {p}", param="p")
+        self.p = p
+
+    def forward(self, x: Tensor, batch: Batch) -> tuple[Tensor, Batch]:
+        return x * (torch.rand_like(x) >= self.p), batch
+
+
+class RandomScale(Transform):
+    """Multiply each sample by a factor drawn uniformly from ``[1 - amount, 1 + amount]``."""
+
+    def __init__(self, amount: float = 0.2):
+        super().__init__()
+        if not 0.0 <= amount < 1.0:
+            raise ConfigError(f"amount must be in [0, 1), got {amount}", param="amount")
+        self.amount = amount
+
+    def forward(self, x: Tensor, batch: Batch) -> tuple[Tensor, Batch]:
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        factor = 1 + self.amount * (2 * torch.rand(shape, device=x.device, dtype=x.dtype) - 1)
+        return x * factor, batch
+
+
+def augmentation(*, image_shape: tuple[int, int] | None = None, shift: int = 0,
+                 noise: float = 0.0, mask: float = 0.0, scale: float = 0.0) -> Compose:
+    """The view generator of the recipes: shift (images only), scale, mask, then noise."""
+    parts: list[Transform] = []
+    if shift:
+        if image_shape is None:
+            raise ConfigError("shift needs image data (digits); tabular data has no image shape",
+                              param="shift")
+        parts.append(RandomShift(image_shape, shift))
+    if scale:
+        parts.append(RandomScale(scale))
+    if mask:
+        parts.append(RandomMask(mask))
+    if noise:
+        parts.append(GaussianNoise(noise))
+    return Compose(parts)

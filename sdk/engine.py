@@ -1,0 +1,949 @@
+"""The execution loop: :class:`Trainer` turns a composition of plugins into a trained model.
+
+One optimisation step (``accumulate`` micro-batches)::
+
+    objective.set_progress(step, max_steps)
+    x, batch    <- loader item (x, targets, index, ...) moved to the device
+    x_v, batch  <- transforms[v](x, batch)                      one per view (threads batch)
+    z_v         <- encoder(x_v)            (+ features, teacher outputs)       -> Views
+    after_forward
+    loss        <- objective(views, batch) (-> reweighter.reduce(loss, batch))
+    after_loss, before_backward, backward (scaled by 1 / accumulate)
+    before_optimizer_step  (gradients ready and unscaled), clip, optimizer step,
+    scheduler step, after_optimizer_step, teacher.update(...), zero_grad
+
+Events go to the callbacks, to every component (encoder, objective, teacher, sampler,
+reweighter, transforms) that defines a method of the event's name, and to the pluggy hooks
+``paperplug_<event>(trainer)`` of every plugin module.
+
+How a model provides what objectives need:
+
+* **embeddings**: ``Views.embeddings[v] = encoder(transforms[v](x))``.
+* **features**: when the encoder has ``features(x)`` and a ``head`` module (as
+  ``projection_head`` does, ``encoder(x) = head(features(x))``), the backbone runs once per view
+  and ``Views.extras["features"]`` holds ``features(x_v)``; an encoder with ``features`` but no
+  ``head`` gets the extra only when the objective requires ``extras=("features",)``.
+* **logits**: when the objective requires logits, the encoder's output on the first view *is*
+  the logits (a supervised model's ``out_dim`` is the number of classes).
+* **teacher**: a teacher with a ``forward`` gives ``Views.extras["teacher"] = teacher(x_v)`` per
+  view; a teacher with ``attach`` is attached to the encoder when the first fit starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+
+from sdk import checkpoint as ckpt
+from sdk import distributed
+from sdk.errors import ConfigError, RequirementError
+from sdk.interfaces import EVENTS, Callback, Objective, Schedule, Transform
+from sdk.interfaces import Sampler as PairSampler
+from sdk.types import Batch, Loss, Views
+
+PRECISIONS = ("32", "bf16-mixed", "fp16-mixed")
+CHECKPOINT_NAME = "last.pt"
+_BATCH_FIELDS = ("targets", "index", "domain", "weight")
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """Seeded per-epoch order of ``n`` indices, sharded over ranks, able to skip a prefix.
+
+    Epoch ``e`` uses ``randperm(n)`` from a generator seeded with ``seed + e`` (or ``0..n-1``
+    without shuffling), padded by wrapping around to a multiple of ``world`` and split
+    ``order[rank::world]`` as ``DistributedSampler`` does. ``skip(k)`` drops the first ``k``
+    indices of the next iteration only (mid-epoch resume).
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip(self, count: int) -> None:
+        self._skip = count
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        total = len(self) * self.world
+        if total > self.n:
+            order = torch.cat([order, order[: total - self.n]])
+        mine = order[self.rank::self.world][self._skip:]
+        self._skip = 0
+        return iter(mine.tolist())
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: this rank's CUDA device when CUDA is available, else the CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", distributed.local_rank())
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _is_overridden(obj: Any, name: str) -> bool:
+    method = getattr(type(obj), name, None)
+    if method is None:
+        return False
+    return method is not getattr(Callback, name, None)
+
+
+def _modules_of(obj: Any) -> list[nn.Module]:
+    return [obj] if isinstance(obj, nn.Module) else []
+
+
+def _unique(items: Iterable[Any]) -> list[Any]:
+    seen: set[int] = set()
+    out = []
+    for item in items:
+        if item is not None and id(item) not in seen:
+            seen.add(id(item))
+            out.append(item)
+    return out
+
+
+class _Step(nn.Module):
+    """The modules with trainable parameters, so DistributedDataParallel can wrap one forward."""
+
+    def __init__(self, trainer: Trainer, modules: Sequence[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+        object.__setattr__(self, "trainer", trainer)
+
+    def forward(self, x: Tensor, batch: Batch) -> Tensor:
+        return self.trainer._compute(x, batch)
+
+
+class _Progress:
+    """A rich progress bar on a terminal; plain lines when not a TTY, when ``CI`` is set, or
+    when ``plain=True``."""
+
+    def __init__(self, *, enabled: bool, total: int | None, plain: bool | None = None):
+        self.enabled = enabled
+        self.total = total
+        self.bar = None
+        self.task = None
+        if plain is None:
+            plain = not sys.stdout.isatty() or bool(os.environ.get("CI"))
+        self.plain = plain
+        if enabled and not plain:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+
+    def start(self, completed: int) -> None:
+        if self.bar is not None:
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=self.total, completed=completed,
+                                          epoch=0, loss="-", rate="")
+
+    def advance(self, epoch: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, epoch=epoch)
+
+    def log(self, *, epoch: int, step: int, loss: float, rate: float, eta: float | None,
+            extra: str = "") -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, loss=f"{loss:.4f}", rate=f"{rate:.0f} samples/s")
+            return
+        total = f"/{self.total}" if self.total else ""
+        eta_s = f" eta {eta:.0f}s" if eta is not None else ""
+        print(f"epoch {epoch} step {step}{total} loss {loss:.4f} {rate:.0f} samples/s{eta_s}"
+              f"{extra}", flush=True)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class Trainer:
+    """Trains ``encoder`` with ``objective``; see the module docstring for one step.
+
+    ``optimizer``: ``None`` (AdamW, lr 1e-3), a factory ``params -> Optimizer`` (e.g.
+    ``functools.partial(torch.optim.SGD, lr=0.1)``), or an Optimizer (trainable parameters it
+    does not hold are added as a new group with its defaults). Every parameter that requires
+    grad in the encoder, objective, teacher, sampler, reweighter, transforms and callbacks is
+    optimised once. ``scheduler``: an LR scheduler, a factory ``optimizer -> scheduler`` or an
+    sdk Schedule (an LR multiplier of the step); stepped after every optimizer step.
+
+    ``transforms``: ``None`` (the input is the only view), a Transform applied once per view the
+    objective requires, or a sequence of Transforms, one per view. ``sampler``: a pair Sampler
+    (given to every objective term that has an empty ``sampler`` slot) or a data-level
+    ``torch.utils.data.Sampler`` (replaces the training loader's sampler).
+
+    ``max_steps`` counts optimizer steps; ``log_every`` steps between log lines (the only host
+    syncs); ``checkpoint_every`` steps between checkpoints (``None``: at epoch ends only;
+    checkpoints need ``run_dir``). ``progress``: ``None`` shows progress on rank 0, ``False``
+    is silent.
+    """
+
+    def __init__(self, encoder: nn.Module, objective: Objective, optimizer: Any = None, *,
+                 teacher: nn.Module | None = None, sampler: Any = None,
+                 reweighter: nn.Module | None = None,
+                 transforms: Transform | Sequence[Transform] | None = None,
+                 callbacks: Sequence[Any] = (), max_epochs: int | None = None,
+                 max_steps: int | None = None, precision: str = "32", accumulate: int = 1,
+                 clip_grad_norm: float | None = None, device: str | torch.device = "auto",
+                 compile: bool = False, seed: int = 0, run_dir: str | os.PathLike | None = None,
+                 log_every: int = 50, checkpoint_every: int | None = None,
+                 scheduler: Any = None, progress: bool | None = None):
+        if not isinstance(encoder, nn.Module):
+            raise ConfigError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}",
+                              param="encoder")
+        if not isinstance(objective, Objective):
+            raise ConfigError(f"objective must be an sdk Objective, got {type(objective).__name__}",
+                              param="objective")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                              f"{precision!r}", param="precision")
+        for name, value in (("accumulate", accumulate), ("log_every", log_every)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}", param=name)
+        for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps),
+                            ("checkpoint_every", checkpoint_every)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be an int >= 1 or None, got {value!r}", param=name)
+        if max_epochs is None and max_steps is None:
+            raise ConfigError("give max_epochs or max_steps (or both)", param="max_epochs")
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ConfigError(f"clip_grad_norm must be > 0, got {clip_grad_norm}",
+                              param="clip_grad_norm")
+        self.encoder, self.objective, self.teacher = encoder, objective, teacher
+        self.reweighter = reweighter
+        self.pair_sampler = sampler if isinstance(sampler, PairSampler) else None
+        self.data_sampler = sampler if isinstance(sampler, torch.utils.data.Sampler) else None
+        if sampler is not None and self.pair_sampler is None and self.data_sampler is None:
+            raise ConfigError(f"sampler must be an sdk Sampler (pairs) or a torch.utils.data."
+                              f"Sampler, got {type(sampler).__name__}", param="sampler")
+        if self.pair_sampler is not None:
+            self._give_sampler(self.pair_sampler)
+        self.callbacks = list(callbacks)
+        self.view_transforms = self._view_transforms(transforms)
+        self.optimizer_spec, self.scheduler_spec = optimizer, scheduler
+        self.max_epochs, self.max_steps = max_epochs, max_steps
+        self.precision, self.accumulate, self.clip_grad_norm = precision, accumulate, clip_grad_norm
+        self.device = resolve_device(device)
+        self.compile, self.seed = compile, seed
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.log_every, self.checkpoint_every = log_every, checkpoint_every
+        self.progress_enabled = progress
+
+        # loop state, visible to events
+        self.step = 0
+        self.epoch = 0
+        self.batch_idx = 0
+        self.total_steps: int | None = max_steps
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.train_loader: Any = None
+        self.val_loader: Any = None
+        self.x: Tensor | None = None
+        self.views: Views | None = None
+        self.batch: Batch | None = None
+        self.loss: Loss | None = None
+        self.logs: dict[str, float] = {}
+        self.val_metrics: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+        self.should_stop = False
+        self.grad_norm: Tensor | None = None
+        self._attached = False
+        self._start_step = 0
+        self._setup_done = False
+        self._ddp: nn.Module | None = None
+
+    # construction helpers ----------------------------------------------------------------
+    def _give_sampler(self, sampler: PairSampler) -> None:
+        slots = [m for m in self.objective.modules()
+                 if isinstance(m, Objective) and hasattr(m, "sampler") and m.sampler is None]
+        if not slots:
+            raise ConfigError("sampler: no objective term takes a pair sampler (or every one "
+                              "already has one)", param="sampler")
+        for term in slots:
+            term.sampler = sampler
+
+    def _view_transforms(self, transforms: Any) -> list[Transform | None]:
+        need = int(self.objective.requires.get("views", 1) or 1)
+        if transforms is None:
+            if need > 1:
+                raise RequirementError(f"objective {self.objective.name!r} needs {need} views; "
+                                       "pass transforms= (one Transform, applied once per view, "
+                                       "or one per view)")
+            return [None]
+        if isinstance(transforms, nn.Module) or callable(transforms) and not isinstance(
+                transforms, Sequence):
+            return [transforms] * need
+        transforms = list(transforms)
+        if len(transforms) < need:
+            raise RequirementError(f"objective {self.objective.name!r} needs {need} views, but "
+                                   f"{len(transforms)} transforms were given (one per view)")
+        return transforms
+
+    @property
+    def components(self) -> list[Any]:
+        """Every object the engine drives (deduplicated)."""
+        return _unique([self.encoder, self.objective, self.teacher, self.pair_sampler,
+                        self.reweighter, *[t for t in self.view_transforms if t is not None],
+                        self.data_sampler, *self.callbacks])
+
+    @property
+    def model(self) -> nn.Module:
+        """The encoder being trained (unwrapped)."""
+        return self.encoder
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that requires grad across all components, each once."""
+        params: list[nn.Parameter] = []
+        for comp in self.components:
+            if isinstance(comp, nn.Module):
+                params.extend(p for p in comp.parameters() if p.requires_grad)
+            elif hasattr(comp, "parameters") and callable(comp.parameters):
+                params.extend(p for p in comp.parameters() if p.requires_grad)
+        return _unique(params)
+
+    # set-up ------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        if self._setup_done:
+            return
+        if self.precision == "fp16-mixed" and self.device.type != "cuda":
+            raise ConfigError("precision 'fp16-mixed' needs a CUDA device; use 'bf16-mixed' on "
+                              "the CPU", param="precision")
+        self.distributed = distributed.init()
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        for comp in self.components:
+            if isinstance(comp, nn.Module):
+                comp.to(self.device)
+        if self.teacher is not None and hasattr(self.teacher, "attach") and not self._attached:
+            self.teacher.attach(self.encoder)
+            self.teacher.to(self.device)
+        self._attached = True
+        self._teacher_forward = (self.teacher is not None and isinstance(self.teacher, nn.Module)
+                                 and type(self.teacher).forward is not nn.Module.forward)
+        enc = self.encoder
+        self._split = callable(getattr(enc, "features", None)) and isinstance(
+            getattr(enc, "head", None), nn.Module)
+        needs = self.objective.requires
+        self._needs_logits = bool(needs.get("logits"))
+        self._needs_features = "features" in tuple(needs.get("extras", ()))
+        if self._needs_features and not callable(getattr(enc, "features", None)):
+            raise RequirementError(f"objective {self.objective.name!r} needs extras['features'] "
+                                   "but the encoder has no features(x) method")
+        self._encode = torch.compile(self._encode_impl) if self.compile else self._encode_impl
+
+        params = self.trainable_parameters()
+        if not params:
+            raise ConfigError("nothing to train: no parameter requires grad", param="encoder")
+        self.params = params
+        self.optimizer = self._build_optimizer(params)
+        self.scheduler = self._build_scheduler()
+        self.scaler = (torch.amp.GradScaler("cuda") if self.precision == "fp16-mixed" else None)
+        amp_dtype = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(self.precision)
+        self._autocast: Callable[[], Any]
+        if amp_dtype is None:
+            self._autocast = contextlib.nullcontext
+        else:
+            dev = self.device.type
+
+            def _autocast() -> Any:
+                return torch.autocast(device_type=dev, dtype=amp_dtype)
+
+            self._autocast = _autocast
+        if self.distributed:
+            self._wrap_ddp(params)
+        self._listeners = {event: self._collect(event) for event in EVENTS}
+        self._setup_done = True
+
+    def _wrap_ddp(self, params: list[nn.Parameter]) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        owners = [m for m in _unique([self.encoder, self.objective, self.teacher,
+                                      self.reweighter, *self.view_transforms])
+                  if isinstance(m, nn.Module) and any(p.requires_grad for p in m.parameters())]
+        step = _Step(self, owners)
+        inside = {id(p) for p in step.parameters()}
+        self._outside = [p for p in params if id(p) not in inside]
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self._ddp = DDP(step, device_ids=ids, broadcast_buffers=False)
+        with torch.no_grad():  # parameters outside DDP start equal on every rank too
+            for p in self._outside:
+                torch.distributed.broadcast(p, src=0)
+
+    def _build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        spec = self.optimizer_spec
+        if spec is None:
+            return torch.optim.AdamW(params, lr=1e-3)
+        if isinstance(spec, torch.optim.Optimizer):
+            held = {id(p) for g in spec.param_groups for p in g["params"]}
+            missing = [p for p in params if id(p) not in held]
+            if missing:
+                spec.add_param_group({"params": missing})
+            return spec
+        if callable(spec):
+            opt = spec(params)
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise ConfigError(f"optimizer factory returned {type(opt).__name__}, expected a "
+                                  "torch.optim.Optimizer", param="optimizer")
+            return opt
+        raise ConfigError(f"optimizer must be None, an Optimizer or a factory params -> "
+                          f"Optimizer, got {type(spec).__name__}", param="optimizer")
+
+    def _build_scheduler(self) -> Any:
+        spec = self.scheduler_spec
+        if spec is None:
+            return None
+        if isinstance(spec, Schedule):
+            return torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda s: spec(s, self.total_steps))
+        if hasattr(spec, "step") and hasattr(spec, "state_dict"):
+            return spec
+        if callable(spec):
+            return spec(self.optimizer)
+        raise ConfigError(f"scheduler must be an LR scheduler, a factory or an sdk Schedule, got "
+                          f"{type(spec).__name__}", param="scheduler")
+
+    def _collect(self, event: str) -> list[Callable[[Trainer], Any]]:
+        listeners: list[Callable[[Trainer], Any]] = []
+        for comp in self.components:
+            if _is_overridden(comp, event):
+                listeners.append(getattr(comp, event))
+        hook = self._plugin_hook(event)
+        if hook is not None:
+            listeners.append(lambda trainer, hook=hook: hook(trainer=trainer))
+        return listeners
+
+    @staticmethod
+    def _plugin_hook(event: str) -> Any:
+        from sdk.registry import get_registry
+
+        pm = getattr(get_registry(), "plugin_manager", None)
+        hook = getattr(pm.hook, f"paperplug_{event}", None) if pm is not None else None
+        if hook is None or not hook.get_hookimpls():
+            return None
+        return hook
+
+    def emit(self, event: str) -> None:
+        """Dispatch ``event`` to every listener (callbacks, components, plugin hooks)."""
+        for listener in self._listeners[event]:
+            listener(self)
+
+    # data --------------------------------------------------------------------------------
+    def _prepare_train_loader(self, loader: Any) -> Any:
+        """Rebuild a map-style DataLoader around a :class:`ResumableSampler` (seeded shuffling,
+        rank sharding, skippable prefix); other loaders are used as they are."""
+        self._resumable: ResumableSampler | None = None
+        if not isinstance(loader, DataLoader) or loader.batch_size is None:
+            return loader
+        if self.data_sampler is not None:
+            sampler: Any = self.data_sampler
+        elif type(loader.sampler) in (RandomSampler, SequentialSampler) and not (
+                isinstance(loader.sampler, RandomSampler)
+                and (loader.sampler.replacement or loader.sampler._num_samples is not None)):
+            sampler = ResumableSampler(len(loader.dataset),
+                                       shuffle=isinstance(loader.sampler, RandomSampler),
+                                       seed=self.seed, rank=self.rank, world=self.world)
+            self._resumable = sampler
+        else:
+            return loader
+        return self._rebuild(loader, sampler)
+
+    def _rebuild(self, loader: DataLoader, sampler: Any, **overrides: Any) -> DataLoader:
+        kwargs: dict[str, Any] = dict(
+            batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn, drop_last=loader.drop_last, timeout=loader.timeout,
+            worker_init_fn=loader.worker_init_fn,
+            pin_memory=loader.pin_memory or self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.seed))
+        if loader.num_workers > 0:
+            kwargs.update(prefetch_factor=loader.prefetch_factor,
+                          persistent_workers=loader.persistent_workers,
+                          multiprocessing_context=loader.multiprocessing_context)
+        kwargs.update(overrides)
+        return DataLoader(loader.dataset, **kwargs)
+
+    def _ordered(self, loader: Any) -> Any:
+        """The same dataset, in dataset order, every sample once (for embed / predict)."""
+        if isinstance(loader, DataLoader) and loader.batch_size is not None:
+            if type(loader.sampler) is SequentialSampler and not loader.drop_last:
+                return loader
+            return self._rebuild(loader, SequentialSampler(loader.dataset), drop_last=False)
+        return loader
+
+    def _to_device(self, item: Any) -> tuple[Tensor, Batch]:
+        nb = self.device.type == "cuda"
+        fields: dict[str, Any] = {}
+        if isinstance(item, Mapping):
+            x = item["x"]
+            fields = {k: v for k, v in item.items() if k in _BATCH_FIELDS}
+            extras = {k: v for k, v in item.items() if k != "x" and k not in _BATCH_FIELDS}
+            if extras:
+                fields["extras"] = extras
+        elif isinstance(item, (tuple, list)):
+            x = item[0]
+            if len(item) == 2 and isinstance(item[1], Batch):
+                batch = item[1]
+                fields = {k: getattr(batch, k) for k in _BATCH_FIELDS}
+                fields["extras"] = batch.extras
+            else:
+                fields = dict(zip(("targets", "index", "domain"), item[1:4]))
+        else:
+            x = item
+        x = x.to(self.device, non_blocking=nb)
+        for key in _BATCH_FIELDS:
+            if fields.get(key) is not None:
+                fields[key] = fields[key].to(self.device, non_blocking=nb)
+        if "extras" in fields:
+            fields["extras"] = {k: v.to(self.device, non_blocking=nb) if isinstance(v, Tensor)
+                                else v for k, v in fields["extras"].items()}
+        return x, Batch(**fields)
+
+    # forward -----------------------------------------------------------------------------
+    def _encode_impl(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        enc = self.encoder
+        if self._split:
+            h = enc.features(x)
+            return enc.head(h), h
+        z = enc(x)
+        return z, enc.features(x) if self._needs_features else None
+
+    def _compute(self, x: Tensor, batch: Batch, events: bool = True) -> Tensor:
+        xs = []
+        for t in self.view_transforms:
+            if t is None:
+                xs.append(x)
+            else:
+                xv, batch = t(x, batch)
+                xs.append(xv)
+        embeddings, features, teacher = [], [], []
+        for xv in xs:
+            z, h = self._encode(xv)
+            embeddings.append(z)
+            if h is not None:
+                features.append(h)
+            if self._teacher_forward:
+                teacher.append(self.teacher(xv))
+        extras: dict[str, Any] = {}
+        if features:
+            extras["features"] = tuple(features)
+        if teacher:
+            extras["teacher"] = tuple(teacher)
+        self.views = Views(embeddings=tuple(embeddings),
+                           logits=embeddings[0] if self._needs_logits else None, extras=extras)
+        self.batch = batch
+        if events:
+            self.emit("after_forward")
+        loss = self.objective(self.views, batch)
+        if self.reweighter is not None:
+            loss = self.reweighter.reduce(loss, batch)
+        self.loss = loss
+        if events:
+            self.emit("after_loss")
+        return loss.value
+
+    # the loop ----------------------------------------------------------------------------
+    def fit(self, train_loader: Any, val_loader: Any = None, *,
+            resume: bool | str | os.PathLike = False) -> Trainer:
+        """Train; ``resume=True`` continues from ``run_dir``'s checkpoint when there is one,
+        ``resume=PATH`` from that checkpoint (file or run directory)."""
+        fresh = not self._setup_done
+        self._setup()
+        if fresh:
+            ckpt.seed_everything(self.seed + self.rank)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        loader = self._prepare_train_loader(train_loader)
+        per_epoch = None
+        if hasattr(loader, "__len__"):
+            per_epoch = math.ceil(len(loader) / self.accumulate)
+        if self.max_steps is None:
+            if per_epoch is None:
+                raise ConfigError("the training loader has no length: give max_steps",
+                                  param="max_steps")
+            self.total_steps = self.max_epochs * per_epoch
+        self.emit("on_fit_start")
+        path = self._resume_path(resume)
+        skip = 0
+        if path is not None:
+            skip = self.load_checkpoint(path)
+        self._start_logging(resumed=path is not None)
+        progress = _Progress(enabled=self.is_main and self.progress_enabled is not False,
+                             total=self.total_steps)
+        progress.start(self.step)
+        self._start_step = self.step
+        self._t_start = self._t_log = time.perf_counter()
+        self._samples_since_log = 0
+        try:
+            self._loop(loader, skip, progress)
+        finally:
+            progress.stop()
+        if self.is_main and self.run_dir is not None:
+            self._write_summary()
+        self.emit("on_fit_end")
+        return self
+
+    def _done(self) -> bool:
+        return self.should_stop or (self.total_steps is not None and self.step >= self.total_steps)
+
+    def _loop(self, loader: Any, skip: int, progress: _Progress) -> None:
+        zero = torch.zeros((), device=self.device)
+        while not self._done() and (self.max_epochs is None or self.epoch < self.max_epochs):
+            if self._resumable is not None:
+                self._resumable.set_epoch(self.epoch)
+                self._resumable.skip(skip * (loader.batch_size or 0))
+            elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
+                loader.sampler.set_epoch(self.epoch)
+            if skip == 0:
+                self.batch_idx = 0
+                self.emit("on_epoch_start")
+            self._epoch_loss, self._epoch_count = zero.clone(), 0
+            self._log_loss, self._log_count = zero.clone(), 0
+            n_batches = len(loader) if hasattr(loader, "__len__") else None
+            it = iter(loader)
+            if self._resumable is None:
+                for _ in range(skip):  # fast-forward a loader whose order the engine does not own
+                    next(it)
+            skip = 0
+            pending = 0
+            for item in it:
+                pending += 1
+                # the last batch of an epoch closes a partial accumulation
+                boundary = pending == self.accumulate or self.batch_idx + 1 == n_batches
+                self._micro_step(item, boundary=boundary)
+                self.batch_idx += 1
+                if boundary:
+                    pending = 0
+                    self._after_step(progress)
+                    if self._done():
+                        break
+            if pending:  # a loader without a length ended inside an accumulation
+                self._optimizer_step()
+                self._after_step(progress)
+            self._end_epoch(progress)
+
+    def _micro_step(self, item: Any, *, boundary: bool) -> None:
+        x, batch = self._to_device(item)
+        self.x = x
+        self.objective.set_progress(self.step, self.total_steps)
+        sync = contextlib.nullcontext()
+        if self._ddp is not None and not boundary:
+            sync = self._ddp.no_sync()
+        with sync:
+            with self._autocast():
+                value = self._ddp(x, batch) if self._ddp is not None else self._compute(x, batch)
+            if self.accumulate > 1:
+                value = value / self.accumulate
+            self.emit("before_backward")
+            if self.scaler is not None:
+                self.scaler.scale(value).backward()
+            else:
+                value.backward()
+        with torch.no_grad():
+            detached = self.loss.value.detach().float()
+            self._log_loss += detached
+            self._epoch_loss += detached
+        self._log_count += 1
+        self._epoch_count += 1
+        self._samples_since_log += x.shape[0]
+        if boundary:
+            self._optimizer_step()
+
+    def _optimizer_step(self) -> None:
+        if self._ddp is not None:
+            distributed.all_reduce_mean_([p.grad for p in self._outside if p.grad is not None])
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        self.emit("before_optimizer_step")
+        if self.clip_grad_norm is not None:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm,
+                                                            foreach=True)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        taken = self.step
+        self.step += 1
+        self.emit("after_optimizer_step")
+        if self.teacher is not None and hasattr(self.teacher, "update"):
+            self.teacher.update(student=self.encoder, views=self.views, batch=self.batch,
+                                step=taken, max_steps=self.total_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _after_step(self, progress: _Progress) -> None:
+        progress.advance(self.epoch)
+        if self.step % self.log_every == 0:
+            self._log_train(progress)
+        if (self.checkpoint_every is not None and self.step % self.checkpoint_every == 0
+                and self.run_dir is not None):
+            self.save_checkpoint()
+
+    def _end_epoch(self, progress: _Progress) -> None:
+        self.emit("on_epoch_end")
+        record: dict[str, Any] = {"kind": "epoch", "epoch": self.epoch, "step": self.step}
+        if self._epoch_count:
+            record["loss"] = float(self._epoch_loss) / self._epoch_count
+        if self.val_loader is not None:
+            self.val_metrics = self.evaluate(self.val_loader)
+            record.update({f"val/{k}": v for k, v in self.val_metrics.items()})
+            self.emit("on_validation_end")
+        self._record(record)
+        if progress.plain and progress.enabled and "loss" in record:
+            val = "".join(f" {k} {v:.4f}" for k, v in record.items() if k.startswith("val/"))
+            print(f"epoch {self.epoch} done: loss {record['loss']:.4f}{val}", flush=True)
+        self.epoch += 1
+        self.batch_idx = 0
+        if self.run_dir is not None:
+            self.save_checkpoint()
+
+    # logging -----------------------------------------------------------------------------
+    def _start_logging(self, *, resumed: bool) -> None:
+        if not (self.is_main and self.run_dir is not None):
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "metrics.jsonl"
+        if resumed and path.exists():  # drop what the interrupted run logged after its checkpoint
+            kept = []
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("step", 0) < self.step or (
+                        rec.get("step") == self.step and rec.get("kind") == "train"
+                        or rec.get("kind") == "epoch" and rec.get("epoch", 0) < self.epoch):
+                    kept.append(line)
+            path.write_text("".join(f"{line}\n" for line in kept))
+            self.history = [json.loads(line) for line in kept]
+        elif not resumed:
+            path.write_text("")
+            self.history = []
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.is_main and self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _log_train(self, progress: _Progress) -> None:
+        if self._log_count == 0:
+            return
+        loss = float(self._log_loss) / self._log_count  # the host sync of this log point
+        now = time.perf_counter()
+        rate = self._samples_since_log * self.world / max(now - self._t_log, 1e-9)
+        self._t_log, self._samples_since_log = now, 0
+        self._log_loss.zero_()
+        self._log_count = 0
+        logs = {k: float(v) for k, v in self.loss.logs.items()} if self.loss is not None else {}
+        self.logs = {"loss": loss, **logs}
+        record = {"kind": "train", "epoch": self.epoch, "step": self.step, "loss": loss,
+                  "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate, **logs}
+        if self.grad_norm is not None:
+            record["grad_norm"] = float(self.grad_norm)
+        self._record(record)
+        eta = None
+        if self.total_steps:
+            elapsed = now - self._t_start
+            done = max(self.step - self._start_step, 1)
+            eta = elapsed / done * (self.total_steps - self.step)
+        progress.log(epoch=self.epoch, step=self.step, loss=loss, rate=rate, eta=eta)
+
+    def _write_summary(self) -> None:
+        train = [r for r in self.history if r.get("kind") == "train"]
+        epochs = [r for r in self.history if r.get("kind") == "epoch" and "loss" in r]
+        summary: dict[str, Any] = {"steps": self.step, "epochs": self.epoch,
+                                   "wall_time_s": time.perf_counter() - self._t_start}
+        if epochs:
+            summary["final_loss"] = epochs[-1]["loss"]
+        if train:
+            summary["samples_per_s"] = train[-1]["samples_per_s"]
+        summary.update({f"val/{k}": v for k, v in self.val_metrics.items()})
+        self.summary = summary
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:
+            from sdk import plots
+
+            plots.training_curves(self.history, self.run_dir / "training_curves.png")
+        except ImportError:
+            pass
+
+    # checkpoints -------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.run_dir / "checkpoints" / CHECKPOINT_NAME if self.run_dir else None
+
+    def _resume_path(self, resume: bool | str | os.PathLike) -> Path | None:
+        if resume is False or resume is None:
+            return None
+        if resume is True:
+            path = self.checkpoint_path
+            return path if path is not None and path.exists() else None
+        path = Path(resume)
+        if path.is_dir():
+            path = path / "checkpoints" / CHECKPOINT_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        return path
+
+    def _stateful(self) -> dict[str, Any]:
+        named: dict[str, Any] = {"encoder": self.encoder, "objective": self.objective,
+                                 "teacher": self.teacher, "sampler": self.pair_sampler,
+                                 "reweighter": self.reweighter, "data_sampler": self.data_sampler}
+        for i, t in enumerate(self.view_transforms):
+            named[f"transforms.{i}"] = t
+        for i, cb in enumerate(self.callbacks):
+            named[f"callbacks.{i}"] = cb
+        return {k: v for k, v in named.items()
+                if v is not None and callable(getattr(v, "state_dict", None))}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (this rank's view; RNG states of every rank)."""
+        return {
+            "format": 1,
+            "position": {"epoch": self.epoch, "batch": self.batch_idx, "step": self.step},
+            "components": {k: v.state_dict() for k, v in self._stateful().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": distributed.all_gather_object(ckpt.rng_state()),
+        }
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
+        """Atomically write :meth:`state_dict` (rank 0 writes; every rank must call it)."""
+        state = self.state_dict()
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None or not self.is_main:
+            return None
+        return ckpt.save(state, path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> int:
+        """Restore a checkpoint; returns the number of batches to skip in the current epoch."""
+        state = ckpt.load(path, map_location="cpu")
+        for name, comp in self._stateful().items():
+            if name in state["components"]:
+                comp.load_state_dict(state["components"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        rngs = state["rng"]
+        ckpt.set_rng_state(rngs[self.rank] if len(rngs) == self.world else rngs[0])
+        pos = state["position"]
+        self.epoch, self.batch_idx, self.step = pos["epoch"], pos["batch"], pos["step"]
+        return self.batch_idx
+
+    # inference ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        modules = [m for m in self.components if isinstance(m, nn.Module)]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            with torch.no_grad(), self._autocast_or_null():
+                yield
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+
+    def _autocast_or_null(self) -> Any:
+        return self._autocast() if self._setup_done else contextlib.nullcontext()
+
+    def _prepare_inference(self) -> None:
+        if not self._setup_done:
+            for comp in self.components:
+                if isinstance(comp, nn.Module):
+                    comp.to(self.device)
+
+    def embed(self, loader: Any, *, features: bool = False,
+              with_targets: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """No-grad encoder outputs (``features=True``: backbone features) of a whole dataset,
+        one row per item in dataset order (a training loader's shuffling and ``drop_last`` are
+        ignored), float32 on the device. ``with_targets=True`` also returns the targets."""
+        self._prepare_inference()
+        fn = self.encoder.features if features else self.encoder
+        outs, targets = [], []
+        with self._eval_mode():
+            for item in self._ordered(loader):
+                x, batch = self._to_device(item)
+                outs.append(fn(x).float())
+                if with_targets:
+                    targets.append(batch.targets)
+        emb = torch.cat(outs)
+        if with_targets:
+            return emb, torch.cat(targets)
+        return emb
+
+    def predict(self, loader: Any) -> Tensor:
+        """Class scores (the encoder's outputs) of every item, in dataset order."""
+        return self.embed(loader)
+
+    def evaluate(self, loader: Any) -> dict[str, float]:
+        """Mean objective loss over ``loader`` (views built as in training, modules in eval
+        mode); with logits also ``accuracy``, ``nll`` and ``ece``."""
+        self._prepare_inference()
+        if not self._setup_done:
+            self._needs_logits = bool(self.objective.requires.get("logits"))
+            self._needs_features = "features" in tuple(self.objective.requires.get("extras", ()))
+            self._split = callable(getattr(self.encoder, "features", None)) and isinstance(
+                getattr(self.encoder, "head", None), nn.Module)
+            self._teacher_forward = False
+            self._encode = self._encode_impl
+        total = torch.zeros((), device=self.device)
+        count = 0
+        logits, targets = [], []
+        saved = (self.views, self.batch, self.loss)
+        with self._eval_mode():
+            for item in self._ordered(loader):
+                x, batch = self._to_device(item)
+                value = self._compute(x, batch, events=False)
+                total += value.float() * x.shape[0]
+                count += x.shape[0]
+                if self._needs_logits and batch.targets is not None:
+                    logits.append(self.views.logits.float())
+                    targets.append(batch.targets)
+        self.views, self.batch, self.loss = saved
+        out = {"loss": float(total) / max(count, 1)}
+        if logits:
+            from sdk import metrics
+
+            z, y = torch.cat(logits), torch.cat(targets)
+            if y.dim() == 1:
+                probs = z.softmax(-1)
+                out.update(accuracy=metrics.accuracy(probs, y), nll=metrics.nll(probs, y),
+                           ece=metrics.ece(probs, y))
+        return out

@@ -914,7 +914,8 @@ class Trainer:
 
     def evaluate(self, loader: Any) -> dict[str, float]:
         """Mean objective loss over ``loader`` (views built as in training, modules in eval
-        mode); with logits also ``accuracy``, ``nll`` and ``ece``."""
+        mode); with logits also ``accuracy``, ``nll`` and ``ece`` of the encoder's outputs on
+        the un-augmented inputs (what :meth:`predict` returns)."""
         self._prepare_inference()
         if not self._setup_done:
             self._needs_logits = bool(self.objective.requires.get("logits"))
@@ -934,7 +935,7 @@ class Trainer:
                 total += value.float() * x.shape[0]
                 count += x.shape[0]
                 if self._needs_logits and batch.targets is not None:
-                    logits.append(self.views.logits.float())
+                    logits.append(self._encode(x)[0].float())
                     targets.append(batch.targets)
         self.views, self.batch, self.loss = saved
         out = {"loss": float(total) / max(count, 1)}

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from sdk import contrastive
 from sdk.card import Card
-from sdk.clustering import kmeans
+from sdk.cluster import kmeans
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
@@ -119,7 +119,7 @@ class DECClustering(nn.Module):
             self.centers.materialize((self.n_clusters, z.shape[1]), device=z.device)
             z = z.detach().float()
             if z.shape[0] >= self.n_clusters:
-                init = kmeans(z, self.n_clusters)[0]
+                init = kmeans(z, self.n_clusters)[1]
             else:
                 init = z.mean(0) + z.std(0, unbiased=False) * torch.randn(
                     self.n_clusters, z.shape[1], device=z.device)
@@ -134,7 +134,7 @@ class DECClustering(nn.Module):
     def refresh(self, embeddings: Tensor) -> None:
         """Centres <- k-means centroids of the whole dataset's embeddings (DEC/SDCN init)."""
         self._materialise(embeddings)
-        self.centers.copy_(kmeans(embeddings, self.n_clusters)[0])
+        self.centers.copy_(kmeans(embeddings, self.n_clusters)[1])
         self.initialised.fill_(True)
 
     def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:

@@ -43,12 +43,14 @@ def _plus_plus(x: Tensor, k: int, g: torch.Generator) -> Tensor:
 
 
 def kmeans(x: Tensor, k: int, *, iters: int = 50, seed: int = 0, normalize: bool = False,
-           tol: float = 1e-6) -> tuple[Tensor, Tensor]:
+           tol: float = 1e-6, init: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Cluster the rows of ``x`` [N, D] into ``k`` groups; returns ``(labels [N], centres [k, D])``.
 
     ``normalize=True`` L2-normalises rows first (spherical data such as contrastive
-    embeddings). An empty cluster is re-seeded with the point farthest from its centre. Stops
-    after ``iters`` Lloyd steps or when the centres move less than ``tol`` (relative).
+    embeddings). Seeds with k-means++ (generator seeded with ``seed``) unless ``init`` [k, D]
+    gives the starting centres (e.g. last epoch's, to warm-start a refresh). An empty cluster
+    is re-seeded with the point farthest from its centre. Stops after ``iters`` Lloyd steps or
+    when the centres move less than ``tol`` (relative).
     """
     if x.dim() != 2:
         raise ShapeError(f"kmeans: expected x of shape [N, D], got {list(x.shape)}")
@@ -57,8 +59,12 @@ def kmeans(x: Tensor, k: int, *, iters: int = 50, seed: int = 0, normalize: bool
     x = x.detach().float()
     if normalize:
         x = F.normalize(x, dim=1)
-    g = torch.Generator(device=x.device).manual_seed(seed)
-    centres = _plus_plus(x, k, g)
+    if init is None:
+        centres = _plus_plus(x, k, torch.Generator(device=x.device).manual_seed(seed))
+    elif tuple(init.shape) != (k, x.shape[1]):
+        raise ShapeError(f"kmeans: init must have shape [k={k}, D={x.shape[1]}], got {list(init.shape)}")
+    else:
+        centres = init.detach().to(x.device, torch.float32).clone()
     labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     for _ in range(iters):
         d2 = _sq_dist(x, centres)

@@ -206,6 +206,7 @@ def sampler_pairs(c: Contrast, sampler) -> Pairs:
 
     return Pairs(positive=pairs.positive[rows] & not_self, negative=pairs.negative[rows] & not_self,
                  weight=own(pairs.weight), extra_negatives=own(pairs.extra_negatives),
+                 extra_negative_mask=own(pairs.extra_negative_mask),
                  extra_negative_sims=own(pairs.extra_negative_sims))
 
 
@@ -223,13 +224,14 @@ def memory_mask(extras, index: Tensor | None, rows: int) -> Tensor | None:
 def extra_negatives(c: Contrast, pairs: Pairs | None = None) -> tuple[Tensor | None, Tensor | None]:
     """Cosine similarities [A, M] of each anchor with its extra negatives and their mask [A, M]
     (None when every entry counts): the Sampler's synthetic negatives (``pairs``, already
-    restricted to this rank's anchors) then the memory in ``Views.extras["negatives"]``
-    (detached; entries are taken as given). ``(None, None)`` when there are none."""
+    restricted to this rank's anchors, masked by ``pairs.extra_negative_mask``) then the memory
+    in ``Views.extras["negatives"]`` (detached; entries are taken as given). ``(None, None)``
+    when there are none."""
     sims: list[Tensor] = []
     masks: list[Tensor | None] = []
     if pairs is not None and pairs.extra_negatives is not None:
         sims.append(torch.einsum("ad,amd->am", c.anchors, pairs.extra_negatives.to(c.anchors.dtype)))
-        masks.append(None)
+        masks.append(pairs.extra_negative_mask)
     if pairs is not None and pairs.extra_negative_sims is not None:
         sims.append(pairs.extra_negative_sims)
         masks.append(None)

@@ -164,14 +164,17 @@ class Pairs:
     Rows are anchors and columns candidates, both indexing ``torch.cat(views.embeddings)``
     unless the objective documents otherwise. ``weight`` ``[A, N]`` scales each pair (a pair
     of weight w counts w times). ``extra_negatives`` ``[A, M, D]`` are synthetic negatives
-    appended per anchor (e.g. hard negative mixing); ``extra_negative_sims`` ``[A, M]`` are the
-    cosine similarities of each anchor with synthetic negatives given without their vectors.
+    appended per anchor (e.g. hard negative mixing), of which only those where
+    ``extra_negative_mask`` ``[A, M]`` is true count (all when None); ``extra_negative_sims``
+    ``[A, M]`` are the cosine similarities of each anchor with synthetic negatives given without
+    their vectors.
     """
 
     positive: Tensor
     negative: Tensor
     weight: Tensor | None = None
     extra_negatives: Tensor | None = None
+    extra_negative_mask: Tensor | None = None
     extra_negative_sims: Tensor | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -196,6 +199,17 @@ class Pairs:
         ):
             raise ShapeError(f"Pairs.extra_negatives: expected shape [{self.positive.shape[0]}, M, D], "
                              f"got {_shape(self.extra_negatives)}")
+        _tensor_or_none("Pairs", "extra_negative_mask", self.extra_negative_mask)
+        if self.extra_negative_mask is not None:
+            if self.extra_negatives is None:
+                raise ValueError("Pairs.extra_negative_mask: given without extra_negatives")
+            if self.extra_negative_mask.dtype != torch.bool:
+                raise TypeError(f"Pairs.extra_negative_mask: expected dtype torch.bool, "
+                                f"got {self.extra_negative_mask.dtype}")
+            if self.extra_negative_mask.shape != self.extra_negatives.shape[:2]:
+                raise ShapeError(f"Pairs.extra_negative_mask: expected shape "
+                                 f"{list(self.extra_negatives.shape[:2])}, "
+                                 f"got {_shape(self.extra_negative_mask)}")
         _tensor_or_none("Pairs", "extra_negative_sims", self.extra_negative_sims)
         if self.extra_negative_sims is not None and (
             self.extra_negative_sims.dim() != 2

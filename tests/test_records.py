@@ -73,3 +73,24 @@ def test_pairs_validation():
         sdk.Pairs(positive=m, negative=m, weight=torch.ones(3, 3))
     with pytest.raises(sdk.ShapeError, match="Pairs.extra_negatives"):
         sdk.Pairs(positive=m, negative=m, extra_negatives=torch.ones(2, 5, 7))
+    extra = torch.ones(3, 5, 7)
+    with pytest.raises(sdk.ShapeError, match="Pairs.extra_negative_mask"):
+        sdk.Pairs(positive=m, negative=m, extra_negatives=extra,
+                  extra_negative_mask=torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="without extra_negatives"):
+        sdk.Pairs(positive=m, negative=m, extra_negative_mask=torch.ones(3, 5, dtype=torch.bool))
+
+
+def test_masked_extra_negatives_leave_the_denominator():
+    from sdk import contrastive
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    c = contrastive.contrast(sdk.Views(embeddings=(z1, z2)), sdk.Batch())
+    extra = torch.nn.functional.normalize(torch.randn(8, 2, 3, generator=g), dim=-1)
+    keep = torch.tensor([True, False]).repeat(8, 1)
+    m = torch.ones(8, 8, dtype=torch.bool)
+    masked, mask = contrastive.extra_negatives(
+        c, sdk.Pairs(positive=m, negative=m, extra_negatives=extra, extra_negative_mask=keep))
+    assert torch.equal(mask, keep)
+    assert torch.allclose(masked, torch.einsum("ad,amd->am", c.anchors, extra))

@@ -46,7 +46,8 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: import/discovery time, engine overhead, losses against peer libraries."""
     install(session, "test")
-    session.install("pytorch-metric-learning>=2.3")
+    # --no-deps: the peers' requirements (torchvision, ...) would replace the chosen torch build
+    session.install("--no-deps", "pytorch-metric-learning>=2.3", "lightly>=1.5", "tqdm")
     session.run("python", "-m", "bench", *session.posargs)
 
 

@@ -54,8 +54,9 @@ class DecoupledContrastive(Objective):
 
     with cosine similarity s: the positive pair is removed from the denominator. ``w = 1``
     (DCL) unless ``sigma`` is set (DCLW: ``w_ip = 2 - exp(s_ip/sigma) / mean_pairs
-    exp(s/sigma)``, a constant). Mean over all anchors of all views; Sampler masks, synthetic
-    and memory negatives work as in ``nt_xent``; ``gather=True`` contrasts across DDP ranks.
+    exp(s/sigma)``, a constant; the paper uses sigma = 0.5). Mean over all anchors of all views;
+    Sampler masks, synthetic and memory negatives work as in ``nt_xent``; ``gather=True``
+    contrasts across DDP ranks.
     """
 
     requires = {"views": 2}

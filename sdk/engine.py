@@ -259,6 +259,10 @@ class Trainer:
         self.max_epochs, self.max_steps = max_epochs, max_steps
         self.precision, self.accumulate, self.clip_grad_norm = precision, accumulate, clip_grad_norm
         self.device = resolve_device(device)
+        if precision == "fp16-mixed" and self.device.type != "cuda":
+            raise ConfigError(f"precision 'fp16-mixed' (float16 with a GradScaler) needs a CUDA "
+                              f"device, got {self.device}; use 'bf16-mixed' on the CPU",
+                              param="precision")
         self.compile, self.seed = compile, seed
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
@@ -341,9 +345,6 @@ class Trainer:
     def _setup(self) -> None:
         if self._setup_done:
             return
-        if self.precision == "fp16-mixed" and self.device.type != "cuda":
-            raise ConfigError("precision 'fp16-mixed' needs a CUDA device; use 'bf16-mixed' on "
-                              "the CPU", param="precision")
         self.distributed = distributed.init()
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
@@ -573,8 +574,8 @@ class Trainer:
             loss = self.reweighter.reduce(loss, batch)
         self.loss = loss
         if events:
-            self.emit("after_loss")
-        return loss.value
+            self.emit("after_loss")  # may replace trainer.loss (e.g. add a term)
+        return self.loss.value
 
     # the loop ----------------------------------------------------------------------------
     def fit(self, train_loader: Any, val_loader: Any = None, *,

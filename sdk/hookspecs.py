@@ -37,6 +37,21 @@ def paperplug_on_epoch_end(trainer: Any) -> None:
 
 
 @hookspec
+def paperplug_after_forward(trainer: Any) -> None:
+    """The model ran on a batch (``trainer.views``, ``trainer.batch``)."""
+
+
+@hookspec
+def paperplug_after_loss(trainer: Any) -> None:
+    """The objective ran (``trainer.loss``; replacing it changes what is minimised)."""
+
+
+@hookspec
+def paperplug_before_backward(trainer: Any) -> None:
+    """The loss is about to be back-propagated."""
+
+
+@hookspec
 def paperplug_before_optimizer_step(trainer: Any) -> None:
     """Gradients are ready; the optimizer has not stepped yet."""
 
@@ -44,6 +59,11 @@ def paperplug_before_optimizer_step(trainer: Any) -> None:
 @hookspec
 def paperplug_after_optimizer_step(trainer: Any) -> None:
     """The optimizer stepped."""
+
+
+@hookspec
+def paperplug_on_validation_end(trainer: Any) -> None:
+    """Validation ran at an epoch end (``trainer.val_metrics``)."""
 
 
 @hookspec

@@ -1,0 +1,328 @@
+"""sdk.Trainer: what it optimises, the events it emits, the state they see, inference helpers."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+import sdk
+from sdk.data import GaussianNoise
+from sdk.hookspecs import hookimpl
+from sdk.interfaces import EVENTS, Callback, Objective, Teacher
+from sdk.registry import get_registry
+from sdk.types import Batch, Loss, Views
+
+SGD = functools.partial(torch.optim.SGD, lr=0.1)
+
+
+class TemperedCE(Objective):
+    """Cross-entropy of ``logits / t`` with a learnable ``t``, plus a teacher-output penalty."""
+
+    requires = {"logits": True, "targets": True}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_t = nn.Parameter(torch.zeros(()))
+
+    def forward(self, views: Views, batch: Batch) -> Loss:
+        loss = F.cross_entropy(views.logits / self.log_t.exp(), batch.targets)
+        if "teacher" in views.extras:
+            loss = loss + views.extras["teacher"][0].pow(2).mean()
+        return Loss(value=loss)
+
+
+class ScaledTeacher(Teacher):
+    """A teacher with its own trainable parameter (its output enters the loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.updates = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1] * self.scale
+
+    def update(self, **context) -> None:
+        self.updates += 1
+
+
+class PullTo3(nn.Module, Callback):
+    """A callback with a parameter: adds ``(w - 3)^2`` to the loss in ``after_loss``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def after_loss(self, trainer) -> None:
+        loss = trainer.loss
+        trainer.loss = Loss(value=loss.value + (self.w - 3).pow(2), logs=loss.logs)
+
+
+def _snapshot(*modules: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for m in modules for p in m.parameters()]
+
+
+def test_optimises_every_parameter_that_requires_grad(loader, make_mlp):
+    enc, obj, teacher, cb = make_mlp(), TemperedCE(), ScaledTeacher(), PullTo3()
+    before = _snapshot(enc, obj, teacher, cb)
+    trainer = sdk.Trainer(enc, obj, SGD, teacher=teacher, callbacks=[cb], max_steps=20,
+                          progress=False)
+    trainer.fit(loader)
+    after = _snapshot(enc, obj, teacher, cb)
+    assert all(not torch.equal(a, b) for a, b in zip(before, after))
+    held = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    expected = [*enc.parameters(), obj.log_t, teacher.scale, cb.w]
+    assert len(held) == len(expected) == len({id(p) for p in held})
+    assert {id(p) for p in held} == {id(p) for p in expected}
+    assert teacher.updates == 20
+    # the callback's term is really in the loss being minimised: w moved towards 3
+    assert 0 < float(cb.w.detach()) < 3
+
+
+def test_given_optimizer_gets_the_parameters_it_lacks(loader, make_mlp):
+    enc, obj = make_mlp(), TemperedCE()
+    opt = torch.optim.SGD(enc.parameters(), lr=0.1)
+    sdk.Trainer(enc, obj, opt, max_steps=2, progress=False).fit(loader)
+    assert len(opt.param_groups) == 2
+    assert opt.param_groups[1]["params"] == [obj.log_t]
+    assert float(obj.log_t.detach()) != 0.0
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, int, int]] = []
+
+    def _rec(self, name, trainer):
+        self.events.append((name, trainer.epoch, trainer.step, trainer.batch_idx))
+
+
+for _name in EVENTS:
+    setattr(Recorder, _name, functools.partialmethod(Recorder._rec, _name))
+
+
+def _expected_events(epochs: int, batches: int, accumulate: int, val: bool) -> list[str]:
+    out = ["on_fit_start"]
+    for _ in range(epochs):
+        out.append("on_epoch_start")
+        for b in range(batches):
+            out += ["after_forward", "after_loss", "before_backward"]
+            if (b + 1) % accumulate == 0 or b + 1 == batches:
+                out += ["before_optimizer_step", "after_optimizer_step"]
+        out.append("on_epoch_end")
+        if val:
+            out.append("on_validation_end")
+    return out + ["on_fit_end"]
+
+
+class HookModule:
+    """A plugin module implementing every event as a pluggy hook."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+
+for _name in EVENTS:
+    def _hook(self, trainer, _name=_name):
+        self.calls.append(_name)
+
+    _hook.__name__ = f"paperplug_{_name}"
+    setattr(HookModule, f"paperplug_{_name}", hookimpl(_hook))
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_event_order_and_counts(data, make_mlp, accumulate):
+    loader = DataLoader(data, batch_size=10, shuffle=True)  # 64 items: 7 batches, last partial
+    rec, hooks = Recorder(), HookModule()
+    pm = get_registry().plugin_manager
+    pm.register(hooks, name="engine-test-hooks")
+    try:
+        sdk.Trainer(make_mlp(), TemperedCE(), SGD, callbacks=[rec], max_epochs=2,
+                    accumulate=accumulate, progress=False).fit(loader, val_loader=loader)
+    finally:
+        pm.unregister(name="engine-test-hooks")
+    expected = _expected_events(2, 7, accumulate, val=True)
+    assert all(getattr(pm.hook, f"paperplug_{e}").spec is not None for e in EVENTS)
+    assert [e[0] for e in rec.events] == expected
+    assert hooks.calls == expected
+    steps_per_epoch = -(-7 // accumulate)
+    opt_steps = [e for e in rec.events if e[0] == "after_optimizer_step"]
+    assert [e[2] for e in opt_steps] == list(range(1, 2 * steps_per_epoch + 1))
+    epochs = [e[1] for e in rec.events if e[0] == "on_epoch_end"]
+    assert epochs == [0, 1]
+    # the batch position counts micro-batches within the epoch
+    forwards = [e[3] for e in rec.events if e[0] == "after_forward"]
+    assert forwards == list(range(7)) * 2
+
+
+def test_events_see_the_loop_state(loader, make_mlp):
+    enc = make_mlp()
+    seen: dict[str, object] = {}
+
+    class Probe(Callback):
+        def after_forward(self, trainer):
+            seen["views"] = trainer.views
+            seen["batch"] = trainer.batch
+
+        def after_loss(self, trainer):
+            seen["loss"] = trainer.loss
+
+        def before_optimizer_step(self, trainer):
+            seen["grad"] = trainer.model[0].weight.grad.clone()
+            seen["step_before"] = trainer.step
+
+        def after_optimizer_step(self, trainer):
+            seen["step_after"] = trainer.step
+            seen["optimizer"] = trainer.optimizer
+
+        def on_epoch_end(self, trainer):
+            seen["logs"] = dict(trainer.logs)
+            seen["epoch"] = trainer.epoch
+
+        def on_validation_end(self, trainer):
+            seen["val"] = dict(trainer.val_metrics)
+
+    trainer = sdk.Trainer(enc, TemperedCE(), SGD, callbacks=[Probe()], max_epochs=1,
+                          log_every=1, progress=False)
+    trainer.fit(loader, val_loader=loader)
+    assert trainer.model is enc
+    assert isinstance(seen["views"], Views) and seen["views"].logits.shape == (16, 3)
+    assert isinstance(seen["batch"], Batch) and seen["batch"].targets.shape == (16,)
+    assert seen["batch"].index is not None
+    assert isinstance(seen["loss"], Loss) and seen["loss"].value.requires_grad
+    assert seen["grad"].abs().sum() > 0
+    assert (seen["step_before"], seen["step_after"]) == (3, 4)
+    assert seen["optimizer"] is trainer.optimizer
+    assert isinstance(seen["logs"]["loss"], float) and seen["epoch"] == 0
+    assert set(seen["val"]) >= {"loss", "accuracy", "nll", "ece"}
+    assert trainer.history[-1]["kind"] == "epoch" and "val/accuracy" in trainer.history[-1]
+
+
+def test_before_optimizer_step_can_transform_gradients(loader, make_mlp):
+    enc = make_mlp()
+    frozen = enc[0].weight.detach().clone()
+    bias = enc[0].bias.detach().clone()
+
+    class ZeroFirstLayer(Callback):
+        def before_optimizer_step(self, trainer):
+            trainer.model[0].weight.grad.zero_()
+
+    sdk.Trainer(enc, TemperedCE(), SGD, callbacks=[ZeroFirstLayer()], max_steps=8,
+                progress=False).fit(loader)
+    assert torch.equal(enc[0].weight, frozen)
+    assert not torch.equal(enc[0].bias, bias)
+
+
+def test_epoch_end_can_embed_the_whole_dataset(data, loader, make_mlp):
+    enc = make_mlp()
+    got = []
+
+    class Refresh(Callback):
+        def on_epoch_end(self, trainer):
+            got.append((trainer.embed(trainer.train_loader), trainer.model.training))
+
+    trainer = sdk.Trainer(enc, TemperedCE(), SGD, callbacks=[Refresh()], max_epochs=2,
+                          progress=False)
+    trainer.fit(DataLoader(data, batch_size=16, shuffle=True, drop_last=True))
+    assert len(got) == 2
+    emb, training = got[-1]
+    assert training  # embed restores train mode
+    with torch.no_grad():
+        assert torch.allclose(emb, enc(data.x), atol=1e-6)  # every item, dataset order
+    assert emb.shape == (len(data), 3)
+    assert not torch.equal(got[0][0], got[1][0])
+
+
+def test_embed_predict_evaluate(data, loader, make_mlp):
+    enc = make_mlp()
+    trainer = sdk.Trainer(enc, TemperedCE(), SGD, max_epochs=3, progress=False).fit(loader)
+    with torch.no_grad():
+        ref = enc(data.x)
+    assert torch.allclose(trainer.predict(loader), ref, atol=1e-6)
+    emb, y = trainer.embed(loader, with_targets=True)
+    assert torch.equal(y, data.y)
+    metrics = trainer.evaluate(loader)
+    acc = (ref.argmax(-1) == data.y).float().mean().item()
+    assert metrics["accuracy"] == pytest.approx(acc)
+    t = float(trainer.objective.log_t.detach().exp())
+    assert metrics["loss"] == pytest.approx(F.cross_entropy(ref / t, data.y).item(), rel=1e-5)
+
+
+def _seeded_run(data, make_mlp, seed: int) -> list[torch.Tensor]:
+    enc = make_mlp(seed=0)
+    loader = DataLoader(data, batch_size=16, shuffle=True)
+    sdk.Trainer(enc, TemperedCE(), SGD, transforms=GaussianNoise(0.3), max_epochs=2,
+                seed=seed, progress=False).fit(loader)
+    return _snapshot(enc)
+
+
+def test_seeded_runs_are_reproducible(data, make_mlp):
+    a, b = _seeded_run(data, make_mlp, 1), _seeded_run(data, make_mlp, 1)
+    c = _seeded_run(data, make_mlp, 2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+_SYNCS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+_PROJECT = str(Path(sdk.__file__).parent.parent)
+_NOT_PROJECT = ("/tests/", "/.venv/", "/site-packages/")
+
+
+def test_no_host_sync_between_log_points(loader, make_mlp, monkeypatch):
+    """Between log points the engine (sdk/, plugins/) never reads a tensor on the host."""
+    calls: list[str] = []
+    for name in _SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(_PROJECT) and not any(d in caller for d in _NOT_PROJECT):
+                calls.append(f"{_name} from {caller}:{sys._getframe(1).f_lineno}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    spans: list[tuple[int, int]] = []
+
+    class Mark(Callback):  # from an epoch's first forward to its last optimizer step
+        def on_epoch_start(self, trainer):
+            spans.append((-1, -1))
+
+        def after_forward(self, trainer):
+            if spans[-1][0] < 0:
+                spans[-1] = (len(calls), -1)
+
+        def after_optimizer_step(self, trainer):
+            spans[-1] = (spans[-1][0], len(calls))
+
+    enc = make_mlp()
+    sdk.Trainer(enc, sdk.create("objective", "cross_entropy"), SGD, callbacks=[Mark()],
+                max_epochs=2, log_every=1000, clip_grad_norm=1.0, progress=False).fit(loader)
+    assert len(spans) == 2
+    for start, end in spans:
+        assert start == end, calls[start:end]
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"precision": "16"}, "precision"),
+    ({"accumulate": 0}, "accumulate"),
+    ({"max_steps": 0}, "max_steps"),
+    ({"max_epochs": None}, "max_epochs"),
+    ({"clip_grad_norm": 0.0}, "clip_grad_norm"),
+    ({"sampler": object()}, "sampler"),
+])
+def test_bad_arguments_name_the_parameter(make_mlp, kwargs, param):
+    args = {"max_epochs": 1, **kwargs}
+    with pytest.raises(sdk.ConfigError) as err:
+        sdk.Trainer(make_mlp(), TemperedCE(), **args)
+    assert err.value.param == param
+
+
+def test_objective_needing_views_requires_transforms(make_mlp):
+    with pytest.raises(sdk.RequirementError, match="needs 2 views"):
+        sdk.Trainer(make_mlp(), sdk.create("objective", "nt_xent"), max_epochs=1)

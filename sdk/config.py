@@ -35,11 +35,12 @@ recipe leaves them out: ``in_dim`` (the innermost encoder), ``num_classes``, ``l
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import math
 import re
-import tomllib
+import sys
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,7 +48,13 @@ from typing import Any
 
 import attrs
 import cattrs
-from cattrs.errors import ClassValidationError
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
+from cattrs.gen import make_dict_structure_fn
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
 
 from sdk.errors import ConfigError, PluginError
 
@@ -180,8 +187,11 @@ def _plugin_spec(value: Any, cls: type) -> PluginSpec:
         value = {"name": value}
     if not isinstance(value, Mapping):
         raise TypeError(f"expected a plugin table with a 'name', got {_show(value)}")
-    if "name" not in value or not isinstance(value["name"], str):
-        raise TypeError("a plugin table needs name = \"<plugin name>\"")
+    if "name" not in value:
+        raise _KeyError("name", "required key is missing (a plugin table needs name = "
+                                "\"<plugin name>\")")
+    if not isinstance(value["name"], str):
+        raise _KeyError("name", f"expected str, got {_show(value['name'])}")
     rest = dict(value)
     name, kind = rest.pop("name"), rest.pop("kind", None)
     extra: dict[str, Any] = {}
@@ -192,7 +202,7 @@ def _plugin_spec(value: Any, cls: type) -> PluginSpec:
         elif isinstance(weight, (int, float)) and not isinstance(weight, bool):
             extra["weight"] = float(weight)
         else:
-            raise TypeError(f"weight: expected a number or a schedule table, got {_show(weight)}")
+            raise _KeyError("weight", f"expected a number or a schedule table, got {_show(weight)}")
     return cls(name=name, kind=kind, params={k: _nested(v) for k, v in rest.items()}, **extra)
 
 
@@ -221,6 +231,24 @@ def _unstructure_spec(spec: PluginSpec) -> dict[str, Any]:
     return out
 
 
+class _KeyError(TypeError):
+    """An error about the entry ``key`` of the table being structured."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _table(cls: type, conv: cattrs.Converter) -> Any:
+    inner = make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True)
+
+    def hook(value: Any, _: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"expected a table, got {_show(value)}")
+        return inner(value, cls)
+    return hook
+
+
 def _converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
     conv.register_structure_hook(int, _strict(int, (int,)))
@@ -231,6 +259,9 @@ def _converter() -> cattrs.Converter:
     conv.register_structure_hook(ObjectiveSpec, _plugin_spec)
     conv.register_unstructure_hook(PluginSpec, _unstructure_spec)
     conv.register_unstructure_hook(ObjectiveSpec, _unstructure_spec)
+    for cls in (AugmentConfig, DataConfig, OptimizerConfig, TrainerConfig, EvaluationConfig,
+                Recipe):
+        conv.register_structure_hook(cls, _table(cls, conv))
     return conv
 
 
@@ -238,29 +269,41 @@ CONVERTER = _converter()
 _AT = re.compile(r"^(?P<msg>.*) @ \$(?P<path>.*)$", re.S)
 
 
+_SUB = "\x00"  # separates a sub-key from the message in _format_exception's output
+
+
 def _cattrs_errors(exc: ClassValidationError) -> ConfigError:
     messages = cattrs.transform_error(exc, path="$", format_exception=_format_exception)
-    lines = []
+    lines, paths = [], []
     for message in messages:
         m = _AT.match(message)
         if m is None:
             lines.append(message)
             continue
-        path = m["path"].lstrip(".")
-        lines.append(f"{path}: {m['msg']}" if path else m["msg"])
-    first_path = lines[0].split(":", 1)[0] if lines else None
+        path, text = m["path"].lstrip("."), m["msg"]
+        for entry in text.split(_SUB * 2):
+            key, _, msg = entry.rpartition(_SUB)
+            where = f"{path}.{key}" if path and key else path or key
+            paths.append(where)
+            lines.append(f"{where}: {msg}" if where else msg)
     return ConfigError("invalid recipe: " + "; ".join(lines) if len(lines) > 1 else lines[0],
-                       path=first_path)
+                       path=paths[0] if paths else None)
 
 
 def _format_exception(exc: BaseException, type_: Any) -> str:
     if isinstance(exc, KeyError):
-        return f"required key {exc.args[0]!r} is missing"
-    text = str(exc)
-    if text.startswith("Extra fields in constructor for"):
-        fields = text.split(":", 1)[1].strip()
-        return f"unknown key(s) {fields}"
-    return text
+        return "required key is missing"
+    if isinstance(exc, ForbiddenExtraKeysError):
+        accepted = [f.name for f in attrs.fields(exc.cl)]
+        entries = []
+        for key in sorted(exc.extra_fields):
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            entries.append(f"{key}{_SUB}unknown key; {hint}accepted: {', '.join(accepted)}")
+        return (_SUB * 2).join(entries)
+    if isinstance(exc, _KeyError):
+        return f"{exc.key}{_SUB}{exc}"
+    return str(exc)
 
 
 # loading ------------------------------------------------------------------------------------

@@ -1,0 +1,133 @@
+"""Instance discrimination's memory bank: one momentum-updated vector per training sample.
+
+Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", CVPR 2018
+(arXiv:1805.01978).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from plugins.queue import resize_buffers_on_load
+from sdk import contrastive
+from sdk.card import Card
+from sdk.distributed import gather_no_grad
+from sdk.errors import ConfigError, RequirementError
+from sdk.hookspecs import hookimpl
+from sdk.interfaces import Teacher
+from sdk.types import Batch, Views
+
+
+def memory_update(bank: Tensor, filled: Tensor, index: Tensor, z: Tensor, momentum: float) -> None:
+    """``v_i <- normalize(m v_i + (1 - m) z_i)`` for the samples ``index``; a sample's first
+    vector is ``normalize(z_i)``. In place on ``bank`` [n, D] and ``filled`` [n]."""
+    z = F.normalize(z.float(), dim=-1)
+    old = bank[index]
+    mixed = F.normalize(momentum * old + (1.0 - momentum) * z, dim=-1)
+    bank.index_copy_(0, index, torch.where(filled[index, None], mixed, z).to(bank.dtype))
+    filled.index_fill_(0, index, True)
+
+
+class MemoryBank(Teacher):
+    """Per-sample vectors ``v_i`` [num_samples, D] keyed by ``Batch.index``.
+
+    After each step, ``v_i <- normalize(m v_i + (1 - m) z_i)`` with ``z_i`` the normalised mean
+    of the sample's normalised view embeddings (detached; gathered across ranks). Before the
+    loss, ``num_negatives`` entries drawn uniformly (with replacement) among the filled ones —
+    the whole bank when ``num_negatives >= num_samples`` — are published as
+    ``Views.extras["negatives"]``; an anchor never counts its own sample's entry.
+    """
+
+    def __init__(self, num_samples: int = 65536, momentum: float = 0.5, num_negatives: int = 4096):
+        super().__init__()
+        if num_samples < 1:
+            raise ConfigError(f"memory_bank: num_samples must be >= 1, got {num_samples}",
+                              param="num_samples")
+        if not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"memory_bank: momentum must be in [0, 1), got {momentum}",
+                              param="momentum")
+        if num_negatives < 1:
+            raise ConfigError(f"memory_bank: num_negatives must be >= 1, got {num_negatives}",
+                              param="num_negatives")
+        self.num_samples, self.momentum, self.num_negatives = num_samples, momentum, num_negatives
+        self.register_buffer("bank", torch.zeros(num_samples, 0))
+        self.register_buffer("filled", torch.zeros(num_samples, dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        resize_buffers_on_load(self, state_dict, prefix, ("bank",))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def on_fit_start(self, trainer: Any) -> None:
+        dataset = getattr(getattr(trainer, "train_loader", None), "dataset", None)
+        if dataset is not None and hasattr(dataset, "__len__") and len(dataset) > self.num_samples:
+            raise ConfigError(f"memory_bank: num_samples={self.num_samples} is smaller than the "
+                              f"training set ({len(dataset)} samples)", param="num_samples")
+
+    def lookup(self, index: Tensor) -> Tensor:
+        """The stored vectors of the samples ``index`` (not ``forward``: the engine would take a
+        teacher with a ``forward`` for a network and feed it the inputs)."""
+        return self.bank[index]
+
+    @torch.no_grad()
+    def push(self, z: Tensor, index: Tensor) -> None:
+        """Momentum-update the entries ``index`` with embeddings ``z`` [b, D]."""
+        z, index = gather_no_grad(z.detach()), gather_no_grad(index.to(z.device))
+        if self.bank.shape[1] != z.shape[1]:
+            self.bank = z.new_zeros(self.num_samples, z.shape[1], dtype=torch.float32)
+            self.filled.zero_()
+        memory_update(self.bank, self.filled, index, z, self.momentum)
+
+    def memory(self) -> dict[str, Tensor]:
+        """Drawn entries as ``Views.extras`` (empty before the first push)."""
+        if self.bank.shape[1] == 0:
+            return {}
+        if self.num_negatives >= self.num_samples:
+            chosen = torch.arange(self.num_samples, device=self.bank.device)
+        else:
+            weights = self.filled.float() + torch.finfo(torch.float32).tiny
+            chosen = torch.multinomial(weights, self.num_negatives, replacement=True)
+        return {contrastive.NEGATIVES: self.bank[chosen],
+                contrastive.NEGATIVES_MASK: self.filled[chosen],
+                contrastive.NEGATIVES_INDEX: chosen}
+
+    def after_forward(self, trainer: Any) -> None:
+        """Publish drawn entries in the views the objective is about to see."""
+        trainer.views = trainer.views.evolve(extras={**trainer.views.extras, **self.memory()})
+
+    @torch.no_grad()
+    def update(self, *, student: nn.Module | None = None, views: Views | None = None,
+               batch: Batch | None = None, step: int = 0, max_steps: int | None = None) -> None:
+        if views is None or batch is None or batch.index is None:
+            raise RequirementError("teacher 'memory_bank' needs views and Batch.index in update()")
+        z = torch.stack([F.normalize(v.detach().float(), dim=-1) for v in views.embeddings]).sum(0)
+        self.push(z, batch.index)
+
+    def example_inputs(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+        views = Views(embeddings=tuple(torch.randn(batch_size, 16, generator=generator)
+                                       for _ in range(2)))
+        return {"views": views, "batch": Batch(index=torch.randperm(batch_size, generator=generator))}
+
+
+CARD = Card(
+    name="memory_bank", kind="teacher",
+    title="Unsupervised Feature Learning via Non-Parametric Instance Discrimination",
+    paper="arXiv:1805.01978",
+    summary="Memory bank of one momentum-updated, normalised vector per training sample (keyed by "
+            "Batch.index), published as extra negatives for every contrastive objective; "
+            "checkpointed.",
+    formula="v_i <- normalize(m v_i + (1 - m) z_i) for i in batch (m = 0.5); negatives: "
+            "num_negatives uniform draws among filled v_j, j != i",
+    left_out="InstDisc's NCE approximation and proximal regulariser: the objective using the bank "
+             "decides the loss (e.g. nt_xent adds the drawn entries to its denominator). One draw "
+             "of negatives is shared by the whole batch; an entry starts at its sample's first "
+             "embedding instead of a random vector (unvisited entries are never negatives).",
+)
+
+
+@hookimpl
+def paperplug_register(registry) -> None:
+    registry.add("teacher", "memory_bank", MemoryBank, card=CARD)

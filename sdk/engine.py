@@ -32,6 +32,7 @@ How a model provides what objectives need:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -401,7 +402,11 @@ class Trainer:
         inside = {id(p) for p in step.parameters()}
         self._outside = [p for p in params if id(p) not in inside]
         ids = [self.device.index] if self.device.type == "cuda" else None
-        self._ddp = DDP(step, device_ids=ids, broadcast_buffers=False)
+        # buffers (per-sample memories, running statistics) stay per rank during training
+        buffers = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
+        self._ddp = DDP(step, device_ids=ids, **buffers)
         with torch.no_grad():  # parameters outside DDP start equal on every rank too
             for p in self._outside:
                 torch.distributed.broadcast(p, src=0)
@@ -628,11 +633,13 @@ class Trainer:
                 self._resumable.skip(skip * (loader.batch_size or 0))
             elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
                 loader.sampler.set_epoch(self.epoch)
+            if loader is not self.train_loader:  # rebuilt here: its generator seeds the workers
+                loader.generator.manual_seed(self.seed + self.epoch)
             if skip == 0:
                 self.batch_idx = 0
                 self.emit("on_epoch_start")
-            self._epoch_loss, self._epoch_count = zero.clone(), 0
-            self._log_loss, self._log_count = zero.clone(), 0
+                self._epoch_loss, self._epoch_count = zero.clone(), 0
+                self._log_loss, self._log_count = zero.clone(), 0
             n_batches = len(loader) if hasattr(loader, "__len__") else None
             it = iter(loader)
             if self._resumable is None:
@@ -835,6 +842,7 @@ class Trainer:
         return {
             "format": 1,
             "position": {"epoch": self.epoch, "batch": self.batch_idx, "step": self.step},
+            "running": self._running(),
             "components": {k: v.state_dict() for k, v in self._stateful().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -865,7 +873,18 @@ class Trainer:
         ckpt.set_rng_state(rngs[self.rank] if len(rngs) == self.world else rngs[0])
         pos = state["position"]
         self.epoch, self.batch_idx, self.step = pos["epoch"], pos["batch"], pos["step"]
+        run = state["running"]
+        self._epoch_loss, self._epoch_count = run["epoch_loss"].to(self.device), run["epoch_count"]
+        self._log_loss, self._log_count = run["log_loss"].to(self.device), run["log_count"]
         return self.batch_idx
+
+    def _running(self) -> dict[str, Any]:
+        """The loss sums of the current epoch and log window (so a resumed run logs the same)."""
+        zero = torch.zeros(())
+        return {"epoch_loss": getattr(self, "_epoch_loss", zero).detach().cpu(),
+                "epoch_count": getattr(self, "_epoch_count", 0),
+                "log_loss": getattr(self, "_log_loss", zero).detach().cpu(),
+                "log_count": getattr(self, "_log_count", 0)}
 
     # inference ---------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -195,7 +195,10 @@ def _check_objective(name: str, make: Callable[[], Any]) -> None:
         else:
             raise _fail(name, "errors", f"accepted {need - 1} views though it requires {need}")
     if batch.targets is not None and views.embeddings:
-        bad = Batch(targets=torch.zeros(views.batch_size + 1, dtype=torch.long, device=_DEVICE))
+        n = views.batch_size + 1  # every per-sample field the objective requires, one row too many
+        fields = {f: torch.arange(n, device=_DEVICE) if f != "weight" else torch.ones(n, device=_DEVICE)
+                  for f in ("index", "domain", "weight") if obj.requires.get(f)}
+        bad = Batch(targets=torch.zeros(n, dtype=torch.long, device=_DEVICE), **fields)
         try:
             make()(views, bad)
         except ShapeError:

@@ -15,7 +15,7 @@ from torch import Tensor
 from plugins.same_index import sample_ids
 from sdk import contrastive
 from sdk.card import Card
-from sdk.errors import ConfigError, RequirementError, ShapeError
+from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Sampler
 from sdk.types import Batch, Pairs, Views
@@ -86,7 +86,9 @@ class HardNegativeMixing(Sampler):
     each anchor's denominator (``exp(q . h / t)``, no gradient through ``h``).
 
     ``pool``: where the hardest negatives come from: ``"memory"`` (the paper: a queue or memory
-    bank teacher's ``Views.extras["negatives"]``, valid entries of other samples only),
+    bank teacher's ``Views.extras["negatives"]``, valid entries of other samples only; while
+    it is empty every synthetic negative is masked out; ``on_fit_start`` checks that the trainer
+    has such a teacher),
     ``"batch"`` (views of the other samples of the batch) or ``"both"``. ``seed`` fixes the
     draws with an own generator (its state is checkpointed); None draws from torch's global RNG.
     """
@@ -126,14 +128,17 @@ class HardNegativeMixing(Sampler):
     def set_extra_state(self, state: Any) -> None:
         self._generator, self._pending_state = None, state.get("rng")
 
-    def _pool(self, views: Views, batch: Batch, z: Tensor) -> tuple[Tensor, Tensor]:
+    def on_fit_start(self, trainer: Any) -> None:
+        """A memory pool needs a teacher that publishes one (queue, memory_bank)."""
+        if self.pool != "batch" and not callable(getattr(trainer.teacher, "memory", None)):
+            raise ConfigError(f"hard_negative_mixing: pool={self.pool!r} mixes the negatives of a "
+                              "queue or memory_bank teacher, but the trainer has none; add one or "
+                              "use pool='batch'", param="pool")
+
+    def _pool(self, views: Views, batch: Batch, z: Tensor) -> tuple[Tensor | None, Tensor | None]:
         parts, masks = [], []
-        if self.pool in ("memory", "both"):
-            memory = views.extras.get(contrastive.NEGATIVES)
-            if memory is None:
-                raise RequirementError("sampler 'hard_negative_mixing' with pool='memory' needs "
-                                       "Views.extras['negatives'] (a queue or memory_bank teacher); "
-                                       "use pool='batch' without one")
+        memory = views.extras.get(contrastive.NEGATIVES) if self.pool != "batch" else None
+        if memory is not None:
             index = None if batch.index is None else batch.index.repeat(views.n_views)
             mask = contrastive.memory_mask(views.extras, index, z.shape[0])
             parts.append(memory.detach().to(z.dtype))
@@ -143,6 +148,8 @@ class HardNegativeMixing(Sampler):
             ids = sample_ids(views)
             parts.append(z.detach())
             masks.append(ids[:, None] != ids[None, :])
+        if not parts:
+            return None, None
         return torch.cat(parts), torch.cat(masks, dim=1)
 
     def pairs(self, views: Views, batch: Batch) -> Pairs:
@@ -152,9 +159,13 @@ class HardNegativeMixing(Sampler):
             return Pairs(positive=same, negative=~same)
         z = torch.cat(views.embeddings)
         pool, mask = self._pool(views, batch, z)
-        synthetic, valid = hard_negative_mixing(z, pool, mask, n_hard=self.n_hard, s=self.s,
-                                                s_prime=self.s_prime,
-                                                generator=self._rng(z.device))
+        if pool is None:  # the memory holds nothing yet: no valid synthetic negative
+            synthetic = z.detach().new_zeros(z.shape[0], self.s + self.s_prime, z.shape[1])
+            valid = torch.zeros(synthetic.shape[:2], dtype=torch.bool, device=z.device)
+        else:
+            synthetic, valid = hard_negative_mixing(z, pool, mask, n_hard=self.n_hard, s=self.s,
+                                                    s_prime=self.s_prime,
+                                                    generator=self._rng(z.device))
         return Pairs(positive=same, negative=~same, extra_negatives=synthetic,
                      extra_negative_mask=valid)
 

@@ -155,14 +155,35 @@ def test_memory_entries_of_the_anchor_itself_are_never_mixed():
     assert float(cos.max()) < 0.999
 
 
-def test_bad_parameters_and_missing_memory_are_named():
+def test_bad_parameters_and_a_missing_memory_teacher_are_named():
     for field, value in (("n_hard", 0), ("s", -1), ("s_prime", -2), ("pool", "queue")):
         with pytest.raises(sdk.ConfigError) as err:
             sdk.create("sampler", "hard_negative_mixing", **{field: value})
         assert err.value.param == field
-    views = sdk.Views(embeddings=(torch.randn(3, 4), torch.randn(3, 4)))
-    with pytest.raises(sdk.RequirementError, match="negatives"):
-        sdk.create("sampler", "hard_negative_mixing").pairs(views, sdk.Batch())
+
+    class NoTeacher:
+        teacher = None
+
+    with pytest.raises(sdk.ConfigError) as err:
+        sdk.create("sampler", "hard_negative_mixing").on_fit_start(NoTeacher())
+    assert err.value.param == "pool"
+    sdk.create("sampler", "hard_negative_mixing", pool="batch").on_fit_start(NoTeacher())
+
+
+def test_empty_queue_masks_every_synthetic_negative():
+    queue = sdk.create("teacher", "queue", size=16)  # nothing pushed yet: publishes nothing
+    g = torch.Generator().manual_seed(16)
+    views = sdk.Views(embeddings=(torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)),
+                      extras=queue.memory())
+    sampler = sdk.create("sampler", "hard_negative_mixing", n_hard=4, s=3, s_prime=2)
+    pairs = sampler.pairs(views, sdk.Batch(index=torch.arange(5)))
+    assert pairs.extra_negatives.shape == (10, 5, 8) and not bool(pairs.extra_negative_mask.any())
+    mixed = sdk.create("objective", "nt_xent", sampler=sampler)(views, sdk.Batch(index=torch.arange(5)))
+    assert torch.allclose(mixed.value, sdk.create("objective", "nt_xent")(views).value, atol=1e-6)
+    queue.push(torch.randn(6, 8, generator=g), torch.arange(6))
+    views = views.evolve(extras=queue.memory())
+    pairs = sampler.pairs(views, sdk.Batch(index=torch.arange(5)))
+    assert bool(pairs.extra_negative_mask.all())
 
 
 def test_seeded_generator_state_round_trips():

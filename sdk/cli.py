@@ -104,5 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # ``python -m sdk.cli``: run the imported module, where subcommands register
+    from sdk.cli import main as _main
+
+    sys.exit(_main())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -245,14 +246,23 @@ RESULT_KEYS = (
 
 
 def print_summary(summary: dict[str, Any], console: Console, run_dir: Path) -> None:
+    """The results as a rich table on a terminal; plain ``label: value`` lines when the output
+    is not a terminal or ``CI`` is set."""
+    rows = [(label, f"{summary[key]:.4f}" if isinstance(summary[key], float) else str(summary[key]))
+            for key, label in RESULT_KEYS if key in summary]
+    if not console.is_terminal or os.environ.get("CI"):
+        console.print(f"{summary['recipe']} on {summary['dataset']} ({summary['kind']}, "
+                      f"{summary['n_test']} held-out test samples)", highlight=False, soft_wrap=True)
+        for label, value in rows:
+            console.print(f"{label}: {value}", highlight=False, soft_wrap=True)
+        console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
+        return
     table = Table(title=f"{summary['recipe']} on {summary['dataset']} "
                         f"({summary['kind']}, {summary['n_test']} held-out test samples)")
     table.add_column("result")
     table.add_column("value", justify="right")
-    for key, label in RESULT_KEYS:
-        if key in summary:
-            value = summary[key]
-            table.add_row(label, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for label, value in rows:
+        table.add_row(label, value)
     console.print(table)
     console.print(f"run directory: {run_dir}")
 

@@ -107,7 +107,9 @@ class GroCo(Objective):
     ``topk_negatives`` most similar negatives, taken from view ``v`` only when
     ``same_view_negatives`` (as the reference code does) or from every view. With
     ``stop_gradient`` the positives' and negatives' embeddings are detached, so each row
-    receives gradient only as an anchor. Anchors short of positives or negatives are skipped.
+    receives gradient only as an anchor. When a batch has fewer than ``topk_negatives``
+    candidates per anchor, ``k`` shrinks to what it has (the reference requires a batch of at
+    least ``k + 1``). Anchors short of positives or negatives are skipped.
     """
 
     requires = {"views": 2}
@@ -131,7 +133,8 @@ class GroCo(Objective):
     def forward(self, views: Views, batch: Batch) -> Loss:
         c = contrastive.contrast(views, batch, gather=self.gather)
         cand = c.candidates.detach() if self.stop_gradient else c.candidates
-        sims = (c.anchors @ cand.T).float()
+        sims = c.anchors @ cand.T
+        sims = sims.to(torch.promote_types(sims.dtype, torch.float32))
         if self.sampler is None:
             positive, negative = contrastive.same_index_masks(c)
         else:
@@ -168,7 +171,9 @@ CARD = Card(
             "p_pos(i) = sum_{rank>=k} P[i,rank], p_neg(i) = sum_{rank<k} P[i,rank]; "
             "l = mean_i [BCE(p_pos(i), i>=k) + BCE(p_neg(i), i<k)]/2; L = mean over anchors",
     left_out="Multi-crop (small crops used only as anchors) and the bitonic network variant; "
-             "the odd-even network with the Cauchy swap of the reference configs is implemented.",
+             "the odd-even network with the Cauchy swap of the reference configs is implemented. "
+             "Not from the paper: k shrinks to the negatives a small batch has (the reference "
+             "needs batch >= k + 1), and a Sampler may replace the same-index pairs.",
 )
 
 

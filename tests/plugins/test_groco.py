@@ -11,15 +11,24 @@ import sdk
 from plugins.groco import groco_loss, groco_sorting_loss, odd_even_soft_sort, soft_rank
 
 
+def _atan(x):
+    return torch.atan(x) if torch.is_tensor(x) else math.atan(x)
+
+
+def _log(x):
+    return torch.log(x) if torch.is_tensor(x) else math.log(x)
+
+
 def slow_sort(values, steepness):
-    """Odd-even transposition network on a Python list; P[i][p] tracked comparator by comparator."""
+    """Odd-even transposition network on a Python list (floats or differentiable 0-d tensors);
+    P[i][p] tracked comparator by comparator."""
     x = list(values)
     n = len(x)
     perm = [[1.0 if i == p else 0.0 for p in range(n)] for i in range(n)]
     for layer in range(n):
         for a in range(layer % 2, n - 1, 2):
             b = a + 1
-            alpha = math.atan(steepness * (x[b] - x[a])) / math.pi + 0.5
+            alpha = _atan(steepness * (x[b] - x[a])) / math.pi + 0.5
             x[a], x[b] = alpha * x[a] + (1 - alpha) * x[b], (1 - alpha) * x[a] + alpha * x[b]
             for i in range(n):
                 pa, pb = perm[i][a], perm[i][b]
@@ -36,8 +45,8 @@ def slow_row_loss(pos, neg, steepness):
         p_pos = min(max(sum(perm[i][k:]), 0.0), 1.0)
         p_neg = min(max(sum(perm[i][:k]), 0.0), 1.0)
         t = 1.0 if i >= k else 0.0
-        bce_pos = -(t * max(math.log(p_pos), -100) + (1 - t) * max(math.log(1 - p_pos), -100))
-        bce_neg = -((1 - t) * max(math.log(p_neg), -100) + t * max(math.log(1 - p_neg), -100))
+        bce_pos = -(t * max(_log(p_pos), -100) + (1 - t) * max(_log(1 - p_pos), -100))
+        bce_neg = -((1 - t) * max(_log(p_neg), -100) + t * max(_log(1 - p_neg), -100))
         total += (bce_pos + bce_neg) / 2
     return total / len(seq)
 
@@ -79,27 +88,37 @@ def test_loss_minimal_when_positives_rank_first_and_grows_as_a_negative_intrudes
     assert wide.item() < losses[0]
 
 
-def slow_objective(views, steepness, k, same_view):
-    z = [F.normalize(v.double(), dim=1) for v in views]
+def slow_objective(views, steepness, k, same_view, stop_gradient=True):
+    """Anchor-by-anchor GroCo in float64 0-d tensors (differentiable; compared rows detached
+    when ``stop_gradient``)."""
+    z = [F.normalize(v, dim=1) for v in views]
+    other = [t.detach() if stop_gradient else t for t in z]
     n_views, b = len(z), z[0].shape[0]
     total = 0.0
     for v in range(n_views):
         for i in range(b):
             anchor = z[v][i]
-            pos = [float(anchor @ z[u][i]) for u in range(n_views) if u != v]
+            pos = [anchor @ other[u][i] for u in range(n_views) if u != v]
             cands = [(u, j) for u in range(n_views) for j in range(b)
                      if j != i and (u == v or not same_view)]
-            neg = sorted((float(anchor @ z[u][j]) for u, j in cands), reverse=True)[:k]
-            total += slow_row_loss(pos, neg, steepness)
+            neg = sorted((anchor @ other[u][j] for u, j in cands), key=float, reverse=True)[:k]
+            total = total + slow_row_loss(pos, neg, steepness)
     return total / (n_views * b)
 
 
-@pytest.mark.parametrize("n_views,same_view,k", [(2, True, 3), (3, True, 10), (3, False, 4)])
-def test_objective_matches_anchor_loop(n_views, same_view, k):
+@pytest.mark.parametrize("n_views,same_view,k,stop", [(2, True, 3, True), (3, True, 10, True),
+                                                      (3, False, 4, False)])
+def test_objective_matches_anchor_loop_value_and_gradient(n_views, same_view, k, stop):
     g = torch.Generator().manual_seed(n_views + k)
-    views = [torch.randn(6, 5, generator=g) for _ in range(n_views)]
-    got = groco_loss(*views, steepness=1.5, topk_negatives=k, same_view_negatives=same_view)
-    assert got.item() == pytest.approx(slow_objective(views, 1.5, k, same_view), rel=1e-4)
+    views = [torch.randn(6, 5, generator=g, dtype=torch.float64).requires_grad_()
+             for _ in range(n_views)]
+    got = groco_loss(*views, steepness=1.5, topk_negatives=k, same_view_negatives=same_view,
+                     stop_gradient=stop)
+    ref = slow_objective(views, 1.5, k, same_view, stop)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(ref.item(), rel=1e-10)
+    for a, b in zip(torch.autograd.grad(got, views), torch.autograd.grad(ref, views)):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
 
 
 def test_stop_gradient_changes_gradients_not_value():

@@ -530,13 +530,18 @@ class Trainer:
                 fields = dict(zip(("targets", "index", "domain"), item[1:4]))
         else:
             x = item
-        x = x.to(self.device, non_blocking=nb)
-        for key in _BATCH_FIELDS:
-            if fields.get(key) is not None:
-                fields[key] = fields[key].to(self.device, non_blocking=nb)
+        dev = self.device
+
+        def move(t: Tensor) -> Tensor:
+            return t if t.device == dev else t.to(dev, non_blocking=nb)
+
+        x = move(x)
+        for key, value in fields.items():
+            if isinstance(value, Tensor):
+                fields[key] = move(value)
         if "extras" in fields:
-            fields["extras"] = {k: v.to(self.device, non_blocking=nb) if isinstance(v, Tensor)
-                                else v for k, v in fields["extras"].items()}
+            fields["extras"] = {k: move(v) if isinstance(v, Tensor) else v
+                                for k, v in fields["extras"].items()}
         return x, Batch(**fields)
 
     # forward -----------------------------------------------------------------------------
@@ -626,7 +631,7 @@ class Trainer:
         return self.should_stop or (self.total_steps is not None and self.step >= self.total_steps)
 
     def _loop(self, loader: Any, skip: int, progress: _Progress) -> None:
-        zero = torch.zeros((), device=self.device)
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
         while not self._done() and (self.max_epochs is None or self.epoch < self.max_epochs):
             if self._resumable is not None:
                 self._resumable.set_epoch(self.epoch)
@@ -638,8 +643,8 @@ class Trainer:
             if skip == 0:
                 self.batch_idx = 0
                 self.emit("on_epoch_start")
-                self._epoch_loss, self._epoch_count = zero.clone(), 0
-                self._log_loss, self._log_count = zero.clone(), 0
+                self._sums = zero.new_zeros(2)  # loss sums: log window, epoch
+                self._log_count = self._epoch_count = 0
             n_batches = len(loader) if hasattr(loader, "__len__") else None
             it = iter(loader)
             if self._resumable is None:
@@ -680,10 +685,7 @@ class Trainer:
                 self.scaler.scale(value).backward()
             else:
                 value.backward()
-        with torch.no_grad():
-            detached = self.loss.value.detach().float()
-            self._log_loss += detached
-            self._epoch_loss += detached
+        self._sums.add_(self.loss.value.detach())  # one device op, no host sync
         self._log_count += 1
         self._epoch_count += 1
         self._samples_since_log += x.shape[0]
@@ -726,7 +728,7 @@ class Trainer:
         self.emit("on_epoch_end")
         record: dict[str, Any] = {"kind": "epoch", "epoch": self.epoch, "step": self.step}
         if self._epoch_count:
-            record["loss"] = float(self._epoch_loss) / self._epoch_count
+            record["loss"] = float(self._sums[1]) / self._epoch_count
         if self.val_loader is not None:
             self.val_metrics = self.evaluate(self.val_loader)
             record.update({f"val/{k}": v for k, v in self.val_metrics.items()})
@@ -769,11 +771,11 @@ class Trainer:
     def _log_train(self, progress: _Progress) -> None:
         if self._log_count == 0:
             return
-        loss = float(self._log_loss) / self._log_count  # the host sync of this log point
+        loss = float(self._sums[0]) / self._log_count  # the host sync of this log point
         now = time.perf_counter()
         rate = self._samples_since_log * self.world / max(now - self._t_log, 1e-9)
         self._t_log, self._samples_since_log = now, 0
-        self._log_loss.zero_()
+        self._sums[0].zero_()
         self._log_count = 0
         logs = {k: float(v) for k, v in self.loss.logs.items()} if self.loss is not None else {}
         self.logs = {"loss": loss, **logs}
@@ -874,17 +876,15 @@ class Trainer:
         pos = state["position"]
         self.epoch, self.batch_idx, self.step = pos["epoch"], pos["batch"], pos["step"]
         run = state["running"]
-        self._epoch_loss, self._epoch_count = run["epoch_loss"].to(self.device), run["epoch_count"]
-        self._log_loss, self._log_count = run["log_loss"].to(self.device), run["log_count"]
+        self._sums = run["sums"].to(self.device)
+        self._log_count, self._epoch_count = run["log_count"], run["epoch_count"]
         return self.batch_idx
 
     def _running(self) -> dict[str, Any]:
         """The loss sums of the current epoch and log window (so a resumed run logs the same)."""
-        zero = torch.zeros(())
-        return {"epoch_loss": getattr(self, "_epoch_loss", zero).detach().cpu(),
-                "epoch_count": getattr(self, "_epoch_count", 0),
-                "log_loss": getattr(self, "_log_loss", zero).detach().cpu(),
-                "log_count": getattr(self, "_log_count", 0)}
+        return {"sums": getattr(self, "_sums", torch.zeros(2)).cpu(),
+                "log_count": getattr(self, "_log_count", 0),
+                "epoch_count": getattr(self, "_epoch_count", 0)}
 
     # inference ---------------------------------------------------------------------------
     @contextlib.contextmanager

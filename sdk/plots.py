@@ -49,11 +49,12 @@ def reliability_diagram(panels: Mapping[str, tuple[Tensor, Tensor]], path: str |
         filled = bins["count"] > 0
         n = bins["count"].sum()
         ece = float((bins["count"] * (bins["accuracy"] - bins["confidence"]).abs()).sum() / n)
-        ax.bar(edges[:-1][filled], bins["accuracy"][filled], width=1 / n_bins, align="edge",
-               edgecolor="black", color="tab:blue", label="accuracy")
-        ax.bar(edges[:-1][filled], (bins["confidence"] - bins["accuracy"])[filled],
-               bottom=bins["accuracy"][filled], width=1 / n_bins, align="edge",
-               color="tab:red", alpha=0.35, label="gap to confidence")
+        left, acc = edges[:-1][filled].tolist(), bins["accuracy"][filled].tolist()
+        gap = (bins["confidence"] - bins["accuracy"])[filled].tolist()
+        ax.bar(left, acc, width=1 / n_bins, align="edge", edgecolor="black", color="tab:blue",
+               label="accuracy")
+        ax.bar(left, gap, bottom=acc, width=1 / n_bins, align="edge", color="tab:red", alpha=0.35,
+               label="gap to confidence")
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
                title=f"{title} (ECE {ece:.3f})")

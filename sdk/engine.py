@@ -212,6 +212,26 @@ class Trainer:
     syncs); ``checkpoint_every`` steps between checkpoints (``None``: at epoch ends only;
     checkpoints need ``run_dir``). ``progress``: ``None`` shows progress on rank 0, ``False``
     is silent.
+
+    **Distributed training.** Launch the same script with ``torchrun``: the Trainer joins the
+    process group torchrun describes (NCCL on CUDA, gloo on the CPU), wraps the trainable
+    modules in ``DistributedDataParallel``, shards a map-style training loader over the ranks
+    itself (seeded shuffling, as ``DistributedSampler`` does; ``batch_size`` is per rank),
+    averages the gradients of parameters outside the wrapped modules (callbacks, samplers), and
+    logs and writes checkpoints on rank 0 only (a checkpoint holds every rank's generators).
+    Objectives with ``gather=True`` contrast each rank's anchors against every rank's
+    embeddings, which reproduces the gradients of one process on the whole global batch.
+    One machine with 8 devices::
+
+        torchrun --nproc_per_node 8 train.py
+
+    Several machines: run on each node, with its ``--node_rank`` (0 to N-1) and the same
+    rendezvous address::
+
+        torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 \
+            --master_addr 10.0.0.1 --master_port 29500 train.py
+
+    For ``resume=True``, ``run_dir`` must be on storage that every node can read.
     """
 
     def __init__(self, encoder: nn.Module, objective: Objective, optimizer: Any = None, *,

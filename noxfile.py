@@ -54,5 +54,6 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def demo(session: nox.Session) -> None:
     """Install paperplug and run its demo: SSL training on digits, printed results."""
-    install(session)
+    install(session, "plots")
+    session.install("scikit-learn>=1.3")  # the digits dataset
     session.run("paperplug", "demo", *session.posargs)

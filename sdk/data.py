@@ -94,7 +94,7 @@ def _sklearn(name: str) -> tuple[Tensor, Tensor]:
     try:
         from sklearn import datasets
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("sdk.data needs scikit-learn: pip install 'paperplug[test]'") from exc
+        raise ImportError("sdk.data needs scikit-learn: pip install scikit-learn") from exc
     loaders = {"digits": datasets.load_digits, "wine": datasets.load_wine,
                "breast_cancer": datasets.load_breast_cancer}
     bunch = loaders[name]()

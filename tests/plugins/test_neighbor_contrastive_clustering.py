@@ -158,3 +158,37 @@ def test_bad_hyperparameters_are_named():
     with pytest.raises(sdk.ConfigError) as err:
         sdk.create("objective", "neighbor_contrastive_clustering", tau=0.0)
     assert err.value.param == "tau"
+
+
+def torch_ncontrast(z, a, tau):
+    """Differentiable float64 node loop of the same loss (sparse adjacencies densified)."""
+    a = a.to_dense() if a.is_sparse else a
+    terms = []
+    for i in range(z.shape[0]):
+        s = torch.stack([torch.zeros((), dtype=z.dtype) if j == i else
+                         torch.dot(z[i], z[j]) / (z[i].norm() * z[j].norm()) for j in range(z.shape[0])])
+        pos = (a[i].to(z.dtype) * torch.exp(tau * s)).sum()
+        if pos > 0:
+            terms.append(-torch.log(pos / torch.exp(tau * s).sum()))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_contrast_gradient_matches_loop(sparse):
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    a = graph_power(normalized_adjacency(knn_graph(torch.randn(7, 3, generator=g), 2)), 2, True)
+    a[5] = 0  # isolated node: no loss, no gradient through its row
+    got = influence_contrastive_loss(z, a.to_sparse() if sparse else a, 0.25)[1]
+    ref = torch_ncontrast(z, a, 0.25)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    g_got, = torch.autograd.grad(got, z)
+    g_ref, = torch.autograd.grad(ref, z)
+    assert torch.allclose(g_got, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_registered_with_the_reference_usps_scgc_star_defaults():
+    obj = sdk.create("objective", "neighbor_contrastive_clustering")
+    assert (obj.alpha, obj.beta, obj.tau, obj.order, obj.cumulative, obj.knn) == (4.0, 0.1, 0.25, 4,
+                                                                                  True, 3)
+    assert (obj.clustering.n_clusters, obj.clustering.dof) == (10, 1.0)

@@ -132,3 +132,43 @@ def test_meta_node_loss_never_builds_a_batch_by_batch_matrix():
     with LargestTensor() as full:
         scgc(sdk.Views(embeddings=(z,)), sdk.Batch(extras={"adjacency": adj})).value.backward()
     assert full.largest >= b * b  # the exact node-pair loss is quadratic
+
+
+def torch_pamc(z, a, assign, k, tau):
+    """Differentiable float64 loop of L_PamC: node-level positives, meta-node negatives."""
+    def c(u, v):
+        return torch.dot(u, v) / (u.norm() * v.norm())
+    pos = []
+    for i in range(z.shape[0]):
+        s = sum(a[i, j] * torch.exp(tau * (torch.zeros((), dtype=z.dtype) if i == j else c(z[i], z[j])))
+                for j in range(z.shape[0]) if a[i, j] > 0)
+        pos.append(-torch.log(s))
+    live = sorted(set(assign))
+    cent = {m: sum(z[i] for i in range(z.shape[0]) if assign[i] == m) for m in live}
+    neg = [torch.log(sum(torch.exp(tau * (torch.zeros((), dtype=z.dtype) if m == n else c(cent[m], cent[n])))
+                         for n in live)) for m in live]
+    return torch.stack(pos).mean() + torch.stack(neg).mean()
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_pamc_gradient_matches_loop(sparse):
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    a = graph(9, 10).double()
+    assign = torch.tensor([0, 2, 2, 1, 0, 2, 1, 1, 0])
+    got = pamc_loss(z, a.to_sparse() if sparse else a, assign, 4, tau=0.5)  # cluster 3 empty
+    ref = torch_pamc(z, a, assign.tolist(), 4, 0.5)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    g_got, = torch.autograd.grad(got, z)
+    g_ref, = torch.autograd.grad(ref, z)
+    assert torch.allclose(g_got, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_registered_with_the_reference_usps_defaults():
+    obj = sdk.create("objective", "pamc_meta_node_contrastive")
+    assert (obj.alpha, obj.beta, obj.tau, obj.order, obj.cumulative, obj.knn) == (2.0, 2.0, 0.5, 4,
+                                                                                  True, 3)
+    assert obj.clustering.n_clusters == 10
+    with pytest.raises(sdk.ConfigError) as err:
+        sdk.create("objective", "pamc_meta_node_contrastive", order=0)
+    assert err.value.param == "order"

@@ -6,7 +6,9 @@ task regularization for small-scale datasets", ICCV 2021 workshops (arXiv:2108.1
 A classifier ``g`` on the backbone features ``h`` of each augmented view predicts the
 parameter ``t`` of the transformation applied to it (one of 4 rotations or one of 35 jigsaw
 permutations); its cross-entropy is added to the contrastive loss with weight ``lambda``
-(eq. 3; ``lambda = 0.3`` after ``lambda = 0`` for the first 40 epochs).
+(eq. 3; ``lambda = 0.3`` after ``lambda = 0`` for the first 40 epochs). The reference code
+instead feeds a separate pretext image through the backbone and applies ``lambda`` from the
+start; its jigsaw head has ``hidden=(512, 4096)``.
 """
 
 from __future__ import annotations
@@ -183,7 +185,12 @@ CARD = Card(
              "only maintained package, installs without torch but its public import "
              "(kymatio.torch) fails with the SciPy pinned here (scipy.special.sph_harm was "
              "removed), so use any Encoder with features(); the generation of rotated / "
-             "jigsaw-permuted views and their ids is a Transform's job.",
+             "jigsaw-permuted views and their ids is a Transform's job. Differences from the "
+             "reference code: it passes a separate pretext image (a rotated copy, or 9 jigsaw "
+             "tiles) through the backbone, while here the head reads the features of the "
+             "contrastive views themselves; its jigsaw head is hidden=(512, 4096) (pass that with "
+             "tiles=9, num_transforms=35; the default (512, 128) is its rotation head); its "
+             "trainer applies lambda from the first epoch (warmup_epochs=0).",
 )
 
 

@@ -154,15 +154,6 @@ class Recipe:
     trainer: TrainerConfig = attrs.Factory(TrainerConfig)
     evaluation: EvaluationConfig = attrs.Factory(EvaluationConfig)
 
-    @property
-    def supervised(self) -> bool:
-        """Whether the objective needs logits (then the encoder's output is the logits)."""
-        from sdk.registry import get_registry
-
-        reg = get_registry()
-        return any(bool(getattr(reg.get("objective", o.name).factory, "requires", {})
-                        .get("logits")) for o in self.objectives)
-
 
 # structuring --------------------------------------------------------------------------------
 

@@ -175,3 +175,28 @@ def test_unknown_optimizer_and_option():
     recipe = load_recipe(SSL, ["optimizer.options.momentun=0.9", 'optimizer.name="sgd"'])
     with pytest.raises(ConfigError, match=r"optimizer.options.momentun: SGD has no parameter"):
         build_optimizer(recipe.optimizer)
+
+
+def test_concepts_page_documents_every_recipe_key():
+    import attrs
+
+    from sdk.config import (
+        AugmentConfig,
+        DataConfig,
+        EvaluationConfig,
+        OptimizerConfig,
+        Recipe,
+        TrainerConfig,
+    )
+
+    page = (RECIPES.parents[1] / "docs" / "concepts.md").read_text().split("## Recipes", 1)[1]
+    tables = {DataConfig: "data", OptimizerConfig: "optimizer", TrainerConfig: "trainer",
+              EvaluationConfig: "evaluation"}
+    for cls, table in tables.items():
+        section = page.split(f"| `[{table}]` | ", 1)[1].split("\n| `[", 1)[0]
+        for field in attrs.fields(cls):
+            assert f"| `{field.name}` |" in f"| {section}", (table, field.name)
+    for field in attrs.fields(AugmentConfig):
+        assert f"`{field.name}`" in page.split("| `augment` |", 1)[1].split("\n", 1)[0]
+    for field in attrs.fields(Recipe):
+        assert f"`{field.name}`" in page or f"[{field.name}]" in page, field.name

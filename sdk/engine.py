@@ -213,6 +213,13 @@ class Trainer:
     checkpoints need ``run_dir``). ``progress``: ``None`` shows progress on rank 0, ``False``
     is silent.
 
+    A run that stops inside an epoch (``max_steps`` reached, or ``should_stop`` set by an
+    event) has not finished that epoch: ``on_epoch_end`` does not fire, ``epoch`` stays, and
+    the checkpoint records the loader position, so ``fit(resume=True)`` with a larger
+    ``max_steps`` continues the same epoch with the next batch, exactly as an uninterrupted run
+    would. Validation still runs at such a stop (``on_validation_end`` fires) and the loss of
+    the epoch's batches so far is logged as an epoch record marked ``partial``.
+
     **Distributed training.** Launch the same script with ``torchrun``: the Trainer joins the
     process group torchrun describes (NCCL on CUDA, gloo on the CPU), wraps the trainable
     modules in ``DistributedDataParallel``, shards a map-style training loader over the ranks
@@ -628,7 +635,7 @@ class Trainer:
             self.total_steps = self.max_epochs * per_epoch
         self.emit("on_fit_start")
         path = self._resume_path(resume)
-        skip = 0
+        skip = self.batch_idx  # a previous fit of this trainer stopped inside an epoch
         if path is not None:
             skip = self.load_checkpoint(path)
         self._start_logging(resumed=path is not None)
@@ -672,6 +679,7 @@ class Trainer:
                     next(it)
             skip = 0
             pending = 0
+            finished = True
             for item in it:
                 pending += 1
                 # the last batch of an epoch closes a partial accumulation
@@ -682,11 +690,15 @@ class Trainer:
                     pending = 0
                     self._after_step(progress)
                     if self._done():
+                        finished = n_batches is not None and self.batch_idx >= n_batches
                         break
             if pending:  # a loader without a length ended inside an accumulation
                 self._optimizer_step()
                 self._after_step(progress)
-            self._end_epoch(progress)
+            if finished:
+                self._end_epoch(progress)
+            else:
+                self._stop_mid_epoch(progress)
 
     def _micro_step(self, item: Any, *, boundary: bool) -> None:
         x, batch = self._to_device(item)
@@ -762,6 +774,29 @@ class Trainer:
         if self.run_dir is not None:
             self.save_checkpoint()
 
+    def _stop_mid_epoch(self, progress: _Progress) -> None:
+        """Stopped inside an epoch (``max_steps`` or ``should_stop``): the epoch is not over, so
+        ``on_epoch_end`` does not fire and the position stays ``(epoch, batch_idx)``; the
+        checkpoint records it (a resume continues with the next batch). Validation still runs,
+        after the checkpoint (its random draws do not reach a resumed run), and the loss of the
+        batches seen is logged as an epoch record marked ``partial``."""
+        if self.run_dir is not None and not (self.checkpoint_every is not None
+                                             and self.step % self.checkpoint_every == 0):
+            self.save_checkpoint()
+        record: dict[str, Any] = {"kind": "epoch", "epoch": self.epoch, "step": self.step,
+                                  "partial": True}
+        if self._epoch_count:
+            record["loss"] = float(self._sums[1]) / self._epoch_count
+        if self.val_loader is not None:
+            self.val_metrics = self.evaluate(self.val_loader)
+            record.update({f"val/{k}": v for k, v in self.val_metrics.items()})
+            self.emit("on_validation_end")
+        self._record(record)
+        if progress.plain and progress.enabled and "loss" in record:
+            val = "".join(f" {k} {v:.4f}" for k, v in record.items() if k.startswith("val/"))
+            print(f"epoch {self.epoch} stopped after batch {self.batch_idx}: loss "
+                  f"{record['loss']:.4f}{val}", flush=True)
+
     # logging -----------------------------------------------------------------------------
     def _start_logging(self, *, resumed: bool) -> None:
         if not (self.is_main and self.run_dir is not None):
@@ -772,6 +807,8 @@ class Trainer:
             kept = []
             for line in path.read_text().splitlines():
                 rec = json.loads(line)
+                if rec.get("partial"):  # a stop that this run continues past
+                    continue
                 if rec.get("step", 0) < self.step or (
                         rec.get("step") == self.step and rec.get("kind") == "train"
                         or rec.get("kind") == "epoch" and rec.get("epoch", 0) < self.epoch):

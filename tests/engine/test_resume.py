@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader
 
 import sdk
 from sdk import checkpoint as ckpt
+from sdk.data import GaussianNoise
+from sdk.interfaces import Callback
 
 SCRIPT = Path(__file__).with_name("resume_script.py")
 ROOT = Path(sdk.__file__).parent.parent
@@ -157,3 +159,41 @@ def test_rng_state_round_trips():
     ckpt.set_rng_state(state)
     b = (random.random(), np.random.rand(), torch.rand(()))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+class _EpochEnds(Callback):
+    def __init__(self) -> None:
+        self.ends: list[int] = []
+
+    def on_epoch_end(self, trainer) -> None:
+        self.ends.append(trainer.epoch)
+
+
+def _fit_steps(data, make_mlp, run_dir, *, max_steps, resume=False):
+    enc, ends = make_mlp(), _EpochEnds()
+    trainer = sdk.Trainer(
+        enc, sdk.create("objective", "cross_entropy"),
+        functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9), transforms=GaussianNoise(0.3),
+        callbacks=[ends], max_steps=max_steps, run_dir=run_dir, log_every=1, progress=False)
+    trainer.fit(DataLoader(data, batch_size=16, shuffle=True), resume=resume)
+    return trainer, ends.ends
+
+
+def test_max_steps_mid_epoch_then_resume_with_more_steps_is_bitwise_exact(data, make_mlp, tmp_path):
+    """64 samples in batches of 16: 4 steps an epoch. Stopping at step 6 is inside epoch 1; a
+    resume to step 10 must continue epoch 1 with its third batch, as a straight run does."""
+    full, full_ends = _fit_steps(data, make_mlp, tmp_path / "full", max_steps=10)
+    stopped, stopped_ends = _fit_steps(data, make_mlp, tmp_path / "split", max_steps=6)
+    assert stopped_ends == [0]  # epoch 1 is not over: no on_epoch_end for it
+    assert (stopped.epoch, stopped.batch_idx, stopped.step) == (1, 2, 6)
+    state = ckpt.load(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert state["position"] == {"epoch": 1, "batch": 2, "step": 6}
+    last = stopped.history[-1]
+    assert last["kind"] == "epoch" and last["partial"] and last["epoch"] == 1
+    resumed, resumed_ends = _fit_steps(data, make_mlp, tmp_path / "split", max_steps=10,
+                                       resume=True)
+    assert resumed_ends == [1] and full_ends == [0, 1]
+    assert (resumed.epoch, resumed.batch_idx, resumed.step) == (full.epoch, full.batch_idx, 10)
+    for p, q in zip(full.encoder.state_dict().values(), resumed.encoder.state_dict().values()):
+        assert torch.equal(p, q)
+    assert _records(tmp_path / "split") == _records(tmp_path / "full")

@@ -1,4 +1,4 @@
-"""Adaptive Multi-head Contrastive Learning (AMCL), SimCLR form.
+"""Adaptive Multi-head Contrastive Learning (AMCL), SimCLR form (the paper's Eq. 2.1).
 
 Wang, Koniusz, Gedeon, Zheng, "Adaptive Multi-head Contrastive Learning", ECCV 2024
 (arXiv:2310.05615).
@@ -6,17 +6,17 @@ Wang, Koniusz, Gedeon, Zheng, "Adaptive Multi-head Contrastive Learning", ECCV 2
 ``C`` projection heads map the backbone features of every view to ``z^c``; each head scores
 every pair with its own cosine similarity ``s^c_ij`` and a pair-adaptive temperature
 ``tau^c_ij = eta + iota * sigmoid(-phi(z^c_i) . phi(z^c_j))`` from a temperature network
-``phi`` shared by the heads. Treating the heads' similarities as independent observations
-with variance ``tau`` (maximum likelihood over the product of head-wise posteriors) gives the
-pair logit
+``phi`` shared by the heads (``eta = tau_min``, ``iota = tau_max - tau_min``). The loss is a
+sum of separate head-wise terms (maximum likelihood over the product of head-wise
+posteriors); for SimCLR each term contrasts the positive with the hardest negative:
 
-    L_ij = sum_c [ s^c_ij / tau^c_ij - beta * Omega(tau^c_ij) ],
-    Omega(tau) = (d'/2) log(tau) + 1 / tau,
+    l_i = sum_c [ -s^c_ip / tau^c_ip + s^c_in* / tau^c_in*
+                  + beta Omega(tau^c_ip) - beta Omega(tau^c_in*) ],
+    n* = argmax_{n negative for i} s^c_in,      Omega(tau) = (d'/2) log(tau) + 1 / tau,
 
 where ``d'`` is the head dimension; the regulariser keeps temperatures away from degenerate
-values. The loss is the masked InfoNCE over these logits,
-``l_i = -L_ip + log sum_{a != i} exp(L_ia)``, so a positive pair is pulled by
-``-s/tau + beta Omega(tau)`` and a negative one pushed by ``s/tau - beta Omega(tau)``.
+values. An anchor with several positives averages the positive part over them; anchors
+without a positive or a negative are left out of the mean over anchors.
 The heads and ``phi`` belong to the objective: the engine optimises them with the model.
 """
 
@@ -39,21 +39,31 @@ def temperature_regulariser(tau: Tensor, dim: int) -> Tensor:
     return 0.5 * dim * tau.log() + tau.reciprocal()
 
 
-def adaptive_multihead_logits(sims: Tensor, taus: Tensor, *, beta: float, dim: int) -> Tensor:
-    """Pair logits ``L = sum_c [s^c / tau^c - beta Omega(tau^c)]`` from ``sims``/``taus`` [C, A, N]."""
-    if sims.shape != taus.shape or sims.dim() != 3:
-        raise ShapeError(f"adaptive_multihead_logits: sims {list(sims.shape)} and taus "
-                         f"{list(taus.shape)} must both be [heads, anchors, candidates]")
-    sims, taus = sims.float(), taus.float()
-    return (sims / taus - beta * temperature_regulariser(taus, dim)).sum(dim=0)
-
-
 def adaptive_multihead_loss(sims: Tensor, taus: Tensor, positive: Tensor, negative: Tensor, *,
                             beta: float = 0.01, dim: int = 128) -> tuple[Tensor, Tensor]:
-    """Per-anchor AMCL loss ``[A]`` and the anchors that have a positive, over head-wise
-    similarities and temperatures [C, A, N] and boolean pair masks [A, N]."""
-    logits = adaptive_multihead_logits(sims, taus, beta=beta, dim=dim)
-    return contrastive.info_nce(logits, positive, negative)
+    """Per-anchor AMCL loss ``[A]`` (summed over heads) and the anchors that have a positive
+    and a negative, from head-wise similarities and temperatures [C, A, N] and boolean pair
+    masks [A, N]: ``sum_c [mean_p (-s^c_ip/tau^c_ip + beta Omega(tau^c_ip))
+    + s^c_in*/tau^c_in* - beta Omega(tau^c_in*)]`` with ``n* = argmax_negatives s^c_in``."""
+    if sims.shape != taus.shape or sims.dim() != 3:
+        raise ShapeError(f"adaptive_multihead_loss: sims {list(sims.shape)} and taus "
+                         f"{list(taus.shape)} must both be [heads, anchors, candidates]")
+    if positive.shape != sims.shape[1:] or negative.shape != sims.shape[1:]:
+        raise ShapeError(f"adaptive_multihead_loss: masks {list(positive.shape)}/"
+                         f"{list(negative.shape)} must be [anchors, candidates] "
+                         f"{list(sims.shape[1:])}")
+    dtype = torch.promote_types(sims.dtype, torch.float32)
+    sims, taus = sims.to(dtype), taus.to(dtype)
+    pos_w = positive.to(sims.dtype)
+    n_pos = pos_w.sum(dim=-1)
+    valid = (n_pos > 0) & negative.any(dim=-1)
+    pair = beta * temperature_regulariser(taus, dim) - sims / taus            # [C, A, N]
+    pos_term = (pair * pos_w).sum(dim=-1) / n_pos.clamp_min(1.0)             # [C, A]
+    hardest = sims.detach().masked_fill(~negative, torch.finfo(sims.dtype).min / 2)
+    hardest = hardest.argmax(dim=-1, keepdim=True)                            # [C, A, 1]
+    neg_term = -pair.gather(-1, hardest).squeeze(-1)                          # [C, A]
+    loss = (pos_term + neg_term).sum(dim=0)
+    return torch.where(valid, loss, torch.zeros_like(loss)), valid
 
 
 class AdaptiveMultiheadContrastive(Objective):
@@ -124,7 +134,7 @@ class AdaptiveMultiheadContrastive(Objective):
         loss, valid = adaptive_multihead_loss(sims_t, taus_t, positive, negative,
                                               beta=self.beta, dim=self.out_dim)
         with torch.no_grad():
-            tau = taus_t.float()
+            tau = taus_t.to(loss.dtype)
             logs = {"tau_positive": (tau * positive).sum() / positive.sum().clamp_min(1) / self.num_heads,
                     "tau_negative": (tau * negative).sum() / negative.sum().clamp_min(1) / self.num_heads}
         return Loss(value=contrastive.masked_mean(loss, valid),
@@ -141,12 +151,16 @@ CARD = Card(
     title="Adaptive Multi-head Contrastive Learning", paper="arXiv:2310.05615",
     summary="Several projection heads owned by the objective, each scoring pairs with a "
             "pair-adaptive temperature from a shared network, regularised by Omega(tau); "
-            "the heads' logits add up inside one masked InfoNCE.",
-    formula="L_ij = sum_c [s^c_ij/tau^c_ij - beta((d'/2) log tau^c_ij + 1/tau^c_ij)], "
+            "one contrastive term per head (positive against the hardest negative), summed over heads.",
+    formula="l_i = sum_c [-s^c_ip/tau^c_ip + s^c_in*/tau^c_in* + beta Omega(tau^c_ip) "
+            "- beta Omega(tau^c_in*)], n* = argmax_{n negative} s^c_in, "
+            "Omega(tau) = (d'/2) log tau + 1/tau, "
             "tau^c_ij = tau_min + (tau_max - tau_min) sigmoid(-phi(z^c_i).phi(z^c_j)); "
-            "l_i = -L_ip + log sum_{a != i} exp(L_ia)",
-    left_out="The paper's MoCo, SimSiam and Barlow Twins variants and its top-k approximation "
-             "of the negatives' log-sum-exp; this is the exact SimCLR form.",
+            "positive part averaged over an anchor's positives; loss = mean_i l_i (paper Eq. 2.1)",
+    left_out="The paper's MoCo, SimSiam, Barlow Twins and InfoNCE (LGP/CAN) variants (Eqs. 2.2-2.4); "
+             "memory-bank negatives in Views.extras are not used (in-batch negatives only); the "
+             "authors' code replaces the max over negatives by the mean of the top-k (k=100) "
+             "negatives' s/tau, whereas this module keeps the single hardest negative of Eq. 2.1.",
 )
 
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,30 +84,6 @@ def build(recipe: Any, splits: Any) -> dict[str, Any]:
                       for i, s in enumerate(recipe.callbacks)],
         "optimizer": build_optimizer(recipe.optimizer),
     }
-
-
-def _probe_logits(train: Any, train_y: Any, others: Sequence[Any], num_classes: int,
-                  epochs: int = 200) -> list[Any]:
-    """Logits of a multinomial logistic regression fitted (L-BFGS, standardised inputs, small
-    L2) on frozen ``train`` embeddings, applied to each of ``others``."""
-    import torch
-    import torch.nn.functional as F
-
-    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
-    x = (train - mean) / std
-    w = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
-    b = torch.zeros(num_classes, device=x.device, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=epochs, line_search_fn="strong_wolfe")
-
-    def closure() -> Any:
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, train_y) + 1e-4 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return [((o - mean) / std) @ w + b for o in others]
 
 
 def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
@@ -184,14 +159,16 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
         test_y = splits.test.y.to(test_logits.device)
         summary["accuracy"] = metrics.accuracy(test_logits.softmax(-1), test_y)
     else:
-        rep = representation()
+        tr, ytr, te, yte = rep = representation()
         summary["knn_accuracy"] = knn(*rep)
-        if ev.linear_probe:
-            summary["linear_probe_accuracy"] = metrics.linear_probe_accuracy(*rep)
-        if parts["calibrator"] is not None:
-            cal = trainer.embed(ordered(splits.calibration), features=use_features)
-            tr, ytr, te, _ = rep
-            cal_logits, test_logits = _probe_logits(tr, ytr, [cal, te], splits.num_classes)
+        if ev.linear_probe or parts["calibrator"] is not None:
+            probe = metrics.fit_linear_probe(tr, ytr, num_classes=splits.num_classes)
+            test_logits = probe.logits(te)
+            if ev.linear_probe:
+                summary["linear_probe_accuracy"] = metrics.accuracy(test_logits, yte)
+            if parts["calibrator"] is not None:
+                cal_logits = probe.logits(trainer.embed(ordered(splits.calibration),
+                                                        features=use_features))
     calibrator = parts["calibrator"]
     if calibrator is not None and cal_logits is not None:
         device = cal_logits.device

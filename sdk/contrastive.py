@@ -83,6 +83,39 @@ def info_nce(logits: Tensor, positive: Tensor, negative: Tensor, *, weight: Tens
     return torch.where(valid, log_den - pos_term, torch.zeros_like(log_den)), valid
 
 
+class _InstanceLogDenominator(torch.autograd.Function):
+    """``log sum_{n not excluded} exp(<a, c_n> / t)`` per anchor, with its gradient in closed form.
+
+    Forward keeps one [A, N] tensor: the logits, turned in place into the softmax over the
+    denominator (excluded entries exactly 0), which is all the backward needs:
+    ``dL/dlogits = softmax * g``, then two matrix products. The excluded entries of row ``r``
+    are ``exclude[r]`` (its own column and, for decoupled losses, its positives).
+    """
+
+    @staticmethod
+    def forward(ctx, anchors: Tensor, candidates: Tensor, exclude: Tensor, temperature: float) -> Tensor:
+        logits = (anchors @ candidates.T).float()
+        logits.mul_(1.0 / temperature)
+        rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+        logits[rows, exclude] = _neg(logits.dtype)
+        peak = logits.amax(dim=1, keepdim=True)
+        softmax = logits.sub_(peak).exp_()
+        softmax[rows, exclude] = 0.0  # exact zero even where a row has no other entry
+        total = softmax.sum(dim=1, keepdim=True)
+        softmax.div_(total.clamp_min(torch.finfo(softmax.dtype).tiny))
+        ctx.save_for_backward(anchors, candidates, softmax)
+        ctx.temperature = temperature
+        return (peak + total.log()).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        anchors, candidates, softmax = ctx.saved_tensors
+        g = (softmax * (grad / ctx.temperature)[:, None]).to(anchors.dtype)
+        grad_anchors = g @ candidates if ctx.needs_input_grad[0] else None
+        grad_candidates = g.T @ anchors if ctx.needs_input_grad[1] else None
+        return grad_anchors, grad_candidates, None, None
+
+
 def instance_info_nce(c: Contrast, temperature: float, *, positive_in_denominator: bool = True,
                       extra_negative_logits: Tensor | None = None,
                       extra_negative_mask: Tensor | None = None,
@@ -90,24 +123,17 @@ def instance_info_nce(c: Contrast, temperature: float, *, positive_in_denominato
     """:func:`info_nce` with the default pairs (positives: the other views of the anchor's sample;
     negatives: every view of every other sample), computed without masks.
 
-    The similarity matrix is the only ``[A, N]`` tensor: excluded entries (the anchor itself,
-    and its positives when ``positive_in_denominator`` is false) are overwritten in place and the
-    positive logits come from row-wise dot products. ``positive_scale`` is [A, V-1], one factor
-    per positive column of :func:`positive_columns`. Returns the per-anchor loss [A] (every
-    anchor has a positive).
+    The in-batch denominator is one fused operation whose only ``[A, N]`` tensor is the
+    softmax it keeps for the backward (excluded entries: the anchor itself, and its positives
+    when ``positive_in_denominator`` is false); the positive logits come from row-wise dot
+    products. ``positive_scale`` is [A, V-1], one factor per positive column of
+    :func:`positive_columns`. Returns the per-anchor loss [A] (every anchor has a positive).
     """
-    logits = (c.anchors @ c.candidates.T).float()
-    logits.mul_(1.0 / temperature)
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    neg = _neg(logits.dtype)
-    if c.n_views * c.batch_size == c.candidates.shape[0]:
-        logits.diagonal().fill_(neg)  # single process: anchor r is candidate r
-    else:
-        logits[rows, c.self_col] = neg
     pos_cols = positive_columns(c)
-    if not positive_in_denominator:
-        logits[rows[:, None], pos_cols] = neg
-    log_den = _add_extra(torch.logsumexp(logits, dim=-1), extra_negative_logits, extra_negative_mask)
+    exclude = c.self_col[:, None] if positive_in_denominator else torch.cat(
+        [c.self_col[:, None], pos_cols], dim=1)
+    log_den = _InstanceLogDenominator.apply(c.anchors, c.candidates, exclude, temperature)
+    log_den = _add_extra(log_den, extra_negative_logits, extra_negative_mask)
     pos = torch.einsum("ad,akd->ak", c.anchors, c.candidates[pos_cols]).float() / temperature
     if positive_scale is not None:
         pos = pos * positive_scale.to(pos.dtype)

@@ -98,3 +98,14 @@ def test_no_nan_gradient_with_fully_masked_rows():
     loss = nt_xent_loss(z1, torch.randn(4, 3), sampler=NoPositives())
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(z1.grad).all()
+
+
+@pytest.mark.parametrize("n_views", [2, 3])
+def test_fused_instance_path_gradient_equals_masked_path(n_views):
+    g = torch.Generator().manual_seed(6)
+    views = [torch.randn(9, 5, generator=g, requires_grad=True) for _ in range(n_views)]
+    fast = nt_xent_loss(*views, temperature=0.2)
+    masked = nt_xent_loss(*views, temperature=0.2, sampler=sdk.create("sampler", "same_index"))
+    torch.testing.assert_close(fast, masked)
+    for a, b in zip(torch.autograd.grad(fast, views), torch.autograd.grad(masked, views)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -35,7 +35,8 @@ def memory_update(bank: Tensor, filled: Tensor, index: Tensor, z: Tensor, moment
 class MemoryBank(Teacher):
     """Per-sample vectors ``v_i`` [num_samples, D] keyed by ``Batch.index``.
 
-    After each step, ``v_i <- normalize(m v_i + (1 - m) z_i)`` with ``z_i`` the normalised mean
+    After each micro-batch (``observe``: with gradient accumulation, every micro-batch of a
+    step), ``v_i <- normalize(m v_i + (1 - m) z_i)`` with ``z_i`` the normalised mean
     of the sample's normalised view embeddings (detached; gathered across ranks). Before the
     loss, ``num_negatives`` entries drawn uniformly (with replacement) among the filled ones —
     the whole bank when ``num_negatives >= num_samples`` — are published as
@@ -99,12 +100,21 @@ class MemoryBank(Teacher):
         trainer.views = trainer.views.evolve(extras={**trainer.views.extras, **self.memory()})
 
     @torch.no_grad()
-    def update(self, *, student: nn.Module | None = None, views: Views | None = None,
-               batch: Batch | None = None, step: int = 0, max_steps: int | None = None) -> None:
-        if views is None or batch is None or batch.index is None:
-            raise RequirementError("teacher 'memory_bank' needs views and Batch.index in update()")
+    def observe(self, *, views: Views, batch: Batch | None = None, step: int = 0,
+                max_steps: int | None = None) -> None:
+        """Update the entries of one micro-batch's samples (every micro-batch of a step)."""
+        if batch is None or batch.index is None:
+            raise RequirementError("teacher 'memory_bank' needs Batch.index")
         z = torch.stack([F.normalize(v.detach().float(), dim=-1) for v in views.embeddings]).sum(0)
         self.push(z, batch.index)
+
+    @torch.no_grad()
+    def update(self, *, student: nn.Module | None = None, views: Views | None = None,
+               batch: Batch | None = None, step: int = 0, max_steps: int | None = None) -> None:
+        """Observe ``views`` when given (the engine has observed every micro-batch already and
+        passes none)."""
+        if views is not None:
+            self.observe(views=views, batch=batch)
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
         views = Views(embeddings=tuple(torch.randn(batch_size, 16, generator=generator)

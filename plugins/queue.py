@@ -50,12 +50,14 @@ class QueueTeacher(EMATeacher):
     """A momentum encoder (``ema``'s update, ``theta_k <- m theta_k + (1 - m) theta_q``) and a
     FIFO queue of its L2-normalised keys ``[K, D]``.
 
-    After each step the keys of the last view (``Views.extras["teacher"][-1]``, MoCo's ``k``;
-    the student's embeddings if no teacher output is present) are enqueued, gathered from every
-    rank so all ranks hold the same queue. Before the loss, the filled entries are published as
-    ``Views.extras["negatives"]`` (with their validity mask and dataset indices: an anchor never
-    counts its own sample's older keys), so every contrastive objective adds them to its
-    denominator. Queue, pointer and fill level are buffers: checkpoints carry them.
+    After each micro-batch (``observe``; with gradient accumulation every micro-batch of a step,
+    while the momentum update runs once per optimizer step) the keys of the last view
+    (``Views.extras["teacher"][-1]``, MoCo's ``k``; the student's embeddings if no teacher output
+    is present) are enqueued, gathered from every rank so all ranks hold the same queue. Before
+    the loss, the filled entries are published as ``Views.extras["negatives"]`` (with their
+    validity mask and dataset indices: an anchor never counts its own sample's older keys), so
+    every contrastive objective adds them to its denominator. Queue, pointer and fill level are
+    buffers: checkpoints carry them.
     """
 
     def __init__(self, student: nn.Module | None = None, size: int = 65536, momentum: float = 0.999,
@@ -100,12 +102,19 @@ class QueueTeacher(EMATeacher):
         trainer.views = trainer.views.evolve(extras={**trainer.views.extras, **self.memory()})
 
     @torch.no_grad()
+    def observe(self, *, views: Views, batch: Batch | None = None, step: int = 0,
+                max_steps: int | None = None) -> None:
+        """Enqueue the keys of one micro-batch (every micro-batch of an accumulated step)."""
+        keys = views.extras.get("teacher", views.embeddings)[-1]
+        self.push(keys, None if batch is None else batch.index)
+
+    @torch.no_grad()
     def update(self, *, student: nn.Module | None = None, views: Views | None = None,
                batch: Batch | None = None, step: int = 0, max_steps: int | None = None) -> None:
+        """The momentum update (once per optimizer step); ``views`` given: enqueue them too."""
         super().update(student=student, views=views, batch=batch, step=step, max_steps=max_steps)
         if views is not None:
-            keys = views.extras.get("teacher", views.embeddings)[-1]
-            self.push(keys, None if batch is None else batch.index)
+            self.observe(views=views, batch=batch)
 
 
 CARD = Card(

@@ -9,6 +9,7 @@ One optimisation step (``accumulate`` micro-batches)::
     after_forward
     loss        <- objective(views, batch) (-> reweighter.reduce(loss, batch))
     after_loss, before_backward, backward (scaled by 1 / accumulate)
+    teacher.observe(views, batch)           every micro-batch (teachers that define it)
     before_optimizer_step  (gradients ready and unscaled), clip, optimizer step,
     scheduler step, after_optimizer_step, teacher.update(...), zero_grad
 
@@ -49,7 +50,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from sdk import checkpoint as ckpt
 from sdk import distributed
 from sdk.errors import ConfigError, RequirementError
-from sdk.interfaces import EVENTS, Callback, Objective, Schedule, Transform
+from sdk.interfaces import EVENTS, Callback, Objective, Schedule, Teacher, Transform
 from sdk.interfaces import Sampler as PairSampler
 from sdk.types import Batch, Loss, Views
 
@@ -385,6 +386,8 @@ class Trainer:
         self._attached = True
         self._teacher_forward = (self.teacher is not None and isinstance(self.teacher, nn.Module)
                                  and type(self.teacher).forward is not nn.Module.forward)
+        self._teacher_observes = getattr(type(self.teacher), "observe", None) not in (
+            None, Teacher.observe)
         enc = self.encoder
         self._split = callable(getattr(enc, "features", None)) and isinstance(
             getattr(enc, "head", None), nn.Module)
@@ -717,6 +720,9 @@ class Trainer:
                 self.scaler.scale(value).backward()
             else:
                 value.backward()
+        if self._teacher_observes:
+            self.teacher.observe(views=self.views, batch=self.batch, step=self.step,
+                                 max_steps=self.total_steps)
         self._sums.add_(self.loss.value.detach())  # one device op, no host sync
         self._log_count += 1
         self._epoch_count += 1
@@ -744,8 +750,10 @@ class Trainer:
         self.step += 1
         self.emit("after_optimizer_step")
         if self.teacher is not None and hasattr(self.teacher, "update"):
-            self.teacher.update(student=self.encoder, views=self.views, batch=self.batch,
-                                step=taken, max_steps=self.total_steps)
+            observed = self._teacher_observes  # then every micro-batch was observed already
+            self.teacher.update(student=self.encoder, views=None if observed else self.views,
+                                batch=None if observed else self.batch, step=taken,
+                                max_steps=self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
 
     def _after_step(self, progress: _Progress) -> None:

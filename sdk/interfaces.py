@@ -179,12 +179,22 @@ class Calibrator(nn.Module, abc.ABC):
 class Teacher(nn.Module, abc.ABC):
     """Target networks, memory banks and queues, updated by the engine after each step.
 
-    ``update`` receives keyword context; each teacher uses what it needs.
+    ``update`` receives keyword context; each teacher uses what it needs. With gradient
+    accumulation an optimizer step spans several micro-batches: the engine calls ``observe``
+    after every micro-batch's backward, then ``update`` once per optimizer step. A teacher that
+    records data (queue keys, memory entries) overrides ``observe``; the engine then calls its
+    ``update`` with ``views=None, batch=None`` (they were observed), and ``update`` called
+    directly with views observes them first. A teacher that does not override ``observe``
+    receives the last micro-batch's views and batch in ``update``.
     """
 
     @abc.abstractmethod
     def update(self, *, student: nn.Module | None = None, views: Views | None = None,
                batch: Batch | None = None, step: int = 0, max_steps: int | None = None) -> None: ...
+
+    def observe(self, *, views: Views, batch: Batch, step: int = 0,
+                max_steps: int | None = None) -> None:
+        """Told after every micro-batch's backward; data-recording teachers override it."""
 
 
 class Transform(nn.Module, abc.ABC):

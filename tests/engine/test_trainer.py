@@ -326,3 +326,37 @@ def test_bad_arguments_name_the_parameter(make_mlp, kwargs, param):
 def test_objective_needing_views_requires_transforms(make_mlp):
     with pytest.raises(sdk.RequirementError, match="needs 2 views"):
         sdk.Trainer(make_mlp(), sdk.create("objective", "nt_xent"), max_epochs=1)
+
+
+@pytest.mark.parametrize("name", ["queue", "memory_bank"])
+def test_accumulation_teachers_observe_every_micro_batch_and_update_once_per_step(data, make_mlp,
+                                                                                  name):
+    """64 samples, batches of 8, accumulate 4: 8 micro-batches, 2 optimizer steps an epoch.
+    Every micro-batch's keys reach the queue / memory bank, the momentum update runs per step."""
+    base = type(sdk.create("teacher", name))
+
+    class Counting(base):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.observed, self.updates = 0, []
+
+        def observe(self, **context) -> None:
+            self.observed += 1
+            super().observe(**context)
+
+        def update(self, **context) -> None:
+            self.updates.append((context["step"], context["views"]))
+            super().update(**context)
+
+    kwargs = ({"size": 128, "momentum": 0.9, "final_momentum": 0.9} if name == "queue"
+              else {"num_samples": 64, "num_negatives": 16})
+    teacher = Counting(**kwargs)
+    sdk.Trainer(make_mlp(), TemperedCE(), SGD, teacher=teacher, accumulate=4, max_epochs=1,
+                progress=False).fit(DataLoader(data, batch_size=8, shuffle=True))
+    assert teacher.observed == 8
+    assert teacher.updates == [(0, None), (1, None)]  # views were observed, not given again
+    if name == "queue":
+        assert int(teacher.filled) == 64
+        assert sorted(teacher.key_index[:64].tolist()) == list(range(64))
+    else:
+        assert bool(teacher.filled.all())

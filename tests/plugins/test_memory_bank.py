@@ -45,6 +45,26 @@ def test_momentum_update_matches_a_per_sample_loop(momentum):
     assert (bank.bank[unvisited] == 0).all()  # untouched, and never published as negatives
 
 
+def test_observed_micro_batches_match_the_loop_and_update_without_views_keeps_the_bank():
+    """With gradient accumulation the engine observes every micro-batch, then updates once."""
+    g = torch.Generator().manual_seed(1)
+    bank = MemoryBank(num_samples=10, momentum=0.5)
+    steps = []
+    for micro in (([0, 3, 5], [5, 1]), ([3, 0, 9], [7, 5])):
+        for index in micro:
+            views = [torch.randn(len(index), 4, generator=g) for _ in range(2)]
+            index = torch.tensor(index)
+            steps.append((views, index))
+            bank.observe(views=sdk.Views(embeddings=tuple(views)), batch=sdk.Batch(index=index))
+        stored = bank.bank.clone()
+        bank.update(step=len(steps))
+        assert torch.equal(bank.bank, stored)
+    expected = slow_bank(steps, 0.5)
+    assert bank.filled.nonzero().flatten().tolist() == sorted(expected)
+    for i, v in expected.items():
+        assert torch.allclose(bank.lookup(torch.tensor([i]))[0].double(), v, atol=1e-6)
+
+
 def slow_info_nce_with_memory(views, index, memory, owners, valid, t):
     """SimCLR's loss anchor by anchor; valid memory entries of other samples join every
     denominator."""
@@ -149,7 +169,8 @@ def test_engine_checkpoints_the_bank_and_resume_continues_it(tmp_path):
     straight = _train(tmp_path / "a", 5)
     killed = _train(tmp_path / "b", 5, kill_at=4)  # mid-epoch; the last checkpoint is step 2
     resumed = _train(tmp_path / "b", 5, resume=True)
-    assert int(killed.filled.sum()) == 24 and int(straight.filled.sum()) == 40
+    # the killed step's batch was observed after its backward, before the kill
+    assert int(killed.filled.sum()) == 32 and int(straight.filled.sum()) == 40
     assert torch.equal(resumed.filled, straight.filled)
     assert torch.allclose(resumed.bank, straight.bank, atol=1e-6)
 

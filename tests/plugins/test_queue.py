@@ -84,6 +84,27 @@ def test_momentum_update_and_enqueued_keys_are_the_teachers_last_view():
     assert queue.key_index[:4].tolist() == [0, 1, 2, 3]
 
 
+def test_observe_enqueues_without_momentum_and_update_without_views_only_moves_the_target():
+    """With gradient accumulation the engine observes every micro-batch, then updates once."""
+    student = nn.Linear(3, 2)
+    queue = QueueTeacher(student=student, size=8, momentum=0.9, final_momentum=0.9)
+    before = [p.clone() for p in queue.target.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    a, b = torch.randn(2, 4, 2).unbind(0)
+    queue.observe(views=sdk.Views(embeddings=(a,)), batch=sdk.Batch(index=torch.arange(4)))
+    queue.observe(views=sdk.Views(embeddings=(b,)), batch=sdk.Batch(index=torch.arange(4, 8)))
+    assert all(torch.equal(t, old) for t, old in zip(queue.target.parameters(), before))
+    assert torch.allclose(queue.keys, F.normalize(torch.cat([a, b]), dim=1))
+    assert queue.key_index.tolist() == list(range(8)) and int(queue.filled) == 8
+    keys = queue.keys.clone()
+    queue.update(student=student, step=0, max_steps=10)
+    assert torch.equal(queue.keys, keys) and int(queue.ptr) == 0  # nothing enqueued
+    for t, old, s in zip(queue.target.parameters(), before, student.parameters()):
+        assert torch.allclose(t, 0.9 * old + 0.1 * s)
+
+
 def test_keys_are_detached():
     z = torch.randn(4, 6, requires_grad=True)
     queue = QueueTeacher(size=8)
@@ -202,6 +223,7 @@ def test_engine_checkpoints_the_queue_and_resume_continues_it(tmp_path):
     straight = _train(tmp_path / "a", 7)
     killed = _train(tmp_path / "b", 7, kill_at=5)  # mid-epoch (5 batches per epoch); last checkpoint: 4
     resumed = _train(tmp_path / "b", 7, resume=True)
-    assert int(killed.ptr) == 32 % 24 and int(straight.ptr) == int(resumed.ptr) == 56 % 24
+    # the killed step's keys were enqueued after its backward, before the kill
+    assert int(killed.ptr) == 40 % 24 and int(straight.ptr) == int(resumed.ptr) == 56 % 24
     for key, value in straight.state_dict().items():
         assert torch.allclose(resumed.state_dict()[key].float(), value.float(), atol=1e-6), key

@@ -83,8 +83,8 @@ class PseudoLabelBatchSampler(torch.utils.data.Sampler[int]):
     the epoch's order then comes from :func:`pseudo_label_batches` with a generator seeded by
     ``seed + epoch``. ``n_clusters`` None means ``batch_size`` (as the reference code does:
     64 clusters for batches of 64; the fewest clusters that can fill a batch). ``num_samples``
-    is the training set's size (default: CIFAR-10's 50000), needed before the first epoch for
-    the loader's length. Pseudo-labels and epoch are checkpointed, so a resumed epoch replays its order.
+    is the training set's size (default: CIFAR-10's 50000); a Trainer sets it from its training
+    set through :meth:`bind`. Pseudo-labels and epoch are checkpointed, so a resumed epoch replays its order.
     Under DDP every rank takes every ``world``-th full batch (the partial one and any remainder
     are left out).
     """
@@ -107,6 +107,14 @@ class PseudoLabelBatchSampler(torch.utils.data.Sampler[int]):
                                                                        kmeans_iters, seed)
         self.epoch = 0
         self.labels: Tensor | None = None
+
+    def bind(self, dataset: Any) -> None:
+        """``num_samples <- len(dataset)``: the Trainer calls it with the training set."""
+        n = len(dataset)
+        if not self.n_clusters <= n:
+            raise ConfigError(f"pseudo_label_batch_sampler: n_clusters={self.n_clusters} exceeds "
+                              f"the training set ({n} samples)", param="n_clusters")
+        self.num_samples = n
 
     # pseudo-labels -------------------------------------------------------------------------
     def refresh(self, embeddings: Tensor) -> None:

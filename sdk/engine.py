@@ -207,9 +207,14 @@ class Trainer:
     ``transforms``: ``None`` (the input is the only view), a Transform applied once per view the
     objective requires, or a sequence of Transforms, one per view. ``sampler``: a pair Sampler
     (given to every objective term that has an empty ``sampler`` slot) or a data-level
-    ``torch.utils.data.Sampler`` (replaces the training loader's sampler).
+    ``torch.utils.data.Sampler`` (replaces the sampler of a map-style training DataLoader; its
+    ``bind(dataset)``, when it has one, is called with the training set first, and its
+    ``on_fit_start``/``on_epoch_start`` events run before the epoch's batches are drawn).
 
-    ``max_steps`` counts optimizer steps; ``log_every`` steps between log lines (the only host
+    ``max_steps`` counts optimizer steps; without it, ``total_steps`` (what LR schedules and
+    ``set_progress`` see) is ``max_epochs * ceil(len(loader) / accumulate)``, measured once after
+    ``on_fit_start``: for a data sampler whose length changes between epochs it is an estimate.
+    ``log_every`` steps between log lines (the only host
     syncs); ``checkpoint_every`` steps between checkpoints (``None``: at epoch ends only;
     checkpoints need ``run_dir``). ``progress``: ``None`` shows progress on rank 0, ``False``
     is silent.
@@ -507,6 +512,9 @@ class Trainer:
         if not isinstance(loader, DataLoader) or loader.batch_size is None:
             return loader
         if self.data_sampler is not None:
+            bind = getattr(self.data_sampler, "bind", None)
+            if callable(bind):  # a data sampler may learn the training set (e.g. its size)
+                bind(loader.dataset)
             sampler: Any = self.data_sampler
         elif type(loader.sampler) in (RandomSampler, SequentialSampler) and not (
                 isinstance(loader.sampler, RandomSampler)
@@ -628,15 +636,12 @@ class Trainer:
             ckpt.seed_everything(self.seed + self.rank)
         self.train_loader, self.val_loader = train_loader, val_loader
         loader = self._prepare_train_loader(train_loader)
-        per_epoch = None
-        if hasattr(loader, "__len__"):
-            per_epoch = math.ceil(len(loader) / self.accumulate)
-        if self.max_steps is None:
-            if per_epoch is None:
-                raise ConfigError("the training loader has no length: give max_steps",
-                                  param="max_steps")
-            self.total_steps = self.max_epochs * per_epoch
+        if self.max_steps is None and not hasattr(loader, "__len__"):
+            raise ConfigError("the training loader has no length: give max_steps",
+                              param="max_steps")
         self.emit("on_fit_start")
+        if self.max_steps is None:  # measured after on_fit_start: a data sampler may size itself there
+            self.total_steps = self.max_epochs * math.ceil(len(loader) / self.accumulate)
         path = self._resume_path(resume)
         skip = self.batch_idx  # a previous fit of this trainer stopped inside an epoch
         if path is not None:

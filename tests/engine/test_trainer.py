@@ -360,3 +360,53 @@ def test_accumulation_teachers_observe_every_micro_batch_and_update_once_per_ste
         assert sorted(teacher.key_index[:64].tolist()) == list(range(64))
     else:
         assert bool(teacher.filled.all())
+
+
+class EvenPositions(torch.utils.data.Sampler):
+    """A data sampler that learns the training set's size from the Trainer (``bind``) and
+    yields its even positions."""
+
+    def __init__(self) -> None:
+        self.size: int | None = None
+
+    def bind(self, dataset) -> None:
+        self.size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(0, self.size, 2))
+
+    def __len__(self) -> int:
+        return (self.size + 1) // 2
+
+
+class EvenPositionsAtFitStart(EvenPositions):
+    """The same, sized by its ``on_fit_start`` event instead of ``bind``."""
+
+    bind = None
+
+    def on_fit_start(self, trainer) -> None:
+        self.size = len(trainer.train_loader.dataset)
+
+
+@pytest.mark.parametrize("kind", [EvenPositions, EvenPositionsAtFitStart])
+def test_data_sampler_is_bound_to_the_training_set_and_sizes_the_schedule(data, make_mlp, kind):
+    """64 samples: 32 even positions in batches of 8, 4 steps an epoch, 12 over 3 epochs."""
+    progress: list[tuple[int, int]] = []
+    seen: list[torch.Tensor] = []
+
+    class Probe(TemperedCE):
+        def set_progress(self, step, max_steps):
+            progress.append((step, max_steps))
+
+        def forward(self, views, batch):
+            seen.append(batch.index)
+            return super().forward(views, batch)
+
+    sampler = kind()
+    trainer = sdk.Trainer(make_mlp(), Probe(), SGD, sampler=sampler, max_epochs=3,
+                          progress=False)
+    trainer.fit(DataLoader(data, batch_size=8, shuffle=True))
+    assert sampler.size == len(data)
+    assert trainer.total_steps == trainer.step == 12
+    assert progress == [(s, 12) for s in range(12)]
+    assert torch.cat(seen[:4]).tolist() == list(range(0, 64, 2))

@@ -147,3 +147,12 @@ def test_bad_parameters_are_named():
     s = sdk.create("sampler", "pseudo_label_batch_sampler", num_samples=10, batch_size=2)
     with pytest.raises(sdk.ShapeError, match="dataset order"):
         s.refresh(torch.zeros(9, 3))
+
+
+def test_bind_takes_the_training_set_size():
+    s = sdk.create("sampler", "pseudo_label_batch_sampler", batch_size=8)  # num_samples 50000
+    s.bind(torch.utils.data.TensorDataset(torch.zeros(40, 3)))
+    assert s.num_samples == 40 and len(s) == 40 and sorted(s) == list(range(40))
+    with pytest.raises(sdk.ConfigError) as err:
+        s.bind(torch.utils.data.TensorDataset(torch.zeros(5, 3)))
+    assert err.value.param == "n_clusters" and s.num_samples == 40

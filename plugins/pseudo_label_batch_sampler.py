@@ -89,6 +89,8 @@ class PseudoLabelBatchSampler(torch.utils.data.Sampler[int]):
     are left out).
     """
 
+    shards_ranks = True  # the Trainer leaves the per-rank split of whole batches to it
+
     def __init__(self, num_samples: int = 50000, batch_size: int = 64, n_clusters: int | None = None,
                  features: bool = False, normalize: bool = True, kmeans_iters: int = 50,
                  seed: int = 0):

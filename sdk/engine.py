@@ -96,6 +96,28 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         return iter(mine.tolist())
 
 
+class RankShard(torch.utils.data.Sampler[int]):
+    """This rank's share of a data sampler's order: the order of each epoch, padded by wrapping
+    around to a multiple of ``world``, split ``order[rank::world]`` (as ``DistributedSampler``
+    does). The wrapped sampler must give every rank the same order."""
+
+    def __init__(self, sampler: Any, *, rank: int, world: int):
+        self.sampler, self.rank, self.world = sampler, rank, world
+
+    def set_epoch(self, epoch: int) -> None:
+        if callable(getattr(self.sampler, "set_epoch", None)):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.sampler)
+        total = math.ceil(len(order) / self.world) * self.world
+        order += order[: total - len(order)]
+        return iter(order[self.rank::self.world])
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"``: this rank's CUDA device when CUDA is available, else the CPU."""
     if isinstance(device, torch.device):
@@ -209,7 +231,10 @@ class Trainer:
     (given to every objective term that has an empty ``sampler`` slot) or a data-level
     ``torch.utils.data.Sampler`` (replaces the sampler of a map-style training DataLoader; its
     ``bind(dataset)``, when it has one, is called with the training set first, and its
-    ``on_fit_start``/``on_epoch_start`` events run before the epoch's batches are drawn).
+    ``on_fit_start``/``on_epoch_start`` events run before the epoch's batches are drawn). Under
+    DDP each rank takes every ``world``-th index of the data sampler's order
+    (:class:`RankShard`), which must then be the same on every rank; a data sampler that shards
+    itself over the ranks declares ``shards_ranks = True`` and is used as it is.
 
     ``max_steps`` counts optimizer steps; without it, ``total_steps`` (what LR schedules and
     ``set_progress`` see) is ``max_epochs * ceil(len(loader) / accumulate)``, measured once after
@@ -516,6 +541,8 @@ class Trainer:
             if callable(bind):  # a data sampler may learn the training set (e.g. its size)
                 bind(loader.dataset)
             sampler: Any = self.data_sampler
+            if self.world > 1 and not getattr(sampler, "shards_ranks", False):
+                sampler = RankShard(sampler, rank=self.rank, world=self.world)
         elif type(loader.sampler) in (RandomSampler, SequentialSampler) and not (
                 isinstance(loader.sampler, RandomSampler)
                 and (loader.sampler.replacement or loader.sampler._num_samples is not None)):

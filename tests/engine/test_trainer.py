@@ -410,3 +410,31 @@ def test_data_sampler_is_bound_to_the_training_set_and_sizes_the_schedule(data, 
     assert trainer.total_steps == trainer.step == 12
     assert progress == [(s, 12) for s in range(12)]
     assert torch.cat(seen[:4]).tolist() == list(range(0, 64, 2))
+
+
+def test_data_sampler_is_sharded_over_ranks(data, make_mlp, monkeypatch):
+    """Rank 1 of 2 takes every second index of the data sampler's order; a sampler that shards
+    itself (``shards_ranks``) is left as it is."""
+    from sdk import distributed
+    from sdk.engine import RankShard
+
+    assert [list(RankShard([5, 7, 9, 11, 13], rank=r, world=2)) for r in (0, 1)] == [
+        [5, 9, 13], [7, 11, 5]]  # padded by wrapping around, as DistributedSampler does
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    seen: list[torch.Tensor] = []
+
+    class Probe(TemperedCE):
+        def forward(self, views, batch):
+            seen.append(batch.index)
+            return super().forward(views, batch)
+
+    trainer = sdk.Trainer(make_mlp(), Probe(), SGD, sampler=EvenPositions(), max_epochs=1,
+                          progress=False)
+    trainer.fit(DataLoader(data, batch_size=8))
+    assert torch.cat(seen).tolist() == list(range(2, 64, 4)) and trainer.step == 2
+    own = sdk.create("sampler", "pseudo_label_batch_sampler", num_samples=64, batch_size=8)
+    trainer = sdk.Trainer(make_mlp(), TemperedCE(), SGD, sampler=own, max_epochs=1,
+                          progress=False)
+    trainer._setup()
+    assert trainer._prepare_train_loader(DataLoader(data, batch_size=8)).sampler is own

@@ -250,7 +250,8 @@ def memory_mask(extras, index: Tensor | None, rows: int) -> Tensor | None:
 def extra_negatives(c: Contrast, pairs: Pairs | None = None) -> tuple[Tensor | None, Tensor | None]:
     """Cosine similarities [A, M] of each anchor with its extra negatives and their mask [A, M]
     (None when every entry counts): the Sampler's synthetic negatives (``pairs``, already
-    restricted to this rank's anchors, masked by ``pairs.extra_negative_mask``) then the memory
+    restricted to this rank's anchors: vectors, then similarities, masked by
+    ``pairs.extra_negative_mask`` as :class:`~sdk.types.Pairs` documents) then the memory
     in ``Views.extras["negatives"]`` (detached; entries are taken as given). ``(None, None)``
     when there are none."""
     sims: list[Tensor] = []
@@ -260,7 +261,7 @@ def extra_negatives(c: Contrast, pairs: Pairs | None = None) -> tuple[Tensor | N
         masks.append(pairs.extra_negative_mask)
     if pairs is not None and pairs.extra_negative_sims is not None:
         sims.append(pairs.extra_negative_sims)
-        masks.append(None)
+        masks.append(pairs.extra_negative_mask if pairs.extra_negatives is None else None)
     memory = c.views.extras.get(NEGATIVES)
     if memory is not None:
         sims.append(c.anchors @ memory.detach().to(c.anchors.dtype).T)

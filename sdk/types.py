@@ -164,10 +164,10 @@ class Pairs:
     Rows are anchors and columns candidates, both indexing ``torch.cat(views.embeddings)``
     unless the objective documents otherwise. ``weight`` ``[A, N]`` scales each pair (a pair
     of weight w counts w times). ``extra_negatives`` ``[A, M, D]`` are synthetic negatives
-    appended per anchor (e.g. hard negative mixing), of which only those where
-    ``extra_negative_mask`` ``[A, M]`` is true count (all when None); ``extra_negative_sims``
-    ``[A, M]`` are the cosine similarities of each anchor with synthetic negatives given without
-    their vectors.
+    appended per anchor (e.g. hard negative mixing); ``extra_negative_sims`` ``[A, M]`` are the
+    cosine similarities of each anchor with synthetic negatives given without their vectors.
+    ``extra_negative_mask`` ``[A, M]`` says which of the synthetic negatives count (all when
+    None): those of ``extra_negatives`` when given, else those of ``extra_negative_sims``.
     """
 
     positive: Tensor
@@ -199,17 +199,6 @@ class Pairs:
         ):
             raise ShapeError(f"Pairs.extra_negatives: expected shape [{self.positive.shape[0]}, M, D], "
                              f"got {_shape(self.extra_negatives)}")
-        _tensor_or_none("Pairs", "extra_negative_mask", self.extra_negative_mask)
-        if self.extra_negative_mask is not None:
-            if self.extra_negatives is None:
-                raise ValueError("Pairs.extra_negative_mask: given without extra_negatives")
-            if self.extra_negative_mask.dtype != torch.bool:
-                raise TypeError(f"Pairs.extra_negative_mask: expected dtype torch.bool, "
-                                f"got {self.extra_negative_mask.dtype}")
-            if self.extra_negative_mask.shape != self.extra_negatives.shape[:2]:
-                raise ShapeError(f"Pairs.extra_negative_mask: expected shape "
-                                 f"{list(self.extra_negatives.shape[:2])}, "
-                                 f"got {_shape(self.extra_negative_mask)}")
         _tensor_or_none("Pairs", "extra_negative_sims", self.extra_negative_sims)
         if self.extra_negative_sims is not None and (
             self.extra_negative_sims.dim() != 2
@@ -217,3 +206,16 @@ class Pairs:
         ):
             raise ShapeError(f"Pairs.extra_negative_sims: expected shape [{self.positive.shape[0]}, M], "
                              f"got {_shape(self.extra_negative_sims)}")
+        _tensor_or_none("Pairs", "extra_negative_mask", self.extra_negative_mask)
+        if self.extra_negative_mask is not None:
+            if self.extra_negatives is None and self.extra_negative_sims is None:
+                raise ValueError("Pairs.extra_negative_mask: given without extra_negatives or "
+                                 "extra_negative_sims")
+            if self.extra_negative_mask.dtype != torch.bool:
+                raise TypeError(f"Pairs.extra_negative_mask: expected dtype torch.bool, "
+                                f"got {self.extra_negative_mask.dtype}")
+            masked = (self.extra_negatives.shape[:2] if self.extra_negatives is not None
+                      else self.extra_negative_sims.shape)
+            if self.extra_negative_mask.shape != masked:
+                raise ShapeError(f"Pairs.extra_negative_mask: expected shape {list(masked)}, "
+                                 f"got {_shape(self.extra_negative_mask)}")

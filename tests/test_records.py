@@ -79,6 +79,9 @@ def test_pairs_validation():
                   extra_negative_mask=torch.ones(3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="without extra_negatives"):
         sdk.Pairs(positive=m, negative=m, extra_negative_mask=torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(sdk.ShapeError, match="Pairs.extra_negative_mask: expected shape \\[3, 5\\]"):
+        sdk.Pairs(positive=m, negative=m, extra_negative_sims=torch.ones(3, 5),
+                  extra_negative_mask=torch.ones(3, 4, dtype=torch.bool))
 
 
 def test_masked_extra_negatives_leave_the_denominator():
@@ -94,3 +97,7 @@ def test_masked_extra_negatives_leave_the_denominator():
         c, sdk.Pairs(positive=m, negative=m, extra_negatives=extra, extra_negative_mask=keep))
     assert torch.equal(mask, keep)
     assert torch.allclose(masked, torch.einsum("ad,amd->am", c.anchors, extra))
+    sims = torch.einsum("ad,amd->am", c.anchors, extra)  # the same negatives as similarities only
+    both, mask = contrastive.extra_negatives(
+        c, sdk.Pairs(positive=m, negative=m, extra_negative_sims=sims, extra_negative_mask=keep))
+    assert torch.equal(mask, keep) and torch.equal(both, sims)

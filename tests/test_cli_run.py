@@ -63,6 +63,11 @@ def test_overrides_are_type_checked(tmp_path, capsys):
     code, out = run(capsys, "run", str(RECIPES / "simclr_digits.toml"),
                     "--set", "trainer.max_epochs=many")
     assert code == 2 and 'trainer.max_epochs: expected int, got "many"' in out
+    # brackets in messages are text, not console markup; a message is one line
+    code, out = run(capsys, "run", str(RECIPES / "simclr_digits.toml"),
+                    "--set", 'encoder.backbone.hidden_dims="wide"')
+    assert code == 2
+    assert 'encoder.backbone.hidden_dims: expected tuple[int, ...] | list[int], got "wide"' in out
 
 
 def test_resume_continues_to_the_same_result(tmp_path, capsys):

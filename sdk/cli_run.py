@@ -228,11 +228,12 @@ def print_summary(summary: dict[str, Any], console: Console, run_dir: Path) -> N
     rows = [(label, f"{summary[key]:.4f}" if isinstance(summary[key], float) else str(summary[key]))
             for key, label in RESULT_KEYS if key in summary]
     if not console.is_terminal or os.environ.get("CI"):
+        text = {"highlight": False, "markup": False, "soft_wrap": True}
         console.print(f"{summary['recipe']} on {summary['dataset']} ({summary['kind']}, "
-                      f"{summary['n_test']} held-out test samples)", highlight=False, soft_wrap=True)
+                      f"{summary['n_test']} held-out test samples)", **text)
         for label, value in rows:
-            console.print(f"{label}: {value}", highlight=False, soft_wrap=True)
-        console.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
+            console.print(f"{label}: {value}", **text)
+        console.print(f"run directory: {run_dir}", **text)
         return
     table = Table(title=f"{summary['recipe']} on {summary['dataset']} "
                         f"({summary['kind']}, {summary['n_test']} held-out test samples)")

@@ -25,7 +25,8 @@ def install(session: nox.Session, *extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """The test suite, including the conformance kit over every registered plugin."""
     install(session, "test")
-    session.run("pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
+    args = session.posargs or ["-n", "auto"]  # one worker per core; pass arguments to override
+    session.run("pytest", "-q", "-p", "no:cacheprovider", *args)
 
 
 @nox.session

@@ -798,17 +798,7 @@ class Trainer:
 
     def _end_epoch(self, progress: _Progress) -> None:
         self.emit("on_epoch_end")
-        record: dict[str, Any] = {"kind": "epoch", "epoch": self.epoch, "step": self.step}
-        if self._epoch_count:
-            record["loss"] = float(self._sums[1]) / self._epoch_count
-        if self.val_loader is not None:
-            self.val_metrics = self.evaluate(self.val_loader)
-            record.update({f"val/{k}": v for k, v in self.val_metrics.items()})
-            self.emit("on_validation_end")
-        self._record(record)
-        if progress.plain and progress.enabled and "loss" in record:
-            val = "".join(f" {k} {v:.4f}" for k, v in record.items() if k.startswith("val/"))
-            print(f"epoch {self.epoch} done: loss {record['loss']:.4f}{val}", flush=True)
+        self._validate_and_log_epoch(progress, partial=False)
         self.epoch += 1
         self.batch_idx = 0
         if self.run_dir is not None:
@@ -823,8 +813,13 @@ class Trainer:
         if self.run_dir is not None and not (self.checkpoint_every is not None
                                              and self.step % self.checkpoint_every == 0):
             self.save_checkpoint()
-        record: dict[str, Any] = {"kind": "epoch", "epoch": self.epoch, "step": self.step,
-                                  "partial": True}
+        self._validate_and_log_epoch(progress, partial=True)
+
+    def _validate_and_log_epoch(self, progress: _Progress, *, partial: bool) -> None:
+        """Validate (``on_validation_end``) and log the epoch's mean loss and validation metrics."""
+        record: dict[str, Any] = {"kind": "epoch", "epoch": self.epoch, "step": self.step}
+        if partial:
+            record["partial"] = True
         if self._epoch_count:
             record["loss"] = float(self._sums[1]) / self._epoch_count
         if self.val_loader is not None:
@@ -834,8 +829,8 @@ class Trainer:
         self._record(record)
         if progress.plain and progress.enabled and "loss" in record:
             val = "".join(f" {k} {v:.4f}" for k, v in record.items() if k.startswith("val/"))
-            print(f"epoch {self.epoch} stopped after batch {self.batch_idx}: loss "
-                  f"{record['loss']:.4f}{val}", flush=True)
+            where = f"stopped after batch {self.batch_idx}" if partial else "done"
+            print(f"epoch {self.epoch} {where}: loss {record['loss']:.4f}{val}", flush=True)
 
     # logging -----------------------------------------------------------------------------
     def _start_logging(self, *, resumed: bool) -> None:

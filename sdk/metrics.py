@@ -425,37 +425,37 @@ class _Sums(Metric):
         self._stats = {key: torch.as_tensor(value).clone() for key, value in state.items()}
 
 
-class Accuracy(_Sums):
+class _Mean(_Sums):
+    """A streaming mean: the ratio of the two accumulated statistics named by ``ratio_of``."""
+
+    ratio_of: tuple[str, str] = ("sum", "count")
+
+    def compute(self) -> float:
+        s = self._get(*self.ratio_of)
+        return math.nan if s is None else _ratio(*s)
+
+
+class Accuracy(_Mean):
     """Streaming :func:`accuracy`: ``update(logits_or_probs, labels)`` counts correct rows."""
+
+    ratio_of = ("correct", "total")
 
     def update(self, logits_or_probs: Tensor, labels: Tensor) -> None:
         self._add(_accuracy_stats(logits_or_probs, labels))
 
-    def compute(self) -> float:
-        s = self._get("correct", "total")
-        return math.nan if s is None else _ratio(*s)
 
-
-class NLL(_Sums):
+class NLL(_Mean):
     """Streaming :func:`nll`: ``update(probs, labels)`` sums ``-log p_y``."""
 
     def update(self, probs: Tensor, labels: Tensor) -> None:
         self._add(_nll_stats(probs, labels))
 
-    def compute(self) -> float:
-        s = self._get("sum", "count")
-        return math.nan if s is None else _ratio(*s)
 
-
-class Brier(_Sums):
+class Brier(_Mean):
     """Streaming :func:`brier`: ``update(probs, labels)`` sums ``sum_c (p_c - y_c)^2``."""
 
     def update(self, probs: Tensor, labels: Tensor) -> None:
         self._add(_brier_stats(probs, labels))
-
-    def compute(self) -> float:
-        s = self._get("sum", "count")
-        return math.nan if s is None else _ratio(*s)
 
 
 class _Binned(_Sums):
@@ -501,7 +501,7 @@ class ClasswiseECE(_Binned):
         return math.nan if s is None else _classwise_from_bins(*s)
 
 
-class Alignment(_Sums):
+class Alignment(_Mean):
     """Streaming :func:`alignment`: ``update(z1, z2)`` sums ``||f(x) - f(x+)||^alpha``."""
 
     def __init__(self, alpha: float = 2.0):
@@ -511,10 +511,6 @@ class Alignment(_Sums):
 
     def update(self, z1: Tensor, z2: Tensor) -> None:
         self._add(_alignment_stats(z1, z2, self.alpha))
-
-    def compute(self) -> float:
-        s = self._get("sum", "count")
-        return math.nan if s is None else _ratio(*s)
 
 
 class RankMe(_Sums):
@@ -581,9 +577,11 @@ class Uniformity(_Stored):
                           chunk_size=self.chunk_size)
 
 
-class KNNAccuracy(_Sums):
+class KNNAccuracy(_Mean):
     """Streaming :func:`knn_accuracy`: ``fit(train_emb, train_y)`` sets the neighbour bank,
     ``update(test_emb, test_y)`` counts correct votes batch by batch."""
+
+    ratio_of = ("correct", "total")
 
     def __init__(self, k: int = 20, temperature: float = 0.07, chunk_size: int = 512):
         super().__init__()
@@ -610,10 +608,6 @@ class KNNAccuracy(_Sums):
                            chunk_size=self.chunk_size)
         self._add({"correct": (pred == test_y.to(pred.device)).to(_STAT).sum(),
                    "total": torch.tensor(float(test_y.numel()), dtype=_STAT, device=pred.device)})
-
-    def compute(self) -> float:
-        s = self._get("correct", "total")
-        return math.nan if s is None else _ratio(*s)
 
     def reset(self) -> None:
         super().reset()
@@ -661,10 +655,6 @@ class LinearProbe(_Sums):
         pred = self.probe.predict(test_emb)
         self._add({"correct": (pred == test_y.to(pred.device)).to(_STAT).sum(),
                    "total": torch.tensor(float(test_y.numel()), dtype=_STAT, device=pred.device)})
-
-    def compute(self) -> float:
-        s = self._get("correct", "total")
-        return math.nan if s is None else _ratio(*s)
 
     def reset(self) -> None:
         super().reset()

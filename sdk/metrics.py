@@ -627,9 +627,11 @@ class KNNAccuracy(_Mean):
                                                 torch.as_tensor(labels).clone())
 
 
-class LinearProbe(_Sums):
+class LinearProbe(_Mean):
     """Streaming :func:`linear_probe_accuracy`: ``fit(train_emb, train_y)`` trains the probe,
     ``update(test_emb, test_y)`` counts its correct predictions batch by batch."""
+
+    ratio_of = ("correct", "total")
 
     _PARAMS = ("mean", "std", "weight", "bias")
 

@@ -1,5 +1,6 @@
 """MoCHi (hard_negative_mixing): synthetic negatives reconstructed as the paper's mixtures of each
-query's hardest negatives, nt_xent with them against a slow loop, and the hardness effect."""
+query's hardest negatives, the closed-form similarities (values and gradients) against vectors built
+one by one, nt_xent with them against a slow loop, and the hardness effect."""
 
 import itertools
 import math
@@ -10,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import sdk
-from plugins.hard_negative_mixing import hard_negative_mixing
+from plugins import hard_negative_mixing as hnm
+from plugins.hard_negative_mixing import hard_negative_mixing, mochi_negatives
 
 
 def unit(*shape, seed=0):
@@ -34,8 +36,8 @@ def test_synthetic_negatives_are_mixtures_of_the_hardest():
     q, pool = unit(6, 24, seed=0), unit(40, 24, seed=1)
     mask = torch.rand(6, 40, generator=torch.Generator().manual_seed(2)) > 0.3
     n_hard, s, s_prime = 5, 7, 6
-    h, valid = hard_negative_mixing(q, pool, mask, n_hard=n_hard, s=s, s_prime=s_prime,
-                                    generator=torch.Generator().manual_seed(3))
+    h, valid = mochi_negatives(q, pool, mask, n_hard=n_hard, s=s, s_prime=s_prime,
+                               generator=torch.Generator().manual_seed(3))
     assert h.shape == (6, s + s_prime, 24) and bool(valid.all()) and not h.requires_grad
     assert torch.allclose(h.norm(dim=-1), torch.ones(6, s + s_prime), atol=1e-5)
     qn, pn, hn = q.numpy(), pool.numpy(), h.numpy()
@@ -57,8 +59,8 @@ def test_synthetic_negatives_are_mixtures_of_the_hardest():
 
 def test_mixing_weights_are_uniform_over_their_ranges():
     q, pool = unit(1, 8, seed=4), unit(2, 8, seed=5)  # only two negatives: every mix is on one arc
-    h, _ = hard_negative_mixing(q, pool, n_hard=2, s=0, s_prime=4000,
-                                generator=torch.Generator().manual_seed(6))
+    h, _ = mochi_negatives(q, pool, n_hard=2, s=0, s_prime=4000,
+                           generator=torch.Generator().manual_seed(6))
     betas = []
     for v in h[0].numpy():
         fits = [fit_pair(v, q[0].numpy(), pool[j].numpy()) for j in range(2)]
@@ -73,9 +75,61 @@ def test_invalid_queries_get_masked_negatives_and_fewer_valid_cap_n():
     q, pool = unit(3, 8, seed=7), unit(10, 8, seed=8)
     mask = torch.zeros(3, 10, dtype=torch.bool)
     mask[1, 4] = True  # one valid negative: every pair mix is that negative itself
-    h, valid = hard_negative_mixing(q, pool, mask, n_hard=5, s=3, s_prime=2)
+    h, valid = mochi_negatives(q, pool, mask, n_hard=5, s=3, s_prime=2)
     assert valid.tolist() == [[False] * 5, [True] * 5, [False] * 5]
     assert torch.allclose(h[1, :3], pool[4].expand(3, -1), atol=1e-6)
+    sims, valid = hard_negative_mixing(q, pool, mask, n_hard=5, s=3, s_prime=2)
+    assert sims.shape == (3, 5) and valid.tolist() == [[False] * 5, [True] * 5, [False] * 5]
+    assert torch.allclose(sims[1, :3], (q[1] @ pool[4]).expand(3), atol=1e-6)
+
+
+def reference_sims(z, pool, mask, n_hard, s, s_prime, seed):
+    """MoCHi written out: each query's hardest negatives by a sort, the draws in the order the
+    sampler takes them from its generator, every synthetic vector built one by one and detached,
+    and ``z_a . h`` (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    a = z.shape[0]
+    alpha = torch.rand((a, s), generator=g)
+    u_i, u_j = torch.rand((a, s), generator=g), torch.rand((a, s), generator=g)
+    beta = 0.5 * torch.rand((a, s_prime), generator=g)
+    u_q = torch.rand((a, s_prime), generator=g)
+    n = F.normalize(pool.double(), dim=1)
+    rows = []
+    for r in range(a):
+        q = (z[r] / z[r].norm()).detach()
+        top = hardest(q, n, mask[r] if mask is not None else torch.ones(len(n), dtype=torch.bool), n_hard)
+
+        def pick(u, top=top):
+            return n[top[min(int(u * len(top)), len(top) - 1)]]
+
+        hs = [alpha[r, m].double() * pick(u_i[r, m]) + (1 - alpha[r, m].double()) * pick(u_j[r, m])
+              for m in range(s)]
+        hs += [beta[r, m].double() * q + (1 - beta[r, m].double()) * pick(u_q[r, m]) for m in range(s_prime)]
+        rows.append(torch.stack([z[r] @ (h / h.norm()).detach() for h in hs]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("block, chunk", [(hnm.GRAM_BLOCK, hnm.GATHER_CHUNK), (60, 7)])
+@pytest.mark.parametrize("k, masked", [(30, True), (30, False), (400, True)])  # 400: gathered pairs
+def test_closed_form_sims_match_vectors_built_one_by_one(monkeypatch, block, chunk, k, masked):
+    monkeypatch.setattr(hnm, "GRAM_BLOCK", block)  # (60, 7): many Gram blocks, many gather chunks
+    monkeypatch.setattr(hnm, "GATHER_CHUNK", chunk)
+    g = torch.Generator().manual_seed(20)
+    z = (3 * torch.randn(6, 5, generator=g, dtype=torch.float64)).requires_grad_()  # not unit
+    pool = torch.randn(k, 5, generator=g, dtype=torch.float64)
+    mask = torch.rand(6, k, generator=g) > 0.4 if masked else None
+    weight = torch.randn(6, 11, generator=g, dtype=torch.float64)
+    sims, valid = hard_negative_mixing(z, pool, mask, n_hard=7, s=6, s_prime=5,
+                                       generator=torch.Generator().manual_seed(21))
+    want = reference_sims(z, pool, mask, 7, 6, 5, 21)
+    assert sims.dtype == torch.float64 and bool(valid.all())
+    assert torch.allclose(sims, want, rtol=1e-12, atol=1e-12)
+    got_grad, = torch.autograd.grad((weight * sims).sum(), z)
+    want_grad, = torch.autograd.grad((weight * want).sum(), z)
+    assert torch.allclose(got_grad, want_grad, rtol=1e-10, atol=1e-12)
+    vectors, _ = mochi_negatives(z, pool, mask, n_hard=7, s=6, s_prime=5,
+                                 generator=torch.Generator().manual_seed(21))
+    assert torch.allclose(torch.einsum("ad,amd->am", z.detach(), vectors), want, atol=1e-12)
 
 
 def slow_moco_loss(z1, z2, memory, extra, t):
@@ -104,10 +158,13 @@ def test_nt_xent_with_mixing_matches_slow_loop(pool):
     obj = sdk.create("objective", "nt_xent", temperature=0.2,
                      sampler=sdk.create("sampler", "hard_negative_mixing", **params))
     loss = obj(views, sdk.Batch()).value
-    twin = sdk.create("sampler", "hard_negative_mixing", **params)  # same seed: same draws
-    normed = sdk.Views(embeddings=(F.normalize(z1, dim=1), F.normalize(z2, dim=1)),
-                       extras={"negatives": memory})
-    extra = twin.pairs(normed, sdk.Batch()).extra_negatives
+    normed = F.normalize(torch.cat([z1, z2]), dim=1).detach()
+    other = torch.arange(10)[:, None] % 5 != torch.arange(10)[None, :] % 5
+    pool_, mask = {"memory": (memory, None), "batch": (normed, other),
+                   "both": (torch.cat([memory, normed]), torch.cat([torch.ones(10, 12, dtype=torch.bool),
+                                                                    other], dim=1))}[pool]
+    extra, _ = mochi_negatives(normed, pool_, mask, n_hard=4, s=3, s_prime=2,  # the same draws
+                               generator=torch.Generator().manual_seed(11))
     assert extra.shape == (10, 5, 6)
     expected = slow_moco_loss(z1, z2, memory, extra, 0.2)
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)  # float32 logits
@@ -150,9 +207,9 @@ def test_memory_entries_of_the_anchor_itself_are_never_mixed():
                                                  "negatives_index": torch.arange(8)})
     pairs = sdk.create("sampler", "hard_negative_mixing", n_hard=1, s=2, s_prime=0,
                        seed=0).pairs(views, sdk.Batch(index=torch.arange(4)))
-    own = torch.cat([z, z])
-    cos = torch.einsum("ad,amd->am", own, pairs.extra_negatives)
-    assert float(cos.max()) < 0.999
+    assert pairs.extra_negatives is None  # similarities only: no [A, s + s', D] tensor
+    assert pairs.extra_negative_sims.shape == (8, 2)
+    assert float(pairs.extra_negative_sims.max()) < 0.999  # cosines: the anchors are unit vectors
 
 
 def test_bad_parameters_and_a_missing_memory_teacher_are_named():
@@ -177,7 +234,7 @@ def test_empty_queue_masks_every_synthetic_negative():
                       extras=queue.memory())
     sampler = sdk.create("sampler", "hard_negative_mixing", n_hard=4, s=3, s_prime=2)
     pairs = sampler.pairs(views, sdk.Batch(index=torch.arange(5)))
-    assert pairs.extra_negatives.shape == (10, 5, 8) and not bool(pairs.extra_negative_mask.any())
+    assert pairs.extra_negative_sims.shape == (10, 5) and not bool(pairs.extra_negative_mask.any())
     mixed = sdk.create("objective", "nt_xent", sampler=sampler)(views, sdk.Batch(index=torch.arange(5)))
     assert torch.allclose(mixed.value, sdk.create("objective", "nt_xent")(views).value, atol=1e-6)
     queue.push(torch.randn(6, 8, generator=g), torch.arange(6))
@@ -193,5 +250,5 @@ def test_seeded_generator_state_round_trips():
     a.pairs(views, batch)
     b = sdk.create("sampler", "hard_negative_mixing", n_hard=4, s=3, s_prime=2, seed=5)
     b.load_state_dict(a.state_dict())
-    assert torch.equal(a.pairs(views, batch).extra_negatives, b.pairs(views, batch).extra_negatives)
-    assert not math.isnan(float(a.pairs(views, batch).extra_negatives.sum()))
+    assert torch.equal(a.pairs(views, batch).extra_negative_sims, b.pairs(views, batch).extra_negative_sims)
+    assert not math.isnan(float(a.pairs(views, batch).extra_negative_sims.sum()))

@@ -23,10 +23,15 @@ def _plugins_list(args: argparse.Namespace, console: Console) -> int:
 
     reg = registry.get_registry()
     table = Table(title="paperplug plugins", show_lines=False)
-    for col in ("kind", "name", "title", "paper", "package"):
-        table.add_column(col, overflow="fold")
-    for card in reg.cards(args.kind):
-        table.add_row(card.kind, card.name, card.title, card.paper, card.package)
+    cards = reg.cards(args.kind)
+    used = 1  # one row per plugin: identifiers whole, the title cut to fit (`plugins show` has it all)
+    for col in ("kind", "name", "package", "paper"):
+        width = max([len(col), *(len(getattr(card, col)) for card in cards)])
+        table.add_column(col, no_wrap=True, min_width=width)
+        used += width + 3
+    table.add_column("title", overflow="ellipsis", no_wrap=True, max_width=max(12, console.width - used - 3))
+    for card in cards:
+        table.add_row(card.kind, card.name, card.package, card.paper, card.title)
     console.print(table)
     if reg.broken:
         broken = Table(title="broken plugins (skipped)", style="red")

@@ -1,4 +1,4 @@
-"""G-SimCLR's batching: no two samples of one batch share a k-means pseudo-label.
+"""G-SimCLR's batching: samples of one k-means pseudo-label go to different batches.
 
 Chakraborty, Gosthipaty & Paul, "G-SimCLR: Self-Supervised Contrastive Learning with Guided
 Projection via Pseudo Labelling", ICDM Workshops 2020 (arXiv:2009.12007).
@@ -6,7 +6,6 @@ Projection via Pseudo Labelling", ICDM Workshops 2020 (arXiv:2009.12007).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -20,32 +19,23 @@ from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
 
 
-def _capacity(counts: Tensor, batch_size: int) -> tuple[int, int]:
-    """Largest per-cluster count ``cap`` that ``m = ceil(kept / B)`` batches (only the last one
-    partial, of size ``last``) can hold one per batch, and the number ``kept`` it keeps: a
-    cluster of ``m`` members needs one in every batch, so at most ``last`` clusters may have
-    ``m``; clusters of fewer than ``m`` always fit."""
-    cap = max(1, min(int(counts.max()), math.ceil(int(counts.sum()) / batch_size)))
-    while True:
-        kept = int(counts.clamp(max=cap).sum())
-        n_batches = math.ceil(kept / batch_size)
-        last = kept - (n_batches - 1) * batch_size
-        if cap < n_batches or cap == n_batches and int((counts >= cap).sum()) <= last:
-            return cap, kept
-        cap -= 1
-
-
 def pseudo_label_batches(labels: Tensor, batch_size: int, *,
                          generator: torch.Generator | None = None) -> list[Tensor]:
-    """Batches of dataset positions in which every pseudo-label occurs at most once.
+    """Batches of all dataset positions (each exactly once) with the fewest possible pairs of
+    samples that share a pseudo-label inside one batch.
 
-    Positions are shuffled within their cluster; clusters are sorted by size (largest first,
-    ties in random order) and the list is dealt row by row into ``m = ceil(kept / B)``
-    batches (only the last partial): position ``p`` goes to batch ``p mod`` (row width), so a
-    run of one cluster (at most ``m`` long, and exactly one full row when it is ``m`` long)
-    lands in distinct batches. When a cluster has more members than fit (:func:`_capacity`),
-    its surplus (random members) sits this epoch out; otherwise every position appears exactly
-    once. Full batches come in random order, the partial one last.
+    With ``w = floor(N / B)`` full batches and a partial one of ``r = N mod B`` positions, the
+    partial batch takes ``y_k`` members of cluster ``k`` and the rest are dealt evenly over the
+    full batches. The pair count of cluster ``k`` is then ``C(y_k, 2) + g(n_k - y_k)``, where
+    ``g(n)`` counts the pairs of ``n`` members spread as evenly as possible over ``w`` batches, so
+    the ``y_k`` come from a greedy pick of the ``r`` cheapest marginal moves
+    ``(y - 1) - floor((n_k - y) / w)`` (optimal: every ``y -> cost`` is convex). The even spread:
+    clusters (members shuffled, clusters in random order) are concatenated and dealt row by row
+    into a ``[B, w]`` grid, so a run of ``n`` members of one cluster puts ``floor(n / w)`` or
+    ``ceil(n / w)`` into each batch. The total is the minimum over all partitions into batches
+    of these sizes; it is zero whenever every cluster has at most ``w`` members (or at most
+    ``w + 1``, for no more than ``r`` clusters). Full batches come in random order, the partial
+    one last.
     """
     if labels.dim() != 1:
         raise ShapeError(f"pseudo_label_batches: expected labels [N], got {list(labels.shape)}")
@@ -53,29 +43,35 @@ def pseudo_label_batches(labels: Tensor, batch_size: int, *,
     n = labels.shape[0]
     k = int(labels.max()) + 1
     counts = torch.bincount(labels, minlength=k)
-    cap, kept = _capacity(counts, batch_size)
+    w, r = divmod(n, batch_size)
     perm = torch.randperm(n, generator=generator)
-    tie = torch.randperm(k, generator=generator)
-    cluster_rank = torch.argsort(torch.argsort(-counts.clamp(max=cap) * k + tie))
-    keys, by_key = torch.sort(cluster_rank[labels[perm]], stable=True)
-    order = perm[by_key]
+    tie = torch.randperm(k, generator=generator)  # random cluster order, random greedy ties
+    keys, by_key = torch.sort(tie[labels[perm]], stable=True)
+    order = perm[by_key]  # grouped by cluster, members shuffled
     per_key = torch.bincount(keys, minlength=k)
     rank_in_cluster = torch.arange(n) - (torch.cumsum(per_key, 0) - per_key)[keys]
-    order = order[rank_in_cluster < cap]  # the surplus of oversized clusters sits out
-    n_batches = math.ceil(kept / batch_size)
-    last = kept - (n_batches - 1) * batch_size
-    grid = torch.ones(batch_size, n_batches, dtype=torch.bool)
-    grid[last:, -1] = False  # the partial last batch has fewer slots
-    slots = torch.full((batch_size, n_batches), -1, dtype=torch.long)
-    slots[grid] = order  # row-major: consecutive positions go to consecutive batches
-    batches = [col[col >= 0] for col in slots.T]
-    full = torch.randperm(n_batches - (1 if last < batch_size else 0), generator=generator)
-    return [batches[int(j)] for j in full] + batches[len(full):]
+    if w == 0:
+        take = counts  # a single, partial batch
+    elif r == 0:
+        take = torch.zeros_like(counts)
+    else:
+        y = torch.arange(1, r + 1)
+        marginal = (y - 1) - torch.div(counts[:, None] - y, w, rounding_mode="floor")
+        marginal = marginal.masked_fill(y > counts[:, None], n)  # [K, r]; rising in y
+        key = (marginal + n) * k + tie[:, None]  # distinct keys: ties between clusters at random
+        pick = torch.argsort(key.flatten())[:r] // r
+        take = torch.bincount(pick, minlength=k)
+    partial = rank_in_cluster < take[labels[order]]
+    rest = order[~partial].view(batch_size, w)  # row-major: a cluster's run spreads evenly
+    batches = [rest[:, int(j)] for j in torch.randperm(w, generator=generator)]
+    return batches + ([order[partial]] if r else [])
 
 
 class PseudoLabelBatchSampler(torch.utils.data.Sampler[int]):
     """A data-level sampler (``Trainer(sampler=...)``, used with the loader's ``batch_size``)
-    whose consecutive chunks of ``batch_size`` positions carry distinct pseudo-labels.
+    that yields every training position once per epoch, in consecutive chunks of ``batch_size``
+    that repeat a pseudo-label only as often as the cluster sizes force (never, when no cluster
+    has more members than there are full batches).
 
     At every epoch start the training set is embedded (``trainer.embed``; ``features=True``:
     the backbone's features, as G-SimCLR clusters an encoder's latent space) and clustered
@@ -183,14 +179,19 @@ CARD = Card(
     summary="Each epoch, k-means pseudo-labels of the current embeddings; batches are formed so "
             "that no two samples of a batch share a pseudo-label, which keeps likely same-class "
             "samples out of each other's NT-Xent negatives.",
-    formula="c = kmeans_K(embed(X)); batches B_1..B_m partition the kept positions with "
-            "c(i) != c(j) for all i != j in one B_t; m = ceil(kept / B), a cluster keeps at most "
-            "as many members as rows of the layout allow (all of them when |c^-1(k)| <= m)",
+    formula="c = kmeans_K(embed(X)); batches B_1..B_m (m = ceil(N / B), sizes B and the "
+            "remainder last) partition all N positions and minimise sum_t #{i<j in B_t: c(i) = c(j)}: "
+            "the last batch takes y_k of cluster k (greedy on the marginal cost "
+            "(y-1) - floor((n_k - y) / w), w = floor(N / B)), the rest are spread evenly over the w "
+            "full batches; zero shared labels whenever every n_k <= w",
     left_out="Defaults follow the reference CIFAR-10 code (K = batch size = 64, 50000 samples). "
              "The paper's denoising autoencoder (the pseudo-labels come from the encoder being "
              "trained, or its backbone features with features=True, refreshed every epoch rather "
              "than fixed once), and its CIFAR-10 / ImageNet-subset setups. K must be >= the batch "
-             "size; surplus members of clusters larger than the number of batches skip the epoch.",
+             "size. Every sample is used every epoch, so a cluster larger than the number of "
+             "batches shares some batches with itself (as few pairs as possible) instead of "
+             "leaving members out; under DDP the partial batch and the remainder of full batches "
+             "that does not divide by the world size are left out of the epoch.",
 )
 
 

@@ -1,6 +1,11 @@
-"""G-SimCLR batching (pseudo_label_batch_sampler): no batch holds two samples of one pseudo-label,
-every index once per epoch, seeded, refreshed from the trainer's embeddings, wired through the
-Trainer's DataLoader, and fewer same-class negatives than random batches on digits."""
+"""G-SimCLR batching (pseudo_label_batch_sampler): every index once per epoch, batches that share a
+pseudo-label only as often as the cluster sizes force (exhaustive minimum on tiny cases, the even-spread
+bound on larger ones, none when clusters fit), seeded, refreshed from the trainer's embeddings, wired
+through the Trainer's DataLoader, split evenly over DDP ranks, and fewer same-class negatives than random
+batches on digits."""
+
+import itertools
+import random
 
 import pytest
 import torch
@@ -48,18 +53,114 @@ def test_balanced_clusters_every_index_once_and_no_shared_label(n, b, k, seed):
         assert labels[x].unique().numel() == len(x)
 
 
-def test_oversized_clusters_leave_out_only_their_surplus():
+def shared_label_pairs(labels, batches):
+    return sum(int((labels[b][:, None] == labels[b][None, :]).sum() - len(b)) // 2 for b in batches)
+
+
+def fewest_shared_label_pairs(labels, batch_size):
+    """Exhaustive minimum over every partition into batches of the loader's sizes (tiny N only)."""
+    n = len(labels)
+    sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    best = [n * n]
+
+    def search(left, sizes, acc):
+        if acc >= best[0]:
+            return
+        if not sizes:
+            best[0] = acc
+            return
+        for chosen in itertools.combinations(left, sizes[0]):
+            rest = [i for i in left if i not in chosen]
+            search(rest, sizes[1:], acc + shared_label_pairs(labels, [torch.tensor(chosen)]))
+
+    search(list(range(n)), sizes, 0)
+    return best[0]
+
+
+def even_spread_pairs(sizes, n_batches):
+    """A lower bound for any partition into ``n_batches`` batches: each cluster spread evenly."""
+    total = 0
+    for size in sizes:
+        per_batch = [size // n_batches + (j < size % n_batches) for j in range(n_batches)]
+        total += sum(c * (c - 1) // 2 for c in per_batch)
+    return total
+
+
+@pytest.mark.parametrize("case", range(30))
+def test_uneven_clusters_every_index_once_and_fewest_shared_labels_possible(case):
+    rng = random.Random(case)
+    n, b = rng.randint(4, 9), rng.randint(2, 4)
+    labels = torch.tensor([rng.randrange(rng.randint(1, n)) for _ in range(n)])
+    labels = torch.unique(labels, return_inverse=True)[1]
+    batches = pseudo_label_batches(labels, b, generator=torch.Generator().manual_seed(case))
+    assert sorted(torch.cat(batches).tolist()) == list(range(n))  # every index exactly once
+    assert all(len(x) == b for x in batches[:-1]) and 1 <= len(batches[-1]) <= b
+    assert shared_label_pairs(labels, batches) == fewest_shared_label_pairs(labels, b)
+
+
+@pytest.mark.parametrize("labels,b,fewest", [
+    ([0, 0, 0, 0, 0, 1], 4, 4),  # the partial batch best takes two of the big cluster
+    ([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5], 10, 4),  # 6 clusters fill 10 slots: 4 repeats
+    ([0, 0, 1, 1, 2], 3, 0),  # clusters of w + 1 = 2, no more of them than r = 2: no repeat
+    ([0, 0, 0, 1, 1, 1, 2], 3, 1),  # two clusters of w + 1 = 3 but r = 1: one repeat
+])
+def test_known_minima(labels, b, fewest):
+    labels = torch.tensor(labels)
+    assert fewest_shared_label_pairs(labels, b) == fewest
+    for seed in range(5):
+        batches = pseudo_label_batches(labels, b, generator=torch.Generator().manual_seed(seed))
+        assert sorted(torch.cat(batches).tolist()) == list(range(len(labels)))
+        assert shared_label_pairs(labels, batches) == fewest
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_full_batches_meet_the_even_spread_bound_and_fitting_clusters_never_share(seed):
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 60, (40,), generator=g)
+    sizes[0] = 240 - int(sizes[1:].sum()) % 8 + 8 * 40  # one dominant cluster, N a multiple of 8
+    labels = torch.arange(40).repeat_interleave(sizes)[torch.randperm(int(sizes.sum()), generator=g)]
+    batches = pseudo_label_batches(labels, 8, generator=g)
+    assert len(labels) % 8 == 0 and sorted(torch.cat(batches).tolist()) == list(range(len(labels)))
+    assert shared_label_pairs(labels, batches) == even_spread_pairs(sizes.tolist(), len(batches)) > 0
+    # uneven clusters of at most w = floor(N / B) members: no batch repeats a pseudo-label
+    n = int(torch.randint(150, 250, (), generator=g))
+    w = n // 8
+    labels = torch.randperm(n, generator=g) % (n // w + 1)
+    assert int(torch.bincount(labels).max()) <= w and int(torch.bincount(labels).min()) < w - 1
+    batches = pseudo_label_batches(labels, 8, generator=g)
+    assert sorted(torch.cat(batches).tolist()) == list(range(n))
+    assert shared_label_pairs(labels, batches) == 0
+
+
+def test_one_oversized_cluster_keeps_every_member():
     g = torch.Generator().manual_seed(4)
     labels = torch.cat([torch.zeros(30, dtype=torch.long), torch.arange(1, 61)])  # one big cluster
     labels = labels[torch.randperm(90, generator=g)]
     batches = pseudo_label_batches(labels, 6, generator=g)
-    flat = torch.cat(batches)
-    assert flat.unique().numel() == flat.numel()  # nothing twice
-    assert (labels[flat] != 0).sum() == 60  # every singleton cluster kept
-    assert (labels[flat] == 0).sum() == len(batches)  # the big one: one per batch, no more
-    for x in batches:
-        assert labels[x].unique().numel() == len(x)
-    assert all(len(x) == 6 for x in batches[:-1])
+    assert sorted(torch.cat(batches).tolist()) == list(range(90))  # nothing left out, nothing twice
+    assert len(batches) == 15 and all(len(x) == 6 for x in batches)
+    for x in batches:  # 30 members over 15 batches: exactly two in each, the fewest possible
+        assert int((labels[x] == 0).sum()) == 2 and labels[x].unique().numel() == 5
+
+
+def test_ranks_take_equal_shares_of_whole_batches(monkeypatch):
+    from sdk import distributed
+    g = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, 12, (101,), generator=g)
+    sampler = sdk.create("sampler", "pseudo_label_batch_sampler", num_samples=101, batch_size=8,
+                         n_clusters=12)
+    sampler.labels = labels
+    every = sampler.batches()  # 12 full batches, then a partial one of 5
+    monkeypatch.setattr(distributed, "world_size", lambda: 5)
+    shares = []
+    for rank in range(5):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        shares.append(sampler.batches())
+        assert len(sampler) == 16
+    assert [len(s) for s in shares] == [2] * 5 and all(len(x) == 8 for s in shares for x in s)
+    flat = torch.cat([x for s in shares for x in s])
+    assert flat.unique().numel() == 80  # disjoint ranks; 2 full batches and the partial one left out
+    assert sorted(flat.tolist()) == sorted(torch.cat(every[:10]).tolist())
 
 
 def test_refresh_from_trainer_embeddings_and_loader_batches():
@@ -131,10 +232,15 @@ def test_fewer_same_class_pairs_than_random_batches_on_digits():
         pairs = sum(int((y[b][:, None] == y[b][None, :]).sum() - len(b)) for b in batches) / 2
         return pairs / sum(len(b) for b in batches)
 
-    guided = same_class_pairs_per_sample(sampler.batches())
-    random = same_class_pairs_per_sample(torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-                                         .split(10))
-    assert guided < 0.5 * random
+    batches = sampler.batches()
+    assert sorted(torch.cat(batches).tolist()) == list(range(len(x)))  # all 1797, none left out
+    sizes = torch.bincount(sampler.labels).tolist()
+    assert max(sizes) > len(batches)  # uneven clusters: some pseudo-labels must repeat ...
+    assert shared_label_pairs(sampler.labels, batches) == even_spread_pairs(sizes, len(batches))  # ... fewest
+    guided = same_class_pairs_per_sample(batches)
+    shuffled = same_class_pairs_per_sample(torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+                                           .split(10))
+    assert guided < 0.6 * shuffled  # measured 0.220 vs 0.441 same-class pairs per sample
 
 
 def test_bad_parameters_are_named():

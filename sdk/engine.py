@@ -596,6 +596,8 @@ class Trainer:
         else:
             x = item
         dev = self.device
+        if dev.type == "cpu" and x.device.type == "cpu" and "extras" not in fields:
+            return x, Batch(**fields)  # a CPU loader's tensors are already where they belong
 
         def move(t: Tensor) -> Tensor:
             return t if t.device == dev else t.to(dev, non_blocking=nb)

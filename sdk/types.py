@@ -29,7 +29,7 @@ def _tensor_or_none(record: str, field: str, value: Any) -> None:
 
 
 def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    if value is None:
+    if value is None or value is _EMPTY or (type(value) is dict and not value):
         return _EMPTY
     if not isinstance(value, Mapping):
         raise TypeError(f"extras: expected a mapping of str to values, got {type(value).__name__}")

@@ -36,8 +36,26 @@ def test_plugin_example_registers_and_conforms():
 
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     module = types.ModuleType("my_loss")
-    exec(compile(blocks[1], "README plugin example", "exec"), module.__dict__)
+    exec(compile(blocks[2], "README plugin example", "exec"), module.__dict__)
     reg = Registry()
     reg.register_module(module, name="my_loss", package="my-package")
     assert reg.broken == []
     check_plugin("objective", "my_loss", registry=reg, scale=2.0)
+
+
+def test_training_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    namespace: dict = {}
+    exec(compile(blocks[1], "README training example", "exec"), namespace)
+    assert namespace["trainer"].step == 4  # 2 epochs of 4 batches, 2 per optimizer step
+    assert namespace["embeddings"].shape == (512, 32)
+    assert int(namespace["trainer"].teacher.state_dict()["filled"]) > 0
+
+
+def test_every_builtin_plugin_is_listed():
+    import sdk
+
+    table = README.read_text().split("## Built-in methods", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"[a-z][a-z0-9_]+", table))
+    missing = sorted(c.name for c in sdk.plugins() if c.package == "paperplug" and c.name not in listed)
+    assert not missing, f"README's built-in table lacks {missing}"

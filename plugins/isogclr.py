@@ -149,7 +149,8 @@ class ISogCLR(Objective):
         extra, extra_mask = contrastive.extra_negatives(c, pairs)
         index = contrastive.anchor_index(c)
         step = isogclr_loss(c.anchors @ c.candidates.T, positive, negative, self.tau[index],
-                            log_s_prev=self.log_s[index], seen=self.seen[index], gamma=self.gamma, rho=self.rho, weight=weight,
+                            log_s_prev=self.log_s[index], seen=self.seen[index], gamma=self.gamma,
+                            rho=self.rho, weight=weight,
                             extra_sims=extra, extra_mask=extra_mask)
         if self.training and torch.is_grad_enabled():
             self._update(c, batch.index, step)

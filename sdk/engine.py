@@ -738,6 +738,7 @@ class Trainer:
                 self._stop_mid_epoch(progress)
 
     def _micro_step(self, item: Any, *, boundary: bool) -> None:
+        self.views = self.loss = None  # free the last step's activations before this forward
         x, batch = self._to_device(item)
         self.x = x
         self.objective.set_progress(self.step, self.total_steps)

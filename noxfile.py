@@ -21,10 +21,17 @@ def install(session: nox.Session, *extras: str) -> None:
     session.install("-e", spec)
 
 
+def install_peers(session: nox.Session) -> None:
+    """lightly and pytorch-metric-learning, the oracles and baselines of the contrastive losses."""
+    # --no-deps: the peers' requirements (torchvision, ...) would replace the chosen torch build
+    session.install("--no-deps", "pytorch-metric-learning>=2.3", "lightly>=1.5", "tqdm")
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite, including the conformance kit over every registered plugin."""
     install(session, "test")
+    install_peers(session)  # so the peer-equality tests run rather than skip
     args = session.posargs or ["-n", "auto"]  # one worker per core; pass arguments to override
     session.run("pytest", "-q", "-p", "no:cacheprovider", *args)
 
@@ -47,8 +54,7 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: import/discovery time, engine overhead, losses against peer libraries."""
     install(session, "test")
-    # --no-deps: the peers' requirements (torchvision, ...) would replace the chosen torch build
-    session.install("--no-deps", "pytorch-metric-learning>=2.3", "lightly>=1.5", "tqdm")
+    install_peers(session)
     session.run("python", "-m", "bench", *session.posargs)
 
 

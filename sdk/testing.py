@@ -5,13 +5,19 @@ synthetic inputs (or the plugin's own ``example_inputs(batch_size, generator)``)
 the card is complete, outputs have the documented form, gradients reach every input that
 requires grad, bfloat16 inputs work, bad inputs raise clear errors, and ``state_dict``
 round-trips. Failures raise ``AssertionError`` naming the plugin and the check.
+
+``check_resume(objective=..., teacher=..., sampler=..., tmp_dir=...)`` trains a tiny model with
+stateful plugins through :class:`sdk.Trainer` three times (straight; killed after a checkpoint;
+resumed) and asserts the resumed run ends bitwise equal to the straight one.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -366,3 +372,143 @@ def check_plugin(kind: str, name: str, *, builtin: bool = False, registry: Any =
         return
     raise _fail(label, "interface", f"{type(plugin).__name__} implements no sdk interface "
                 f"for kind {kind!r}")
+
+
+# resume -------------------------------------------------------------------------------------
+class ResumeRuns(NamedTuple):
+    """The three trainers of :func:`check_resume`: ``straight`` (uninterrupted), ``killed``
+    (stopped after step ``kill_at``) and ``resumed`` (``fit(resume=True)`` in the killed run's
+    directory). Their components are the plugins as each run left them."""
+
+    straight: Any
+    killed: Any
+    resumed: Any
+
+
+class _Killed(Exception):
+    pass
+
+
+class _Kill(Callback):
+    """Stops the run (an exception) right after optimizer step ``at``, before that step's
+    teacher update and checkpoint: what a process killed at that moment leaves behind."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def after_optimizer_step(self, trainer: Any) -> None:
+        if trainer.step == self.at:
+            raise _Killed
+
+
+def _first_difference(a: Any, b: Any, key: str) -> str | None:
+    """The key path (and how it differs) of the first entry where ``a`` and ``b`` are not
+    bitwise equal; ``None`` when they are."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            return f"{key!r} ({type(a).__name__} vs {type(b).__name__})"
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"{key!r} ({a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)})"
+        if not torch.equal(a, b):
+            if a.is_floating_point():
+                return f"{key!r} (max |difference| {float((a.double() - b.double()).abs().max()):.3g})"
+            return f"{key!r} ({int((a != b).sum())} entries differ)"
+        return None
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return f"{key!r} (keys {sorted(map(str, a.keys() ^ b.keys()))} in one run only)"
+        for k in a:
+            found = _first_difference(a[k], b[k], f"{key}.{k}" if key else str(k))
+            if found:
+                return found
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = _first_difference(x, y, f"{key}[{i}]")
+            if found:
+                return found
+        return None
+    return None if a == b else f"{key!r} ({a!r} vs {b!r})"
+
+
+def check_resume(*, objective: Callable[[], Objective], tmp_dir: str | os.PathLike,
+                 teacher: Callable[[], Any] | None = None, sampler: Callable[[], Any] | None = None,
+                 transforms: Callable[[], Any] | None = None,
+                 encoder: Callable[[], torch.nn.Module] | None = None, steps: int = 6, kill_at: int = 3,
+                 checkpoint_every: int = 2, num_samples: int = 40, batch_size: int = 8) -> ResumeRuns:
+    """Assert that killing a run and resuming it from its checkpoint changes nothing.
+
+    ``objective``, ``teacher``, ``sampler``, ``transforms`` and ``encoder`` are factories
+    (called with no arguments) of the plugins under test; each of the three runs builds its own.
+    An encoder taking 6 inputs (default: a small MLP with 4 outputs, so its outputs can serve as
+    the logits of the 4 classes) is trained for ``steps`` optimizer steps with
+    :class:`sdk.Trainer` on a fixed dataset of ``num_samples`` Gaussian rows (targets
+    ``i % 4``, ``Batch.index`` the row), shuffled batches of ``batch_size``, a checkpoint every
+    ``checkpoint_every`` steps and ``transforms`` (default ``GaussianNoise(0.1)``) once per view:
+
+    1. straight through, in ``tmp_dir/straight``;
+    2. in ``tmp_dir/interrupted``, stopped by an exception right after step ``kill_at``, so the
+       steps after the last checkpoint are lost;
+    3. ``fit(resume=True)`` in ``tmp_dir/interrupted``, which reloads that checkpoint and
+       replays the lost steps.
+
+    Runs 1 and 3 must end bitwise equal: the encoder's parameters, and every entry of every
+    stateful component's ``state_dict`` (objective, teacher, sampler, transforms) and every
+    buffer of those that are modules. An ``AssertionError`` names the component, its class and
+    the first differing key. Returns the three trainers (:class:`ResumeRuns`) for further
+    checks of the plugins' own state.
+    """
+    from torch.utils.data import DataLoader
+
+    from sdk.data import GaussianNoise, IndexedDataset
+    from sdk.engine import Trainer
+    from sdk.registry import create
+
+    if not checkpoint_every < kill_at < steps:
+        raise ValueError(f"check_resume needs checkpoint_every < kill_at < steps (a checkpoint "
+                         f"before the kill, steps after it), got {checkpoint_every}, {kill_at}, "
+                         f"{steps}")
+    tmp_dir = Path(tmp_dir)
+    data = IndexedDataset(torch.randn(num_samples, 6, generator=_gen(0)), torch.arange(num_samples) % 4)
+
+    def run(run_dir: Path, *, kill: bool = False, resume: bool = False) -> Any:
+        torch.manual_seed(0)
+        model = encoder() if encoder else create("encoder", "mlp", in_dim=6, out_dim=4,
+                                                 hidden_dims=(16,), batch_norm=False)
+        trainer = Trainer(model, objective(), teacher=teacher() if teacher else None,
+                          sampler=sampler() if sampler else None,
+                          transforms=transforms() if transforms else GaussianNoise(0.1),
+                          max_steps=steps, run_dir=run_dir, checkpoint_every=checkpoint_every,
+                          progress=False, device="cpu", callbacks=[_Kill(kill_at)] if kill else [])
+        try:
+            trainer.fit(DataLoader(data, batch_size=batch_size, shuffle=True), resume=resume)
+        except _Killed:
+            pass
+        return trainer
+
+    straight = run(tmp_dir / "straight")
+    killed = run(tmp_dir / "interrupted", kill=True)
+    if killed.step != kill_at or not killed.checkpoint_path.exists():
+        raise _fail("resume", "kill", f"the interrupted run stopped at step {killed.step}; expected "
+                    f"step {kill_at}, with a checkpoint before it")
+    resumed = run(tmp_dir / "interrupted", resume=True)
+    if resumed.step != straight.step:
+        raise _fail("resume", "steps", f"the resumed run ended at step {resumed.step}, the "
+                    f"uninterrupted one at {straight.step}")
+
+    want, got = straight._stateful(), resumed._stateful()
+    if want.keys() != got.keys():
+        raise _fail("resume", "components", f"stateful components {sorted(want)} vs {sorted(got)}")
+    for role in sorted(want, key=lambda r: r == "encoder"):  # a plugin's state before its symptoms
+        component = want[role]
+        found = _first_difference(component.state_dict(), got[role].state_dict(), "")
+        where = "state_dict entry"
+        if found is None and isinstance(component, torch.nn.Module):
+            found = _first_difference(dict(component.named_buffers()),
+                                      dict(got[role].named_buffers()), "")
+            where = "buffer"
+        if found is not None:
+            raise _fail(f"{role} {type(component).__name__}", "resume",
+                        f"after a kill at step {kill_at} and a resume, {where} {found} differs "
+                        f"from an uninterrupted run")
+    return ResumeRuns(straight, killed, resumed)

@@ -131,48 +131,14 @@ def test_state_dict_round_trip_restores_exactly():
     assert torch.equal(fresh.bank, bank.bank) and torch.equal(fresh.filled, bank.filled)
 
 
-class _Killed(Exception):
-    pass
-
-
-class _Kill(sdk.interfaces.Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def after_optimizer_step(self, trainer):
-        if trainer.step == self.at:
-            raise _Killed
-
-
-def _train(run_dir, steps, kill_at=None, resume=False):
-    from torch.utils.data import DataLoader
-
-    from sdk.data import GaussianNoise, IndexedDataset
-    from sdk.engine import Trainer
-
-    g = torch.Generator().manual_seed(0)
-    data = IndexedDataset(torch.randn(40, 6, generator=g), torch.zeros(40, dtype=torch.long))
-    torch.manual_seed(0)
-    encoder = sdk.create("encoder", "mlp", in_dim=6, out_dim=4, hidden_dims=(16,), batch_norm=False)
-    bank = MemoryBank(num_samples=40, num_negatives=16)
-    trainer = Trainer(encoder, NTXent(), teacher=bank, transforms=GaussianNoise(0.1), max_steps=steps,
-                      run_dir=run_dir, checkpoint_every=2, progress=False, device="cpu",
-                      callbacks=[] if kill_at is None else [_Kill(kill_at)])
-    try:
-        trainer.fit(DataLoader(data, batch_size=8, shuffle=True), resume=resume)
-    except _Killed:
-        pass
-    return bank
-
-
 def test_engine_checkpoints_the_bank_and_resume_continues_it(tmp_path):
-    straight = _train(tmp_path / "a", 5)
-    killed = _train(tmp_path / "b", 5, kill_at=4)  # mid-epoch; the last checkpoint is step 2
-    resumed = _train(tmp_path / "b", 5, resume=True)
-    # the killed step's batch was observed after its backward, before the kill
-    assert int(killed.filled.sum()) == 32 and int(straight.filled.sum()) == 40
-    assert torch.equal(resumed.filled, straight.filled)
-    assert torch.allclose(resumed.bank, straight.bank, atol=1e-6)
+    runs = sdk.testing.check_resume(  # mid-epoch; the last checkpoint is step 2
+        objective=NTXent, teacher=lambda: MemoryBank(num_samples=40, num_negatives=16),
+        steps=5, kill_at=4, tmp_dir=tmp_path)
+    # check_resume compared bank and filled bitwise; the killed step's batch was observed after
+    # its backward, before the kill
+    assert int(runs.killed.teacher.filled.sum()) == 32 and int(runs.straight.teacher.filled.sum()) == 40
+    assert torch.equal(runs.resumed.teacher.filled, runs.straight.teacher.filled)
 
 
 def test_bad_parameters_and_inputs_name_the_field():

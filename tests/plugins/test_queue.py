@@ -182,48 +182,10 @@ def test_bad_parameters_name_the_field():
         QueueTeacher(momentum=1.5)
 
 
-class _Killed(Exception):
-    pass
-
-
-class _Kill(sdk.interfaces.Callback):
-    """Stops the process (an exception) in the middle of step ``at``, after checkpoint ``at - 1``."""
-
-    def __init__(self, at):
-        self.at = at
-
-    def after_optimizer_step(self, trainer):
-        if trainer.step == self.at:
-            raise _Killed
-
-
-def _train(run_dir, steps, kill_at=None, resume=False):
-    from torch.utils.data import DataLoader
-
-    from sdk.data import GaussianNoise, IndexedDataset
-    from sdk.engine import Trainer
-
-    g = torch.Generator().manual_seed(0)
-    data = IndexedDataset(torch.randn(40, 6, generator=g), torch.zeros(40, dtype=torch.long))
-    torch.manual_seed(0)
-    encoder = sdk.create("encoder", "mlp", in_dim=6, out_dim=4, hidden_dims=(16,),
-                         batch_norm=False)
-    queue = QueueTeacher(size=24, momentum=0.9, final_momentum=0.9)
-    trainer = Trainer(encoder, NTXent(), teacher=queue, transforms=GaussianNoise(0.1), max_steps=steps,
-                      run_dir=run_dir, checkpoint_every=2, progress=False, device="cpu",
-                      callbacks=[] if kill_at is None else [_Kill(kill_at)])
-    try:
-        trainer.fit(DataLoader(data, batch_size=8, shuffle=True), resume=resume)
-    except _Killed:
-        pass
-    return queue
-
-
 def test_engine_checkpoints_the_queue_and_resume_continues_it(tmp_path):
-    straight = _train(tmp_path / "a", 7)
-    killed = _train(tmp_path / "b", 7, kill_at=5)  # mid-epoch (5 batches per epoch); last checkpoint: 4
-    resumed = _train(tmp_path / "b", 7, resume=True)
+    runs = sdk.testing.check_resume(  # mid-epoch (5 batches per epoch); last checkpoint: 4
+        objective=NTXent, teacher=lambda: QueueTeacher(size=24, momentum=0.9, final_momentum=0.9),
+        steps=7, kill_at=5, tmp_dir=tmp_path)
     # the killed step's keys were enqueued after its backward, before the kill
-    assert int(killed.ptr) == 40 % 24 and int(straight.ptr) == int(resumed.ptr) == 56 % 24
-    for key, value in straight.state_dict().items():
-        assert torch.allclose(resumed.state_dict()[key].float(), value.float(), atol=1e-6), key
+    assert int(runs.killed.teacher.ptr) == 40 % 24
+    assert int(runs.straight.teacher.ptr) == int(runs.resumed.teacher.ptr) == 56 % 24

@@ -1,0 +1,49 @@
+"""sdk.testing.check_resume: passes for a plugin whose per-sample state is checkpointed and fails,
+naming the plugin and the key, for the same plugin with a buffer left out of its state_dict."""
+
+import pytest
+import torch
+
+import sdk
+from sdk.interfaces import Objective
+from sdk.types import Loss
+
+
+class RunningWeight(Objective):
+    """Squared distance between two views, each sample weighted by 1 + a running mean of its own
+    past losses (a buffer keyed by Batch.index, which ``persistent=False`` leaves out of the
+    state_dict)."""
+
+    requires = {"views": 2, "index": True}
+
+    def __init__(self, persistent: bool = True):
+        super().__init__()
+        self.register_buffer("avg", torch.zeros(40), persistent=persistent)
+
+    def forward(self, views, batch):
+        z1, z2 = views.embeddings
+        per = (z1 - z2).pow(2).sum(1) - 0.1 * z1.norm(dim=1)
+        weighted = (1 + self.avg[batch.index]) * per
+        with torch.no_grad():
+            self.avg[batch.index] = 0.5 * self.avg[batch.index] + 0.5 * per.detach()
+        return Loss(value=weighted.mean(), per_sample=per)
+
+
+def test_a_checkpointed_buffer_resumes_exactly(tmp_path):
+    runs = sdk.testing.check_resume(objective=RunningWeight, steps=7, kill_at=5, tmp_dir=tmp_path)
+    assert bool((runs.resumed.objective.avg != 0).all())  # every sample's entry carries state
+    assert runs.killed.step == 5 and runs.resumed.step == runs.straight.step == 7
+
+
+def test_a_buffer_missing_from_the_state_dict_fails_naming_plugin_and_key(tmp_path):
+    with pytest.raises(AssertionError, match=r"\[objective RunningWeight\] resume: .*buffer 'avg'"):
+        sdk.testing.check_resume(objective=lambda: RunningWeight(persistent=False), steps=7, kill_at=5,
+                                 tmp_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("steps", "kill_at", "every"), [(6, 2, 2), (6, 6, 2), (6, 1, 2)])
+def test_a_kill_without_a_checkpoint_before_it_or_steps_after_it_is_refused(tmp_path, steps, kill_at,
+                                                                             every):
+    with pytest.raises(ValueError, match="checkpoint_every < kill_at < steps"):
+        sdk.testing.check_resume(objective=RunningWeight, steps=steps, kill_at=kill_at,
+                                 checkpoint_every=every, tmp_dir=tmp_path)

@@ -159,3 +159,11 @@ def test_bad_parameters_and_inputs_name_the_field():
             ISogCLR(**{name: value})
     with pytest.raises(sdk.RequirementError, match="index"):
         ISogCLR()(sdk.Views(embeddings=(torch.randn(3, 2), torch.randn(3, 2))), sdk.Batch())
+
+
+def test_engine_resume_after_a_kill_restores_tau_and_u_exactly(tmp_path):
+    runs = sdk.testing.check_resume(objective=lambda: ISogCLR(num_samples=40, **HP), steps=7, kill_at=5,
+                                    tmp_dir=tmp_path)  # mid-epoch 1; the last checkpoint is step 4
+    obj = runs.resumed.objective
+    assert bool(obj.seen.all())  # every sample's tau and u moved, so the check compares real state
+    assert not torch.allclose(obj.tau, torch.full_like(obj.tau, HP["temperature"]))

@@ -107,6 +107,14 @@ def test_trainer_runs_stages_and_checkpoints_them(tmp_path):
     assert int(again.stage) == 1 and torch.equal(again.labels, sampler.labels)
 
 
+def test_resume_after_a_kill_in_the_second_stage_restores_stage_and_clusters(tmp_path):
+    runs = sdk.testing.check_resume(  # 5 steps per epoch: stage 1 starts at step 5, killed at 7
+        objective=lambda: sdk.create("objective", "nt_xent", temperature=0.1),
+        sampler=lambda: sdk.create("sampler", "multistage_contrastive", stage_epochs=(1,), n_clusters=4),
+        steps=8, kill_at=7, tmp_dir=tmp_path)
+    assert int(runs.resumed.pair_sampler.stage) == 1 and runs.resumed.pair_sampler.labels.shape == (1, 40)
+
+
 def test_bad_parameters_are_named():
     for field, value in (("stage_epochs", ()), ("stage_epochs", (3, 2)), ("stage_epochs", (0,)),
                          ("n_clusters", 0), ("kmeans_iters", 0)):

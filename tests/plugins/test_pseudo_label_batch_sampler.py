@@ -221,6 +221,15 @@ def test_trainer_feeds_batches_of_distinct_pseudo_labels():
             assert truth[x].unique().numel() == len(x)
 
 
+def test_resume_after_a_kill_mid_epoch_replays_the_same_batches(tmp_path):
+    runs = sdk.testing.check_resume(  # killed in the second epoch, 2 steps after its checkpoint
+        objective=lambda: sdk.create("objective", "nt_xent"),
+        sampler=lambda: sdk.create("sampler", "pseudo_label_batch_sampler", num_samples=40, batch_size=8),
+        steps=8, kill_at=7, tmp_dir=tmp_path)
+    sampler = runs.resumed.data_sampler
+    assert sampler.epoch == 1 and sampler.labels.unique().numel() == 8
+
+
 def test_fewer_same_class_pairs_than_random_batches_on_digits():
     x, y = load_digits(return_X_y=True)
     x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)

@@ -818,6 +818,14 @@ class Trainer:
             self.save_checkpoint()
         self._validate_and_log_epoch(progress, partial=True)
 
+    def _epoch_line_due(self, partial: bool) -> bool:
+        """Plain output prints about 20 epoch lines per run (the first, the last, a stop, and
+        evenly between); metrics.jsonl has every epoch."""
+        if partial or self.max_epochs is None:
+            return True
+        every = math.ceil(self.max_epochs / 20)
+        return self.epoch == 0 or (self.epoch + 1) % every == 0 or self.epoch + 1 == self.max_epochs
+
     def _validate_and_log_epoch(self, progress: _Progress, *, partial: bool) -> None:
         """Validate (``on_validation_end``) and log the epoch's mean loss and validation metrics."""
         record: dict[str, Any] = {"kind": "epoch", "epoch": self.epoch, "step": self.step}
@@ -830,7 +838,7 @@ class Trainer:
             record.update({f"val/{k}": v for k, v in self.val_metrics.items()})
             self.emit("on_validation_end")
         self._record(record)
-        if progress.plain and progress.enabled and "loss" in record:
+        if progress.plain and progress.enabled and "loss" in record and self._epoch_line_due(partial):
             val = "".join(f" {k} {v:.4f}" for k, v in record.items() if k.startswith("val/"))
             where = f"stopped after batch {self.batch_idx}" if partial else "done"
             print(f"epoch {self.epoch} {where}: loss {record['loss']:.4f}{val}", flush=True)

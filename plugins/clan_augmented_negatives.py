@@ -18,6 +18,7 @@ from sdk.distributed import gather_with_grad, rank, world_size
 from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
+from sdk.state import ResizableBuffers
 from sdk.types import Batch, Loss, Views
 
 
@@ -67,7 +68,7 @@ def anomaly_score(z: Tensor, centroid: Tensor) -> Tensor:
     return -F.cosine_similarity(z.float(), centroid.float()[None, :], dim=-1)
 
 
-class CLANAugmentedNegatives(Objective):
+class CLANAugmentedNegatives(ResizableBuffers, Objective):
     """CLAN objective. ``Views.embeddings[0]`` are the benign samples, every further view holds
     augmented copies, which are negatives of every benign anchor (see :func:`clan_terms`).
 
@@ -75,6 +76,8 @@ class CLANAugmentedNegatives(Objective):
     embeddings) stores the benign centroid and :meth:`anomaly_score` scores new samples.
     ``gather=True`` contrasts against the samples of every DDP rank.
     """
+
+    resizable_buffers = ("centroid",)
 
     requires = {"views": 2}
 
@@ -117,12 +120,6 @@ class CLANAugmentedNegatives(Objective):
 
     def on_fit_end(self, trainer: Any) -> None:
         self.fit_centroid(trainer.embed(trainer.train_loader))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "centroid"
-        if key in state_dict:
-            self.centroid = torch.empty_like(state_dict[key], device=self.centroid.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 CARD = Card(

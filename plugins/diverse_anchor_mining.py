@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from sdk.card import Card
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
+from sdk.state import ResizableBuffers
 
 
 def similarity_band(valid: int, similar_exclude: float, similar_include: float) -> tuple[int, int]:
@@ -64,7 +65,7 @@ def diverse_anchors(embeddings: Tensor, num_anchors: int, *, similar_exclude: fl
     return torch.stack(picks)
 
 
-class DiverseAnchorMining(nn.Module, torch.utils.data.Sampler):
+class DiverseAnchorMining(ResizableBuffers, torch.utils.data.Sampler):
     """Data-level sampler yielding this epoch's diverse anchors (dataset positions).
 
     At ``on_epoch_start`` it embeds the training set (``trainer.embed``), draws a random pool
@@ -73,6 +74,8 @@ class DiverseAnchorMining(nn.Module, torch.utils.data.Sampler):
     last). Draws come from a generator seeded with ``seed + epoch``; the chosen anchors are a
     buffer, so a resumed run continues the same epoch. Outside a trainer call :meth:`select`.
     """
+
+    resizable_buffers = ("anchors",)  # the selection's size is known once it is made
 
     def __init__(self, num_anchors: int = 2000, pool_size: int = 10000, similar_exclude: float = 0.2,
                  similar_include: float = 0.8, shuffle: bool = True, seed: int = 0):
@@ -120,12 +123,6 @@ class DiverseAnchorMining(nn.Module, torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.num_anchors
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        key = prefix + "anchors"
-        if key in state_dict:  # the selection's size is known only once it was made
-            self.anchors = torch.empty_like(state_dict[key], device=self.anchors.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 CARD = Card(

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plugins.queue import resize_buffers_on_load
 from sdk import contrastive
 from sdk.card import Card
 from sdk.distributed import gather_no_grad
 from sdk.errors import ConfigError, RequirementError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Teacher
+from sdk.state import ResizableBuffers
 from sdk.types import Batch, Views
 
 
@@ -32,7 +32,7 @@ def memory_update(bank: Tensor, filled: Tensor, index: Tensor, z: Tensor, moment
     filled.index_fill_(0, index, True)
 
 
-class MemoryBank(Teacher):
+class MemoryBank(ResizableBuffers, Teacher):
     """Per-sample vectors ``v_i`` [num_samples, D] keyed by ``Batch.index``.
 
     After each micro-batch (``observe``: with gradient accumulation, every micro-batch of a
@@ -42,6 +42,8 @@ class MemoryBank(Teacher):
     the whole bank when ``num_negatives >= num_samples`` — are published as
     ``Views.extras["negatives"]``; an anchor never counts its own sample's entry.
     """
+
+    resizable_buffers = ("bank",)
 
     def __init__(self, num_samples: int = 65536, momentum: float = 0.5, num_negatives: int = 4096):
         super().__init__()
@@ -58,9 +60,6 @@ class MemoryBank(Teacher):
         self.register_buffer("bank", torch.zeros(num_samples, 0))
         self.register_buffer("filled", torch.zeros(num_samples, dtype=torch.bool))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        resize_buffers_on_load(self, state_dict, prefix, ("bank",))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def on_fit_start(self, trainer: Any) -> None:
         dataset = getattr(getattr(trainer, "train_loader", None), "dataset", None)

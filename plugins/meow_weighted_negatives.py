@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from plugins.queue import resize_buffers_on_load
 from plugins.same_index import sample_ids
 from sdk.card import Card
 from sdk.cluster import dataset_index, kmeans
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Sampler
+from sdk.state import ResizableBuffers
 from sdk.types import Batch, Pairs, Views
 
 
@@ -35,7 +35,7 @@ def meow_negative_weights(clusters: Tensor) -> Tensor:
     return m - shared
 
 
-class MEOWWeightedNegatives(Sampler):
+class MEOWWeightedNegatives(ResizableBuffers, Sampler):
     """Instance-discrimination pairs (other views of the sample positive, other samples
     negative) with negative weights :func:`meow_negative_weights` from ``len(n_clusters)``
     k-means clusterings of the training set, redone at every epoch start (``trainer.embed``,
@@ -46,6 +46,8 @@ class MEOWWeightedNegatives(Sampler):
     positive stays in the denominator with weight 1. Before the first clustering no pair shares
     a cluster (every negative weighs M: plain InfoNCE up to the constant ``log M``).
     """
+
+    resizable_buffers = ("clusters",)
 
     def __init__(self, n_clusters: Sequence[int] = (100, 300), normalize: bool = True,
                  kmeans_iters: int = 50, seed: int = 0):
@@ -62,9 +64,6 @@ class MEOWWeightedNegatives(Sampler):
         self.register_buffer("clusters", torch.full((len(n_clusters), 0), -1, dtype=torch.long))
         self.register_buffer("refreshes", torch.zeros((), dtype=torch.long))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        resize_buffers_on_load(self, state_dict, prefix, ("clusters",))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def refresh(self, embeddings: Tensor, index: Tensor) -> None:

@@ -19,6 +19,7 @@ from sdk.cluster import dataset_index, kmeans
 from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
+from sdk.state import ResizableBuffers
 from sdk.types import Batch, Loss, Views
 
 
@@ -52,7 +53,7 @@ def sample_classes(positives: Tensor, n_classes: int, ratio: float) -> Tensor:
     return keep
 
 
-class MultilabelClusterDiscrimination(Objective):
+class MultilabelClusterDiscrimination(ResizableBuffers, Objective):
     """MLCD: each sample's ``num_positives`` nearest cluster centres are its labels, and
     :func:`multilabel_cluster_loss` scores its cosines to a learnable, normalised centre bank,
     with negative classes sampled at ``negative_ratio``.
@@ -62,6 +63,8 @@ class MultilabelClusterDiscrimination(Objective):
     ``Batch.index`` (the paper's offline clustering); ``recluster=True`` repeats this at every
     epoch end. Samples without a stored assignment use their current nearest centres.
     """
+
+    resizable_buffers = ("assignments",)
 
     requires = {"views": 1}
 
@@ -149,9 +152,6 @@ class MultilabelClusterDiscrimination(Objective):
         key = prefix + "centres"
         if isinstance(self.centres, nn.UninitializedParameter) and key in state_dict:
             self.centres.materialize(state_dict[key].shape, device=state_dict[key].device)
-        table = state_dict.get(prefix + "assignments")
-        if table is not None:
-            self.assignments = torch.empty_like(table, device=self.assignments.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

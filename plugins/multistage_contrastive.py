@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from plugins.queue import resize_buffers_on_load
 from plugins.same_index import sample_ids
 from sdk.card import Card
 from sdk.cluster import dataset_index, kmeans
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Sampler
+from sdk.state import ResizableBuffers
 from sdk.types import Batch, Pairs, Views
 
 
@@ -33,7 +33,7 @@ def stage_negatives(stage_labels: Tensor) -> Tensor:
     return keep
 
 
-class MultistageContrastive(Sampler):
+class MultistageContrastive(ResizableBuffers, Sampler):
     """Instance-discrimination pairs whose negatives shrink stage by stage.
 
     Stage 1 (epochs before ``stage_epochs[0]``) uses every other sample as a negative (plain
@@ -45,6 +45,8 @@ class MultistageContrastive(Sampler):
     checkpointed with the run. Give it as the Trainer's ``sampler``: the engine sends its epoch
     events to it.
     """
+
+    resizable_buffers = ("labels",)
 
     def __init__(self, stage_epochs: Sequence[int] = (100,), n_clusters: int = 10,
                  features: bool = False, normalize: bool = True, kmeans_iters: int = 50,
@@ -65,9 +67,6 @@ class MultistageContrastive(Sampler):
         self.register_buffer("stage", torch.zeros((), dtype=torch.long))
         self.register_buffer("labels", torch.full((0, 0), -1, dtype=torch.long))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        resize_buffers_on_load(self, state_dict, prefix, ("labels",))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def finish_stage(self, embeddings: Tensor, index: Tensor) -> None:

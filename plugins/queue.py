@@ -19,17 +19,8 @@ from sdk.card import Card
 from sdk.distributed import gather_no_grad
 from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
+from sdk.state import ResizableBuffers
 from sdk.types import Batch, Views
-
-
-def resize_buffers_on_load(module: nn.Module, state_dict: dict[str, Any], prefix: str,
-                           names: tuple[str, ...]) -> None:
-    """Give lazily sized buffers the shape they have in ``state_dict`` before it is loaded."""
-    for name in names:
-        value = state_dict.get(prefix + name)
-        current = getattr(module, name)
-        if isinstance(value, Tensor) and value.shape != current.shape:
-            setattr(module, name, torch.zeros(value.shape, dtype=current.dtype, device=current.device))
 
 
 def enqueue(keys: Tensor, key_index: Tensor, ptr: Tensor, filled: Tensor, new: Tensor,
@@ -46,7 +37,7 @@ def enqueue(keys: Tensor, key_index: Tensor, ptr: Tensor, filled: Tensor, new: T
     filled.copy_((filled + b).clamp(max=size))
 
 
-class QueueTeacher(EMATeacher):
+class QueueTeacher(ResizableBuffers, EMATeacher):
     """A momentum encoder (``ema``'s update, ``theta_k <- m theta_k + (1 - m) theta_q``) and a
     FIFO queue of its L2-normalised keys ``[K, D]``.
 
@@ -60,6 +51,8 @@ class QueueTeacher(EMATeacher):
     buffers: checkpoints carry them.
     """
 
+    resizable_buffers = ("keys",)
+
     def __init__(self, student: nn.Module | None = None, size: int = 65536, momentum: float = 0.999,
                  final_momentum: float = 0.999):
         super().__init__(student=student, momentum=momentum, final_momentum=final_momentum)
@@ -71,9 +64,6 @@ class QueueTeacher(EMATeacher):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        resize_buffers_on_load(self, state_dict, prefix, ("keys",))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def push(self, keys: Tensor, index: Tensor | None = None) -> None:

@@ -38,7 +38,8 @@ _LAZY: dict[str, str] = {
 }
 _SUBMODULES = {
     "interfaces", "types", "card", "hookspecs", "registry", "compose", "config", "contrastive",
-    "distributed", "testing", "engine", "metrics", "data", "checkpoint", "plots", "cli",
+    "distributed", "testing", "engine", "metrics", "data", "checkpoint", "plots", "cli", "cluster",
+    "state",
 }
 
 __all__ = [

@@ -3,7 +3,6 @@ own entry masked out of its negatives, uniform draws among filled entries, exact
 trip and engine resume."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -65,23 +64,7 @@ def test_observed_micro_batches_match_the_loop_and_update_without_views_keeps_th
         assert torch.allclose(bank.lookup(torch.tensor([i]))[0].double(), v, atol=1e-6)
 
 
-def slow_info_nce_with_memory(views, index, memory, owners, valid, t):
-    """SimCLR's loss anchor by anchor; valid memory entries of other samples join every
-    denominator."""
-    z = [F.normalize(v.double(), dim=1) for v in views]
-    mem = F.normalize(memory.double(), dim=1)
-    rows = [(zi, i) for v in z for i, zi in enumerate(v)]
-    total = 0.0
-    for a, (za, ia) in enumerate(rows):
-        den = sum(math.exp(float(za @ zk) / t) for k, (zk, _) in enumerate(rows) if k != a)
-        den += sum(math.exp(float(za @ m) / t) for m, o, ok in zip(mem, owners, valid)
-                   if ok and o != int(index[ia]))
-        pos = [k for k, (_, ik) in enumerate(rows) if k != a and ik == ia]
-        total += -sum(math.log(math.exp(float(za @ rows[p][0]) / t) / den) for p in pos) / len(pos)
-    return total / len(rows)
-
-
-def test_own_entry_is_masked_out_of_the_samples_negatives():
+def test_own_entry_is_masked_out_of_the_samples_negatives(slow_info_nce_with_memory):
     g = torch.Generator().manual_seed(1)
     bank = MemoryBank(num_samples=12, num_negatives=12)  # publishes the whole bank
     seen = torch.tensor([0, 2, 3, 5, 8, 11])

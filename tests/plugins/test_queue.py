@@ -2,7 +2,6 @@
 exact state round trip, and nt_xent's InfoNCE whose denominator includes the queue."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -140,25 +139,9 @@ def test_state_dict_round_trip_restores_exactly():
         assert torch.equal(fresh.state_dict()[key], value), key
 
 
-def slow_info_nce_with_memory(views, index, memory, owners, valid, t):
-    """SimCLR's loss, anchor by anchor, with the memory entries in every denominator
-    (except entries of the anchor's own sample and unfilled slots)."""
-    z = [F.normalize(v.double(), dim=1) for v in views]
-    mem = F.normalize(memory.double(), dim=1)
-    b = z[0].shape[0]
-    rows = [(zi, i) for v in z for i, zi in enumerate(v)]
-    total = 0.0
-    for a, (za, ia) in enumerate(rows):
-        den = sum(math.exp(float(za @ zk) / t) for k, (zk, _) in enumerate(rows) if k != a)
-        den += sum(math.exp(float(za @ m) / t) for m, o, ok in zip(mem, owners, valid)
-                   if ok and o != int(index[ia]))
-        pos = [k for k, (_, ik) in enumerate(rows) if k != a and ik == ia]
-        total += -sum(math.log(math.exp(float(za @ rows[p][0]) / t) / den) for p in pos) / len(pos)
-    return total / (len(views) * b)
-
-
 @pytest.mark.parametrize("with_sampler", [False, True])
-def test_nt_xent_with_queue_equals_info_nce_with_queue_in_denominator(with_sampler):
+def test_nt_xent_with_queue_equals_info_nce_with_queue_in_denominator(with_sampler,
+                                                                        slow_info_nce_with_memory):
     g = torch.Generator().manual_seed(3)
     queue = QueueTeacher(size=9)
     queue.push(torch.randn(5, 4, generator=g), torch.tensor([10, 2, 11, 12, 0]))  # 2 and 0 recur

@@ -43,7 +43,9 @@ class Card:
 
     Third parties must give ``name``, ``kind``, ``title`` and ``summary``; built-in plugins
     also give ``paper`` (arXiv id or link), ``formula`` and, where relevant, ``left_out``.
-    ``params`` is filled by the registry from the factory's signature, so it is always true.
+    ``params`` is filled by the registry from the factory's signature, so it is always true;
+    ``package`` and ``family`` (``plugins/<family>/`` for a built-in plugin, the distribution's
+    name for a third party's) are filled by the registry from where the plugin was found.
     """
 
     name: str = attrs.field(validator=_non_empty)
@@ -55,6 +57,7 @@ class Card:
     left_out: str = ""
     params: tuple[Param, ...] = ()
     package: str = ""
+    family: str = ""
 
     def missing_fields(self) -> list[str]:
         """Names of the fields a built-in plugin's card must fill but leaves empty."""

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdk.distributed import gather_no_grad, gather_with_grad, rank, world_size
-from sdk.errors import ShapeError
-from sdk.types import Batch, Pairs, Views
+from sdk.errors import ConfigError, ShapeError
+from sdk.interfaces import Objective, Sampler
+from sdk.types import Batch, Loss, Pairs, Views
 
 NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX = "negatives", "negatives_mask", "negatives_index"
 
@@ -277,3 +278,64 @@ def extra_negatives(c: Contrast, pairs: Pairs | None = None) -> tuple[Tensor | N
 def per_sample(loss: Tensor, c: Contrast) -> Tensor:
     """Average the per-anchor losses [V*B] into per-sample losses [B]."""
     return loss.view(c.n_views, c.batch_size).mean(dim=0)
+
+
+def sample_ids(views: Views) -> torch.Tensor:
+    """Sample id of every row of ``cat(views.embeddings)`` (view-major)."""
+    b = views.batch_size
+    device = views.embeddings[0].device
+    return torch.arange(b, device=device).repeat(views.n_views)
+
+
+# the NT-Xent objective (SimCLR), shared by nt_xent and the objectives that extend it --------
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ConfigError(f"nt_xent: temperature must be > 0, got {temperature}", param="temperature")
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, *more_views: torch.Tensor,
+                 temperature: float = 0.5, sampler: Sampler | None = None,
+                 batch: Batch | None = None, gather: bool = False) -> torch.Tensor:
+    """Mean NT-Xent over all anchors of all views; see :class:`NTXent`."""
+    return NTXent(temperature=temperature, sampler=sampler, gather=gather)(
+        Views(embeddings=(z1, z2, *more_views)), batch).value
+
+
+class NTXent(Objective):
+    """For anchor i (every row of every view), positives P(i) and all other rows A(i)::
+
+        l_i = -1/|P(i)| sum_{p in P(i)} log( exp(s_ip / t) / sum_{a in A(i)} exp(s_ia / t) )
+
+    with cosine similarity s. Default positives: the other views of the same sample (SimCLR);
+    a Sampler (e.g. ``label_positives``, giving SupCon) can choose positives, negatives and
+    pair weights, and add synthetic negatives; a queue or memory-bank teacher's entries in
+    ``Views.extras["negatives"]`` join every anchor's denominator. ``gather=True`` contrasts
+    against the embeddings of every DDP rank.
+    """
+
+    requires = {"views": 2}
+
+    def __init__(self, temperature: float = 0.5, sampler: Sampler | None = None,
+                 gather: bool = False):
+        super().__init__()
+        _check_temperature(temperature)
+        self.temperature = temperature
+        self.sampler = sampler
+        self.gather = gather
+
+    def forward(self, views: Views, batch: Batch) -> Loss:
+        c = contrast(views, batch, gather=self.gather)
+        pairs = None if self.sampler is None else sampler_pairs(c, self.sampler)
+        extra, extra_mask = extra_negatives(c, pairs)
+        extra = None if extra is None else extra / self.temperature
+        if pairs is None:
+            loss = instance_info_nce(c, self.temperature, extra_negative_logits=extra,
+                                                 extra_negative_mask=extra_mask)
+            return Loss(value=loss.mean(), per_sample=per_sample(loss, c))
+        logits = c.anchors @ c.candidates.T / self.temperature
+        loss, valid = info_nce(logits, pairs.positive, pairs.negative, weight=pairs.weight,
+                                           extra_negative_logits=extra, extra_negative_mask=extra_mask)
+        return Loss(value=masked_mean(loss, valid),
+                    per_sample=per_sample(loss, c))

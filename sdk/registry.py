@@ -74,6 +74,12 @@ def describe_params(factory: Callable[..., Any]) -> tuple[Param, ...]:
     return tuple(out)
 
 
+def family_of(module: str) -> str:
+    """The family of a built-in plugin module ``plugins.<family>.<name>``; ``""`` otherwise."""
+    parts = module.split(".")
+    return parts[1] if len(parts) == 3 and parts[0] == "plugins" else ""
+
+
 def _suggest(name: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.5)
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -87,6 +93,7 @@ class Registry:
         self._conflicts: dict[tuple[str, str], list[str]] = {}
         self.broken: list[BrokenPlugin] = []
         self._package = ""
+        self._family = ""
 
     # registration --------------------------------------------------------------
     def add(self, kind: str, name: str, factory: Callable[..., Any], *, card: Card) -> None:
@@ -101,7 +108,8 @@ class Registry:
                              f"kind={card.kind!r}, name={card.name!r}")
         if not callable(factory):
             raise TypeError(f"registry.add({kind!r}, {name!r}): factory is not callable")
-        card = attrs.evolve(card, params=describe_params(factory), package=self._package)
+        card = attrs.evolve(card, params=describe_params(factory), package=self._package,
+                            family=self._family or self._package)
         key = (kind, name)
         if key in self._entries:
             first = self._entries[key].card.package or "<unknown package>"
@@ -197,12 +205,13 @@ class Registry:
             self.broken.append(BrokenPlugin(name, package, "defines no paperplug_register hook"))
             return
         self._package = package
+        self._family = family_of(getattr(module, "__name__", ""))
         try:
             hook(registry=self)
         except Exception as exc:  # noqa: BLE001
             self.broken.append(BrokenPlugin(name, package, f"{type(exc).__name__}: {exc}"))
         finally:
-            self._package = ""
+            self._package = self._family = ""
 
 
 _GLOBAL: Registry | None = None

@@ -32,14 +32,16 @@ def test_a_page_per_registered_plugin_with_its_card(tmp_path):
     assert cards
     written = plugin_pages.write_pages(tmp_path)
     names = plugin_pages.page_names(cards)
-    assert {p.name for p in written} == {"index.md"} | {f"{n}.md" for n in names.values()}
+    assert {p.relative_to(tmp_path).as_posix() for p in written} == (
+        {"index.md"} | {f"{n}.md" for n in names.values()})
+    assert {n.split("/")[0] for n in names.values()} >= {"contrastive", "teachers", "metrics"}
     index = (tmp_path / "index.md").read_text()
     for card in cards:
         stem = names[(card.kind, card.name)]
         page = (tmp_path / f"{stem}.md").read_text()
         assert page.startswith(f"# {card.name}\n")
         assert card.formula.strip() and card.formula.strip() in page, card.name
-        assert f"| kind | {card.kind} |" in page
+        assert f"| kind | {card.kind} |" in page and f"| family | {card.family} |" in page
         for param in card.params:
             row = next(line for line in page.splitlines() if line.startswith(f"| `{param.name}` |"))
             expected = "required" if param.required else param.default_repr().replace("|", "\\|")
@@ -65,15 +67,16 @@ def test_pages_escape_markdown_and_link_papers(tmp_path):
 
 
 def test_names_shared_by_two_kinds_get_two_pages_and_stale_pages_go(tmp_path):
-    (tmp_path / "removed_plugin.md").write_text("# old")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "removed_plugin.md").write_text("# old")
     cards = [_card(), _card(kind="sampler", title="Other")]
     params = (sdk.Param(name="scale", type="float | None", default=None),)
     cards.append(attrs.evolve(_card(name="solo"), params=params))
     written = plugin_pages.write_pages(tmp_path, cards)
-    assert sorted(p.name for p in written) == [
-        "demo-objective.md", "demo-sampler.md", "index.md", "solo.md"]
-    assert not (tmp_path / "removed_plugin.md").exists()
-    solo = (tmp_path / "solo.md").read_text()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in written) == [
+        "index.md", "other/demo-objective.md", "other/demo-sampler.md", "other/solo.md"]
+    assert not (tmp_path / "other" / "removed_plugin.md").exists()
+    solo = (tmp_path / "other" / "solo.md").read_text()
     assert "| `scale` | `float \\| None` | `None` |" in solo
     assert 'sdk.create("objective", "solo", scale=None)' in solo
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from plugins.decoupled_contrastive import decoupled_contrastive_loss
-from plugins.nt_xent import nt_xent_loss
+from plugins.contrastive.decoupled_contrastive import decoupled_contrastive_loss
+from plugins.contrastive.nt_xent import nt_xent_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bench package is not installed
 from bench import peers  # noqa: E402

@@ -18,17 +18,55 @@ def test_import_sdk_imports_neither_torch_nor_plugins():
     assert out.stdout.strip() == "[]"
 
 
-def test_every_plugin_module_is_an_entry_point():
-    from importlib import metadata
+def _plugin_modules() -> set[str]:
+    """Every plugin module under plugins/<family>/ (family packages themselves excluded)."""
     from pathlib import Path
 
     import plugins
 
-    listed = {ep.value for ep in metadata.entry_points(group="paperplug")}
     root = Path(plugins.__file__).parent
-    modules = {f"plugins.{p.stem}" for p in root.glob("*.py") if not p.stem.startswith("_")}
-    modules |= {f"plugins.{p.parent.name}" for p in root.glob("*/__init__.py")}
-    assert modules - listed == set()
+    return {".".join(("plugins", *p.relative_to(root).with_suffix("").parts))
+            for p in root.rglob("*.py") if not p.name.startswith("_")}
+
+
+def test_every_plugin_module_is_an_entry_point():
+    from importlib import metadata
+
+    listed = {ep.value for ep in metadata.entry_points(group="paperplug")}
+    modules = _plugin_modules()
+    assert modules and modules - listed == set()
+
+
+def test_plugins_are_grouped_by_family():
+    from importlib import metadata
+
+    for ep in metadata.entry_points(group="paperplug"):
+        if ep.value.startswith("plugins."):
+            parts = ep.value.split(".")
+            assert len(parts) == 3, f"{ep.value}: built-in plugins live in plugins/<family>/<name>.py"
+    for card in sdk.plugins():
+        if card.package == "paperplug":
+            module = sdk.get_registry().get(card.kind, card.name).factory.__module__
+            assert card.family and (module.startswith(f"plugins.{card.family}.")
+                                    or module.startswith("sdk.")), (card.name, module)
+
+
+def test_no_plugin_imports_another_plugin():
+    """Shared machinery lives in sdk/, never in a plugin that others import."""
+    import ast
+    from pathlib import Path
+
+    import plugins
+
+    root = Path(plugins.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            offenders += [f"{path.relative_to(root)} imports {n}" for n in names
+                          if n == "plugins" or n.startswith("plugins.")]
+    assert offenders == []
 
 
 def test_unknown_name_lists_closest():

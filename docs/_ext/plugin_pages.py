@@ -1,8 +1,8 @@
 """One documentation page per registered plugin, written from its card.
 
-On ``builder-inited`` this writes ``docs/plugins/<name>.md`` for every card returned by
-``sdk.plugins()`` (built-in and third-party alike) and ``docs/plugins/index.md`` listing them
-by kind, and warns about any plugin module that failed to load (its page would be missing).
+On ``builder-inited`` this writes ``docs/plugins/<family>/<name>.md`` for every card returned
+by ``sdk.plugins()`` (built-in and third-party alike; a third party's family is its package)
+and ``docs/plugins/index.md`` listing them by family, and warns about any plugin module that failed to load (its page would be missing).
 The generator functions need no Sphinx, so the test suite calls them directly.
 """
 
@@ -43,20 +43,27 @@ def paper_link(paper: str) -> str:
     return _text(paper)
 
 
+def family(card: Any) -> str:
+    """The folder of a card's page: its family, ``other`` when it has none."""
+    return card.family or "other"
+
+
 def page_names(cards: Iterable[Any]) -> dict[tuple[str, str], str]:
-    """File stem per ``(kind, name)``: the name, or ``name-kind`` when kinds share a name."""
+    """Page path per ``(kind, name)``: ``family/name``, or ``family/name-kind`` when kinds share
+    a name."""
     cards = list(cards)
     count: dict[str, int] = {}
     for card in cards:
         count[card.name] = count.get(card.name, 0) + 1
-    return {(c.kind, c.name): c.name if count[c.name] == 1 else f"{c.name}-{c.kind}"
+    return {(c.kind, c.name): f"{family(c)}/" + (c.name if count[c.name] == 1
+                                                  else f"{c.name}-{c.kind}")
             for c in cards}
 
 
 def card_page(card: Any) -> str:
     """MyST Markdown page of one card."""
     out = [f"# {card.name}", "", f"**{_text(card.title)}**", "", _text(card.summary), ""]
-    facts = [("kind", card.kind)]
+    facts = [("kind", card.kind), ("family", family(card))]
     if card.paper:
         facts.append(("paper", paper_link(card.paper)))
     if card.package:
@@ -83,18 +90,19 @@ def card_page(card: Any) -> str:
 
 
 def index_page(cards: Iterable[Any]) -> str:
-    """The plugin catalogue: one table per kind and a toctree of every page."""
-    cards = sorted(cards, key=lambda c: (c.kind, c.name))
+    """The plugin catalogue: one table per family and a toctree of every page."""
+    cards = sorted(cards, key=lambda c: (family(c), c.kind, c.name))
     names = page_names(cards)
     out = ["# Plugins", "",
-           "Every plugin registered in this installation, generated from its card "
-           "(`paperplug plugins list` shows the same catalogue).", ""]
-    for kind in sorted({c.kind for c in cards}):
-        out += [f"## {kind}", "", "| name | method | paper |", "|---|---|---|"]
-        for c in (c for c in cards if c.kind == kind):
+           "Every plugin registered in this installation, generated from its card and grouped "
+           "by family (`plugins/<family>/` for the built-in ones; a third party's package is its "
+           "family). `paperplug plugins list` shows the same catalogue.", ""]
+    for fam in sorted({family(c) for c in cards}):
+        out += [f"## {fam}", "", "| name | kind | method | paper |", "|---|---|---|---|"]
+        for c in (c for c in cards if family(c) == fam):
             paper = paper_link(c.paper) if c.paper else ""
-            out.append(f"| [{_text(c.name)}]({names[(c.kind, c.name)]}.md) | {_text(c.title)} "
-                       f"| {paper} |")
+            out.append(f"| [{_text(c.name)}]({names[(c.kind, c.name)]}.md) | {c.kind} "
+                       f"| {_text(c.title)} | {paper} |")
         out.append("")
     out += ["```{toctree}", ":hidden:", "", *[names[(c.kind, c.name)] for c in cards], "```", ""]
     return "\n".join(out)
@@ -119,9 +127,10 @@ def write_pages(outdir: Path, cards: Iterable[Any] | None = None) -> list[Path]:
     _write(written[0], index_page(cards))
     for card in cards:
         path = outdir / f"{names[(card.kind, card.name)]}.md"
+        path.parent.mkdir(exist_ok=True)
         _write(path, card_page(card))
         written.append(path)
-    for stale in set(outdir.glob("*.md")) - set(written):
+    for stale in set(outdir.rglob("*.md")) - set(written):
         stale.unlink()
     return written
 

@@ -1,0 +1,1 @@
+"""Classification losses and the input transforms of supervised training."""

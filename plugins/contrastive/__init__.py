@@ -1,0 +1,1 @@
+"""Contrastive (InfoNCE-family) objectives, their pair samplers and contrastive transforms."""

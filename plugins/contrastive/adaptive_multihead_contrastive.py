@@ -1,0 +1,169 @@
+"""Adaptive Multi-head Contrastive Learning (AMCL), SimCLR form (the paper's Eq. 2.1).
+
+Wang, Koniusz, Gedeon, Zheng, "Adaptive Multi-head Contrastive Learning", ECCV 2024
+(arXiv:2310.05615).
+
+``C`` projection heads map the backbone features of every view to ``z^c``; each head scores
+every pair with its own cosine similarity ``s^c_ij`` and a pair-adaptive temperature
+``tau^c_ij = eta + iota * sigmoid(-phi(z^c_i) . phi(z^c_j))`` from a temperature network
+``phi`` shared by the heads (``eta = tau_min``, ``iota = tau_max - tau_min``). The loss is a
+sum of separate head-wise terms (maximum likelihood over the product of head-wise
+posteriors); for SimCLR each term contrasts the positive with the hardest negative:
+
+    l_i = sum_c [ -s^c_ip / tau^c_ip + s^c_in* / tau^c_in*
+                  + beta Omega(tau^c_ip) - beta Omega(tau^c_in*) ],
+    n* = argmax_{n negative for i} s^c_in,      Omega(tau) = (d'/2) log(tau) + 1 / tau,
+
+where ``d'`` is the head dimension; the regulariser keeps temperatures away from degenerate
+values. An anchor with several positives averages the positive part over them; anchors
+without a positive or a negative are left out of the mean over anchors.
+The heads and ``phi`` belong to the objective: the engine optimises them with the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sdk import contrastive
+from sdk.card import Card
+from sdk.errors import ConfigError, ShapeError
+from sdk.hookspecs import hookimpl
+from sdk.interfaces import Objective, Sampler
+from sdk.layers import mlp_layers
+from sdk.types import Batch, Loss, Views
+
+
+def temperature_regulariser(tau: Tensor, dim: int) -> Tensor:
+    """``Omega(tau) = (dim / 2) log(tau) + 1 / tau`` (elementwise)."""
+    return 0.5 * dim * tau.log() + tau.reciprocal()
+
+
+def adaptive_multihead_loss(sims: Tensor, taus: Tensor, positive: Tensor, negative: Tensor, *,
+                            beta: float = 0.01, dim: int = 128) -> tuple[Tensor, Tensor]:
+    """Per-anchor AMCL loss ``[A]`` (summed over heads) and the anchors that have a positive
+    and a negative, from head-wise similarities and temperatures [C, A, N] and boolean pair
+    masks [A, N]: ``sum_c [mean_p (-s^c_ip/tau^c_ip + beta Omega(tau^c_ip))
+    + s^c_in*/tau^c_in* - beta Omega(tau^c_in*)]`` with ``n* = argmax_negatives s^c_in``."""
+    if sims.shape != taus.shape or sims.dim() != 3:
+        raise ShapeError(f"adaptive_multihead_loss: sims {list(sims.shape)} and taus "
+                         f"{list(taus.shape)} must both be [heads, anchors, candidates]")
+    if positive.shape != sims.shape[1:] or negative.shape != sims.shape[1:]:
+        raise ShapeError(f"adaptive_multihead_loss: masks {list(positive.shape)}/"
+                         f"{list(negative.shape)} must be [anchors, candidates] "
+                         f"{list(sims.shape[1:])}")
+    dtype = torch.promote_types(sims.dtype, torch.float32)
+    sims, taus = sims.to(dtype), taus.to(dtype)
+    pos_w = positive.to(sims.dtype)
+    n_pos = pos_w.sum(dim=-1)
+    valid = (n_pos > 0) & negative.any(dim=-1)
+    pair = beta * temperature_regulariser(taus, dim) - sims / taus            # [C, A, N]
+    pos_term = (pair * pos_w).sum(dim=-1) / n_pos.clamp_min(1.0)             # [C, A]
+    hardest = sims.detach().masked_fill(~negative, torch.finfo(sims.dtype).min / 2)
+    hardest = hardest.argmax(dim=-1, keepdim=True)                            # [C, A, 1]
+    neg_term = -pair.gather(-1, hardest).squeeze(-1)                          # [C, A]
+    loss = (pos_term + neg_term).sum(dim=0)
+    return torch.where(valid, loss, torch.zeros_like(loss)), valid
+
+
+class AdaptiveMultiheadContrastive(Objective):
+    """AMCL over any number of views; see the module docstring for the formula.
+
+    ``Views.embeddings`` are backbone features ``[B, in_dim]``; each of the ``num_heads`` heads
+    is ``Linear(in_dim, hidden_dim) -> BN -> ReLU -> Linear(hidden_dim, out_dim)``. Temperatures
+    lie in ``[tau_min, tau_max]`` (``eta = tau_min``, ``iota = tau_max - tau_min``); ``phi`` is
+    ``Linear -> ReLU -> Linear`` on the normalised head outputs (``temperature_hidden_dim``
+    units, default ``out_dim``). A Sampler (default: same index) chooses the pairs; it sees
+    the first head's embeddings. ``gather=True`` contrasts against every DDP rank.
+    """
+
+    requires = {"views": 2}
+
+    def __init__(self, in_dim: int = 512, hidden_dim: int = 512, out_dim: int = 128,
+                 num_heads: int = 3, beta: float = 0.01, tau_min: float = 1e-5,
+                 tau_max: float = 2.0, temperature_hidden_dim: int | None = None,
+                 sampler: Sampler | None = None, gather: bool = False):
+        super().__init__()
+        for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim),
+                            ("num_heads", num_heads)):
+            if value < 1:
+                raise ConfigError(f"adaptive_multihead_contrastive: {name} must be >= 1, got {value}",
+                                  param=name)
+        if beta < 0:
+            raise ConfigError(f"adaptive_multihead_contrastive: beta must be >= 0, got {beta}",
+                              param="beta")
+        if not 0 < tau_min < tau_max:
+            raise ConfigError("adaptive_multihead_contrastive: need 0 < tau_min < tau_max, got "
+                              f"tau_min={tau_min}, tau_max={tau_max}", param="tau_min")
+        t_hidden = out_dim if temperature_hidden_dim is None else temperature_hidden_dim
+        if t_hidden < 1:
+            raise ConfigError("adaptive_multihead_contrastive: temperature_hidden_dim must be >= 1",
+                              param="temperature_hidden_dim")
+        self.in_dim, self.out_dim, self.num_heads = in_dim, out_dim, num_heads
+        self.beta, self.tau_min, self.tau_max = beta, tau_min, tau_max
+        self.heads = nn.ModuleList(mlp_layers([in_dim, hidden_dim, out_dim]) for _ in range(num_heads))
+        self.phi = nn.Sequential(nn.Linear(out_dim, t_hidden), nn.ReLU(), nn.Linear(t_hidden, out_dim))
+        self.sampler = sampler
+        self.gather = gather
+
+    def pair_temperatures(self, anchors: Tensor, candidates: Tensor) -> Tensor:
+        """``tau_ij = tau_min + (tau_max - tau_min) sigmoid(-phi(a_i) . phi(c_j))`` [A, N]."""
+        score = self.phi(anchors) @ self.phi(candidates).T
+        return self.tau_min + (self.tau_max - self.tau_min) * torch.sigmoid(-score)
+
+    def forward(self, views: Views, batch: Batch) -> Loss:
+        feats = views.embeddings
+        if feats[0].shape[1] != self.in_dim:
+            raise ShapeError(f"adaptive_multihead_contrastive: expected features [B, {self.in_dim}], "
+                             f"got {list(feats[0].shape)}")
+        dtype = self.heads[0][0].weight.dtype
+        sims, taus, first = [], [], None
+        for head in self.heads:
+            projected = Views(embeddings=tuple(head(h.to(dtype)) for h in feats))
+            c = contrastive.contrast(projected, batch, gather=self.gather)
+            if first is None:
+                first = c
+            sims.append(c.anchors @ c.candidates.T)
+            taus.append(self.pair_temperatures(c.anchors, c.candidates))
+        if self.sampler is None:
+            positive, negative = contrastive.same_index_masks(first)
+        else:
+            pairs = contrastive.sampler_pairs(first, self.sampler)
+            positive, negative = pairs.positive, pairs.negative
+        sims_t, taus_t = torch.stack(sims), torch.stack(taus)
+        loss, valid = adaptive_multihead_loss(sims_t, taus_t, positive, negative,
+                                              beta=self.beta, dim=self.out_dim)
+        with torch.no_grad():
+            tau = taus_t.to(loss.dtype)
+            logs = {"tau_positive": (tau * positive).sum() / positive.sum().clamp_min(1) / self.num_heads,
+                    "tau_negative": (tau * negative).sum() / negative.sum().clamp_min(1) / self.num_heads}
+        return Loss(value=contrastive.masked_mean(loss, valid),
+                    per_sample=contrastive.per_sample(loss, first), logs=logs)
+
+    def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:
+        feats = tuple(torch.randn(batch_size, self.in_dim, generator=generator).requires_grad_()
+                      for _ in range(2))
+        return Views(embeddings=feats), Batch(targets=torch.arange(batch_size) % 5)
+
+
+CARD = Card(
+    name="adaptive_multihead_contrastive", kind="objective",
+    title="Adaptive Multi-head Contrastive Learning", paper="arXiv:2310.05615",
+    summary="Several projection heads owned by the objective, each scoring pairs with a "
+            "pair-adaptive temperature from a shared network, regularised by Omega(tau); "
+            "one contrastive term per head (positive against the hardest negative), summed over heads.",
+    formula="l_i = sum_c [-s^c_ip/tau^c_ip + s^c_in*/tau^c_in* + beta Omega(tau^c_ip) "
+            "- beta Omega(tau^c_in*)], n* = argmax_{n negative} s^c_in, "
+            "Omega(tau) = (d'/2) log tau + 1/tau, "
+            "tau^c_ij = tau_min + (tau_max - tau_min) sigmoid(-phi(z^c_i).phi(z^c_j)); "
+            "positive part averaged over an anchor's positives; loss = mean_i l_i (paper Eq. 2.1)",
+    left_out="The paper's MoCo, SimSiam, Barlow Twins and InfoNCE (LGP/CAN) variants (Eqs. 2.2-2.4); "
+             "memory-bank negatives in Views.extras are not used (in-batch negatives only); the "
+             "authors' code replaces the max over negatives by the mean of the top-k (k=100) "
+             "negatives' s/tau, whereas this module keeps the single hardest negative of Eq. 2.1.",
+)
+
+
+@hookimpl
+def paperplug_register(registry) -> None:
+    registry.add("objective", "adaptive_multihead_contrastive", AdaptiveMultiheadContrastive, card=CARD)

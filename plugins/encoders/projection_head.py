@@ -1,0 +1,59 @@
+"""The nonlinear projection head of SimCLR, stacked on a backbone Encoder.
+
+Chen et al., "A Simple Framework for Contrastive Learning of Visual Representations", ICML 2020.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdk.card import Card
+from sdk.errors import ConfigError
+from sdk.hookspecs import hookimpl
+from sdk.interfaces import Encoder
+from sdk.layers import mlp_layers
+
+
+class ProjectionHead(Encoder):
+    """``z = g(f(x))``: an MLP head ``g`` (``layers`` linear layers) on a backbone ``f``.
+
+    The contrastive loss is applied to ``z``; :meth:`features` returns ``f(x)``, the
+    representation used downstream (the paper's finding: it transfers better than ``z``).
+    Without a backbone the head maps ``in_dim`` features directly (default 128, the ``mlp``
+    encoder's default output size).
+    """
+
+    def __init__(self, backbone: Encoder | None = None, in_dim: int | None = None,
+                 hidden_dim: int = 512, out_dim: int = 128, layers: int = 2,
+                 batch_norm: bool = True):
+        super().__init__()
+        if backbone is not None and in_dim is not None and in_dim != backbone.out_dim:
+            raise ConfigError(f"projection_head: in_dim={in_dim} disagrees with the backbone's "
+                              f"out_dim={backbone.out_dim}", param="in_dim")
+        if layers < 1:
+            raise ConfigError(f"projection_head: layers must be >= 1, got {layers}", param="layers")
+        self.backbone = backbone
+        self.in_dim = backbone.out_dim if backbone is not None else (in_dim or 128)
+        self.out_dim = out_dim
+        self.head = mlp_layers([self.in_dim, *[hidden_dim] * (layers - 1), out_dim],
+                               batch_norm=batch_norm)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x) if self.backbone is not None else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+CARD = Card(
+    name="projection_head", kind="encoder",
+    title="A Simple Framework for Contrastive Learning of Visual Representations (SimCLR)",
+    paper="arXiv:2002.05709",
+    summary="MLP projection head g on a backbone f; train the loss on g(f(x)), use f(x) downstream.",
+    formula="z = W_2 ReLU(BN(W_1 f(x)))",
+)
+
+
+@hookimpl
+def paperplug_register(registry) -> None:
+    registry.add("encoder", "projection_head", ProjectionHead, card=CARD)

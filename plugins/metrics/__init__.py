@@ -1,0 +1,1 @@
+"""Metric plugins: registered, streaming wrappers of the math in :mod:`sdk.metrics`."""

@@ -1,0 +1,1 @@
+"""Self-supervised objectives without (only) negatives: redundancy reduction, self-distillation."""

@@ -1,0 +1,1 @@
+"""Teachers: momentum networks, queues and memory banks."""

@@ -1,0 +1,70 @@
+"""Momentum (EMA) target networks: the cosine momentum schedule and the EMA teacher that the
+``ema`` and ``queue`` teachers (and the self-distillation methods) build on.
+
+Grill et al., "Bootstrap Your Own Latent", NeurIPS 2020 (schedule); Tarvainen & Valpola,
+"Mean teachers are better role models", NeurIPS 2017 (EMA teacher).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from sdk.errors import ConfigError
+from sdk.interfaces import Teacher
+
+
+def cosine_momentum(base: float, final: float, step: int, max_steps: int | None) -> float:
+    """``final - (final - base) * (cos(pi k / K) + 1) / 2``; ``base`` when K is unknown."""
+    if not max_steps:
+        return base
+    k = min(step, max_steps) / max_steps
+    return final - (final - base) * (math.cos(math.pi * k) + 1) / 2
+
+
+class EMATeacher(Teacher):
+    """``theta_t <- m theta_t + (1 - m) theta_s``; buffers are copied. ``m`` follows the
+    cosine schedule from ``momentum`` to ``final_momentum`` (constant if they are equal)."""
+
+    def __init__(self, student: nn.Module | None = None, momentum: float = 0.996,
+                 final_momentum: float = 1.0):
+        super().__init__()
+        for name, value in (("momentum", momentum), ("final_momentum", final_momentum)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"ema: {name} must be in [0, 1], got {value}", param=name)
+        self.momentum, self.final_momentum = momentum, final_momentum
+        self.target: nn.Module | None = None
+        if student is not None:
+            self.attach(student)
+
+    def attach(self, student: nn.Module) -> EMATeacher:
+        """Start the target network as a frozen copy of ``student``."""
+        self.target = copy.deepcopy(student)
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def _require_target(self) -> nn.Module:
+        if self.target is None:
+            raise RuntimeError("ema teacher: no student attached; call teacher.attach(encoder) "
+                               "or pass student=")
+        return self.target
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._require_target()(x)
+
+    @torch.no_grad()
+    def update(self, *, student: nn.Module | None = None, views=None, batch=None, step: int = 0,
+               max_steps: int | None = None) -> None:
+        if student is None:
+            raise RuntimeError("ema teacher: update() needs student=")
+        target = self._require_target()
+        m = cosine_momentum(self.momentum, self.final_momentum, step, max_steps)
+        t_params, s_params = list(target.parameters()), list(student.parameters())
+        torch._foreach_lerp_(t_params, s_params, 1.0 - m)
+        for t, s in zip(target.buffers(), student.buffers()):
+            t.copy_(s)

@@ -43,6 +43,7 @@ import difflib
 import inspect
 import json
 import math
+import operator
 import re
 import sys
 import typing
@@ -123,30 +124,28 @@ class _SettingError(ConfigError):
         self.reason = reason
 
 
-_BOUNDS = {annotated_types.Gt: ("gt", ">"), annotated_types.Ge: ("ge", ">="),
-           annotated_types.Lt: ("lt", "<"), annotated_types.Le: ("le", "<=")}
+_BOUNDS = {annotated_types.Gt: ("gt", ">", operator.gt), annotated_types.Ge: ("ge", ">=", operator.ge),
+           annotated_types.Lt: ("lt", "<", operator.lt), annotated_types.Le: ("le", "<=", operator.le)}
 
 
 def constraint_text(constraint: Any) -> str:
     """``Ge(1)`` -> ``">= 1"``; a tuple of choices -> ``"one of '32', 'bf16-mixed'"``."""
     if isinstance(constraint, tuple):
         return "one of " + ", ".join(repr(c) for c in constraint)
-    attr, op = _BOUNDS[type(constraint)]
-    return f"{op} {getattr(constraint, attr)}"
+    attr, symbol, _ = _BOUNDS[type(constraint)]
+    return f"{symbol} {getattr(constraint, attr)}"
+
+
+def _satisfies(value: Any, constraint: Any) -> bool:
+    if isinstance(constraint, tuple):
+        return value in constraint
+    attr, _, compare = _BOUNDS[type(constraint)]
+    return compare(value, getattr(constraint, attr))
 
 
 def _check_setting(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is None:
-        return
     for constraint in attribute.metadata["constraints"]:
-        if isinstance(constraint, tuple):
-            ok = value in constraint
-        else:
-            attr, _ = _BOUNDS[type(constraint)]
-            bound = getattr(constraint, attr)
-            ok = {"gt": value > bound, "ge": value >= bound, "lt": value < bound,
-                  "le": value <= bound}[attr]
-        if not ok:
+        if value is not None and not _satisfies(value, constraint):
             raise _SettingError(attribute.name, f"must be {constraint_text(constraint)}, got "
                                                 f"{_show(value)}")
 

@@ -319,6 +319,8 @@ def test_trainer_and_cli_take_every_trainer_setting():
 
 
 def test_trainer_settings_are_checked_by_name():
+    import torch
+
     encoder, objective = sdk.create("encoder", "mlp", out_dim=10), sdk.create("objective",
                                                                               "cross_entropy")
     for settings, param, message in [
@@ -329,8 +331,6 @@ def test_trainer_settings_are_checked_by_name():
         with pytest.raises(ConfigError) as err:
             sdk.Trainer(encoder, objective, **settings)
         assert err.value.param == param and str(err.value).startswith(message), str(err.value)
-    import torch
-
     trainer = sdk.Trainer(encoder, objective, max_steps=2, clip_grad_norm=1,
                           device=torch.device("cpu"))
     assert trainer.config.clip_grad_norm == 1.0 and trainer.clip_grad_norm == 1.0

@@ -27,6 +27,7 @@ _LAZY: dict[str, str] = {
     "Pairs": "sdk.types",
     "Card": "sdk.card",
     "Param": "sdk.card",
+    "FromData": "sdk.context",
     "hookimpl": "sdk.hookspecs",
     "Registry": "sdk.registry",
     "get_registry": "sdk.registry",
@@ -39,7 +40,7 @@ _LAZY: dict[str, str] = {
 _SUBMODULES = {
     "interfaces", "types", "card", "hookspecs", "registry", "compose", "config", "contrastive",
     "distributed", "testing", "engine", "metrics", "data", "checkpoint", "plots", "cli", "cluster",
-    "state",
+    "state", "context",
 }
 
 __all__ = [
@@ -65,6 +66,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from sdk.card import Card, Param
     from sdk.compose import WeightedSum
+    from sdk.context import FromData
     from sdk.engine import Trainer
     from sdk.hookspecs import hookimpl
     from sdk.registry import Registry, broken_plugins, create, get_registry, plugins

@@ -22,12 +22,17 @@ def _non_empty(instance, attribute, value):
 
 @attrs.frozen(kw_only=True)
 class Param:
-    """One constructor parameter of a plugin, read from its factory's signature."""
+    """One constructor parameter of a plugin, read from its factory's signature.
+
+    ``from_data`` names the data value recipe building fills it with (its
+    :class:`~sdk.context.FromData` marker), if any.
+    """
 
     name: str
     type: str
     default: object = attrs.field(default=attrs.NOTHING, repr=False)
     doc: str = ""
+    from_data: str = ""
 
     @property
     def required(self) -> bool:
@@ -35,6 +40,11 @@ class Param:
 
     def default_repr(self) -> str:
         return "required" if self.required else repr(self.default)
+
+    def default_text(self) -> str:
+        """The default as a card shows it: ``None; filled from the data (num_classes)``."""
+        source = f"; filled from the data ({self.from_data})" if self.from_data else ""
+        return self.default_repr() + source
 
 
 @attrs.frozen(kw_only=True)

@@ -55,7 +55,7 @@ def _plugins_show(args: argparse.Namespace, console: Console) -> int:
         for col in ("parameter", "type", "default"):
             params.add_column(col)
         for p in card.params:
-            params.add_row(p.name, p.type, p.default_repr())
+            params.add_row(p.name, p.type, p.default_text())
         body = Table.grid(padding=(0, 2))
         body.add_column(style="bold")
         body.add_column()

@@ -39,7 +39,8 @@ def recipes_dir() -> Path:
 def build(recipe: Any, splits: Any) -> dict[str, Any]:
     """Every plugin of ``recipe`` (errors name the recipe key path), built for ``splits``."""
     from sdk import data
-    from sdk.config import BuildContext, PluginSpec, build_optimizer, create
+    from sdk.config import PluginSpec, build_optimizer, create
+    from sdk.context import BuildContext
     from sdk.errors import ConfigError
 
     context = BuildContext(in_dim=splits.in_dim, num_classes=splits.num_classes,
@@ -86,6 +87,21 @@ def build(recipe: Any, splits: Any) -> dict[str, Any]:
     }
 
 
+def make_trainer(recipe: Any, parts: dict[str, Any], *, run_dir: str | Path | None = None,
+                 progress: bool | None = None) -> Any:
+    """The :class:`~sdk.Trainer` of ``recipe`` (its ``[trainer]`` settings) for the built parts."""
+    import attrs
+
+    from sdk.engine import Trainer
+
+    return Trainer(parts["encoder"], parts["objective"], parts["optimizer"],
+                   teacher=parts["teacher"], sampler=parts["sampler"],
+                   reweighter=parts["reweighter"], transforms=parts["transforms"],
+                   callbacks=parts["callbacks"], scheduler=parts["scheduler"], seed=recipe.seed,
+                   run_dir=run_dir, progress=progress,
+                   **attrs.asdict(recipe.trainer, recurse=False))
+
+
 def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
                progress: bool | None = None, console: Console | None = None) -> dict[str, Any]:
     """Train, evaluate and calibrate ``recipe``; returns (and writes) the summary."""
@@ -94,7 +110,6 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
 
     from sdk import checkpoint, data, metrics
     from sdk.config import dump_toml, unstructure
-    from sdk.engine import Trainer
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -111,16 +126,7 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
     def ordered(ds: Any) -> DataLoader:
         return DataLoader(ds, batch_size=512, shuffle=False, num_workers=cfg.num_workers)
 
-    t = recipe.trainer
-    trainer = Trainer(parts["encoder"], parts["objective"], parts["optimizer"],
-                      teacher=parts["teacher"], sampler=parts["sampler"],
-                      reweighter=parts["reweighter"], transforms=parts["transforms"],
-                      callbacks=parts["callbacks"], scheduler=parts["scheduler"],
-                      max_epochs=t.max_epochs, max_steps=t.max_steps, precision=t.precision,
-                      accumulate=t.accumulate, clip_grad_norm=t.clip_grad_norm, device=t.device,
-                      compile=t.compile, seed=recipe.seed, run_dir=run_dir,
-                      log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-                      progress=progress)
+    trainer = make_trainer(recipe, parts, run_dir=run_dir, progress=progress)
     main = trainer_is_main()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -245,13 +251,33 @@ def print_summary(summary: dict[str, Any], console: Console, run_dir: Path) -> N
     console.print(f"run directory: {run_dir}")
 
 
+def trainer_settings_help() -> str:
+    """The ``[trainer]`` settings, one line each (name, type, default, constraints, doc)."""
+    import attrs
+
+    from sdk.config import TrainerConfig, constraint_text
+
+    rows = []
+    for f in attrs.fields(TrainerConfig):
+        bounds = ", ".join(constraint_text(c) for c in f.metadata["constraints"]
+                           if not isinstance(c, tuple))
+        type_name = f.type.__name__ if isinstance(f.type, type) else str(f.type)
+        kind = f"{type_name}{f' ({bounds})' if bounds else ''}, default {f.default!r}"
+        rows.append((f"trainer.{f.name}", kind, f.metadata["doc"]))
+    width = [max(len(r[i]) for r in rows) for i in range(2)]
+    lines = [f"  {name:<{width[0]}}  {kind:<{width[1]}}  {doc}" for name, kind, doc in rows]
+    return "trainer settings (--set trainer.NAME=VALUE):\n" + "\n".join(lines)
+
+
 def _configure_run(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = trainer_settings_help()
     p.add_argument("recipe", nargs="?", help="TOML recipe (optional with --resume: the run's "
                                               "config.toml is used)")
     p.add_argument("--run-dir", default=None, help="output directory (default runs/<name>-<time>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe entry, e.g. --set trainer.max_epochs=5 "
-                        "--set objectives[0].temperature=0.2")
+                        "--set objectives[0].temperature=0.2 (trainer settings below)")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run in DIR from its last checkpoint")
 

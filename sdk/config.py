@@ -28,9 +28,13 @@ Optional tables: ``sampler``, ``reweighter``, ``teacher``, ``schedule`` (an LR m
 ``calibrator``, ``[[transforms]]``, ``[[callbacks]]``, ``evaluation``. Errors name the key
 path: ``objectives[1].lambd: expected float, got "x"``.
 
-Parameters a recipe cannot spell are filled from the data when a plugin accepts them and the
-recipe leaves them out: ``in_dim`` (the innermost encoder), ``num_classes``, ``labels``
-(training targets) and ``dataset`` (the training split).
+Parameters a recipe cannot spell are filled from the data when the plugin marks them with
+:class:`sdk.context.FromData` and the recipe leaves them out (``in_dim``, ``num_classes``,
+``labels``, ``dataset``).
+
+:class:`TrainerConfig` is the one declaration of the trainer's settings (types, defaults,
+constraints, one-line docs): the ``[trainer]`` table, the keyword arguments of
+:class:`sdk.Trainer` and the settings ``paperplug run --help`` lists are all read from it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import difflib
 import inspect
 import json
 import math
+import operator
 import re
 import sys
 import typing
@@ -46,6 +51,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import annotated_types
 import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
@@ -56,6 +62,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+from sdk.context import BuildContext, data_params
 from sdk.errors import ConfigError, PluginError
 
 # configs ------------------------------------------------------------------------------------
@@ -109,19 +116,94 @@ class OptimizerConfig:
     options: dict[str, Any] = attrs.Factory(dict)
 
 
+class _SettingError(ConfigError):
+    """A trainer setting outside its constraints: ``"<name> <reason>"``."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name} {reason}", param=name)
+        self.reason = reason
+
+
+_BOUNDS = {annotated_types.Gt: ("gt", ">", operator.gt), annotated_types.Ge: ("ge", ">=", operator.ge),
+           annotated_types.Lt: ("lt", "<", operator.lt), annotated_types.Le: ("le", "<=", operator.le)}
+
+
+def constraint_text(constraint: Any) -> str:
+    """``Ge(1)`` -> ``">= 1"``; a tuple of choices -> ``"one of '32', 'bf16-mixed'"``."""
+    if isinstance(constraint, tuple):
+        return "one of " + ", ".join(repr(c) for c in constraint)
+    attr, symbol, _ = _BOUNDS[type(constraint)]
+    return f"{symbol} {getattr(constraint, attr)}"
+
+
+def _satisfies(value: Any, constraint: Any) -> bool:
+    if isinstance(constraint, tuple):
+        return value in constraint
+    attr, _, compare = _BOUNDS[type(constraint)]
+    return compare(value, getattr(constraint, attr))
+
+
+def _check_setting(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    for constraint in attribute.metadata["constraints"]:
+        if value is not None and not _satisfies(value, constraint):
+            raise _SettingError(attribute.name, f"must be {constraint_text(constraint)}, got "
+                                                f"{_show(value)}")
+
+
+def setting(default: Any, doc: str, *constraints: Any) -> Any:
+    """A :class:`TrainerConfig` field: default, one-line doc and constraints, each an
+    annotated-types bound (``Ge(1)``, ``Gt(0)``, ...) or a tuple of allowed values."""
+    return attrs.field(default=default, validator=_check_setting,
+                       metadata={"doc": doc, "constraints": constraints})
+
+
+PRECISIONS = ("32", "bf16-mixed", "fp16-mixed")
+
+
 @attrs.define(kw_only=True)
 class TrainerConfig:
-    """Arguments of :class:`sdk.Trainer`."""
+    """The scalar settings of :class:`sdk.Trainer` (its keyword arguments after the plugins)."""
 
-    max_epochs: int | None = None
-    max_steps: int | None = None
-    precision: str = "32"
-    accumulate: int = 1
-    clip_grad_norm: float | None = None
-    device: str = "auto"
-    compile: bool = False
-    log_every: int = 50
-    checkpoint_every: int | None = None
+    max_epochs: int | None = setting(
+        None, "epochs to train (give max_epochs, max_steps or both)", annotated_types.Ge(1))
+    max_steps: int | None = setting(
+        None, "optimizer steps to train; the run ends at whichever limit comes first",
+        annotated_types.Ge(1))
+    precision: str = setting("32", '"32", "bf16-mixed" or "fp16-mixed" (CUDA only)', PRECISIONS)
+    accumulate: int = setting(1, "micro-batches per optimizer step", annotated_types.Ge(1))
+    clip_grad_norm: float | None = setting(
+        None, "clip the global gradient norm to this value", annotated_types.Gt(0))
+    device: str = setting("auto", '"auto" (CUDA when available), "cpu", "cuda:1", ...')
+    compile: bool = setting(False, "torch.compile the forward pass")
+    log_every: int = setting(50, "optimizer steps between logged training records",
+                             annotated_types.Ge(1))
+    checkpoint_every: int | None = setting(
+        None, "optimizer steps between checkpoints (a checkpoint is also written at every "
+              "epoch end)", annotated_types.Ge(1))
+
+
+attrs.resolve_types(TrainerConfig)  # field types as objects, as cattrs and signatures read them
+
+
+def trainer_config(values: Mapping[str, Any]) -> TrainerConfig:
+    """``values`` checked like a recipe's ``[trainer]`` table (types, constraints, unknown
+    names with the closest suggestion); the error names the setting."""
+    try:
+        return CONVERTER.structure(dict(values), TrainerConfig)
+    except ClassValidationError as exc:
+        err = _cattrs_errors(exc, "invalid trainer settings")
+        raise ConfigError(str(err), param=err.path, path=err.path) from None
+
+
+def with_trainer_settings(init: Any) -> Any:
+    """Give ``init``, which takes ``**settings``, a signature listing the TrainerConfig fields
+    as keyword-only parameters (what ``help`` and IDEs show)."""
+    sig = inspect.signature(init)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                 annotation=f.type) for f in attrs.fields(TrainerConfig)]
+    init.__signature__ = sig.replace(parameters=params)
+    return init
 
 
 @attrs.define(kw_only=True)
@@ -263,7 +345,7 @@ _AT = re.compile(r"^(?P<msg>.*) @ \$(?P<path>.*)$", re.S)
 _SUB = "\x00"  # separates a sub-key from the message in _format_exception's output
 
 
-def _cattrs_errors(exc: ClassValidationError) -> ConfigError:
+def _cattrs_errors(exc: ClassValidationError, what: str = "invalid recipe") -> ConfigError:
     messages = cattrs.transform_error(exc, path="$", format_exception=_format_exception)
     lines, paths = [], []
     for message in messages:
@@ -277,7 +359,7 @@ def _cattrs_errors(exc: ClassValidationError) -> ConfigError:
             where = f"{path}.{key}" if path and key else path or key
             paths.append(where)
             lines.append(f"{where}: {msg}" if where else msg)
-    return ConfigError("invalid recipe: " + "; ".join(lines) if len(lines) > 1 else lines[0],
+    return ConfigError(f"{what}: " + "; ".join(lines) if len(lines) > 1 else lines[0],
                        path=paths[0] if paths else None)
 
 
@@ -294,6 +376,8 @@ def _format_exception(exc: BaseException, type_: Any) -> str:
         return (_SUB * 2).join(entries)
     if isinstance(exc, _KeyError):
         return f"{exc.key}{_SUB}{exc}"
+    if isinstance(exc, _SettingError):
+        return f"{exc.param}{_SUB}{exc.reason}"
     return str(exc)
 
 
@@ -460,16 +544,6 @@ def _kind_of(hint: Any) -> str | None:
     return None
 
 
-@attrs.define
-class BuildContext:
-    """What the data tells plugins that ask for it (``in_dim``, ``num_classes``, ...)."""
-
-    in_dim: int | None = None
-    num_classes: int | None = None
-    labels: Any = None
-    dataset: Any = None
-
-
 def create(spec: PluginSpec, kind: str, path: str, context: BuildContext | None = None) -> Any:
     """Build ``spec`` as a plugin of ``kind`` (nested specs first), naming ``path`` in errors."""
     from sdk.registry import _signature_params, _type_name, get_registry
@@ -480,7 +554,7 @@ def create(spec: PluginSpec, kind: str, path: str, context: BuildContext | None 
         entry = reg.get(kind, spec.name)
     except PluginError as exc:
         raise ConfigError(f"{path}.name: {exc}", path=f"{path}.name") from None
-    accepted, hints, _ = _signature_params(entry.factory)
+    _, hints, _ = _signature_params(entry.factory)
     params: dict[str, Any] = {}
     has_nested_encoder = False
     for key, value in spec.params.items():
@@ -505,12 +579,10 @@ def create(spec: PluginSpec, kind: str, path: str, context: BuildContext | None 
                 value = tuple(value)
             params[key] = value
     if context is not None:
-        fill = {"num_classes": context.num_classes, "labels": context.labels,
-                "dataset": context.dataset}
-        if kind == "encoder" and not has_nested_encoder:
-            fill["in_dim"] = context.in_dim
-        for key, value in fill.items():
-            if key in accepted and key not in params and value is not None:
+        for key, source in data_params(entry.factory).items():
+            value = getattr(context, source)
+            if key not in params and value is not None and not (
+                    source == "in_dim" and has_nested_encoder):
                 params[key] = value
     try:
         reg.validate(kind, spec.name, params)

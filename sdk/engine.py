@@ -43,18 +43,19 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from sdk import checkpoint as ckpt
 from sdk import distributed
+from sdk.config import trainer_config, with_trainer_settings
 from sdk.errors import ConfigError, RequirementError
 from sdk.interfaces import EVENTS, Callback, Objective, Schedule, Teacher, Transform
 from sdk.interfaces import Sampler as PairSampler
 from sdk.types import Batch, Loss, Views
 
-PRECISIONS = ("32", "bf16-mixed", "fp16-mixed")
 CHECKPOINT_NAME = "last.pt"
 _BATCH_FIELDS = ("targets", "index", "domain", "weight")
 
@@ -236,6 +237,10 @@ class Trainer:
     (:class:`RankShard`), which must then be the same on every rank; a data sampler that shards
     itself over the ranks declares ``shards_ranks = True`` and is used as it is.
 
+    The settings after ``progress`` (``max_epochs``, ``precision``, ...) are the fields of
+    :class:`sdk.config.TrainerConfig`, checked as a recipe's ``[trainer]`` table is; ``config``
+    holds them.
+
     ``max_steps`` counts optimizer steps; without it, ``total_steps`` (what LR schedules and
     ``set_progress`` see) is ``max_epochs * ceil(len(loader) / accumulate)``, measured once after
     ``on_fit_start``: for a data sampler whose length changes between epochs it is an estimate.
@@ -272,37 +277,25 @@ class Trainer:
     For ``resume=True``, ``run_dir`` must be on storage that every node can read.
     """
 
+    @with_trainer_settings
     def __init__(self, encoder: nn.Module, objective: Objective, optimizer: Any = None, *,
                  teacher: nn.Module | None = None, sampler: Any = None,
                  reweighter: nn.Module | None = None,
                  transforms: Transform | Sequence[Transform] | None = None,
-                 callbacks: Sequence[Any] = (), max_epochs: int | None = None,
-                 max_steps: int | None = None, precision: str = "32", accumulate: int = 1,
-                 clip_grad_norm: float | None = None, device: str | torch.device = "auto",
-                 compile: bool = False, seed: int = 0, run_dir: str | os.PathLike | None = None,
-                 log_every: int = 50, checkpoint_every: int | None = None,
-                 scheduler: Any = None, progress: bool | None = None):
+                 callbacks: Sequence[Any] = (), scheduler: Any = None, seed: int = 0,
+                 run_dir: str | os.PathLike | None = None, progress: bool | None = None,
+                 **settings: Any):
         if not isinstance(encoder, nn.Module):
             raise ConfigError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}",
                               param="encoder")
         if not isinstance(objective, Objective):
             raise ConfigError(f"objective must be an sdk Objective, got {type(objective).__name__}",
                               param="objective")
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got "
-                              f"{precision!r}", param="precision")
-        for name, value in (("accumulate", accumulate), ("log_every", log_every)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {value!r}", param=name)
-        for name, value in (("max_epochs", max_epochs), ("max_steps", max_steps),
-                            ("checkpoint_every", checkpoint_every)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be an int >= 1 or None, got {value!r}", param=name)
-        if max_epochs is None and max_steps is None:
+        if isinstance(settings.get("device"), torch.device):
+            settings["device"] = str(settings["device"])
+        self.config = trainer_config(settings)
+        if self.config.max_epochs is None and self.config.max_steps is None:
             raise ConfigError("give max_epochs or max_steps (or both)", param="max_epochs")
-        if clip_grad_norm is not None and not clip_grad_norm > 0:
-            raise ConfigError(f"clip_grad_norm must be > 0, got {clip_grad_norm}",
-                              param="clip_grad_norm")
         self.encoder, self.objective, self.teacher = encoder, objective, teacher
         self.reweighter = reweighter
         self.pair_sampler = sampler if isinstance(sampler, PairSampler) else None
@@ -315,23 +308,22 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.view_transforms = self._view_transforms(transforms)
         self.optimizer_spec, self.scheduler_spec = optimizer, scheduler
-        self.max_epochs, self.max_steps = max_epochs, max_steps
-        self.precision, self.accumulate, self.clip_grad_norm = precision, accumulate, clip_grad_norm
-        self.device = resolve_device(device)
-        if precision == "fp16-mixed" and self.device.type != "cuda":
+        for name, value in attrs.asdict(self.config, recurse=False).items():
+            setattr(self, name, value)
+        self.device = resolve_device(self.config.device)
+        if self.precision == "fp16-mixed" and self.device.type != "cuda":
             raise ConfigError(f"precision 'fp16-mixed' (float16 with a GradScaler) needs a CUDA "
                               f"device, got {self.device}; use 'bf16-mixed' on the CPU",
                               param="precision")
-        self.compile, self.seed = compile, seed
+        self.seed = seed
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.log_every, self.checkpoint_every = log_every, checkpoint_every
         self.progress_enabled = progress
 
         # loop state, visible to events
         self.step = 0
         self.epoch = 0
         self.batch_idx = 0
-        self.total_steps: int | None = max_steps
+        self.total_steps: int | None = self.max_steps
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.scaler: torch.amp.GradScaler | None = None

@@ -16,6 +16,7 @@ from typeguard import TypeCheckError, check_type
 
 from sdk import hookspecs
 from sdk.card import KINDS, Card, Param
+from sdk.context import data_params
 from sdk.errors import ConfigError, PluginConflictError, PluginNotFoundError
 
 ENTRY_POINT_GROUP = "paperplug"
@@ -66,11 +67,13 @@ def _type_name(hint: Any) -> str:
 
 def describe_params(factory: Callable[..., Any]) -> tuple[Param, ...]:
     params, hints, _ = _signature_params(factory)
+    marked = data_params(factory)
     out = []
     for name, p in params.items():
         hint = hints.get(name, p.annotation)
         default = attrs.NOTHING if p.default is p.empty else p.default
-        out.append(Param(name=name, type=_type_name(hint), default=default))
+        out.append(Param(name=name, type=_type_name(hint), default=default,
+                         from_data=marked.get(name, "")))
     return tuple(out)
 
 

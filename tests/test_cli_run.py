@@ -97,6 +97,24 @@ def test_resume_continues_to_the_same_result(tmp_path, capsys):
     assert abs(epochs_a[-1]["val/accuracy"] - a["accuracy"]) < 0.06
 
 
+def test_trainer_settings_are_listed_and_checked_by_the_cli(capsys):
+    import attrs
+
+    from sdk.config import TrainerConfig
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    for field in attrs.fields(TrainerConfig):
+        assert f"trainer.{field.name} " in out and field.metadata["doc"] in out, field.name
+    code, out = run(capsys, "run", str(RECIPES / "simclr_digits.toml"),
+                    "--set", "trainer.max_epoch=3")
+    assert code == 2 and "trainer.max_epoch: unknown key; did you mean 'max_epochs'?" in out
+    code, out = run(capsys, "run", str(RECIPES / "simclr_digits.toml"),
+                    "--set", "trainer.log_every=0")
+    assert code == 2 and "trainer.log_every: must be >= 1, got 0" in out
+
+
 def test_run_needs_a_recipe_or_resume(capsys):
     code, out = run(capsys, "run")
     assert code == 2 and "give a RECIPE or --resume DIR" in out

@@ -81,6 +81,12 @@ def test_names_shared_by_two_kinds_get_two_pages_and_stale_pages_go(tmp_path):
     assert 'sdk.create("objective", "solo", scale=None)' in solo
 
 
+def test_page_marks_parameters_filled_from_the_data():
+    page = plugin_pages.card_page(sdk.registry.get_registry().get("transform", "mixup").card)
+    assert "| `num_classes` | `int \\| None` | `None` (filled from the data: `num_classes`) |" in page
+    assert "| `alpha` | `float` | `0.2` |" in page
+
+
 def test_api_reference_covers_every_public_module():
     modules = api_pages.public_modules()
     on_disk = {f"sdk.{p.stem}" for p in (DOCS.parent / "sdk").glob("*.py")

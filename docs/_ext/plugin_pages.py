@@ -76,7 +76,9 @@ def card_page(card: Any) -> str:
     if card.params:
         out += ["| parameter | type | default |", "|---|---|---|"]
         out += [f"| {_code(p.name)} | {_code(p.type)} | "
-                f"{'required' if p.required else _code(p.default_repr())} |" for p in card.params]
+                f"{'required' if p.required else _code(p.default_repr())}"
+                f"{f' (filled from the data: {_code(p.from_data)})' if p.from_data else ''} |"
+                for p in card.params]
     else:
         out.append("None.")
     out.append("")

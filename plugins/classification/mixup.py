@@ -5,10 +5,13 @@ Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 
 from sdk.card import Card
+from sdk.context import FromData
 from sdk.errors import ConfigError, RequirementError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Transform
@@ -27,7 +30,8 @@ class Mixup(Transform):
     Class-id targets become soft labels over ``num_classes`` classes; ``extras`` records
     ``mixup_lambda`` and ``mixup_perm``. Acts in training mode only."""
 
-    def __init__(self, alpha: float = 0.2, num_classes: int | None = None):
+    def __init__(self, alpha: float = 0.2,
+                 num_classes: Annotated[int | None, FromData("num_classes")] = None):
         super().__init__()
         if not alpha > 0:
             raise ConfigError(f"mixup: alpha must be > 0, got {alpha}", param="alpha")

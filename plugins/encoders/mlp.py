@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from sdk.card import Card
+from sdk.context import FromData
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Encoder
@@ -14,9 +17,9 @@ from sdk.layers import mlp_layers
 class MLP(Encoder):
     """``x -> flatten -> [Linear -> BN -> act] * len(hidden_dims) -> Linear``."""
 
-    def __init__(self, in_dim: int = 64, hidden_dims: tuple[int, ...] | list[int] = (256,),
-                 out_dim: int = 128, activation: str = "relu", batch_norm: bool = True,
-                 dropout: float = 0.0):
+    def __init__(self, in_dim: Annotated[int, FromData("in_dim")] = 64,
+                 hidden_dims: tuple[int, ...] | list[int] = (256,), out_dim: int = 128,
+                 activation: str = "relu", batch_norm: bool = True, dropout: float = 0.0):
         super().__init__()
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim)):
             if value < 1:

@@ -5,9 +5,12 @@ Chen et al., "A Simple Framework for Contrastive Learning of Visual Representati
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from sdk.card import Card
+from sdk.context import FromData
 from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Encoder
@@ -23,7 +26,8 @@ class ProjectionHead(Encoder):
     encoder's default output size).
     """
 
-    def __init__(self, backbone: Encoder | None = None, in_dim: int | None = None,
+    def __init__(self, backbone: Encoder | None = None,
+                 in_dim: Annotated[int | None, FromData("in_dim")] = None,
                  hidden_dim: int = 512, out_dim: int = 128, layers: int = 2,
                  batch_norm: bool = True):
         super().__init__()

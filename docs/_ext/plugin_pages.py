@@ -2,7 +2,8 @@
 
 On ``builder-inited`` this writes ``docs/plugins/<family>/<name>.md`` for every card returned
 by ``sdk.plugins()`` (built-in and third-party alike; a third party's family is its package)
-and ``docs/plugins/index.md`` listing them by family, and warns about any plugin module that failed to load (its page would be missing).
+and ``docs/plugins/index.md`` listing them by family, and warns about any plugin module that
+failed to load (its page would be missing).
 The generator functions need no Sphinx, so the test suite calls them directly.
 """
 

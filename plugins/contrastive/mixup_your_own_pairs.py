@@ -152,7 +152,9 @@ CARD = Card(
             "anchor's as hard positives, with distance-magnified denominators.",
     formula="negatives += a z_i + (1-a) z_k (t_k != t_i, a ~ Beta(2,8)); positives += "
             "a z_j + (1-a) z_k (t_j < t_i < t_k within window, a = (t_k-t_i)/(t_k-t_j)); "
-            "l_i = -mean_{p in P(i)} log exp(s_ip/tau) / sum_{c != i} (|t_i - t_c| + 1) exp(s_ic/tau)",
+            "l_i = -mean_{p in P(i)} log exp(s_ip/tau) / sum_{c != i} (|t_i - t_c| + 1) exp(s_ic/tau); "
+            "mixtures detached by default (detach_mixtures=True, as the reference's mixing function "
+            "returns them), so only the anchor side of a mixture's logit carries gradient",
     left_out="The reference code's sub-batch pooling (a memory device); the regression head "
              "trained on top of the representation.",
 )

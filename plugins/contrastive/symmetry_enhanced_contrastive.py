@@ -18,6 +18,7 @@ from sdk.interfaces import Objective
 from sdk.types import Batch, Loss, Views
 
 FACES, NAMES = "faces", "names"
+AGREEMENTS = ("diagonal", "full")
 
 
 def _neg(dtype: torch.dtype) -> float:
@@ -47,9 +48,8 @@ def bag_scores(names: Tensor, faces: Tensor, name_mask: Tensor, face_mask: Tenso
     return s_nf, s_fn
 
 
-def _hinge(names: Tensor, faces: Tensor, name_mask: Tensor, face_mask: Tensor, margin: float) -> Tensor:
-    """Max-violation ranking on ``C = S_nf + S_fn`` of cosines (VSE++ style, both directions)."""
-    s_nf, s_fn = bag_scores(names, faces, name_mask, face_mask, cosine=True)
+def _hinge(s_nf: Tensor, s_fn: Tensor, margin: float) -> Tensor:
+    """Max-violation ranking on ``C = S_nf + S_fn`` (VSE++ style, both directions)."""
     c = s_nf + s_fn
     diag = c.diagonal()
     off = ~torch.eye(c.shape[0], dtype=torch.bool, device=c.device)
@@ -58,37 +58,51 @@ def _hinge(names: Tensor, faces: Tensor, name_mask: Tensor, face_mask: Tensor, m
     return cost_col.sum() + cost_row.sum()
 
 
-def symmetry_enhanced_contrastive_loss(faces: Tensor, names: Tensor, face_mask: Tensor | None = None,
-                                       name_mask: Tensor | None = None, *, alpha: float = 0.5,
-                                       hinge_weight: float = 0.0, margin: float = 0.2
-                                       ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``CE(S_nf, diag) + CE(S_fn, diag) + alpha * MSE(S_nf, S_fn^T) [+ hinge_weight * hinge]``.
+def _check_agreement(agreement: str) -> None:
+    if agreement not in AGREEMENTS:
+        raise ConfigError(f"symmetry_enhanced_contrastive: agreement must be one of {AGREEMENTS}, "
+                          f"got {agreement!r}", param="agreement")
 
-    Returns the scalar loss and its parts (``names_to_faces``, ``faces_to_names``,
-    ``agreement``, ``hinge``) per bag where meaningful.
+
+def symmetry_enhanced_contrastive_loss(faces: Tensor, names: Tensor, face_mask: Tensor | None = None,
+                                       name_mask: Tensor | None = None, *, alpha: float = 0.15,
+                                       agreement: str = "diagonal", hinge_weight: float = 0.0,
+                                       margin: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
+    """``CE(S_nf, diag) + CE(S_fn, diag) + alpha * agreement [+ hinge_weight * hinge]``.
+
+    ``agreement="diagonal"``: ``mean_a (S_nf[a,a] - S_fn[a,a])^2`` (the authors' scripts);
+    ``"full"``: ``mean_ab (S_nf[a,b] - S_fn[b,a])^2``. With ``hinge_weight > 0`` (the reference's
+    agree-hinge mode) faces and names are L2-normalised before all terms. Returns the scalar
+    loss and its parts (``names_to_faces``, ``faces_to_names`` per bag, ``agreement``, ``hinge``).
     """
+    _check_agreement(agreement)
     b = faces.shape[0]
     face_mask = torch.ones(faces.shape[:2], dtype=torch.bool, device=faces.device) if face_mask is None \
         else face_mask.bool()
     name_mask = torch.ones(names.shape[:2], dtype=torch.bool, device=names.device) if name_mask is None \
         else name_mask.bool()
-    s_nf, s_fn = bag_scores(names, faces, name_mask, face_mask)
+    s_nf, s_fn = bag_scores(names, faces, name_mask, face_mask, cosine=hinge_weight > 0)
     eye = torch.eye(b, dtype=torch.bool, device=faces.device)
     nf = contrastive.info_nce(s_nf, eye, ~eye)[0]  # CE(S_nf, diag): InfoNCE at temperature 1
     fn = contrastive.info_nce(s_fn, eye, ~eye)[0]
-    agreement = (s_nf - s_fn.T).pow(2).mean()
-    value = nf.mean() + fn.mean() + alpha * agreement
-    hinge = _hinge(names, faces, name_mask, face_mask, margin) if hinge_weight else value.new_zeros(())
+    gap = s_nf - s_fn.T
+    agree = (gap.diagonal() if agreement == "diagonal" else gap).pow(2).mean()
+    value = nf.mean() + fn.mean() + alpha * agree
+    hinge = _hinge(s_nf, s_fn, margin) if hinge_weight else value.new_zeros(())
     value = value + hinge_weight * hinge
-    return value, {"names_to_faces": nf, "faces_to_names": fn, "agreement": agreement, "hinge": hinge}
+    return value, {"names_to_faces": nf, "faces_to_names": fn, "agreement": agree, "hinge": hinge}
 
 
 class SymmetryEnhancedContrastive(Objective):
     """SECLA: with bag scores ``S_nf``/``S_fn`` (:func:`bag_scores`) of a batch of B
     image-caption pairs (face bags and name bags)::
 
-        L = CE(S_nf, diag) + CE(S_fn, diag) + alpha * mean_ab (S_nf[a,b] - S_fn[b,a])^2
-            [+ hinge_weight * max-violation hinge with ``margin`` on cosine scores]
+        L = CE(S_nf, diag) + CE(S_fn, diag) + alpha * mean_a (S_nf[a,a] - S_fn[a,a])^2
+            [+ hinge_weight * max-violation hinge with ``margin``]
+
+    ``alpha = 0.15`` and the diagonal agreement are the authors' training scripts' settings;
+    ``agreement="full"`` compares every pair, ``mean_ab (S_nf[a,b] - S_fn[b,a])^2``. With
+    ``hinge_weight > 0`` (the reference's agree-hinge mode) every term is computed on cosines.
 
     Bags come from ``Views.extras["faces"]`` [B, F, D] and ``["names"]`` [B, N, D] with optional
     ``"faces_mask"``/``"names_mask"`` [B, F]/[B, N] (in ``Views`` or ``Batch`` extras) marking
@@ -98,13 +112,15 @@ class SymmetryEnhancedContrastive(Objective):
 
     requires: dict = {}
 
-    def __init__(self, alpha: float = 0.5, hinge_weight: float = 0.0, margin: float = 0.2):
+    def __init__(self, alpha: float = 0.15, agreement: str = "diagonal", hinge_weight: float = 0.0,
+                 margin: float = 0.2):
         super().__init__()
         for param, value in (("alpha", alpha), ("hinge_weight", hinge_weight), ("margin", margin)):
             if not value >= 0:
                 raise ConfigError(f"symmetry_enhanced_contrastive: {param} must be >= 0, got {value}",
                                   param=param)
-        self.alpha, self.hinge_weight, self.margin = alpha, hinge_weight, margin
+        _check_agreement(agreement)
+        self.alpha, self.agreement, self.hinge_weight, self.margin = alpha, agreement, hinge_weight, margin
 
     @staticmethod
     def _mask(views: Views, batch: Batch, key: str, shape: torch.Size) -> Tensor | None:
@@ -132,8 +148,8 @@ class SymmetryEnhancedContrastive(Objective):
             raise RequirementError("objective 'symmetry_enhanced_contrastive' needs 2 views or "
                                    "Views.extras['faces'] and ['names'] bags")
         value, parts = symmetry_enhanced_contrastive_loss(
-            faces, names, face_mask, name_mask, alpha=self.alpha, hinge_weight=self.hinge_weight,
-            margin=self.margin)
+            faces, names, face_mask, name_mask, alpha=self.alpha, agreement=self.agreement,
+            hinge_weight=self.hinge_weight, margin=self.margin)
         per_sample = parts["names_to_faces"] + parts["faces_to_names"]
         return Loss(value=value, per_sample=per_sample,
                     logs={"names_to_faces": parts["names_to_faces"].mean().detach(),
@@ -149,14 +165,17 @@ CARD = Card(
             "(names->faces and faces->names), plus an agreement term that makes the two "
             "directions' scores symmetric; optional max-violation cosine hinge.",
     formula="S_nf[a,b] = mean_{n in a} max_{f in b} <n,f>; S_fn[a,b] = mean_{f in a} max_{n in b} <f,n>; "
-            "L = CE(S_nf, diag) + CE(S_fn, diag) + alpha * mean (S_nf - S_fn^T)^2 "
-            "+ hinge_weight * sum max-violation relu(margin + C_ab - C_bb), C = S_nf + S_fn on cosines; "
-            "alpha=0.5, margin=0.2",
+            "L = CE(S_nf, diag) + CE(S_fn, diag) + alpha * mean_a (S_nf[a,a] - S_fn[a,a])^2 "
+            "(agreement='full': mean_ab (S_nf[a,b] - S_fn[b,a])^2) "
+            "+ hinge_weight * sum max-violation relu(margin + C_ab - C_bb), C = S_nf + S_fn; "
+            "with hinge_weight > 0 all terms on cosines (L2-normalised faces and names); "
+            "alpha=0.15, margin=0.2 (the authors' scripts)",
     left_out="SECLA-B's easy-to-hard curriculum and bootstrapped known pairs with the "
              "anti-forgetting term; FaceNet/BERT encoders and caption name extraction; the "
              "'conditional maximum' score variant. Padding is masked (the reference pads with zero "
              "vectors that join the max and the mean's count); the hinge excludes the diagonal "
-             "(the reference zero-fills it).",
+             "(the reference zero-fills it). The reference divides the agreement's faces->names scores by "
+             "the padded name count; here each direction uses its own real count.",
 )
 
 

@@ -1,5 +1,6 @@
-"""adaptive_multihead_contrastive against the paper's Eq. 2.1 written head by head, anchor by
-anchor and pair by pair (float64, value and gradient)."""
+"""adaptive_multihead_contrastive against Eq. 2.1 in the top-k form of the authors' code
+(LeiWangR/cl, amcl/losses.py) written head by head, anchor by anchor and pair by pair
+(float64, value and gradient)."""
 
 import math
 
@@ -16,9 +17,10 @@ def omega(tau, dim):
 
 
 def slow_amcl(obj, feats):
-    """Eq. 2.1 with the objective's own heads and temperature network: for every head and
-    anchor, the mean over positives of -s/tau + beta Omega(tau), plus s/tau - beta Omega(tau)
-    of the most similar negative; summed over heads, averaged over anchors."""
+    """With the objective's own heads and temperature network: for every head and anchor, the
+    mean over positives of -s/tau + beta Omega(tau), plus the mean of s/tau over the topk most
+    similar negatives minus beta times the sum over them of log(tau) + 1/tau (no d'/2 factor);
+    summed over heads, averaged over anchors."""
     b, v = feats[0].shape[0], len(feats)
     n = b * v
     total = 0.0
@@ -38,9 +40,13 @@ def slow_amcl(obj, feats):
             for p in positives:
                 s, tau = pair(i, p)
                 pos = pos + (-s / tau + obj.beta * omega(tau, obj.out_dim))
-            hardest = max(negatives, key=lambda j: float(z[i].detach() @ z[j].detach()))
-            s, tau = pair(i, hardest)
-            total = total + pos / len(positives) + s / tau - obj.beta * omega(tau, obj.out_dim)
+            ranked = sorted(negatives, key=lambda j: -float(z[i].detach() @ z[j].detach()))[:obj.topk]
+            neg, reg = 0.0, 0.0
+            for j in ranked:
+                s, tau = pair(i, j)
+                neg = neg + s / tau
+                reg = reg + torch.log(tau) + 1 / tau
+            total = total + pos / len(positives) + neg / len(ranked) - obj.beta * reg
     return total / n
 
 
@@ -51,11 +57,12 @@ def one_softmax_over_summed_logits(sims, taus, positive, negative, beta, dim):
     return den - (logits * positive).sum(1) / positive.sum(1)
 
 
-@pytest.mark.parametrize("n_views,num_heads", [(2, 3), (3, 2)])
-def test_matches_slow_loop_value_and_gradient(n_views, num_heads):
+@pytest.mark.parametrize("n_views,num_heads,topk", [(2, 3, 1), (2, 3, 3), (3, 2, 100)])
+def test_matches_slow_loop_value_and_gradient(n_views, num_heads, topk):
     torch.manual_seed(0)
     obj = sdk.create("objective", "adaptive_multihead_contrastive", in_dim=6, hidden_dim=8,
-                     out_dim=4, num_heads=num_heads, beta=0.05, tau_min=0.05, tau_max=1.0).double()
+                     out_dim=4, num_heads=num_heads, beta=0.05, tau_min=0.05, tau_max=1.0,
+                     topk=topk).double()
     g = torch.Generator().manual_seed(n_views)
     feats = [torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
              for _ in range(n_views)]
@@ -90,56 +97,97 @@ def test_heads_contribute_separate_losses_not_one_softmax():
     assert (loss - old).abs().min() > 1e-3
 
 
-def test_one_head_is_positive_against_most_similar_negative():
-    """Known values: the negative term takes the negative of largest similarity (not of largest
-    s/tau) with that pair's own temperature."""
+def test_one_head_is_positive_against_most_similar_negatives():
+    """Known values: the negative term takes the negatives of largest similarity (not of largest
+    s/tau) with their own temperatures: mean of s/tau over the top k, beta times the sum of
+    log(tau) + 1/tau over them (Omega, with d'/2, only for the positive)."""
     sims = torch.tensor([[[0.9, 0.5, 0.2, -0.3]]], dtype=torch.float64)
     taus = torch.tensor([[[0.2, 0.5, 0.1, 0.4]]], dtype=torch.float64)  # s/tau of 0.2 is the largest
     pos = torch.tensor([[True, False, False, False]])
-    loss, _ = adaptive_multihead_loss(sims, taus, pos, ~pos, beta=0.0, dim=4)
+    loss, _ = adaptive_multihead_loss(sims, taus, pos, ~pos, beta=0.0, dim=4, topk=1)
     assert loss.item() == pytest.approx(-0.9 / 0.2 + 0.5 / 0.5, rel=1e-12)
-    loss, _ = adaptive_multihead_loss(sims, taus, pos, ~pos, beta=0.3, dim=4)
-    reg = 0.3 * ((2 * math.log(0.2) + 1 / 0.2) - (2 * math.log(0.5) + 1 / 0.5))
+    loss, _ = adaptive_multihead_loss(sims, taus, pos, ~pos, beta=0.3, dim=4, topk=1)
+    reg = 0.3 * ((2 * math.log(0.2) + 1 / 0.2) - (math.log(0.5) + 1 / 0.5))
     assert loss.item() == pytest.approx(-0.9 / 0.2 + 0.5 / 0.5 + reg, rel=1e-12)
+    loss, _ = adaptive_multihead_loss(sims, taus, pos, ~pos, beta=0.3, dim=4, topk=2)
+    reg = 0.3 * ((2 * math.log(0.2) + 1 / 0.2) - (math.log(0.5) + 1 / 0.5) - (math.log(0.1) + 1 / 0.1))
+    assert loss.item() == pytest.approx(-0.9 / 0.2 + (0.5 / 0.5 + 0.2 / 0.1) / 2 + reg, rel=1e-12)
+    every, _ = adaptive_multihead_loss(sims, taus, pos, ~pos, beta=0.3, dim=4, topk=100)
+    reg = 0.3 * ((2 * math.log(0.2) + 1 / 0.2) - sum(math.log(t) + 1 / t for t in (0.5, 0.1, 0.4)))
+    assert every.item() == pytest.approx(-0.9 / 0.2 + (1.0 + 2.0 - 0.75) / 3 + reg, rel=1e-12)
+
+
+def test_negative_regulariser_has_no_dimension_factor():
+    """Only the positive's Omega carries d'/2: changing d' moves the loss by
+    beta (d'_1 - d'_2) / 2 log(tau_p), whatever the negatives' temperatures."""
+    g = torch.Generator().manual_seed(4)
+    sims = torch.rand(2, 3, 6, generator=g, dtype=torch.float64) * 2 - 1
+    taus = 0.05 + torch.rand(2, 3, 6, generator=g, dtype=torch.float64)
+    pos = torch.zeros(3, 6, dtype=torch.bool)
+    pos[torch.arange(3), torch.arange(3)] = True
+    for topk in (1, 3, 100):
+        small, _ = adaptive_multihead_loss(sims, taus, pos, ~pos, beta=0.1, dim=4, topk=topk)
+        large, _ = adaptive_multihead_loss(sims, taus, pos, ~pos, beta=0.1, dim=64, topk=topk)
+        expected = 0.1 * (4 - 64) / 2 * taus[:, torch.arange(3), torch.arange(3)].log().sum(dim=0)
+        torch.testing.assert_close(small - large, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_regulariser_sets_the_positive_temperature():
-    """With zero similarity the positive pair's optimal temperature is argmin Omega = 2 / d',
-    and the hardest negative's temperature is pushed away from it (its Omega raised)."""
+    """With zero similarity the positive pair's optimal temperature is argmin Omega = 2 / d'."""
     dim = 8
-    sims = torch.tensor([0.0, 0.0, -0.5, -0.5]).view(1, 1, 4)  # candidate 1 is the hardest negative
-    log_tau = torch.tensor([math.log(0.9), math.log(0.3)], requires_grad=True)
+    sims = torch.tensor([0.0, 0.0, -0.5, -0.5]).view(1, 1, 4)
+    log_tau = torch.tensor([math.log(0.9)], requires_grad=True)
     pos = torch.tensor([[True, False, False, False]])
     opt = torch.optim.SGD([log_tau], lr=0.05)
     for _ in range(300):
         opt.zero_grad()
-        taus = torch.cat([log_tau.exp(), torch.ones(2)]).view(1, 1, 4)  # two fixed negatives
+        taus = torch.cat([log_tau.exp(), torch.full((3,), 0.5)]).view(1, 1, 4)  # fixed negatives
         loss, _ = adaptive_multihead_loss(sims, taus, pos, ~pos, beta=1.0, dim=dim)
         loss.sum().backward()
         opt.step()
-    tau = log_tau.exp().detach()
-    assert tau[0].item() == pytest.approx(2 / dim, rel=1e-4)
-    assert tau[1].item() > 0.6
+    assert log_tau.exp().item() == pytest.approx(2 / dim, rel=1e-4)
 
 
-def test_only_the_positive_and_the_hardest_negative_receive_gradient():
-    """d l / d tau_p = s_p / tau_p^2 + beta Omega'(tau_p), d l / d tau_n* = -s_n* / tau_n*^2
-    - beta Omega'(tau_n*), d l / d s_p = -1 / tau_p, d l / d s_n* = 1 / tau_n*; all other
-    negatives get none."""
+@pytest.mark.parametrize("topk", [1, 2])
+def test_only_the_positive_and_the_hardest_negatives_receive_gradient(topk):
+    """d l / d tau_p = s_p / tau_p^2 + beta Omega'(tau_p), d l / d s_p = -1 / tau_p; for each
+    of the k most similar negatives d l / d s_n = 1 / (k tau_n) and d l / d tau_n =
+    -s_n / (k tau_n^2) - beta (1 / tau_n - 1 / tau_n^2); all other negatives get none."""
     dim, beta = 4, 0.2
     sims = torch.tensor([[[0.7, 0.1, 0.4, -0.2]]], dtype=torch.float64, requires_grad=True)
     taus = torch.tensor([[[0.3, 0.2, 0.6, 0.1]]], dtype=torch.float64, requires_grad=True)
     pos = torch.tensor([[True, False, False, False]])
-    loss, _ = adaptive_multihead_loss(sims, taus, pos, ~pos, beta=beta, dim=dim)
+    loss, _ = adaptive_multihead_loss(sims, taus, pos, ~pos, beta=beta, dim=dim, topk=topk)
     d_sims, d_taus = torch.autograd.grad(loss.sum(), (sims, taus))
 
     def d_omega(t):
         return dim / 2 / t - 1 / t ** 2
 
-    expected_taus = [0.7 / 0.3 ** 2 + beta * d_omega(0.3), 0.0, -0.4 / 0.6 ** 2 - beta * d_omega(0.6), 0.0]
+    def d_negative(s, t):
+        return -s / (topk * t ** 2) - beta * (1 / t - 1 / t ** 2)
+
+    second = d_negative(0.1, 0.2) if topk == 2 else 0.0
+    expected_taus = [0.7 / 0.3 ** 2 + beta * d_omega(0.3), second, d_negative(0.4, 0.6), 0.0]
     torch.testing.assert_close(d_taus[0, 0], torch.tensor(expected_taus, dtype=torch.float64))
-    torch.testing.assert_close(d_sims[0, 0], torch.tensor([-1 / 0.3, 0.0, 1 / 0.6, 0.0],
-                                                          dtype=torch.float64))
+    expected_sims = [-1 / 0.3, 1 / (2 * 0.2) if topk == 2 else 0.0, 1 / (topk * 0.6), 0.0]
+    torch.testing.assert_close(d_sims[0, 0], torch.tensor(expected_sims, dtype=torch.float64))
+
+
+def test_defaults_are_the_authors_simclr_settings():
+    """beta = 1e-4 and the top 100 negatives (amcl/train.py's SimCLR defaults): the default
+    objective equals one built with them, not one with every negative or beta = 0.01."""
+    def build(**params):
+        torch.manual_seed(0)
+        return sdk.create("objective", "adaptive_multihead_contrastive", in_dim=6, hidden_dim=8,
+                          out_dim=4, num_heads=2, **params).double()
+
+    g = torch.Generator().manual_seed(5)
+    views = sdk.Views(embeddings=tuple(torch.randn(60, 6, generator=g, dtype=torch.float64)
+                                       for _ in range(2)))  # 118 negatives per anchor
+    default = build()(views).value
+    assert default.item() == pytest.approx(build(beta=1e-4, topk=100)(views).value.item(), rel=1e-12)
+    for other in (build(beta=1e-4, topk=118), build(beta=0.01, topk=100)):
+        assert abs(other(views).value.item() - default.item()) > 1e-6
 
 
 def test_heads_and_temperature_network_are_trainable_parameters():
@@ -157,6 +205,8 @@ def test_bad_parameters_and_shapes():
         sdk.create("objective", "adaptive_multihead_contrastive", tau_min=2.0, tau_max=1.0)
     with pytest.raises(sdk.ConfigError, match="num_heads"):
         sdk.create("objective", "adaptive_multihead_contrastive", num_heads=0)
+    with pytest.raises(sdk.ConfigError, match="topk"):
+        sdk.create("objective", "adaptive_multihead_contrastive", topk=0)
     obj = sdk.create("objective", "adaptive_multihead_contrastive", in_dim=6)
     with pytest.raises(sdk.ShapeError, match=r"\[B, 6\]"):
         obj(sdk.Views(embeddings=(torch.randn(4, 5), torch.randn(4, 5))))

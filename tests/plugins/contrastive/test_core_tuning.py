@@ -88,6 +88,23 @@ def test_hard_pairs_are_least_similar_positive_and_most_similar_negative():
         assert neg[i] == (max(other, key=lambda j: float(zn[i] @ zn[j])) if other else i)
 
 
+def slow_core_tuning(z, logits, y, order, ln, lp, eta, t):
+    """CE + eta * focal term over the batch, its hard negatives (1-l) x_i + l x_order(i) with the
+    given l = ln[i], and its hard pairs lp[i] x_hp(i) + (1-lp[i]) x_hn(i), row by row."""
+    b = len(z)
+    pos, neg = hard_pair_indices(z, y)
+    oh = F.one_hot(y, logits.shape[1]).double()
+    rows = [(z[i], logits[i], oh[i]) for i in range(b)]
+    rows += [((1 - ln[i]) * z[i] + ln[i] * z[order[i]], (1 - ln[i]) * logits[i] + ln[i] * logits[order[i]],
+              (1 - ln[i]) * oh[i] + ln[i] * oh[order[i]]) for i in range(b)]
+    rows += [(lp[i] * z[pos[i]] + (1 - lp[i]) * z[neg[i]], lp[i] * logits[pos[i]] + (1 - lp[i]) * logits[neg[i]],
+              lp[i] * oh[pos[i]] + (1 - lp[i]) * oh[neg[i]]) for i in range(b)]
+    ce = sum(-float((yy * F.log_softmax(ll, 0)).sum()) for _, ll, yy in rows) / len(rows)
+    zz = torch.stack([r[0] for r in rows])
+    labels = torch.stack([r[2] for r in rows])
+    return ce + eta * slow_focal_supcon(zz, labels, t)
+
+
 def test_mixup_generated_pairs_match_loop():
     z, logits, y = data(6)
     order = torch.tensor([3, 0, 7, 1, 2, 6, 4, 5])
@@ -95,22 +112,36 @@ def test_mixup_generated_pairs_match_loop():
     lp = torch.linspace(0.1, 0.9, 8, dtype=torch.float64)
     value, per_sample, _ = core_tuning_loss(z, logits, y, eta=1.5, temperature=0.4, order=order,
                                             lam_negative=ln, lam_positive=lp)
-    pos, neg = hard_pair_indices(z, y)
-    oh = F.one_hot(y, 3).double()
-    rows = [(z[i], logits[i], oh[i]) for i in range(8)]
-    rows += [((1 - ln[i]) * z[i] + ln[i] * z[order[i]], (1 - ln[i]) * logits[i] + ln[i] * logits[order[i]],
-              (1 - ln[i]) * oh[i] + ln[i] * oh[order[i]]) for i in range(8)]
-    rows += [(lp[i] * z[pos[i]] + (1 - lp[i]) * z[neg[i]], lp[i] * logits[pos[i]] + (1 - lp[i]) * logits[neg[i]],
-              lp[i] * oh[pos[i]] + (1 - lp[i]) * oh[neg[i]]) for i in range(8)]
-    ce = sum(-float((yy * F.log_softmax(ll, 0)).sum()) for _, ll, yy in rows) / len(rows)
-    zz = torch.stack([r[0] for r in rows])
-    labels = torch.stack([r[2] for r in rows])
-    expected = ce + 1.5 * slow_focal_supcon(zz, labels, 0.4)
+    expected = slow_core_tuning(z, logits, y, order, ln, lp, 1.5, 0.4)
     assert value.item() == pytest.approx(expected, rel=1e-5)
     assert per_sample.shape == (8,)
 
 
-def test_mixup_only_in_training_and_clamped_lambda():
+@pytest.mark.parametrize("min_lambda", [None, 0.55])
+def test_hard_negative_weight_is_raised_to_min_lambda(min_lambda):
+    """The objective draws l ~ Beta(a, a) per sample and mixes its hard negatives with
+    max(l, min_lambda) (the reference: ``if lam[i] <= 0.8: lam[i] = 0.8``; 0.8 by default),
+    while the hard pairs keep their raw draw. Replays the objective's draws and checks the
+    loss against the row-by-row loop with the bound applied; the draws fall on both sides of
+    the bound, so neither the raw draws nor min(l, min_lambda) give this loss."""
+    bound = 0.8 if min_lambda is None else min_lambda
+    params = {} if min_lambda is None else {"min_lambda": min_lambda}
+    z, logits, y = data(8, b=12)
+    obj = sdk.create("objective", "core_tuning", eta=1.5, temperature=0.4, **params)
+    torch.manual_seed(11)
+    got = obj(sdk.Views(embeddings=(z,), logits=logits), sdk.Batch(targets=y)).value
+    torch.manual_seed(11)
+    order = torch.randperm(12)
+    beta = torch.distributions.Beta(torch.tensor(1.0), torch.tensor(1.0))
+    drawn, lp = beta.sample((12,)).double(), beta.sample((12,)).double()
+    assert (drawn < bound).any() and (drawn > bound).any()
+    raised = [max(float(v), bound) for v in drawn]
+    assert got.item() == pytest.approx(slow_core_tuning(z, logits, y, order, raised, lp, 1.5, 0.4), rel=1e-5)
+    for wrong in ([float(v) for v in drawn], [min(float(v), bound) for v in drawn]):
+        assert abs(slow_core_tuning(z, logits, y, order, wrong, lp, 1.5, 0.4) - got.item()) > 1e-4
+
+
+def test_mixup_only_in_training():
     z, logits, y = data(7)
     obj = sdk.create("objective", "core_tuning", eta=0.0)
     views, batch = sdk.Views(embeddings=(z.float(),), logits=logits.float()), sdk.Batch(targets=y)

@@ -10,9 +10,11 @@ import sdk
 from plugins.contrastive.symmetry_enhanced_contrastive import symmetry_enhanced_contrastive_loss
 
 
-def slow_secla(faces, names, n_faces, n_names, alpha, hinge_weight=0.0, margin=0.2):
-    """Loops over bags with the real (unpadded) counts n_faces[b], n_names[b]."""
+def slow_secla(faces, names, n_faces, n_names, alpha, agreement="diagonal", hinge_weight=0.0, margin=0.2):
+    """Loops over bags with the real (unpadded) counts n_faces[b], n_names[b]; with a hinge every
+    term uses cosines (the reference's agree-hinge mode normalises faces and names first)."""
     b = len(faces)
+    cos = hinge_weight > 0
 
     def score(xs, nx, ys, ny, cos=False):
         def sim(u, v):
@@ -20,18 +22,19 @@ def slow_secla(faces, names, n_faces, n_names, alpha, hinge_weight=0.0, margin=0
         return [[sum(max(sim(xs[a][i], ys[c][j]) for j in range(ny[c])) for i in range(nx[a])) / nx[a]
                  for c in range(b)] for a in range(b)]
 
-    s_nf = score(names, n_names, faces, n_faces)
-    s_fn = score(faces, n_faces, names, n_names)
+    s_nf = score(names, n_names, faces, n_faces, cos)
+    s_fn = score(faces, n_faces, names, n_names, cos)
 
     def ce(s):
         return sum(math.log(sum(math.exp(x) for x in s[a])) - s[a][a] for a in range(b)) / b
 
-    agree = sum((s_nf[a][c] - s_fn[c][a]) ** 2 for a in range(b) for c in range(b)) / b ** 2
+    if agreement == "diagonal":
+        agree = sum((s_nf[a][a] - s_fn[a][a]) ** 2 for a in range(b)) / b
+    else:
+        agree = sum((s_nf[a][c] - s_fn[c][a]) ** 2 for a in range(b) for c in range(b)) / b ** 2
     total = ce(s_nf) + ce(s_fn) + alpha * agree
     if hinge_weight:
-        c_nf = score(names, n_names, faces, n_faces, cos=True)
-        c_fn = score(faces, n_faces, names, n_names, cos=True)
-        c = [[c_nf[a][j] + c_fn[a][j] for j in range(b)] for a in range(b)]
+        c = [[s_nf[a][j] + s_fn[a][j] for j in range(b)] for a in range(b)]
         hinge = sum(max(max(0.0, margin + c[a][j] - c[j][j]) for a in range(b) if a != j) for j in range(b))
         hinge += sum(max(max(0.0, margin + c[a][j] - c[a][a]) for j in range(b) if j != a) for a in range(b))
         total += hinge_weight * hinge
@@ -50,10 +53,47 @@ def bags(seed, b=4, f=3, n=3, d=5):
 
 
 @pytest.mark.parametrize("hinge_weight", [0.0, 1.0])
-def test_matches_loop_with_padded_bags(hinge_weight):
+@pytest.mark.parametrize("agreement", ["diagonal", "full"])
+def test_matches_loop_with_padded_bags(hinge_weight, agreement):
     faces, names, fm, nm, nf, nn_ = bags(0)
-    got, _ = symmetry_enhanced_contrastive_loss(faces, names, fm, nm, alpha=0.5, hinge_weight=hinge_weight)
-    assert got.item() == pytest.approx(slow_secla(faces, names, nf, nn_, 0.5, hinge_weight), rel=1e-5)
+    got, _ = symmetry_enhanced_contrastive_loss(faces, names, fm, nm, alpha=0.5, agreement=agreement,
+                                                hinge_weight=hinge_weight)
+    expected = slow_secla(faces, names, nf, nn_, 0.5, agreement, hinge_weight)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_defaults_are_the_authors_scripts_alpha_015_and_diagonal_agreement():
+    """run_face_align.sh: --alpha 0.15 --agree_type diag; the objective's and the function's
+    defaults give that loss, which neither alpha=0.5 nor the full agreement does."""
+    faces, names, fm, nm, nf, nn_ = bags(6)
+    views = sdk.Views(embeddings=(faces[:, 0],), extras={"faces": faces, "names": names,
+                                                        "faces_mask": fm, "names_mask": nm})
+    got = sdk.create("objective", "symmetry_enhanced_contrastive")(views).value
+    expected = slow_secla(faces, names, nf, nn_, 0.15, "diagonal")
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert symmetry_enhanced_contrastive_loss(faces, names, fm, nm)[0].item() == pytest.approx(expected, rel=1e-5)
+    for other in (slow_secla(faces, names, nf, nn_, 0.5, "diagonal"),
+                  slow_secla(faces, names, nf, nn_, 0.15, "full")):
+        assert abs(other - expected) > 1e-3
+
+
+def test_agree_hinge_mode_normalises_faces_and_names_before_every_term():
+    """With the hinge on, rescaling any face or name vector leaves the whole loss unchanged
+    (every term sees cosines); without it the contrastive terms see dot products."""
+    faces, names, fm, nm, _, _ = bags(7)
+    g = torch.Generator().manual_seed(8)
+    scaled_faces = faces * (0.2 + 3 * torch.rand(faces.shape[:2] + (1,), generator=g, dtype=torch.float64))
+    scaled_names = names * (0.2 + 3 * torch.rand(names.shape[:2] + (1,), generator=g, dtype=torch.float64))
+    for agreement in ("diagonal", "full"):
+        a, pa = symmetry_enhanced_contrastive_loss(faces, names, fm, nm, agreement=agreement, hinge_weight=1.0)
+        b, pb = symmetry_enhanced_contrastive_loss(scaled_faces, scaled_names, fm, nm, agreement=agreement,
+                                                   hinge_weight=1.0)
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(pa["names_to_faces"], pb["names_to_faces"])
+        torch.testing.assert_close(pa["agreement"], pb["agreement"])
+    a, _ = symmetry_enhanced_contrastive_loss(faces, names, fm, nm)
+    b, _ = symmetry_enhanced_contrastive_loss(scaled_faces, scaled_names, fm, nm)
+    assert abs(a.item() - b.item()) > 1e-3
 
 
 def test_padding_content_is_ignored():
@@ -165,3 +205,7 @@ def test_bad_inputs_and_parameters():
     for param in ("alpha", "hinge_weight", "margin"):
         with pytest.raises(sdk.ConfigError, match=param):
             sdk.create("objective", "symmetry_enhanced_contrastive", **{param: -1.0})
+    with pytest.raises(sdk.ConfigError, match="agreement"):
+        sdk.create("objective", "symmetry_enhanced_contrastive", agreement="diag")
+    with pytest.raises(sdk.ConfigError, match="agreement"):
+        symmetry_enhanced_contrastive_loss(torch.randn(2, 1, 3), torch.randn(2, 1, 3), agreement="all")

@@ -158,8 +158,12 @@ class Sampler(nn.Module, abc.ABC):
 class Reweighter(nn.Module, abc.ABC):
     """Weights per-sample losses: ``weights(per_sample, batch) -> Tensor[B]``.
 
-    :meth:`reduce` applies them as ``sum(w * l) / sum(w)``.
+    :meth:`reduce` applies them as ``sum(w * l) / sum(w)``. A reweighter whose weights carry
+    the scale of the loss themselves (group DRO's ``q_g / n_g``, whose weighted sum is the
+    objective) sets ``normalize = False``: it is reduced as ``sum(w * l)``.
     """
+
+    normalize: ClassVar[bool] = True
 
     @abc.abstractmethod
     def weights(self, per_sample: Tensor, batch: Batch) -> Tensor: ...
@@ -172,7 +176,9 @@ class Reweighter(nn.Module, abc.ABC):
         if w.shape != loss.per_sample.shape:
             raise ShapeError(f"reweighter {type(self).__name__}: weights {list(w.shape)} do not "
                              f"match per_sample {list(loss.per_sample.shape)}")
-        value = (w * loss.per_sample).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
+        value = (w * loss.per_sample).sum()
+        if self.normalize:
+            value = value / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
         logs = dict(loss.logs)
         logs["unweighted"] = loss.value.detach()
         return Loss(value=value, per_sample=loss.per_sample, logs=logs)

@@ -6,9 +6,9 @@ the card is complete, outputs have the documented form, gradients reach every in
 requires grad, bfloat16 inputs work, bad inputs raise clear errors, and ``state_dict``
 round-trips. Failures raise ``AssertionError`` naming the plugin and the check.
 
-``check_resume(objective=..., teacher=..., sampler=..., tmp_dir=...)`` trains a tiny model with
-stateful plugins through :class:`sdk.Trainer` three times (straight; killed after a checkpoint;
-resumed) and asserts the resumed run ends bitwise equal to the straight one.
+``check_resume(objective=..., teacher=..., sampler=..., reweighter=..., tmp_dir=...)`` trains a
+tiny model with stateful plugins through :class:`sdk.Trainer` three times (straight; killed after
+a checkpoint; resumed) and asserts the resumed run ends bitwise equal to the straight one.
 """
 
 from __future__ import annotations
@@ -560,18 +560,20 @@ def _first_difference(a: Any, b: Any, key: str) -> str | None:
 
 def check_resume(*, objective: Callable[[], Objective], tmp_dir: str | os.PathLike,
                  teacher: Callable[[], Any] | None = None, sampler: Callable[[], Any] | None = None,
+                 reweighter: Callable[[], Any] | None = None,
                  transforms: Callable[[], Any] | None = None,
                  encoder: Callable[[], torch.nn.Module] | None = None, steps: int = 6, kill_at: int = 3,
                  checkpoint_every: int = 2, num_samples: int = 40, batch_size: int = 8) -> ResumeRuns:
     """Assert that killing a run and resuming it from its checkpoint changes nothing.
 
-    ``objective``, ``teacher``, ``sampler``, ``transforms`` and ``encoder`` are factories
-    (called with no arguments) of the plugins under test; each of the three runs builds its own.
-    An encoder taking 6 inputs (default: a small MLP with 4 outputs, so its outputs can serve as
-    the logits of the 4 classes) is trained for ``steps`` optimizer steps with
-    :class:`sdk.Trainer` on a fixed dataset of ``num_samples`` Gaussian rows (targets
-    ``i % 4``, ``Batch.index`` the row), shuffled batches of ``batch_size``, a checkpoint every
-    ``checkpoint_every`` steps and ``transforms`` (default ``GaussianNoise(0.1)``) once per view:
+    ``objective``, ``teacher``, ``sampler``, ``reweighter``, ``transforms`` and ``encoder`` are
+    factories (called with no arguments) of the plugins under test; each of the three runs builds
+    its own. An encoder taking 6 inputs (default: a small MLP with 4 outputs, so its outputs can
+    serve as the logits of the 4 classes) is trained for ``steps`` optimizer steps with
+    :class:`sdk.Trainer` on a fixed dataset of ``num_samples`` Gaussian rows (targets ``i % 4``,
+    ``Batch.index`` the row, ``Batch.domain`` ``i % 2``), shuffled batches of ``batch_size``, a
+    checkpoint every ``checkpoint_every`` steps and ``transforms`` (default
+    ``GaussianNoise(0.1)``) once per view:
 
     1. straight through, in ``tmp_dir/straight``;
     2. in ``tmp_dir/interrupted``, stopped by an exception right after step ``kill_at``, so the
@@ -580,14 +582,14 @@ def check_resume(*, objective: Callable[[], Objective], tmp_dir: str | os.PathLi
        replays the lost steps.
 
     Runs 1 and 3 must end bitwise equal: the encoder's parameters, and every entry of every
-    stateful component's ``state_dict`` (objective, teacher, sampler, transforms) and every
-    buffer of those that are modules. An ``AssertionError`` names the component, its class and
+    stateful component's ``state_dict`` (objective, teacher, sampler, reweighter, transforms) and
+    every buffer of those that are modules. An ``AssertionError`` names the component, its class and
     the first differing key. Returns the three trainers (:class:`ResumeRuns`) for further
     checks of the plugins' own state.
     """
     from torch.utils.data import DataLoader
 
-    from sdk.data import GaussianNoise, IndexedDataset
+    from sdk.data import GaussianNoise
     from sdk.engine import Trainer
     from sdk.registry import create
 
@@ -596,7 +598,9 @@ def check_resume(*, objective: Callable[[], Objective], tmp_dir: str | os.PathLi
                          f"before the kill, steps after it), got {checkpoint_every}, {kill_at}, "
                          f"{steps}")
     tmp_dir = Path(tmp_dir)
-    data = IndexedDataset(torch.randn(num_samples, 6, generator=_gen(0)), torch.arange(num_samples) % 4)
+    rows = torch.arange(num_samples)
+    data = torch.utils.data.TensorDataset(torch.randn(num_samples, 6, generator=_gen(0)), rows % 4, rows,
+                                          rows % 2)
 
     def run(run_dir: Path, *, kill: bool = False, resume: bool = False) -> Any:
         torch.manual_seed(0)
@@ -604,6 +608,7 @@ def check_resume(*, objective: Callable[[], Objective], tmp_dir: str | os.PathLi
                                                  hidden_dims=(16,), batch_norm=False)
         trainer = Trainer(model, objective(), teacher=teacher() if teacher else None,
                           sampler=sampler() if sampler else None,
+                          reweighter=reweighter() if reweighter else None,
                           transforms=transforms() if transforms else GaussianNoise(0.1),
                           max_steps=steps, run_dir=run_dir, checkpoint_every=checkpoint_every,
                           progress=False, device="cpu", callbacks=[_Kill(kill_at)] if kill else [])

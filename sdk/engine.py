@@ -341,6 +341,7 @@ class Trainer:
         self.views: Views | None = None
         self.batch: Batch | None = None
         self.loss: Loss | None = None
+        self._view_inputs: tuple[list[Tensor], Batch] | None = None
         self.logs: dict[str, float] = {}
         self.val_metrics: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
@@ -413,6 +414,9 @@ class Trainer:
         if self.scaler is not None:
             raise RequirementError("recompute_gradients does not support precision 'fp16-mixed' "
                                    "(its gradients are unscaled once per step); use 'bf16-mixed'")
+        if self._view_inputs is None:
+            raise RuntimeError("recompute_gradients reruns the current step: call it from "
+                               "before_optimizer_step")
         xs, batch = self._view_inputs
         buffers = _unique(b for m in self.components if isinstance(m, nn.Module) for b in m.buffers())
         saved = [b.clone() for b in buffers]

@@ -184,7 +184,19 @@ class Reweighter(nn.Module, abc.ABC):
         return Loss(value=value, per_sample=loss.per_sample, logs=logs)
 
 
-class Calibrator(nn.Module, abc.ABC):
+class _Named:
+    """``name``: the class name in snake case unless set (a registry name)."""
+
+    @property
+    def name(self) -> str:
+        return getattr(self, "_plugin_name", None) or _snake(type(self).__name__)
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._plugin_name = value
+
+
+class Calibrator(_Named, nn.Module, abc.ABC):
     """Post-hoc calibration: ``fit(scores, labels, **extra) -> self``; ``calibrator(scores)``
     returns calibrated scores of the same kind.
 
@@ -209,10 +221,6 @@ class Calibrator(nn.Module, abc.ABC):
                 return fit(self, self._scores(scores, "fit's scores"), *args, **kwargs)
 
             cls.fit = checked_fit
-
-    @property
-    def name(self) -> str:
-        return _snake(type(self).__name__)
 
     def _scores(self, x: Any, argument: str) -> Tensor:
         return _scores(f"calibrator {self.name!r}", self.inputs, x, argument)
@@ -317,7 +325,7 @@ class Callback:
         """Stateless callbacks have nothing to restore."""
 
 
-class Detector(nn.Module, abc.ABC):
+class Detector(_Named, nn.Module, abc.ABC):
     """Out-of-distribution scoring: ``detector.score(x) -> Tensor[N]``, higher = more anomalous.
 
     ``x`` is ``[N, D]``: features, logits or probabilities, as :attr:`inputs` declares (typed
@@ -351,10 +359,6 @@ class Detector(nn.Module, abc.ABC):
         self.register_buffer("num_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("in_dim", torch.full((), -1, dtype=torch.long))
         self.register_buffer("is_fitted", torch.zeros((), dtype=torch.bool))
-
-    @property
-    def name(self) -> str:
-        return _snake(type(self).__name__)
 
     def _rows(self, x: Any, method: str) -> Tensor:
         x = _scores(f"detector {self.name!r}", self.inputs, x, f"{method}'s x")
@@ -438,7 +442,7 @@ class Detector(nn.Module, abc.ABC):
     def forward(self, x: Tensor) -> Tensor: ...
 
 
-class Adapter(nn.Module, abc.ABC):
+class Adapter(_Named, nn.Module, abc.ABC):
     """Test-time adaptation: ``adapter.adapt(model, x, batch=None) -> Tensor`` adapts ``model``
     on one test batch ``x`` and returns the adapted model's outputs on it; :meth:`reset`
     restores the model and the adapter as they were before.
@@ -454,10 +458,6 @@ class Adapter(nn.Module, abc.ABC):
     def __init__(self) -> None:
         super().__init__()
         self._initial: tuple[nn.Module, dict[str, Any], list[bool], list[bool], dict[str, Any]] | None = None
-
-    @property
-    def name(self) -> str:
-        return _snake(type(self).__name__)
 
     def adapt(self, model: nn.Module, x: Tensor, batch: Batch | None = None) -> Tensor:
         """Adapt ``model`` on the test batch ``x`` and return its outputs on it."""

@@ -484,3 +484,9 @@ def test_recompute_gradients_reruns_the_step_and_leaves_records_and_buffers(data
         assert torch.equal(value, records[2].value.detach())
         assert [int(b) for b in buffers] == [int(b) for b in buffers_after]  # one count per step
     assert int(trainer.objective.calls) == 3
+
+
+def test_recompute_gradients_outside_a_step_raises(make_mlp):
+    trainer = sdk.Trainer(make_mlp(), CountingCE(), SGD, max_steps=1, progress=False, device="cpu")
+    with pytest.raises(RuntimeError, match="call it from before_optimizer_step"):
+        trainer.recompute_gradients()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdk.errors import (
     ConfigError,
+    NotFittedError,
     PluginConflictError,
     PluginError,
     PluginNotFoundError,
@@ -25,6 +26,8 @@ _LAZY: dict[str, str] = {
     "Batch": "sdk.types",
     "Loss": "sdk.types",
     "Pairs": "sdk.types",
+    "Logits": "sdk.types",
+    "Probabilities": "sdk.types",
     "Card": "sdk.card",
     "Param": "sdk.card",
     "FromData": "sdk.context",
@@ -44,7 +47,7 @@ _SUBMODULES = {
 }
 
 __all__ = [
-    "ConfigError", "PluginConflictError", "PluginError", "PluginNotFoundError",
+    "ConfigError", "NotFittedError", "PluginConflictError", "PluginError", "PluginNotFoundError",
     "RequirementError", "ShapeError", *_LAZY,
 ]
 
@@ -70,4 +73,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from sdk.engine import Trainer
     from sdk.hookspecs import hookimpl
     from sdk.registry import Registry, broken_plugins, create, get_registry, plugins
-    from sdk.types import Batch, Loss, Pairs, Views
+    from sdk.types import Batch, Logits, Loss, Pairs, Probabilities, Views

@@ -6,7 +6,7 @@ import attrs
 
 KINDS = (
     "encoder", "objective", "sampler", "calibrator", "reweighter",
-    "teacher", "schedule", "metric", "transform", "callback",
+    "teacher", "schedule", "metric", "transform", "callback", "detector", "adapter",
 )
 
 

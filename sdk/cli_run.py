@@ -7,8 +7,9 @@ trains with :class:`~sdk.Trainer`, then measures on the held-out ``test`` split:
   same for the randomly initialised encoder (``random_init_*``) and kNN on the raw inputs;
 * supervised recipes (the objective needs logits): accuracy;
 * with a ``calibrator``: it is fitted on the held-out ``calibration`` split (on the model's
-  logits, or on the linear probe's for self-supervised recipes) and ECE / NLL are reported
-  before and after on ``test``.
+  logits, or on the linear probe's for self-supervised recipes; on their softmax for a
+  calibrator whose ``inputs`` are probabilities) and ECE / NLL are reported before and after
+  on ``test``.
 
 The run directory receives ``config.toml`` (the resolved recipe), ``metrics.jsonl``,
 ``summary.json``, ``training_curves.png``, ``reliability.png`` and ``checkpoints/last.pt``.
@@ -102,6 +103,22 @@ def make_trainer(recipe: Any, parts: dict[str, Any], *, run_dir: str | Path | No
                    **attrs.asdict(recipe.trainer, recurse=False))
 
 
+def calibrate(calibrator: Any, cal_logits: Any, cal_labels: Any, test_logits: Any) -> Any:
+    """Fit ``calibrator`` on held-out logits (on their softmax for a calibrator that takes
+    probabilities, as its ``inputs`` declares) and return its calibrated probabilities of the
+    test logits."""
+    import torch
+
+    from sdk.types import Logits, Probabilities
+
+    def scores(z: Any) -> Any:
+        return Logits(z) if calibrator.inputs == "logits" else Probabilities(z.softmax(-1))
+
+    calibrator.fit(scores(cal_logits), cal_labels)
+    with torch.no_grad():
+        return calibrator.predict_proba(scores(test_logits)).float()
+
+
 def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
                progress: bool | None = None, console: Console | None = None) -> dict[str, Any]:
     """Train, evaluate and calibrate ``recipe``; returns (and writes) the summary."""
@@ -179,10 +196,9 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
     if calibrator is not None and cal_logits is not None:
         device = cal_logits.device
         cal_y, test_y = splits.calibration.y.to(device), splits.test.y.to(device)
-        calibrator.to(device).fit(cal_logits, cal_y)
+        after = calibrate(calibrator.to(device), cal_logits, cal_y, test_logits)
         with torch.no_grad():
             before = test_logits.softmax(-1)
-            after = calibrator.predict_proba(test_logits).float()
         summary.update(ece_before=metrics.ece(before, test_y), ece_after=metrics.ece(after, test_y),
                        nll_before=metrics.nll(before, test_y), nll_after=metrics.nll(after, test_y),
                        calibrated_accuracy=metrics.accuracy(after, test_y))

@@ -333,6 +333,7 @@ class Trainer:
         self.views: Views | None = None
         self.batch: Batch | None = None
         self.loss: Loss | None = None
+        self._view_inputs: tuple[list[Tensor], Batch] | None = None
         self.logs: dict[str, float] = {}
         self.val_metrics: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
@@ -381,6 +382,49 @@ class Trainer:
     def model(self) -> nn.Module:
         """The encoder being trained (unwrapped)."""
         return self.encoder
+
+    @property
+    def trainer(self) -> Trainer:
+        """The trainer itself, so a listener written against the event state's ``trainer``
+        works when an event passes the trainer."""
+        return self
+
+    def recompute_gradients(self) -> Tensor:
+        """Forward and backward the current step's batch again at the parameters' current
+        values, replacing the gradients, and return the (detached) loss.
+
+        For listeners of ``before_optimizer_step`` that need the gradient at other parameter
+        values (sharpness-aware minimisation evaluates it at perturbed weights). The pass reuses
+        the step's view inputs and batch (transforms are not drawn again), fires no events,
+        averages the gradients over ranks, and leaves every component's buffers (batch-norm
+        statistics, per-sample state) and the ``views``, ``batch`` and ``loss`` records as the
+        step's own pass left them. Needs ``accumulate=1`` and no GradScaler (``fp16-mixed``).
+        """
+        if self.accumulate != 1:
+            raise RequirementError(f"recompute_gradients needs accumulate=1 (it reruns one "
+                                   f"micro-batch), got accumulate={self.accumulate}")
+        if self.scaler is not None:
+            raise RequirementError("recompute_gradients does not support precision 'fp16-mixed' "
+                                   "(its gradients are unscaled once per step); use 'bf16-mixed'")
+        if self._view_inputs is None:
+            raise RuntimeError("recompute_gradients reruns the current step: call it from "
+                               "before_optimizer_step")
+        xs, batch = self._view_inputs
+        buffers = _unique(b for m in self.components if isinstance(m, nn.Module) for b in m.buffers())
+        saved = [b.clone() for b in buffers]
+        records = (self.views, self.batch, self.loss)
+        for p in self.params:
+            p.grad = None
+        with self._autocast():
+            value = self._views_and_loss(xs, batch, events=False)
+        value.backward()
+        if self._ddp is not None:
+            distributed.all_reduce_mean_([p.grad for p in self.params if p.grad is not None])
+        with torch.no_grad():
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
+        self.views, self.batch, self.loss = records
+        return value.detach()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every parameter that requires grad across all components, each once."""
@@ -620,6 +664,10 @@ class Trainer:
             else:
                 xv, batch = t(x, batch)
                 xs.append(xv)
+        self._view_inputs = (xs, batch)  # what recompute_gradients runs again
+        return self._views_and_loss(xs, batch, events)
+
+    def _views_and_loss(self, xs: list[Tensor], batch: Batch, events: bool) -> Tensor:
         embeddings, features, teacher = [], [], []
         for xv in xs:
             z, h = self._encode(xv)

@@ -33,3 +33,7 @@ class ShapeError(ValueError):
 
 class RequirementError(ValueError):
     """An objective received fewer views, or no targets/logits/index, than it declares it requires."""
+
+
+class NotFittedError(RuntimeError):
+    """A plugin that learns from data (a detector's statistics) was used before it was fitted."""

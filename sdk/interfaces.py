@@ -1,27 +1,46 @@
 """The plugin interfaces. Each is small; stateful ones are ``torch.nn.Module`` subclasses.
 
 Five core kinds (Encoder, Objective, Sampler, Calibrator, Reweighter) and the extra kinds
-the seed methods need (Teacher, Schedule, Metric, Transform, Callback).
+the seed methods need (Teacher, Schedule, Metric, Transform, Callback, Detector, Adapter).
 """
 
 from __future__ import annotations
 
 import abc
+import copy
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from sdk.errors import RequirementError, ShapeError
-from sdk.types import Batch, Loss, Pairs, Views
+from sdk.errors import NotFittedError, RequirementError, ShapeError
+from sdk.types import Batch, Loss, Pairs, TypedScores, Views
 
 _REQUIREMENT_KEYS = {"views", "targets", "logits", "index", "domain", "weight", "extras"}
 
 
 def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+SCORE_KINDS = ("logits", "probabilities")
+"""What a calibrator takes (its ``inputs``); a detector may also take ``"features"``."""
+
+
+def _scores(plugin: str, declared: str, x: Any, argument: str) -> Tensor:
+    """``x`` as a plain tensor, once a typed ``x`` (:class:`sdk.Logits`, :class:`sdk.Probabilities`)
+    is checked to be the ``declared`` kind; a plain tensor is taken to be that kind."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{plugin}: {argument} must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(x, TypedScores):
+        if x.kind != declared:
+            raise TypeError(f"{plugin} takes {declared} (inputs = {declared!r}), but {argument} "
+                            f"is sdk.{type(x).__name__}")
+        return x.as_subclass(Tensor)
+    return x
 
 
 class Encoder(nn.Module, abc.ABC):
@@ -139,8 +158,12 @@ class Sampler(nn.Module, abc.ABC):
 class Reweighter(nn.Module, abc.ABC):
     """Weights per-sample losses: ``weights(per_sample, batch) -> Tensor[B]``.
 
-    :meth:`reduce` applies them as ``sum(w * l) / sum(w)``.
+    :meth:`reduce` applies them as ``sum(w * l) / sum(w)``. A reweighter whose weights carry
+    the scale of the loss themselves (group DRO's ``q_g / n_g``, whose weighted sum is the
+    objective) sets ``normalize = False``: it is reduced as ``sum(w * l)``.
     """
+
+    normalize: ClassVar[bool] = True
 
     @abc.abstractmethod
     def weights(self, per_sample: Tensor, batch: Batch) -> Tensor: ...
@@ -153,14 +176,57 @@ class Reweighter(nn.Module, abc.ABC):
         if w.shape != loss.per_sample.shape:
             raise ShapeError(f"reweighter {type(self).__name__}: weights {list(w.shape)} do not "
                              f"match per_sample {list(loss.per_sample.shape)}")
-        value = (w * loss.per_sample).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
+        value = (w * loss.per_sample).sum()
+        if self.normalize:
+            value = value / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
         logs = dict(loss.logs)
         logs["unweighted"] = loss.value.detach()
         return Loss(value=value, per_sample=loss.per_sample, logs=logs)
 
 
-class Calibrator(nn.Module, abc.ABC):
-    """Post-hoc calibration: ``fit(logits, labels, **extra) -> self``; ``forward(logits) -> logits``."""
+class _Named:
+    """``name``: the class name in snake case unless set (a registry name)."""
+
+    @property
+    def name(self) -> str:
+        return getattr(self, "_plugin_name", None) or _snake(type(self).__name__)
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._plugin_name = value
+
+
+class Calibrator(_Named, nn.Module, abc.ABC):
+    """Post-hoc calibration: ``fit(scores, labels, **extra) -> self``; ``calibrator(scores)``
+    returns calibrated scores of the same kind.
+
+    ``inputs`` declares the scores ``fit`` and ``forward`` take: ``"logits"`` ``[N, C]`` (the
+    output is calibrated logits) or ``"probabilities"`` (the output is calibrated
+    probabilities). Scores wrapped as :class:`sdk.Logits` / :class:`sdk.Probabilities` are
+    checked against it, so probabilities given to a logit calibrator raise ``TypeError`` naming
+    the calibrator; plain tensors are taken to be what the calibrator declares. Subclasses
+    implement ``fit`` and ``forward`` on plain tensors (the checks wrap them).
+    """
+
+    inputs: ClassVar[str] = "logits"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.inputs not in SCORE_KINDS:
+            raise TypeError(f"{cls.__name__}.inputs: {cls.inputs!r} is not one of {SCORE_KINDS}")
+        fit = vars(cls).get("fit")
+        if fit is not None and not getattr(fit, "__isabstractmethod__", False):
+            @functools.wraps(fit)
+            def checked_fit(self: Calibrator, scores: Tensor, *args: Any, **kwargs: Any) -> Any:
+                return fit(self, self._scores(scores, "fit's scores"), *args, **kwargs)
+
+            cls.fit = checked_fit
+
+    def _scores(self, x: Any, argument: str) -> Tensor:
+        return _scores(f"calibrator {self.name!r}", self.inputs, x, argument)
+
+    def __call__(self, scores: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return super().__call__(self._scores(scores, "its input"), *args, **kwargs)
 
     @abc.abstractmethod
     def fit(self, logits: Tensor, labels: Tensor, **extra: Any) -> Calibrator: ...
@@ -173,7 +239,9 @@ class Calibrator(nn.Module, abc.ABC):
         return self(logits).argmax(dim=-1)
 
     def predict_proba(self, logits: Tensor) -> Tensor:
-        return self(logits).softmax(dim=-1)
+        """Calibrated probabilities (the softmax of calibrated logits)."""
+        out = self(logits)
+        return out.softmax(dim=-1) if self.inputs == "logits" else out
 
 
 class Teacher(nn.Module, abc.ABC):
@@ -257,10 +325,195 @@ class Callback:
         """Stateless callbacks have nothing to restore."""
 
 
+class Detector(_Named, nn.Module, abc.ABC):
+    """Out-of-distribution scoring: ``detector.score(x) -> Tensor[N]``, higher = more anomalous.
+
+    ``x`` is ``[N, D]``: features, logits or probabilities, as :attr:`inputs` declares (typed
+    scores of another kind raise). A detector that learns from in-distribution data (class
+    means and a shared covariance, a feature bank) overrides :meth:`accumulate` and
+    :meth:`summarize` and keeps what they compute in buffers, so ``state_dict`` carries a fitted
+    detector. Fitting streams: :meth:`update` per batch accumulates sufficient statistics,
+    :meth:`finalize` turns them into what ``forward`` uses; :meth:`fit` does both over a tensor
+    or an iterable of batches. Scoring before ``finalize`` raises
+    :class:`sdk.errors.NotFittedError`. A detector that overrides neither (maximum softmax
+    probability, energy) has ``needs_fit = False`` and scores unfitted. Once data was seen,
+    ``score`` checks that ``x`` has its width ``D``.
+    """
+
+    inputs: ClassVar[str] = "features"
+    needs_labels: ClassVar[bool] = False
+    """Whether :meth:`update` needs class ids (class-conditional statistics)."""
+    needs_fit: ClassVar[bool] = False
+    """Whether scoring needs a fit; true for a detector class that overrides :meth:`accumulate`."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.inputs not in ("features", *SCORE_KINDS):
+            raise TypeError(f"{cls.__name__}.inputs: {cls.inputs!r} is not one of "
+                            f"{('features', *SCORE_KINDS)}")
+        if "needs_fit" not in vars(cls):
+            cls.needs_fit = cls.accumulate is not Detector.accumulate
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("num_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("in_dim", torch.full((), -1, dtype=torch.long))
+        self.register_buffer("is_fitted", torch.zeros((), dtype=torch.bool))
+
+    def _rows(self, x: Any, method: str) -> Tensor:
+        x = _scores(f"detector {self.name!r}", self.inputs, x, f"{method}'s x")
+        if x.dim() != 2 or not x.is_floating_point():
+            raise ShapeError(f"detector {self.name!r}: {method} expects floating {self.inputs} "
+                             f"[N, D], got {x.dtype} {list(x.shape)}")
+        width = int(self.in_dim)
+        if width >= 0 and x.shape[1] != width:
+            raise ShapeError(f"detector {self.name!r}: {method} got {self.inputs} of width "
+                             f"{x.shape[1]}, but it was fitted on width {width}")
+        return x
+
+    def update(self, x: Tensor, labels: Tensor | None = None) -> None:
+        """Accumulate one batch of in-distribution data (``labels``: class ids ``[N]``)."""
+        x = self._rows(x, "update")
+        if labels is None and self.needs_labels:
+            raise RequirementError(f"detector {self.name!r} needs labels (class ids [N]) in update")
+        if labels is not None and (labels.shape != (x.shape[0],) or labels.is_floating_point()):
+            raise ShapeError(f"detector {self.name!r}: labels must be integer class ids "
+                             f"[{x.shape[0]}], got {labels.dtype} {list(labels.shape)}")
+        with torch.no_grad():
+            self.accumulate(x.detach(), labels)
+            self.num_seen += x.shape[0]
+            self.in_dim.fill_(x.shape[1])
+            self.is_fitted.fill_(False)
+
+    def finalize(self) -> Detector:
+        """Compute what scoring uses from the accumulated statistics; returns ``self``."""
+        if self.needs_fit and int(self.num_seen) == 0:
+            raise NotFittedError(f"detector {self.name!r}: finalize() before any update() "
+                                 "(no in-distribution data seen)")
+        with torch.no_grad():
+            self.summarize()
+            self.is_fitted.fill_(True)
+        return self
+
+    def fit(self, data: Tensor | Iterable[Any], labels: Tensor | None = None) -> Detector:
+        """:meth:`update` with ``data`` (a tensor ``[N, D]`` with optional ``labels``, or an
+        iterable of batches: tensors or ``(x, labels, ...)`` tuples as a DataLoader gives
+        them), then :meth:`finalize`. On a detector that saw data already, continue with
+        ``update``/``finalize`` instead (``fit`` refuses)."""
+        if int(self.num_seen) > 0:
+            raise RuntimeError(f"detector {self.name!r}: fit() on a detector that has seen data; "
+                               "build a new one, or continue with update() and finalize()")
+        if isinstance(data, Tensor):
+            self.update(data, labels)
+        else:
+            if labels is not None:
+                raise TypeError(f"detector {self.name!r}: with an iterable of batches, labels go "
+                                "inside each batch as (x, labels)")
+            for item in data:
+                if isinstance(item, Tensor):
+                    self.update(item)
+                else:
+                    self.update(item[0], item[1] if len(item) > 1 else None)
+        return self.finalize()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = self._rows(x, "score")
+        if self.needs_fit and not bool(self.is_fitted):
+            raise NotFittedError(f"detector {self.name!r}: score() before fit() (or update() and "
+                                 "finalize())")
+        out = super().__call__(x)
+        if not isinstance(out, Tensor) or out.shape != (x.shape[0],):
+            shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ShapeError(f"detector {self.name!r}: forward returned {shape}, expected scores "
+                             f"[{x.shape[0]}]")
+        return out
+
+    def score(self, x: Tensor) -> Tensor:
+        """Anomaly scores ``[N]`` of ``x`` ``[N, D]``; higher = more anomalous."""
+        return self(x)
+
+    def accumulate(self, x: Tensor, labels: Tensor | None) -> None:
+        """Add a batch (checked, detached) to the statistics; fitted detectors override this."""
+
+    def summarize(self) -> None:
+        """Turn the statistics into what ``forward`` uses (e.g. invert a covariance)."""
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor) -> Tensor: ...
+
+
+class Adapter(_Named, nn.Module, abc.ABC):
+    """Test-time adaptation: ``adapter.adapt(model, x, batch=None) -> Tensor`` adapts ``model``
+    on one test batch ``x`` and returns the adapted model's outputs on it; :meth:`reset`
+    restores the model and the adapter as they were before.
+
+    The first ``adapt`` after construction or ``reset`` records the model's ``state_dict``, its
+    modules' train/eval modes and its parameters' ``requires_grad``, and the adapter's own
+    ``state_dict``; ``reset`` puts all of them back (an episodic method resets before every
+    batch). Subclasses implement ``forward(model, x, batch)``: one adaptation step and the
+    outputs; an adapter holding state outside its ``state_dict`` (an optimizer) extends
+    ``reset``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._initial: tuple[nn.Module, dict[str, Any], list[bool], list[bool], dict[str, Any]] | None = None
+
+    def adapt(self, model: nn.Module, x: Tensor, batch: Batch | None = None) -> Tensor:
+        """Adapt ``model`` on the test batch ``x`` and return its outputs on it."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"adapter {self.name!r}: model must be a torch.nn.Module, got "
+                            f"{type(model).__name__}")
+        if not isinstance(x, Tensor) or x.dim() == 0:
+            raise ShapeError(f"adapter {self.name!r}: x must be a batch tensor [B, ...], got "
+                             f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        batch = Batch() if batch is None else batch
+        if not isinstance(batch, Batch):
+            raise TypeError(f"adapter {self.name!r}: batch must be sdk.Batch, got {type(batch).__name__}")
+        if batch.batch_size is not None and batch.batch_size != x.shape[0]:
+            raise ShapeError(f"adapter {self.name!r}: Batch size {batch.batch_size} does not match "
+                             f"x's {x.shape[0]}")
+        if self._initial is None:
+            self._initial = (model, _copy_state(model.state_dict()),
+                             [m.training for m in model.modules()],
+                             [p.requires_grad for p in model.parameters()],
+                             _copy_state(self.state_dict()))
+        elif self._initial[0] is not model:
+            raise RuntimeError(f"adapter {self.name!r} is adapting another model since its last "
+                               "reset(); call reset() first")
+        out = self(model, x, batch)
+        if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != x.shape[0]:
+            shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ShapeError(f"adapter {self.name!r}: forward returned {shape}, expected outputs "
+                             f"[{x.shape[0]}, ...]")
+        return out
+
+    def reset(self) -> None:
+        """Restore the model and the adapter to their state before the first ``adapt``."""
+        if self._initial is None:
+            return
+        model, state, modes, flags, own = self._initial
+        model.load_state_dict(state)
+        for module, mode in zip(model.modules(), modes):
+            module.training = mode
+        for param, flag in zip(model.parameters(), flags):
+            param.requires_grad_(flag)
+        self.load_state_dict(own)
+        self._initial = None
+
+    @abc.abstractmethod
+    def forward(self, model: nn.Module, x: Tensor, batch: Batch) -> Tensor: ...
+
+
+def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+            for k, v in state.items()}
+
+
 EVENTS = tuple(name for name in vars(Callback) if name.startswith(("on_", "after_", "before_")))
 
 INTERFACES: dict[str, type] = {
     "encoder": Encoder, "objective": Objective, "sampler": Sampler, "calibrator": Calibrator,
     "reweighter": Reweighter, "teacher": Teacher, "schedule": Schedule, "metric": Metric,
-    "transform": Transform, "callback": Callback,
+    "transform": Transform, "callback": Callback, "detector": Detector, "adapter": Adapter,
 }

@@ -6,9 +6,9 @@ the card is complete, outputs have the documented form, gradients reach every in
 requires grad, bfloat16 inputs work, bad inputs raise clear errors, and ``state_dict``
 round-trips. Failures raise ``AssertionError`` naming the plugin and the check.
 
-``check_resume(objective=..., teacher=..., sampler=..., tmp_dir=...)`` trains a tiny model with
-stateful plugins through :class:`sdk.Trainer` three times (straight; killed after a checkpoint;
-resumed) and asserts the resumed run ends bitwise equal to the straight one.
+``check_resume(objective=..., teacher=..., sampler=..., reweighter=..., tmp_dir=...)`` trains a
+tiny model with stateful plugins through :class:`sdk.Trainer` three times (straight; killed after
+a checkpoint; resumed) and asserts the resumed run ends bitwise equal to the straight one.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from sdk.errors import RequirementError, ShapeError
+from sdk.errors import NotFittedError, RequirementError, ShapeError
 from sdk.interfaces import (
+    Adapter,
     Calibrator,
     Callback,
+    Detector,
     Encoder,
     Metric,
     Objective,
@@ -36,7 +38,7 @@ from sdk.interfaces import (
     Transform,
 )
 from sdk.registry import get_registry
-from sdk.types import Batch, Loss, Pairs, Views
+from sdk.types import Batch, Logits, Loss, Pairs, Probabilities, Views
 
 BATCH, DIM, CLASSES = 8, 16, 5
 
@@ -110,6 +112,26 @@ def objective_inputs(obj: Objective, g: torch.Generator) -> tuple[Views, Batch]:
     return views, batch
 
 
+def detector_inputs(detector: Detector, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_in, labels, x_test_in, x_out)`` for a detector of what its ``inputs`` declares:
+    features of ``CLASSES`` Gaussian clusters (in-distribution, 64 rows to fit on and 32 to
+    score) and 32 rows far from every cluster (out-of-distribution); logits peaked on the class
+    (in) or nearly flat (out), and their softmax for probabilities."""
+    n_fit, n_test = 64, 32
+    labels = torch.arange(n_fit + n_test) % CLASSES
+    if detector.inputs == "features":
+        means = 4 * torch.randn(CLASSES, DIM, generator=g)
+        x = means[labels] + torch.randn(n_fit + n_test, DIM, generator=g)
+        out = 4 * torch.randn(n_test, DIM, generator=g) + 12
+    else:
+        x = 4 * torch.nn.functional.one_hot(labels, CLASSES) + torch.randn(n_fit + n_test, CLASSES,
+                                                                            generator=g)
+        out = 0.3 * torch.randn(n_test, CLASSES, generator=g)
+        if detector.inputs == "probabilities":
+            x, out = x.softmax(-1), out.softmax(-1)
+    return x[:n_fit], labels[:n_fit], x[n_fit:], out
+
+
 def _default_inputs(plugin: Any, g: torch.Generator) -> Any:
     if isinstance(plugin, Objective):
         return objective_inputs(plugin, g)
@@ -126,10 +148,19 @@ def _default_inputs(plugin: Any, g: torch.Generator) -> Any:
     if isinstance(plugin, Calibrator):
         labels = torch.arange(64) % CLASSES
         logits = 3 * torch.nn.functional.one_hot(labels, CLASSES) + torch.randn(64, CLASSES, generator=g)
-        return logits, labels
+        return (logits if plugin.inputs == "logits" else logits.softmax(-1)), labels
     if isinstance(plugin, Reweighter):
         return (torch.rand(BATCH, generator=g).requires_grad_(),
-                Batch(targets=torch.arange(BATCH) % CLASSES, index=torch.arange(BATCH)))
+                Batch(targets=torch.arange(BATCH) % CLASSES, index=torch.arange(BATCH),
+                      domain=torch.arange(BATCH) % 2))
+    if isinstance(plugin, Detector):
+        return detector_inputs(plugin, g)
+    if isinstance(plugin, Adapter):
+        model = torch.nn.Sequential(torch.nn.Linear(DIM, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                                    torch.nn.Linear(32, CLASSES))
+        for _ in range(3):  # running statistics of some training data, then evaluation mode
+            model(torch.randn(4 * BATCH, DIM, generator=g))
+        return model.eval(), torch.randn(BATCH, DIM, generator=g) + 0.5
     if isinstance(plugin, Transform):
         return (torch.randn(BATCH, DIM, generator=g),
                 Batch(targets=torch.arange(BATCH) % CLASSES, index=torch.arange(BATCH)))
@@ -281,15 +312,110 @@ def _check_encoder(name: str, make: Callable[[], Any]) -> None:
 
 def _check_calibrator(name: str, make: Callable[[], Any]) -> None:
     cal = make()
-    logits, labels = example_inputs(cal)
-    out = cal.fit(logits, labels)
+    scores, labels = example_inputs(cal)
+    out = cal.fit(scores, labels)
     if out is not cal:
         raise _fail(name, "fit", "fit() must return self")
-    calibrated = cal(logits)
-    if calibrated.shape != logits.shape or not torch.isfinite(calibrated).all():
-        raise _fail(name, "output", f"calibrated logits {list(calibrated.shape)} are not "
-                    f"finite {list(logits.shape)}")
-    _check_state_round_trip(name, cal, make, lambda p: p(logits))
+    calibrated = cal(scores)
+    if calibrated.shape != scores.shape or not torch.isfinite(calibrated).all():
+        raise _fail(name, "output", f"calibrated {cal.inputs} {list(calibrated.shape)} are not "
+                    f"finite {list(scores.shape)}")
+    typed = Logits if cal.inputs == "logits" else Probabilities
+    if not torch.equal(cal(typed(scores)), calibrated):
+        raise _fail(name, "inputs", f"sdk.{typed.__name__} scores calibrate differently from plain ones")
+    other = Probabilities(scores.softmax(-1)) if cal.inputs == "logits" else Logits(scores.log())
+    for call in (lambda: make().fit(other, labels), lambda: cal(other)):
+        try:
+            call()
+        except TypeError as exc:
+            if cal.name not in str(exc):
+                raise _fail(name, "inputs", f"the error does not name the calibrator: {exc}") from exc
+        else:
+            raise _fail(name, "inputs", f"accepted sdk.{type(other).__name__} though it takes "
+                        f"{cal.inputs}")
+    _check_state_round_trip(name, cal, make, lambda p: p(scores))
+
+
+def _check_detector(name: str, make: Callable[[], Any]) -> None:
+    det = make()
+    x_in, labels, x_test, x_out = example_inputs(det)
+    if det.needs_fit:
+        try:
+            det.score(x_test)
+        except NotFittedError:
+            pass
+        else:
+            raise _fail(name, "errors", "scored before fit() without raising sdk.NotFittedError")
+    if det.fit(x_in, labels) is not det:
+        raise _fail(name, "fit", "fit() must return self")
+    s_in, s_out = det.score(x_test), det.score(x_out)
+    if s_in.shape != (x_test.shape[0],) or not torch.isfinite(torch.cat([s_in, s_out])).all():
+        raise _fail(name, "output", f"scores {list(s_in.shape)} must be finite, one per row "
+                    f"[{x_test.shape[0]}]")
+    if not s_out.float().mean() > s_in.float().mean():
+        raise _fail(name, "direction", f"out-of-distribution rows score {float(s_out.float().mean()):.4g} "
+                    f"on average, in-distribution ones {float(s_in.float().mean()):.4g}: higher "
+                    "must mean more anomalous")
+    streamed = make()
+    for lo in range(0, x_in.shape[0], 16):  # the same data in batches of 16
+        streamed.update(x_in[lo:lo + 16], labels[lo:lo + 16])
+    if not torch.allclose(streamed.finalize().score(x_test), s_in, rtol=1e-4, atol=1e-5):
+        raise _fail(name, "streaming", "fitted batch by batch it scores differently from one fit "
+                    "on all the data")
+    low = det.score(_cast(x_test, torch.bfloat16))
+    if not torch.isfinite(low.float()).all():
+        raise _fail(name, "bfloat16", "non-finite scores for bf16 inputs")
+    wide = torch.cat([x_test, x_test[:, :1]], dim=1)
+    for bad, what in ((wide, "one column too many"), (x_test[0], "a single row without a batch dimension")):
+        try:
+            det.score(bad)
+        except ShapeError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            raise _fail(name, "errors", f"{what} raised {type(exc).__name__}: {exc}; expected "
+                        "sdk.ShapeError") from exc
+        else:
+            raise _fail(name, "errors", f"scored {what}")
+    _check_state_round_trip(name, det, make, lambda p: p.score(x_test))
+
+
+def _check_adapter(name: str, make: Callable[[], Any]) -> None:
+    adapter = make()
+    model, x = example_inputs(adapter)
+    initial = copy.deepcopy(model.state_dict())
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    own = copy.deepcopy(adapter.state_dict())
+    torch.manual_seed(0)
+    first = adapter.adapt(model, x)
+    if first.shape[0] != x.shape[0] or not torch.isfinite(first).all():
+        raise _fail(name, "output", f"outputs {list(first.shape)} must be finite, one per row of "
+                    f"the batch [{x.shape[0]}, ...]")
+    adapter.adapt(model, x)
+    adapter.reset()
+    found = _first_difference(initial, model.state_dict(), "")
+    if found is not None:
+        raise _fail(name, "reset", f"after reset() the model's {found} differs from before adapt()")
+    if ([m.training for m in model.modules()] != modes
+            or [p.requires_grad for p in model.parameters()] != flags):
+        raise _fail(name, "reset", "after reset() the model's train/eval modes or requires_grad differ")
+    found = _first_difference(own, adapter.state_dict(), "")
+    if found is not None:
+        raise _fail(name, "reset", f"after reset() the adapter's {found} differs from before adapt()")
+    torch.manual_seed(0)
+    again = adapter.adapt(model, x)
+    if not torch.allclose(again, first, rtol=1e-5, atol=1e-6):
+        raise _fail(name, "reset", "after reset() adapting the same batch gives different outputs "
+                    "(state outside what reset() restores)")
+    try:
+        adapter.adapt(copy.deepcopy(model), x)
+    except RuntimeError:
+        pass
+    else:
+        raise _fail(name, "errors", "adapted a second model without a reset() in between")
+    adapter.reset()
+    _check_state_round_trip(name, adapter, make,
+                            lambda p: p.adapt(copy.deepcopy(model), x))
 
 
 def _check_reweighter(name: str, make: Callable[[], Any]) -> None:
@@ -337,6 +463,7 @@ _CHECKS: dict[type, Callable[[str, Callable[[], Any]], None]] = {
     Objective: _check_objective, Sampler: _check_sampler, Encoder: _check_encoder,
     Calibrator: _check_calibrator, Reweighter: _check_reweighter, Transform: _check_transform,
     Teacher: _check_teacher, Schedule: _check_plain, Metric: _check_plain, Callback: _check_plain,
+    Detector: _check_detector, Adapter: _check_adapter,
 }
 
 
@@ -433,18 +560,20 @@ def _first_difference(a: Any, b: Any, key: str) -> str | None:
 
 def check_resume(*, objective: Callable[[], Objective], tmp_dir: str | os.PathLike,
                  teacher: Callable[[], Any] | None = None, sampler: Callable[[], Any] | None = None,
+                 reweighter: Callable[[], Any] | None = None,
                  transforms: Callable[[], Any] | None = None,
                  encoder: Callable[[], torch.nn.Module] | None = None, steps: int = 6, kill_at: int = 3,
                  checkpoint_every: int = 2, num_samples: int = 40, batch_size: int = 8) -> ResumeRuns:
     """Assert that killing a run and resuming it from its checkpoint changes nothing.
 
-    ``objective``, ``teacher``, ``sampler``, ``transforms`` and ``encoder`` are factories
-    (called with no arguments) of the plugins under test; each of the three runs builds its own.
-    An encoder taking 6 inputs (default: a small MLP with 4 outputs, so its outputs can serve as
-    the logits of the 4 classes) is trained for ``steps`` optimizer steps with
-    :class:`sdk.Trainer` on a fixed dataset of ``num_samples`` Gaussian rows (targets
-    ``i % 4``, ``Batch.index`` the row), shuffled batches of ``batch_size``, a checkpoint every
-    ``checkpoint_every`` steps and ``transforms`` (default ``GaussianNoise(0.1)``) once per view:
+    ``objective``, ``teacher``, ``sampler``, ``reweighter``, ``transforms`` and ``encoder`` are
+    factories (called with no arguments) of the plugins under test; each of the three runs builds
+    its own. An encoder taking 6 inputs (default: a small MLP with 4 outputs, so its outputs can
+    serve as the logits of the 4 classes) is trained for ``steps`` optimizer steps with
+    :class:`sdk.Trainer` on a fixed dataset of ``num_samples`` Gaussian rows (targets ``i % 4``,
+    ``Batch.index`` the row, ``Batch.domain`` ``i % 2``), shuffled batches of ``batch_size``, a
+    checkpoint every ``checkpoint_every`` steps and ``transforms`` (default
+    ``GaussianNoise(0.1)``) once per view:
 
     1. straight through, in ``tmp_dir/straight``;
     2. in ``tmp_dir/interrupted``, stopped by an exception right after step ``kill_at``, so the
@@ -453,14 +582,14 @@ def check_resume(*, objective: Callable[[], Objective], tmp_dir: str | os.PathLi
        replays the lost steps.
 
     Runs 1 and 3 must end bitwise equal: the encoder's parameters, and every entry of every
-    stateful component's ``state_dict`` (objective, teacher, sampler, transforms) and every
-    buffer of those that are modules. An ``AssertionError`` names the component, its class and
+    stateful component's ``state_dict`` (objective, teacher, sampler, reweighter, transforms) and
+    every buffer of those that are modules. An ``AssertionError`` names the component, its class and
     the first differing key. Returns the three trainers (:class:`ResumeRuns`) for further
     checks of the plugins' own state.
     """
     from torch.utils.data import DataLoader
 
-    from sdk.data import GaussianNoise, IndexedDataset
+    from sdk.data import GaussianNoise
     from sdk.engine import Trainer
     from sdk.registry import create
 
@@ -469,7 +598,9 @@ def check_resume(*, objective: Callable[[], Objective], tmp_dir: str | os.PathLi
                          f"before the kill, steps after it), got {checkpoint_every}, {kill_at}, "
                          f"{steps}")
     tmp_dir = Path(tmp_dir)
-    data = IndexedDataset(torch.randn(num_samples, 6, generator=_gen(0)), torch.arange(num_samples) % 4)
+    rows = torch.arange(num_samples)
+    data = torch.utils.data.TensorDataset(torch.randn(num_samples, 6, generator=_gen(0)), rows % 4, rows,
+                                          rows % 2)
 
     def run(run_dir: Path, *, kill: bool = False, resume: bool = False) -> Any:
         torch.manual_seed(0)
@@ -477,6 +608,7 @@ def check_resume(*, objective: Callable[[], Objective], tmp_dir: str | os.PathLi
                                                  hidden_dims=(16,), batch_norm=False)
         trainer = Trainer(model, objective(), teacher=teacher() if teacher else None,
                           sampler=sampler() if sampler else None,
+                          reweighter=reweighter() if reweighter else None,
                           transforms=transforms() if transforms else GaussianNoise(0.1),
                           max_steps=steps, run_dir=run_dir, checkpoint_every=checkpoint_every,
                           progress=False, device="cpu", callbacks=[_Kill(kill_at)] if kill else [])

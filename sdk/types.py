@@ -1,6 +1,6 @@
-"""Records that flow between plugins: Views, Batch, Loss, Pairs.
+"""Records that flow between plugins: Views, Batch, Loss, Pairs; typed scores Logits, Probabilities.
 
-All are frozen attrs classes with keyword-only fields. Construction validates types and
+The records are frozen attrs classes with keyword-only fields. Construction validates types and
 batch sizes and raises :class:`sdk.ShapeError` / ``TypeError`` naming the field at fault.
 """
 
@@ -219,3 +219,45 @@ class Pairs:
             if self.extra_negative_mask.shape != masked:
                 raise ShapeError(f"Pairs.extra_negative_mask: expected shape {list(masked)}, "
                                  f"got {_shape(self.extra_negative_mask)}")
+
+
+class TypedScores(Tensor):
+    """A tensor of class scores that says what it holds (:attr:`kind`), so a plugin declaring
+    the scores it takes (``Calibrator.inputs``, ``Detector.inputs``) rejects the other kind.
+
+    Wrapping shares the data and keeps the autograd graph; operations on a typed tensor return
+    plain tensors (the result of ``softmax`` or ``log`` is no longer what it was).
+    """
+
+    kind: str = ""
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __new__(cls, data: Tensor) -> TypedScores:
+        if not isinstance(data, Tensor):
+            raise TypeError(f"sdk.{cls.__name__}: expected a torch.Tensor, got {type(data).__name__}")
+        if not data.is_floating_point() or data.dim() == 0:
+            raise ShapeError(f"sdk.{cls.__name__}: expected a floating-point tensor [N, ...], got "
+                             f"{data.dtype} {_shape(data)}")
+        return data.as_subclass(cls)
+
+
+class Logits(TypedScores):
+    """Unnormalised class scores (``softmax`` gives probabilities): ``sdk.Logits(z)``."""
+
+    kind = "logits"
+
+
+class Probabilities(TypedScores):
+    """Class probabilities in ``[0, 1]``: ``sdk.Probabilities(p)``."""
+
+    kind = "probabilities"
+
+    def __new__(cls, data: Tensor) -> Probabilities:
+        out = super().__new__(cls, data)
+        if data.numel() == 0:
+            return out
+        low, high = torch.aminmax(data.detach())
+        if low < 0 or high > 1:
+            raise ValueError(f"sdk.Probabilities: values must lie in [0, 1], got the range "
+                             f"[{float(low):.4g}, {float(high):.4g}] (logits? wrap them as sdk.Logits)")
+        return out

@@ -96,6 +96,16 @@ def test_reweighter_reduce_is_weighted_mean():
         ByIndex().reduce(sdk.Loss(value=ps.mean()), sdk.Batch(index=torch.arange(4)))
 
 
+class Absolute(ByIndex):
+    normalize = False
+
+
+def test_a_reweighter_that_does_not_normalize_is_reduced_as_a_weighted_sum():
+    ps = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = Absolute().reduce(sdk.Loss(value=ps.mean(), per_sample=ps), sdk.Batch(index=torch.arange(4)))
+    assert torch.allclose(out.value, torch.tensor(4 * 1 + 2 + 3 + 4.0))
+
+
 def test_objective_call_checks_argument_types():
     nt = sdk.create("objective", "nt_xent")
     with pytest.raises(TypeError, match="expected sdk.Views as first argument, got Tensor"):

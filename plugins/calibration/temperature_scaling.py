@@ -25,6 +25,8 @@ def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
 class TemperatureScaling(Calibrator):
     """``softmax(z / T)``; ``T = exp(log_t)`` fitted with L-BFGS on the NLL of held-out data."""
 
+    inputs = "logits"
+
     def __init__(self, max_iter: int = 100, lr: float = 0.1):
         super().__init__()
         if max_iter < 1:

@@ -7,7 +7,8 @@ group itself. Writes to OUT:
 * ``objectives_rank{r}.pt``: per objective, this rank's loss with ``gather=True`` on its slice
   of a fixed global batch and the gradients with respect to its slice of the embeddings;
 * ``train_rank{r}.pt``: the parameters after a DDP ``fit`` of ``nt_xent(gather=True)`` with the
-  per-rank batch size ``BATCH`` on a plain (unsharded) DataLoader;
+  per-rank batch size ``BATCH`` on a plain (unsharded) DataLoader, and (``sam_params``) after
+  the same fit with the ``sam`` callback (its second pass recomputed on every rank);
 * ``run{r}/``: each rank's ``run_dir`` (only rank 0 may write there).
 
 ``reference`` in this module is the single-process run on batch ``2 * BATCH`` the test compares
@@ -70,24 +71,27 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(DIM, 16), nn.Tanh(), nn.Linear(16, 8)).double()
 
 
-def train(batch_size: int, run_dir: Path | None) -> sdk.Trainer:
+def train(batch_size: int, run_dir: Path | None, sam: bool = False) -> sdk.Trainer:
     enc = model()
     trainer = sdk.Trainer(
         enc, objective("nt_xent", gather=True), functools.partial(torch.optim.SGD, lr=0.5),
         transforms=[Affine(1.0, 0.0), Affine(-0.5, 0.2)], max_epochs=EPOCHS, device="cpu",
-        run_dir=run_dir, log_every=1, checkpoint_every=2, progress=False)
+        run_dir=run_dir, log_every=1, checkpoint_every=2, progress=False,
+        callbacks=[sdk.create("callback", "sam", rho=0.1)] if sam else [])
     return trainer.fit(DataLoader(data(), batch_size=batch_size, shuffle=True))
 
 
-def reference() -> sdk.Trainer:
-    return train(WORLD * BATCH, None)
+def reference(sam: bool = False) -> sdk.Trainer:
+    return train(WORLD * BATCH, None, sam)
 
 
 def worker(out: Path) -> None:
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
     trainer = train(BATCH, out / f"run{rank}")  # joins the gloo group
+    sam = train(BATCH, None, sam=True)
     torch.save({"params": [p.detach() for p in trainer.encoder.parameters()],
+                "sam_params": [p.detach() for p in sam.encoder.parameters()],
                 "step": trainer.step, "world": trainer.world},
                out / f"train_rank{rank}.pt")
 

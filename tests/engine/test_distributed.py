@@ -78,6 +78,25 @@ def test_ddp_with_gather_equals_one_process_on_the_doubled_batch(ranks):
     assert moved > 1e-2  # training really changed the parameters
 
 
+def test_sam_under_ddp_equals_sam_on_the_doubled_batch(ranks):
+    """The sam callback's second pass (trainer.recompute_gradients) averages its gradients over
+    the ranks and gathers embeddings again, so the ranks reproduce one process's SAM."""
+    module = _worker_module()
+    r0, r1 = torch.load(ranks / "train_rank0.pt"), torch.load(ranks / "train_rank1.pt")
+    for p, q in zip(r0["sam_params"], r1["sam_params"]):
+        assert torch.equal(p, q)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = module.reference(sam=True)
+    finally:
+        torch.set_num_threads(threads)
+    for p, q in zip(r0["sam_params"], ref.encoder.parameters()):
+        torch.testing.assert_close(p, q.detach(), atol=1e-6, rtol=0)
+    gap = max(float((p - q).abs().max()) for p, q in zip(r0["sam_params"], r0["params"]))
+    assert gap > 1e-3  # and SAM is not plain training
+
+
 def test_only_rank_zero_logs_and_checkpoints(ranks):
     run0, run1 = ranks / "run0", ranks / "run1"
     assert not run1.exists() or not any(run1.iterdir())

@@ -438,3 +438,55 @@ def test_data_sampler_is_sharded_over_ranks(data, make_mlp, monkeypatch):
                           progress=False)
     trainer._setup()
     assert trainer._prepare_train_loader(DataLoader(data, batch_size=8)).sampler is own
+
+
+class Recompute(Callback):
+    """Before each optimizer step: keeps the step's gradients and records, recomputes them at the
+    same parameters, and keeps what the recomputation gave."""
+
+    def __init__(self):
+        self.seen = []
+
+    def before_optimizer_step(self, trainer):
+        grads = [p.grad.clone() for p in trainer.params]
+        records = (trainer.views, trainer.batch, trainer.loss)
+        buffers = [b.clone() for b in trainer.objective.buffers()]
+        value = trainer.recompute_gradients()
+        self.seen.append((grads, [p.grad for p in trainer.params], records,
+                          (trainer.views, trainer.batch, trainer.loss), value, buffers,
+                          [b.clone() for b in trainer.objective.buffers()]))
+
+
+class CountingCE(Objective):
+    """Cross-entropy that counts its forward passes in a buffer."""
+
+    requires = {"logits": True, "targets": True}
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, views, batch):
+        self.calls += 1
+        return Loss(value=F.cross_entropy(views.logits, batch.targets))
+
+
+def test_recompute_gradients_reruns_the_step_and_leaves_records_and_buffers(data, make_mlp):
+    seen = Recompute()
+    trainer = sdk.Trainer(make_mlp(), CountingCE(), SGD, transforms=GaussianNoise(0.5),
+                          callbacks=[seen], max_steps=3, progress=False, device="cpu")
+    trainer.fit(DataLoader(data, batch_size=16, shuffle=True))
+    assert len(seen.seen) == 3
+    for grads, again, records, after, value, buffers, buffers_after in seen.seen:
+        for g, h in zip(grads, again):
+            assert torch.equal(g, h)  # the same noisy views, not a new draw
+        assert all(a is b for a, b in zip(records, after))
+        assert torch.equal(value, records[2].value.detach())
+        assert [int(b) for b in buffers] == [int(b) for b in buffers_after]  # one count per step
+    assert int(trainer.objective.calls) == 3
+
+
+def test_recompute_gradients_outside_a_step_raises(make_mlp):
+    trainer = sdk.Trainer(make_mlp(), CountingCE(), SGD, max_steps=1, progress=False, device="cpu")
+    with pytest.raises(RuntimeError, match="call it from before_optimizer_step"):
+        trainer.recompute_gradients()

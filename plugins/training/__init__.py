@@ -1,0 +1,1 @@
+"""Training-loop methods: reweighting, schedules and optimizer callbacks."""

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdk.distributed import gather_no_grad, gather_with_grad, rank, world_size
+from sdk.distributed import Gather, gather_no_grad, gather_with_grad, rank, resolve_gather, world_size
 from sdk.errors import ConfigError, ShapeError
-from sdk.interfaces import Objective, Sampler
+from sdk.interfaces import Input, Objective, Sampler
 from sdk.types import Batch, Loss, Pairs, Views
 
 NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX = "negatives", "negatives_mask", "negatives_index"
@@ -164,12 +164,13 @@ class Contrast:
     batch_size: int
 
 
-def contrast(views: Views, batch: Batch, *, gather: bool = False, normalize: bool = True) -> Contrast:
-    """Prepare anchors and candidates from ``views`` (optionally gathered across ranks)."""
+def contrast(views: Views, batch: Batch, *, gather: Gather = False, normalize: bool = True) -> Contrast:
+    """Prepare anchors and candidates from ``views``, gathered across ranks when ``gather``
+    resolves to on (:func:`sdk.distributed.resolve_gather`: ``"auto"`` under DDP)."""
     zs = [F.normalize(z, dim=-1) if normalize else z for z in views.embeddings]
     b, v = zs[0].shape[0], len(zs)
     anchors = torch.cat(zs)
-    world = world_size() if gather else 1
+    world = world_size() if resolve_gather(gather) else 1
     if world > 1:
         gathered = [gather_with_grad(z) for z in zs]
         g_batch = Batch(**{f: gather_no_grad(getattr(batch, f)) if getattr(batch, f) is not None
@@ -297,7 +298,7 @@ def _check_temperature(temperature: float) -> None:
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, *more_views: torch.Tensor,
                  temperature: float = 0.5, sampler: Sampler | None = None,
-                 batch: Batch | None = None, gather: bool = False) -> torch.Tensor:
+                 batch: Batch | None = None, gather: Gather = "auto") -> torch.Tensor:
     """Mean NT-Xent over all anchors of all views; see :class:`NTXent`."""
     return NTXent(temperature=temperature, sampler=sampler, gather=gather)(
         Views(embeddings=(z1, z2, *more_views)), batch).value
@@ -311,14 +312,16 @@ class NTXent(Objective):
     with cosine similarity s. Default positives: the other views of the same sample (SimCLR);
     a Sampler (e.g. ``label_positives``, giving SupCon) can choose positives, negatives and
     pair weights, and add synthetic negatives; a queue or memory-bank teacher's entries in
-    ``Views.extras["negatives"]`` join every anchor's denominator. ``gather=True`` contrasts
-    against the embeddings of every DDP rank.
+    ``Views.extras["negatives"]`` join every anchor's denominator. ``gather`` ("auto": under
+    DDP) contrasts against the embeddings of every rank.
     """
 
     requires = {"views": 2}
+    consumes = frozenset({Input.PAIRS, Input.PAIR_WEIGHTS, Input.EXTRA_NEGATIVES})
+    batch_coupled = True
 
     def __init__(self, temperature: float = 0.5, sampler: Sampler | None = None,
-                 gather: bool = False):
+                 gather: Gather = "auto"):
         super().__init__()
         _check_temperature(temperature)
         self.temperature = temperature

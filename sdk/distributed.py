@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from sdk.errors import ConfigError
+
+Gather = bool | Literal["auto"]
+"""The ``gather`` parameter of batch-coupled objectives: ``"auto"`` (the default) gathers
+across ranks whenever the world size is > 1; ``True`` / ``False`` force it on / off."""
 
 
 def is_distributed() -> bool:
@@ -20,6 +26,14 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def resolve_gather(gather: Gather) -> bool:
+    """Whether an objective with this ``gather`` setting gathers now: ``"auto"`` and ``True``
+    when the world size is > 1 (alone there is nothing to gather), ``False`` never."""
+    if gather is not True and gather is not False and gather != "auto":
+        raise ConfigError(f"gather must be True, False or 'auto', got {gather!r}", param="gather")
+    return gather is not False and world_size() > 1
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from sdk import checkpoint as ckpt
 from sdk import distributed
+from sdk.compose import check_composition, check_parts
 from sdk.errors import ConfigError, RequirementError
 from sdk.interfaces import EVENTS, Callback, Objective, Schedule, Teacher, Transform
 from sdk.interfaces import Sampler as PairSampler
@@ -314,6 +315,7 @@ class Trainer:
             self._give_sampler(self.pair_sampler)
         self.callbacks = list(callbacks)
         self.view_transforms = self._view_transforms(transforms)
+        check_parts(objective, teacher=teacher, transforms=self.view_transforms)
         self.optimizer_spec, self.scheduler_spec = optimizer, scheduler
         self.max_epochs, self.max_steps = max_epochs, max_steps
         self.precision, self.accumulate, self.clip_grad_norm = precision, accumulate, clip_grad_norm
@@ -358,6 +360,8 @@ class Trainer:
         if not slots:
             raise ConfigError("sampler: no objective term takes a pair sampler (or every one "
                               "already has one)", param="sampler")
+        for term in slots:
+            check_composition(term, sampler)
         for term in slots:
             term.sampler = sampler
 

@@ -159,6 +159,7 @@ class GraphClusteringObjective(Objective):
     graph positives from :func:`batch_adjacency` and DEC soft labels ``Q``."""
 
     requires = {"views": 1}
+    batch_coupled = True
     plugin_name: str = ""
 
     def __init__(self, *, n_clusters: int, alpha: float, beta: float, tau: float, order: int,

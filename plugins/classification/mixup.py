@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sdk.card import Card
 from sdk.errors import ConfigError, RequirementError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Transform
+from sdk.interfaces import Input, Transform
 from sdk.types import Batch
 
 
@@ -26,6 +26,8 @@ class Mixup(Transform):
 
     Class-id targets become soft labels over ``num_classes`` classes; ``extras`` records
     ``mixup_lambda`` and ``mixup_perm``. Acts in training mode only."""
+
+    produces = frozenset({Input.SOFT_LABELS})
 
     def __init__(self, alpha: float = 0.2, num_classes: int | None = None):
         super().__init__()

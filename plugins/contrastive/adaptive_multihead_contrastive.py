@@ -27,9 +27,10 @@ from torch import Tensor, nn
 
 from sdk import contrastive
 from sdk.card import Card
+from sdk.distributed import Gather
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Objective, Sampler
+from sdk.interfaces import Input, Objective, Sampler
 from sdk.layers import mlp_layers
 from sdk.types import Batch, Loss, Views
 
@@ -74,15 +75,20 @@ class AdaptiveMultiheadContrastive(Objective):
     lie in ``[tau_min, tau_max]`` (``eta = tau_min``, ``iota = tau_max - tau_min``); ``phi`` is
     ``Linear -> ReLU -> Linear`` on the normalised head outputs (``temperature_hidden_dim``
     units, default ``out_dim``). A Sampler (default: same index) chooses the pairs; it sees
-    the first head's embeddings. ``gather=True`` contrasts against every DDP rank.
+    the first head's embeddings; only its masks are consumed (Eq. 2.1 has no pair weights and
+    takes the hardest in-batch negative). ``gather`` ("auto": under DDP) contrasts against
+    every rank; the heads' BatchNorm layers normalise with each rank's own batch unless
+    converted with ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``.
     """
 
     requires = {"views": 2}
+    consumes = frozenset({Input.PAIRS})
+    batch_coupled = True
 
     def __init__(self, in_dim: int = 512, hidden_dim: int = 512, out_dim: int = 128,
                  num_heads: int = 3, beta: float = 0.01, tau_min: float = 1e-5,
                  tau_max: float = 2.0, temperature_hidden_dim: int | None = None,
-                 sampler: Sampler | None = None, gather: bool = False):
+                 sampler: Sampler | None = None, gather: Gather = "auto"):
         super().__init__()
         for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim),
                             ("num_heads", num_heads)):

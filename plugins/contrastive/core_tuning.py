@@ -16,7 +16,7 @@ from sdk import contrastive
 from sdk.card import Card
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Objective
+from sdk.interfaces import Input, Objective
 from sdk.types import Batch, Loss, Views
 
 
@@ -113,6 +113,8 @@ class CoreTuning(Objective):
     """
 
     requires = {"views": 1, "logits": True, "targets": True}
+    consumes = frozenset({Input.LOGITS, Input.LABELS})
+    batch_coupled = True
 
     def __init__(self, eta: float = 0.1, temperature: float = 0.07, mixup: bool = True,
                  mixup_alpha: float = 1.0, min_lambda: float = 0.8):

@@ -64,6 +64,8 @@ class MultilabelClusterDiscrimination(ResizableBuffers, Objective):
     epoch end. Samples without a stored assignment use their current nearest centres.
     """
 
+    batch_coupled = True
+
     resizable_buffers = ("assignments",)
 
     requires = {"views": 1}

@@ -97,6 +97,7 @@ class SymmetryEnhancedContrastive(Objective):
     """
 
     requires: dict = {}
+    batch_coupled = True
 
     def __init__(self, alpha: float = 0.5, hinge_weight: float = 0.0, margin: float = 0.2):
         super().__init__()

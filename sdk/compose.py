@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdk.errors import ConfigError
+from sdk.errors import ConfigError, PluginError
 from sdk.interfaces import Input, Objective, Sampler, Schedule, Teacher, Transform
 from sdk.types import Batch, Loss, Views
 
@@ -34,9 +34,23 @@ def describe(plugin: Any) -> str:
     kind = next((k for base, k in _KINDS if isinstance(plugin, base)), "plugin")
     if isinstance(plugin, WeightedSum):
         return "objective " + " + ".join(f"{n!r}" for n in plugin._term_names)
-    name = getattr(plugin, "_plugin_name", None) or re.sub(
-        r"(?<!^)(?=[A-Z])", "_", type(plugin).__name__).lower()
+    name = getattr(plugin, "_plugin_name", None) or _registered_name(kind, type(plugin))
     return f"{kind} {name!r}"
+
+
+def _registered_name(kind: str, cls: type) -> str:
+    """The name ``cls`` is registered under as a plugin of ``kind``, else its class name in snake
+    case (``CACR`` -> ``cacr``, ``HardNegativeMixing`` -> ``hard_negative_mixing``)."""
+    from sdk.registry import get_registry
+
+    reg = get_registry()
+    for card in reg.cards(kind) if kind != "plugin" else ():
+        try:
+            if reg.get(kind, card.name).factory is cls:
+                return card.name
+        except PluginError:  # a name two packages register: not this plugin's to claim
+            continue
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls.__name__).lower()
 
 
 def _inputs(inputs: Iterable[Input]) -> str:

@@ -535,7 +535,7 @@ class Plugin(NamedTuple):
 
     @property
     def label(self) -> str:
-        shown = ", ".join(f"{k}={v.label if isinstance(v, Plugin) else v!r}"
+        shown = ", ".join(f"{k}={v.label}" if isinstance(v, Plugin) else f"{k}={v!r}"
                           for k, v in self.params.items())
         return f"{self.name}({shown})" if shown else self.name
 

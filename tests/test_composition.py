@@ -16,7 +16,7 @@ from sdk import compose
 from sdk.cli_run import build
 from sdk.config import load_recipe, tomllib
 from sdk.data import GaussianNoise
-from sdk.interfaces import Input, Objective, Sampler, Teacher, Transform
+from sdk.interfaces import Input, Objective, Sampler, Teacher
 from tests.test_config import RECIPES
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)

@@ -1,0 +1,105 @@
+"""Every batch-coupled objective, with its default ``gather``, gives on 2 gloo ranks the loss
+and gradients of one process on the concatenated batch (``sdk.testing.distributed_failures``,
+one pair of processes for all of them)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import sdk
+from sdk.distributed import resolve_gather
+from sdk.testing import Plugin, distributed_failures
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch.distributed is not available")
+
+NOT_CHECKED = {
+    "core_tuning": "no gather yet: the focal contrastive term and the mixup hard pairs are built "
+                   "from the rank's own batch",
+    "symmetry_enhanced_contrastive": "no gather yet: the bag scores S_nf / S_fn are [B, B] over "
+                                     "the rank's own batch",
+    "neighbor_contrastive_clustering": "a batch is a subgraph whose Batch.extras['adjacency'] covers "
+                                       "its own nodes only; a gather would need the cross-rank "
+                                       "adjacency, which no rank has",
+    "pamc_meta_node_contrastive": "a batch is a subgraph whose Batch.extras['adjacency'] covers its "
+                                  "own nodes only; a gather would need the cross-rank adjacency",
+    "multilabel_cluster_discrimination": "couples samples only through the negative classes it "
+                                         "draws (PartialFC); with negative_ratio=1 it is per "
+                                         "sample, which CASES checks",
+}
+"""Batch-coupled objectives the equivalence check cannot cover, and why."""
+
+PARAMS = {"mixup_your_own_pairs": {"mix_negatives": False}}
+"""Settings that remove a random draw whose shape differs between a rank and one process
+(Mix-neg's Beta weights are drawn per [anchor, candidate] pair)."""
+
+CASES = [
+    Plugin("objective", "nt_xent", {"sampler": Plugin("sampler", "label_positives")}),
+    Plugin("objective", "nt_xent", {"sampler": Plugin("sampler", "hard_negative_mixing", {
+        "pool": "both", "seed": 0, "n_hard": 6, "s": 4, "s_prime": 2})}),
+    Plugin("objective", "decoupled_contrastive", {"sigma": 0.5}),
+    Plugin("objective", "isogclr", {"sampler": Plugin("sampler", "meow_weighted_negatives")}),
+    Plugin("objective", "cacr", {"sampler": Plugin("sampler", "label_positives")}),
+    Plugin("objective", "groco", {"stop_gradient": False,
+                                  "sampler": Plugin("sampler", "label_positives")}),
+    Plugin("objective", "multilabel_cluster_discrimination", {"negative_ratio": 1.0}),
+]
+"""Compositions (samplers over the gathered batch, memory negatives) and variants."""
+
+CONTROL = Plugin("objective", "nt_xent", {"gather": False})
+"""Gathering switched off: the check must see the difference."""
+
+
+def coupled() -> list[str]:
+    reg = sdk.get_registry()
+    return sorted(c.name for c in reg.cards("objective")
+                  if reg.get("objective", c.name).factory.batch_coupled)
+
+
+CHECKED = [name for name in coupled() if name not in NOT_CHECKED]
+
+
+@pytest.fixture(scope="module")
+def failures():
+    cases = [Plugin("objective", n, PARAMS.get(n, {})) for n in CHECKED] + CASES + [CONTROL]
+    return distributed_failures(cases)
+
+
+@pytest.mark.parametrize("name", CHECKED)
+def test_batch_coupled_objective_on_two_ranks_equals_one_process(failures, name):
+    label = Plugin("objective", name, PARAMS.get(name, {})).label
+    assert label not in failures, failures[label]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
+def test_compositions_on_two_ranks_equal_one_process(failures, case):
+    assert case.label not in failures, failures[case.label]
+
+
+def test_the_check_sees_a_missing_gather(failures):
+    assert failures.get(CONTROL.label, "").startswith("loss: max |difference|")
+    assert set(failures) == {CONTROL.label}
+
+
+@pytest.mark.parametrize("name", CHECKED)
+def test_batch_coupled_objectives_gather_by_default(name):
+    factory = sdk.get_registry().get("objective", name).factory
+    assert inspect.signature(factory).parameters["gather"].default == "auto"
+
+
+def test_every_objective_left_out_is_batch_coupled_and_registered():
+    assert set(NOT_CHECKED) <= set(coupled())
+    per_sample = {c.name for c in sdk.plugins("objective")} - set(coupled())
+    assert {"cross_entropy", "supervised_patch_nce"} <= per_sample
+
+
+def test_gather_resolves_auto_by_world_size_and_rejects_other_values():
+    assert resolve_gather("auto") is False and resolve_gather(True) is False  # alone: nothing to gather
+    assert resolve_gather(False) is False
+    with pytest.raises(sdk.ConfigError, match="gather must be True, False or 'auto', got 'yes'"):
+        resolve_gather("yes")
+    with pytest.raises(sdk.ConfigError, match="parameter 'gather'"):
+        sdk.create("objective", "nt_xent", gather="yes")

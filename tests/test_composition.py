@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +18,9 @@ from sdk.cli_run import build
 from sdk.config import load_recipe, tomllib
 from sdk.data import GaussianNoise
 from sdk.interfaces import Input, Objective, Sampler, Teacher
-from tests.test_config import RECIPES
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
+RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
 
 
 def sampler(name, **params):

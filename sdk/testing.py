@@ -633,6 +633,8 @@ def _compare(ranks: list[Any], single: dict[str, Any], world: int, tol: float) -
     for r in ranks:
         if isinstance(r, str):
             return f"a rank raised {r}"
+    if not any(g is not None and bool(g.abs().sum() > 0) for g in single["inputs"]):
+        return "degenerate case: no input receives a gradient in one process"
     found = _close(sum(r["loss"] for r in ranks) / world, single["loss"], tol)
     if found:
         return f"loss: {found}"

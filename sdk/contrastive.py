@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdk.distributed import Gather, gather_no_grad, gather_with_grad, rank, resolve_gather, world_size
+from sdk.distributed import (
+    Gather,
+    gather_no_grad,
+    gather_with_grad,
+    rank,
+    resolve_gather,
+    sum_over_ranks,
+    world_size,
+)
 from sdk.errors import ConfigError, ShapeError
 from sdk.interfaces import Input, Objective, Sampler
 from sdk.types import Batch, Loss, Pairs, Views
@@ -141,9 +149,16 @@ def instance_info_nce(c: Contrast, temperature: float, *, positive_in_denominato
     return log_den - pos.mean(dim=-1)
 
 
-def masked_mean(values: Tensor, valid: Tensor) -> Tensor:
-    """Mean of ``values`` over ``valid`` entries (no host sync; 0 when none are valid)."""
-    return (values * valid).sum() / valid.sum().clamp_min(1)
+def masked_mean(values: Tensor, valid: Tensor, c: Contrast | None = None) -> Tensor:
+    """Mean of ``values`` over ``valid`` entries (no host sync; 0 when none are valid).
+
+    With ``c`` gathered across ranks, the count is every rank's (times the world size, which
+    the ranks' mean divides out): the ranks' mean is then the mean over the global batch's
+    valid entries even when the ranks hold different numbers of them."""
+    count = valid.sum()
+    if c is not None and c.world > 1:
+        count = sum_over_ranks(count) / c.world
+    return (values * valid).sum() / count.clamp_min(1)
 
 
 @attrs.frozen(kw_only=True)
@@ -152,7 +167,8 @@ class Contrast:
 
     ``anchors`` [A, D] are this rank's rows of ``cat(views)`` (view-major), ``candidates``
     [N, D] every rank's (``N = A * world`` with ``gather``), ``self_col`` [A] the column of each
-    anchor in ``candidates``; ``views``/``batch`` are the gathered records a Sampler sees.
+    anchor in ``candidates``; ``views``/``batch`` are the gathered records a Sampler sees;
+    ``world`` the number of ranks gathered (1: none).
     """
 
     anchors: Tensor
@@ -162,6 +178,7 @@ class Contrast:
     batch: Batch
     n_views: int
     batch_size: int
+    world: int = 1
 
 
 def contrast(views: Views, batch: Batch, *, gather: Gather = False, normalize: bool = True) -> Contrast:
@@ -184,7 +201,7 @@ def contrast(views: Views, batch: Batch, *, gather: Gather = False, normalize: b
     local = torch.arange(b, device=anchors.device) + offset
     self_col = torch.cat([local + k * b * world for k in range(v)])
     return Contrast(anchors=anchors, candidates=candidates, self_col=self_col, views=g_views,
-                    batch=g_batch, n_views=v, batch_size=b)
+                    batch=g_batch, n_views=v, batch_size=b, world=world)
 
 
 def same_index_masks(c: Contrast) -> tuple[Tensor, Tensor]:
@@ -340,5 +357,5 @@ class NTXent(Objective):
         logits = c.anchors @ c.candidates.T / self.temperature
         loss, valid = info_nce(logits, pairs.positive, pairs.negative, weight=pairs.weight,
                                            extra_negative_logits=extra, extra_negative_mask=extra_mask)
-        return Loss(value=masked_mean(loss, valid),
+        return Loss(value=masked_mean(loss, valid, c),
                     per_sample=per_sample(loss, c))

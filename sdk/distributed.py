@@ -127,6 +127,15 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def sum_over_ranks(x: Tensor) -> Tensor:
+    """``x`` summed over the ranks (a new tensor, no gradient); ``x`` itself when alone."""
+    if not is_distributed() or world_size() == 1:
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return total
+
+
 def all_reduce_mean_(tensors: list[Tensor]) -> None:
     """Average ``tensors`` in place over the ranks (gradients of parameters outside DDP)."""
     if not is_distributed() or world_size() == 1 or not tensors:

@@ -548,13 +548,18 @@ class Plugin(NamedTuple):
 
 def _ddp_inputs(obj: Objective, total: int) -> tuple[Views, Batch]:
     """The global batch of ``total`` samples (float64): the objective's own ``example_inputs`` or
-    synthetic ones, plus a memory of extra negatives for objectives that consume them."""
+    synthetic ones (random class ids), plus a memory of extra negatives for objectives that
+    consume them."""
     from sdk.contrastive import NEGATIVES, NEGATIVES_INDEX, NEGATIVES_MASK
     from sdk.interfaces import Input
 
     g = _gen(0)
     own = getattr(obj, "example_inputs", None)
-    views, batch = own(total, g) if callable(own) else objective_inputs(obj, g, total)
+    if callable(own):
+        views, batch = own(total, g)
+    else:  # classes drawn at random, so the ranks hold different mixes of them
+        views, batch = objective_inputs(obj, g, total)
+        batch = batch.evolve(targets=torch.randint(0, CLASSES, (total,), generator=g))
     if Input.EXTRA_NEGATIVES in obj.consumes and views.embeddings:
         m = 3 * total + 1
         dim = views.embeddings[0].shape[1]

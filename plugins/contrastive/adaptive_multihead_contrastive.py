@@ -143,7 +143,7 @@ class AdaptiveMultiheadContrastive(Objective):
             tau = taus_t.to(loss.dtype)
             logs = {"tau_positive": (tau * positive).sum() / positive.sum().clamp_min(1) / self.num_heads,
                     "tau_negative": (tau * negative).sum() / negative.sum().clamp_min(1) / self.num_heads}
-        return Loss(value=contrastive.masked_mean(loss, valid),
+        return Loss(value=contrastive.masked_mean(loss, valid, first),
                     per_sample=contrastive.per_sample(loss, first), logs=logs)
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:

@@ -98,8 +98,8 @@ class CACR(Objective):
             (-self.tau_neg * d2).view(blocks), (-self.beta * d2).view(blocks),
             (negative & later).view(blocks), None if weight is None else weight.view(blocks))
         n_a, n_r = valid_a.sum().clamp_min(1), valid_r.sum().clamp_min(1)
-        l_ca = (attract * valid_a).sum() / n_a
-        l_cr = (repel * valid_r).sum() / n_r
+        l_ca = contrastive.masked_mean(attract, valid_a, c)
+        l_cr = contrastive.masked_mean(repel, valid_r, c)
         b = c.batch_size
         per_sample = ((attract * valid_a).view(c.n_views, b).sum(0) * b / n_a
                       + (repel * valid_r).sum(1).view(c.n_views, b).sum(0) * b / n_r)

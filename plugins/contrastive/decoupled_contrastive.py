@@ -98,7 +98,7 @@ class DecoupledContrastive(Objective):
                                            weight=pairs.weight, positive_in_denominator=False,
                                            extra_negative_logits=extra, extra_negative_mask=extra_mask,
                                            positive_scale=scale)
-        return Loss(value=contrastive.masked_mean(loss, valid),
+        return Loss(value=contrastive.masked_mean(loss, valid, c),
                     per_sample=contrastive.per_sample(loss, c))
 
 

@@ -160,7 +160,7 @@ class GroCo(Objective):
         valid = (negative.sum(1) >= k) & (positive.sum(1) >= n_pos)
         loss = torch.where(valid, groco_sorting_loss(pos, neg, self.steepness),
                            torch.zeros((), device=sims.device))
-        return Loss(value=contrastive.masked_mean(loss, valid),
+        return Loss(value=contrastive.masked_mean(loss, valid, c),
                     per_sample=contrastive.per_sample(loss, c))
 
 

@@ -156,7 +156,7 @@ class ISogCLR(Objective):
                             extra_sims=extra, extra_mask=extra_mask)
         if self.training and torch.is_grad_enabled():
             self._update(c, batch.index, step)
-        return Loss(value=contrastive.masked_mean(step.loss, step.valid),
+        return Loss(value=contrastive.masked_mean(step.loss, step.valid, c),
                     per_sample=contrastive.per_sample(step.loss, c),
                     logs={"tau": self.tau[index].mean().detach()})
 

@@ -138,7 +138,7 @@ class MixupYourOwnPairs(Objective):
             temperature=self.temperature, window=self.window, neg_alpha=neg_alpha,
             mix_negatives=self.mix_negatives, mix_positives=self.mix_positives,
             distance_magnifying=self.distance_magnifying, detach_mixtures=self.detach_mixtures)
-        return Loss(value=contrastive.masked_mean(loss, valid),
+        return Loss(value=contrastive.masked_mean(loss, valid, c),
                     per_sample=contrastive.per_sample(loss, c))
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:

@@ -258,8 +258,9 @@ class Trainer:
     itself (seeded shuffling, as ``DistributedSampler`` does; ``batch_size`` is per rank),
     averages the gradients of parameters outside the wrapped modules (callbacks, samplers), and
     logs and writes checkpoints on rank 0 only (a checkpoint holds every rank's generators).
-    Objectives with ``gather=True`` contrast each rank's anchors against every rank's
-    embeddings, which reproduces the gradients of one process on the whole global batch.
+    Batch-coupled objectives gather by default (``gather="auto"``): each rank's anchors are
+    contrasted against every rank's embeddings, which reproduces the gradients of one process
+    on the whole global batch.
     One machine with 8 devices::
 
         torchrun --nproc_per_node 8 train.py

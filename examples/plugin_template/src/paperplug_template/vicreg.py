@@ -48,8 +48,9 @@ def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, *, gamma: float = 1.0, eps:
                  gather: Gather = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The unweighted ``(s, v(Z) + v(Z'), c(Z) + c(Z'))`` of one pair of views.
 
-    With ``gather=True`` the variance and covariance use the batch of every DDP rank (as the
-    reference implementation does); the invariance term is per sample, so it stays local.
+    With ``gather`` on (True, or "auto" under DDP) the variance and covariance use the batch of
+    every rank (as the reference implementation does); the invariance term is per sample, so it
+    stays local.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ShapeError(f"vicreg: expected two [n, d] embeddings of one shape, got "

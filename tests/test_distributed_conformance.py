@@ -17,16 +17,13 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
 
 NOT_CHECKED = {
-    "neighbor_contrastive_clustering": "a batch is a subgraph whose Batch.extras['adjacency'] covers "
-                                       "its own nodes only; a gather would need the cross-rank "
-                                       "adjacency, which no rank has",
-    "pamc_meta_node_contrastive": "a batch is a subgraph whose Batch.extras['adjacency'] covers its "
-                                  "own nodes only; a gather would need the cross-rank adjacency",
     "multilabel_cluster_discrimination": "couples samples only through the negative classes it "
                                          "draws (PartialFC); with negative_ratio=1 it is per "
                                          "sample, which CASES checks",
 }
-"""Batch-coupled objectives the equivalence check cannot cover, and why."""
+"""Batch-coupled objectives the equivalence check cannot cover, and why. (The graph objectives
+are checked on the in-batch kNN graph; a batch with its own Batch.extras['adjacency'] is a
+subgraph that stays on its rank, since no rank knows its edges to the others' nodes.)"""
 
 PARAMS = {"mixup_your_own_pairs": {"mix_negatives": False}}
 """Settings that remove a random draw whose shape differs between a rank and one process

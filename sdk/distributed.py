@@ -127,6 +127,14 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_from_main(x: Tensor) -> Tensor:
+    """Rank 0's ``x`` on every rank (in place; ``x`` itself when alone), e.g. a random draw
+    that every rank must share."""
+    if is_distributed() and world_size() > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
 def sum_over_ranks(x: Tensor) -> Tensor:
     """``x`` summed over the ranks (a new tensor, no gradient); ``x`` itself when alone."""
     if not is_distributed() or world_size() == 1:

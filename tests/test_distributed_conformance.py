@@ -1,6 +1,8 @@
 """Every batch-coupled objective, with its default ``gather``, gives on 2 gloo ranks the loss
 and gradients of one process on the concatenated batch (``sdk.testing.distributed_failures``,
-one pair of processes for all of them)."""
+one pair of processes for all of them). The graph objectives are checked on the in-batch kNN
+graph: a batch with its own ``Batch.extras["adjacency"]`` is a subgraph that stays on its rank,
+since no rank knows its edges to the others' nodes."""
 
 from __future__ import annotations
 
@@ -16,19 +18,6 @@ from sdk.testing import Plugin, distributed_failures
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
 
-NOT_CHECKED = {
-    "multilabel_cluster_discrimination": "couples samples only through the negative classes it "
-                                         "draws (PartialFC); with negative_ratio=1 it is per "
-                                         "sample, which CASES checks",
-}
-"""Batch-coupled objectives the equivalence check cannot cover, and why. (The graph objectives
-are checked on the in-batch kNN graph; a batch with its own Batch.extras['adjacency'] is a
-subgraph that stays on its rank, since no rank knows its edges to the others' nodes.)"""
-
-PARAMS = {"mixup_your_own_pairs": {"mix_negatives": False}}
-"""Settings that remove a random draw whose shape differs between a rank and one process
-(Mix-neg's Beta weights are drawn per [anchor, candidate] pair)."""
-
 CASES = [
     Plugin("objective", "nt_xent", {"sampler": Plugin("sampler", "label_positives")}),
     Plugin("objective", "nt_xent", {"sampler": Plugin("sampler", "hard_negative_mixing", {
@@ -41,7 +30,6 @@ CASES = [
     Plugin("objective", "groco", {"stop_gradient": False, "topk_negatives": 15,
                                   "same_view_negatives": False,
                                   "sampler": Plugin("sampler", "label_positives")}),
-    Plugin("objective", "multilabel_cluster_discrimination", {"negative_ratio": 1.0}),
     Plugin("objective", "symmetry_enhanced_contrastive", {"hinge_weight": 1.0}),
     Plugin("objective", "core_tuning", {"eta": 1.0}),
 ]
@@ -59,19 +47,18 @@ def coupled() -> list[str]:
                   if reg.get("objective", c.name).factory.batch_coupled)
 
 
-CHECKED = [name for name in coupled() if name not in NOT_CHECKED]
+CHECKED = coupled()
 
 
 @pytest.fixture(scope="module")
 def failures():
-    cases = [Plugin("objective", n, PARAMS.get(n, {})) for n in CHECKED] + CASES + [CONTROL]
+    cases = [Plugin("objective", n) for n in CHECKED] + CASES + [CONTROL]
     return distributed_failures(cases)
 
 
 @pytest.mark.parametrize("name", CHECKED)
 def test_batch_coupled_objective_on_two_ranks_equals_one_process(failures, name):
-    label = Plugin("objective", name, PARAMS.get(name, {})).label
-    assert label not in failures, failures[label]
+    assert name not in failures, failures[name]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
@@ -90,10 +77,9 @@ def test_batch_coupled_objectives_gather_by_default(name):
     assert inspect.signature(factory).parameters["gather"].default == "auto"
 
 
-def test_every_objective_left_out_is_batch_coupled_and_registered():
-    assert set(NOT_CHECKED) <= set(coupled())
+def test_per_sample_objectives_are_declared_so():
     per_sample = {c.name for c in sdk.plugins("objective")} - set(coupled())
-    assert {"cross_entropy", "supervised_patch_nce"} <= per_sample
+    assert per_sample == {"cross_entropy", "supervised_patch_nce"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

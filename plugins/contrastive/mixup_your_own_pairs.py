@@ -132,7 +132,8 @@ class MixupYourOwnPairs(Objective):
             beta = torch.distributions.Beta(
                 torch.tensor(self.neg_beta_a, device=t_cand.device),
                 torch.tensor(self.neg_beta_b, device=t_cand.device))
-            neg_alpha = beta.sample((c.anchors.shape[0], c.candidates.shape[0]))
+            n = c.candidates.shape[0]  # drawn for every anchor of every rank: ranks agree with
+            neg_alpha = beta.sample((n, n))[c.self_col]  # one process given the same seed
         loss, valid = supremix_loss(
             c.anchors.float(), c.candidates.float(), t_anchor, t_cand, c.self_col,
             temperature=self.temperature, window=self.window, neg_alpha=neg_alpha,

@@ -132,8 +132,9 @@ class MixupYourOwnPairs(Objective):
             beta = torch.distributions.Beta(
                 torch.tensor(self.neg_beta_a, device=t_cand.device),
                 torch.tensor(self.neg_beta_b, device=t_cand.device))
-            n = c.candidates.shape[0]  # drawn for every anchor of every rank: ranks agree with
-            neg_alpha = beta.sample((n, n))[c.self_col]  # one process given the same seed
+            # drawn for the anchors of every rank, so ranks seeded alike draw as one process
+            n = c.candidates.shape[0]
+            neg_alpha = beta.sample((n, n))[c.self_col]
         loss, valid = supremix_loss(
             c.anchors.float(), c.candidates.float(), t_anchor, t_cand, c.self_col,
             temperature=self.temperature, window=self.window, neg_alpha=neg_alpha,

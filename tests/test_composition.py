@@ -145,6 +145,18 @@ def test_a_recipe_with_an_ignored_input_fails_to_build():
     build(load_recipe(good), sdk.data.load("digits"))
 
 
+def test_a_recipe_whose_teacher_negatives_no_term_consumes_fails_before_training(tmp_path):
+    from sdk.cli_run import run_recipe
+
+    d = tomllib.loads((RECIPES / "simclr_digits.toml").read_text())
+    d["objectives"] = [{"name": "barlow_twins"}]
+    d["teacher"] = {"name": "queue", "size": 64}
+    with pytest.raises(sdk.ConfigError, match="objective 'barlow_twins' ignores the "
+                                              "extra_negatives that teacher 'queue'"):
+        run_recipe(load_recipe(d), run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_every_builtin_objective_sampler_and_teacher_declares_its_inputs():
     reg = sdk.get_registry()
     for kind, base, attr in (("objective", Objective, "consumes"), ("sampler", Sampler, "produces"),

@@ -66,7 +66,7 @@ def check_composition(objective: Objective, producer: Any) -> None:
     if ignored:
         raise ConfigError(
             f"{describe(objective)} ignores the {_inputs(ignored)} that {describe(producer)} "
-            f"produces (it consumes: {_inputs(objective.consumes) or 'none of them'}); the "
+            f"produces (it consumes: {_inputs(objective.consumes) or 'nothing'}); the "
             f"composition would silently drop them. Use an objective that consumes "
             f"{_inputs(ignored)} or another {describe(producer).split()[0]}")
     for item, why in objective.caveats().items():
@@ -80,10 +80,7 @@ def check_composition(objective: Objective, producer: Any) -> None:
 def check_parts(objective: Objective, *, teacher: Any = None, transforms: Iterable[Any] = ()) -> None:
     """The Trainer's composition checks: every objective term against its Sampler, the whole
     objective against the teacher and against every Transform (and those nested in them)."""
-    for term in objective.modules():
-        sampler = getattr(term, "sampler", None)
-        if isinstance(term, Objective) and isinstance(sampler, Sampler):
-            check_composition(term, sampler)
+    check_samplers(objective)
     if teacher is not None:
         check_composition(objective, teacher)
     seen: set[int] = set()
@@ -93,6 +90,14 @@ def check_parts(objective: Objective, *, teacher: Any = None, transforms: Iterab
             if isinstance(part, Transform) and id(part) not in seen:
                 seen.add(id(part))
                 check_composition(objective, part)
+
+
+def check_samplers(objective: Objective) -> None:
+    """Check every objective term inside ``objective`` (itself included) against its Sampler."""
+    for term in objective.modules():
+        sampler = getattr(term, "sampler", None)
+        if isinstance(term, Objective) and isinstance(sampler, Sampler):
+            check_composition(term, sampler)
 
 
 def _check_weight(weight: Any) -> float | Schedule:
@@ -115,8 +120,7 @@ class WeightedSum(Objective):
         self.step, self.max_steps = 0, None
         self._term_names = self._unique_names()
         for term in self.terms:
-            if isinstance(getattr(term, "sampler", None), Sampler):
-                check_composition(term, term.sampler)
+            check_samplers(term)
 
     @classmethod
     def of(cls, objective: Objective, weight: Any = 1.0) -> WeightedSum:

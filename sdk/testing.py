@@ -30,6 +30,7 @@ from sdk.interfaces import (
     Calibrator,
     Callback,
     Encoder,
+    Input,
     Metric,
     Objective,
     Reweighter,
@@ -551,7 +552,6 @@ def _ddp_inputs(obj: Objective, total: int) -> tuple[Views, Batch]:
     synthetic ones (random class ids), plus a memory of extra negatives for objectives that
     consume them."""
     from sdk.contrastive import NEGATIVES, NEGATIVES_INDEX, NEGATIVES_MASK
-    from sdk.interfaces import Input
 
     g = _gen(0)
     own = getattr(obj, "example_inputs", None)
@@ -568,7 +568,6 @@ def _ddp_inputs(obj: Objective, total: int) -> tuple[Views, Batch]:
                                      NEGATIVES_MASK: torch.rand(m, generator=g) < 0.8,
                                      NEGATIVES_INDEX: torch.randint(0, 2 * total, (m,), generator=g)})
     return _cast((views, batch), torch.float64)
-
 
 
 def _ddp_step(case: Plugin, total: int, rank: int = 0, world: int = 1) -> dict[str, Any]:

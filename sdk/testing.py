@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -570,15 +570,17 @@ def _ddp_inputs(obj: Objective, total: int) -> tuple[Views, Batch]:
     return _cast((views, batch), torch.float64)
 
 
-def _ddp_step(case: Plugin, total: int, rank: int = 0, world: int = 1) -> dict[str, Any]:
-    """Loss and gradients (inputs, objective parameters) of ``case`` in eval mode on this
-    rank's share of the global batch of ``total`` samples (``world == 1``: all of it).
+def _ddp_step(case: Plugin, total: int, rank: int = 0, world: int = 1,
+              train: bool = False) -> dict[str, Any]:
+    """Loss and gradients (inputs, objective parameters) of ``case`` in eval mode (``train``:
+    training mode) on this rank's share of the global batch of ``total`` samples
+    (``world == 1``: all of it), and its buffers after the forward.
 
     Every tensor is split along its first dimension of size ``total`` (tensors without one,
     such as a memory of negatives, are shared); ``split`` holds that dimension per input
     gradient (None: shared)."""
     torch.manual_seed(0)
-    obj = case.build().double().eval()
+    obj = case.build().double().train(train)
     views, batch = _ddp_inputs(obj, total)
     per = total // world
     dims: dict[int, int | None] = {}
@@ -597,7 +599,8 @@ def _ddp_step(case: Plugin, total: int, rank: int = 0, world: int = 1) -> dict[s
     params = [p for p in obj.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, leaves + params, allow_unused=True)
     return {"loss": loss.detach(), "inputs": list(grads[:len(leaves)]),
-            "split": [dims[id(t)] for t in leaves], "params": list(grads[len(leaves):])}
+            "split": [dims[id(t)] for t in leaves], "params": list(grads[len(leaves):]),
+            "buffers": {k: v.detach().clone() for k, v in obj.named_buffers()}}
 
 
 def _ddp_worker(cases_path: str, out_dir: str) -> None:
@@ -608,9 +611,11 @@ def _ddp_worker(cases_path: str, out_dir: str) -> None:
     distributed.init("gloo")
     rank, world = distributed.rank(), distributed.world_size()
     results: dict[str, Any] = {}
-    for case in torch.load(cases_path, weights_only=False):
+    cases, training = torch.load(cases_path, weights_only=False)
+    for case in cases:
         try:
-            results[case.label] = _ddp_step(case, DDP_BATCH * world, rank, world)
+            results[case.label] = _ddp_step(case, DDP_BATCH * world, rank, world,
+                                            train=case.label in training)
         except Exception as exc:  # noqa: BLE001 - reported by the parent, naming the case
             results[case.label] = f"{type(exc).__name__}: {exc}"
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -656,18 +661,30 @@ def _compare(ranks: list[Any], single: dict[str, Any], world: int, tol: float) -
         found = _close(None if grads[0] is None else sum(grads) / world, want, tol)
         if found:
             return f"gradient of parameter #{i}: {found}"
+    for key, want in single["buffers"].items():
+        for r, res in enumerate(ranks):
+            got = res["buffers"].get(key)
+            found = ("missing" if got is None else _close(got.double(), want.double(), tol)
+                     if want.is_floating_point() else None if torch.equal(got, want) else "differs")
+            if found:
+                return f"buffer {key!r} on rank {r} after the forward: {found}"
     return None
 
 
-def distributed_failures(cases: list[Plugin], *, world: int = 2, tol: float = 1e-6,
-                         timeout: float = 300.0) -> dict[str, str]:
+def distributed_failures(cases: list[Plugin], *, training: Collection[str] = (), world: int = 2,
+                         tol: float = 1e-6, timeout: float = 300.0) -> dict[str, str]:
     """Run every objective of ``cases`` in ``world`` gloo processes (started once, for all
     cases) on its share of a global batch of ``DDP_BATCH * world`` samples, and in this process
     on the whole batch; return ``{case label: what differs}`` for the cases that disagree.
 
     Objectives are built with their default ``gather`` (the point: "auto" must gather),
-    seeded alike, in float64 and eval mode (state updated by a training forward, such as
-    iSogCLR's temperatures or BatchNorm statistics, stays frozen). Inputs are the objective's
+    seeded alike, in float64 and eval mode, so state a training forward updates (BatchNorm
+    statistics) stays frozen; the cases whose labels are in ``training`` run in training mode,
+    and every rank's buffers after the forward (e.g. iSogCLR's per-sample temperatures) must
+    equal the single process's. Compared as well: the mean of the rank losses with the loss,
+    ``1/world`` of a rank's gradient with respect to its share of an input with that share of
+    the single process's, the ranks' mean gradient of a shared input or a parameter with the
+    single process's (what DDP's averaging gives). Inputs are the objective's
     ``example_inputs(batch_size, generator)`` or synthetic ones, plus a memory of extra
     negatives in ``Views.extras`` when the objective consumes them.
     """
@@ -681,7 +698,7 @@ def distributed_failures(cases: list[Plugin], *, world: int = 2, tol: float = 1e
     root = str(Path(sdk.__file__).resolve().parent.parent)
     with tempfile.TemporaryDirectory() as tmp:
         cases_path = os.path.join(tmp, "cases.pt")
-        torch.save(list(cases), cases_path)
+        torch.save((list(cases), set(training)), cases_path)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -710,7 +727,7 @@ def distributed_failures(cases: list[Plugin], *, world: int = 2, tol: float = 1e
     try:
         for case in cases:
             try:
-                single = _ddp_step(case, DDP_BATCH * world)
+                single = _ddp_step(case, DDP_BATCH * world, train=case.label in training)
             except Exception as exc:  # noqa: BLE001 - reported, naming the case
                 failures[case.label] = f"one process raised {type(exc).__name__}: {exc}"
                 continue

@@ -739,10 +739,11 @@ def distributed_failures(cases: list[Plugin], *, training: Collection[str] = (),
     return failures
 
 
-def check_distributed(cases: list[Plugin], *, world: int = 2, tol: float = 1e-6) -> None:
+def check_distributed(cases: list[Plugin], *, training: Collection[str] = (), world: int = 2,
+                      tol: float = 1e-6) -> None:
     """Assert that every objective of ``cases`` (:class:`Plugin` specs) gives, in ``world``
     gloo processes, the loss and gradients of one process on the concatenated batch (see
     :func:`distributed_failures`)."""
-    failures = distributed_failures(cases, world=world, tol=tol)
+    failures = distributed_failures(cases, training=training, world=world, tol=tol)
     if failures:
         raise _fail("distributed", "equivalence", "; ".join(f"{k}: {v}" for k, v in failures.items()))

@@ -1,15 +1,103 @@
-"""Objective algebra: ``0.5 * a + b`` is a :class:`WeightedSum` that logs every term."""
+"""Objective algebra (``0.5 * a + b`` is a :class:`WeightedSum` that logs every term) and the
+composition checks: what a Sampler, Teacher or Transform produces must be consumed.
+
+:func:`check_composition` is the one rule, used by ``sdk.create`` (a plugin passed as a
+parameter), the algebra (each term and its sampler), the Trainer and recipes
+(:func:`check_parts`): every :class:`~sdk.interfaces.Input` a producer declares in
+``produces`` must be in the objective's ``consumes``, else a ConfigError names both plugins
+and the ignored inputs. Inputs an objective lists in ``caveats()`` are legal but surprising:
+the first such composition of a pair of plugins warns.
+"""
 
 from __future__ import annotations
 
 import numbers
+import re
+import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from sdk.interfaces import Objective, Schedule
+from sdk.errors import ConfigError, PluginError
+from sdk.interfaces import Input, Objective, Sampler, Schedule, Teacher, Transform
 from sdk.types import Batch, Loss, Views
+
+_KINDS = ((Objective, "objective"), (Sampler, "sampler"), (Teacher, "teacher"),
+          (Transform, "transform"))
+_WARNED: set[tuple[str, str, Input]] = set()
+
+
+def describe(plugin: Any) -> str:
+    """``kind 'name'`` of a plugin: its registry name, else its class name in snake case."""
+    kind = next((k for base, k in _KINDS if isinstance(plugin, base)), "plugin")
+    if isinstance(plugin, WeightedSum):
+        return "objective " + " + ".join(f"{n!r}" for n in plugin._term_names)
+    name = getattr(plugin, "_plugin_name", None) or _registered_name(kind, type(plugin))
+    return f"{kind} {name!r}"
+
+
+def _registered_name(kind: str, cls: type) -> str:
+    """The name ``cls`` is registered under as a plugin of ``kind``, else its class name in snake
+    case (``CACR`` -> ``cacr``, ``HardNegativeMixing`` -> ``hard_negative_mixing``)."""
+    from sdk.registry import get_registry
+
+    reg = get_registry()
+    for card in reg.cards(kind) if kind != "plugin" else ():
+        try:
+            if reg.get(kind, card.name).factory is cls:
+                return card.name
+        except PluginError:  # a name two packages register: not this plugin's to claim
+            continue
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls.__name__).lower()
+
+
+def _inputs(inputs: Iterable[Input]) -> str:
+    return ", ".join(sorted(i.value for i in inputs))
+
+
+def check_composition(objective: Objective, producer: Any) -> None:
+    """Raise ConfigError if ``objective`` ignores an input that ``producer`` (a Sampler, Teacher
+    or Transform) produces; warn once per pair of plugins for each input the objective lists in
+    ``caveats()``."""
+    produced = frozenset(getattr(producer, "produces", ()))
+    ignored = produced - frozenset(objective.consumes)
+    if ignored:
+        raise ConfigError(
+            f"{describe(objective)} ignores the {_inputs(ignored)} that {describe(producer)} "
+            f"produces (it consumes: {_inputs(objective.consumes) or 'nothing'}); the "
+            f"composition would silently drop them. Use an objective that consumes "
+            f"{_inputs(ignored)} or another {describe(producer).split()[0]}")
+    for item, why in objective.caveats().items():
+        key = (describe(objective), describe(producer), item)
+        if item in produced and key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(f"{key[0]} with {key[1]} ({item.value}): {why}", UserWarning,
+                          stacklevel=3)
+
+
+def check_parts(objective: Objective, *, teacher: Any = None, transforms: Iterable[Any] = ()) -> None:
+    """The Trainer's composition checks: every objective term against its Sampler, the whole
+    objective against the teacher and against every Transform (and those nested in them)."""
+    check_samplers(objective)
+    if teacher is not None:
+        check_composition(objective, teacher)
+    seen: set[int] = set()
+    for transform in transforms:
+        parts = transform.modules() if isinstance(transform, nn.Module) else [transform]
+        for part in parts:
+            if isinstance(part, Transform) and id(part) not in seen:
+                seen.add(id(part))
+                check_composition(objective, part)
+
+
+def check_samplers(objective: Objective) -> None:
+    """Check every objective term inside ``objective`` (itself included) against its Sampler."""
+    for term in objective.modules():
+        sampler = getattr(term, "sampler", None)
+        if isinstance(term, Objective) and isinstance(sampler, Sampler):
+            check_composition(term, sampler)
 
 
 def _check_weight(weight: Any) -> float | Schedule:
@@ -31,6 +119,8 @@ class WeightedSum(Objective):
         self.terms = nn.ModuleList([obj for _, obj in terms])
         self.step, self.max_steps = 0, None
         self._term_names = self._unique_names()
+        for term in self.terms:
+            check_samplers(term)
 
     @classmethod
     def of(cls, objective: Objective, weight: Any = 1.0) -> WeightedSum:
@@ -63,6 +153,25 @@ class WeightedSum(Objective):
                 else:
                     merged[key] = merged.get(key, False) or bool(value)
         return merged
+
+    @property
+    def consumes(self) -> frozenset[Input]:  # type: ignore[override]
+        """What any term consumes."""
+        return frozenset().union(*(term.consumes for term in self.terms))
+
+    @property
+    def batch_coupled(self) -> bool:  # type: ignore[override]
+        """Whether any term couples the samples of a batch."""
+        return any(bool(term.batch_coupled) for term in self.terms)
+
+    def caveats(self) -> dict[Input, str]:
+        """The terms' caveats, each naming its term."""
+        out: dict[Input, str] = {}
+        for name, term in zip(self._term_names, self.terms):
+            for item, why in term.caveats().items():
+                out[item] = f"{out[item]}; " if item in out else ""
+                out[item] += f"{name}: {why}"
+        return out
 
     def _unique_names(self) -> list[str]:
         seen: dict[str, int] = {}

@@ -27,9 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdk.distributed import gather_no_grad, gather_with_grad, rank, world_size
+from sdk.distributed import (
+    Gather,
+    gather_no_grad,
+    gather_with_grad,
+    rank,
+    resolve_gather,
+    sum_over_ranks,
+    world_size,
+)
 from sdk.errors import ConfigError, ShapeError
-from sdk.interfaces import Objective, Sampler
+from sdk.interfaces import Input, Objective, Sampler
 from sdk.types import Batch, Loss, Pairs, Views
 
 NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX = "negatives", "negatives_mask", "negatives_index"
@@ -141,9 +149,16 @@ def instance_info_nce(c: Contrast, temperature: float, *, positive_in_denominato
     return log_den - pos.mean(dim=-1)
 
 
-def masked_mean(values: Tensor, valid: Tensor) -> Tensor:
-    """Mean of ``values`` over ``valid`` entries (no host sync; 0 when none are valid)."""
-    return (values * valid).sum() / valid.sum().clamp_min(1)
+def masked_mean(values: Tensor, valid: Tensor, c: Contrast | None = None) -> Tensor:
+    """Mean of ``values`` over ``valid`` entries (no host sync; 0 when none are valid).
+
+    With ``c`` gathered across ranks, the count is every rank's (times the world size, which
+    the ranks' mean divides out): the ranks' mean is then the mean over the global batch's
+    valid entries even when the ranks hold different numbers of them."""
+    count = valid.sum()
+    if c is not None and c.world > 1:
+        count = sum_over_ranks(count) / c.world
+    return (values * valid).sum() / count.clamp_min(1)
 
 
 @attrs.frozen(kw_only=True)
@@ -152,7 +167,8 @@ class Contrast:
 
     ``anchors`` [A, D] are this rank's rows of ``cat(views)`` (view-major), ``candidates``
     [N, D] every rank's (``N = A * world`` with ``gather``), ``self_col`` [A] the column of each
-    anchor in ``candidates``; ``views``/``batch`` are the gathered records a Sampler sees.
+    anchor in ``candidates``; ``views``/``batch`` are the gathered records a Sampler sees;
+    ``world`` the number of ranks gathered (1: none).
     """
 
     anchors: Tensor
@@ -162,14 +178,16 @@ class Contrast:
     batch: Batch
     n_views: int
     batch_size: int
+    world: int = 1
 
 
-def contrast(views: Views, batch: Batch, *, gather: bool = False, normalize: bool = True) -> Contrast:
-    """Prepare anchors and candidates from ``views`` (optionally gathered across ranks)."""
+def contrast(views: Views, batch: Batch, *, gather: Gather = False, normalize: bool = True) -> Contrast:
+    """Prepare anchors and candidates from ``views``, gathered across ranks when ``gather``
+    resolves to on (:func:`sdk.distributed.resolve_gather`: ``"auto"`` under DDP)."""
     zs = [F.normalize(z, dim=-1) if normalize else z for z in views.embeddings]
     b, v = zs[0].shape[0], len(zs)
     anchors = torch.cat(zs)
-    world = world_size() if gather else 1
+    world = world_size() if resolve_gather(gather) else 1
     if world > 1:
         gathered = [gather_with_grad(z) for z in zs]
         g_batch = Batch(**{f: gather_no_grad(getattr(batch, f)) if getattr(batch, f) is not None
@@ -183,7 +201,7 @@ def contrast(views: Views, batch: Batch, *, gather: bool = False, normalize: boo
     local = torch.arange(b, device=anchors.device) + offset
     self_col = torch.cat([local + k * b * world for k in range(v)])
     return Contrast(anchors=anchors, candidates=candidates, self_col=self_col, views=g_views,
-                    batch=g_batch, n_views=v, batch_size=b)
+                    batch=g_batch, n_views=v, batch_size=b, world=world)
 
 
 def same_index_masks(c: Contrast) -> tuple[Tensor, Tensor]:
@@ -297,7 +315,7 @@ def _check_temperature(temperature: float) -> None:
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, *more_views: torch.Tensor,
                  temperature: float = 0.5, sampler: Sampler | None = None,
-                 batch: Batch | None = None, gather: bool = False) -> torch.Tensor:
+                 batch: Batch | None = None, gather: Gather = "auto") -> torch.Tensor:
     """Mean NT-Xent over all anchors of all views; see :class:`NTXent`."""
     return NTXent(temperature=temperature, sampler=sampler, gather=gather)(
         Views(embeddings=(z1, z2, *more_views)), batch).value
@@ -311,14 +329,16 @@ class NTXent(Objective):
     with cosine similarity s. Default positives: the other views of the same sample (SimCLR);
     a Sampler (e.g. ``label_positives``, giving SupCon) can choose positives, negatives and
     pair weights, and add synthetic negatives; a queue or memory-bank teacher's entries in
-    ``Views.extras["negatives"]`` join every anchor's denominator. ``gather=True`` contrasts
-    against the embeddings of every DDP rank.
+    ``Views.extras["negatives"]`` join every anchor's denominator. ``gather`` ("auto": under
+    DDP) contrasts against the embeddings of every rank.
     """
 
     requires = {"views": 2}
+    consumes = frozenset({Input.PAIRS, Input.PAIR_WEIGHTS, Input.EXTRA_NEGATIVES})
+    batch_coupled = True
 
     def __init__(self, temperature: float = 0.5, sampler: Sampler | None = None,
-                 gather: bool = False):
+                 gather: Gather = "auto"):
         super().__init__()
         _check_temperature(temperature)
         self.temperature = temperature
@@ -337,5 +357,5 @@ class NTXent(Objective):
         logits = c.anchors @ c.candidates.T / self.temperature
         loss, valid = info_nce(logits, pairs.positive, pairs.negative, weight=pairs.weight,
                                            extra_negative_logits=extra, extra_negative_mask=extra_mask)
-        return Loss(value=masked_mean(loss, valid),
+        return Loss(value=masked_mean(loss, valid, c),
                     per_sample=per_sample(loss, c))

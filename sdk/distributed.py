@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from sdk.errors import ConfigError
+
+Gather = bool | Literal["auto"]
+"""The ``gather`` parameter of batch-coupled objectives: ``"auto"`` (the default) gathers
+across ranks whenever the world size is > 1; ``True`` / ``False`` force it on / off."""
 
 
 def is_distributed() -> bool:
@@ -20,6 +26,14 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def resolve_gather(gather: Gather) -> bool:
+    """Whether an objective with this ``gather`` setting gathers now: ``"auto"`` and ``True``
+    when the world size is > 1 (alone there is nothing to gather), ``False`` never."""
+    if gather is not True and gather is not False and gather != "auto":
+        raise ConfigError(f"gather must be True, False or 'auto', got {gather!r}", param="gather")
+    return gather is not False and world_size() > 1
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -111,6 +125,23 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_from_main(x: Tensor) -> Tensor:
+    """Rank 0's ``x`` on every rank (in place; ``x`` itself when alone), e.g. a random draw
+    that every rank must share."""
+    if is_distributed() and world_size() > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
+def sum_over_ranks(x: Tensor) -> Tensor:
+    """``x`` summed over the ranks (a new tensor, no gradient); ``x`` itself when alone."""
+    if not is_distributed() or world_size() == 1:
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return total
 
 
 def all_reduce_mean_(tensors: list[Tensor]) -> None:

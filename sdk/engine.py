@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from sdk import checkpoint as ckpt
 from sdk import distributed
+from sdk.compose import check_composition, check_parts
 from sdk.config import trainer_config, with_trainer_settings
 from sdk.errors import ConfigError, RequirementError
 from sdk.interfaces import EVENTS, Callback, Objective, Schedule, Teacher, Transform
@@ -262,8 +263,9 @@ class Trainer:
     itself (seeded shuffling, as ``DistributedSampler`` does; ``batch_size`` is per rank),
     averages the gradients of parameters outside the wrapped modules (callbacks, samplers), and
     logs and writes checkpoints on rank 0 only (a checkpoint holds every rank's generators).
-    Objectives with ``gather=True`` contrast each rank's anchors against every rank's
-    embeddings, which reproduces the gradients of one process on the whole global batch.
+    Batch-coupled objectives gather by default (``gather="auto"``): each rank's anchors are
+    contrasted against every rank's embeddings, which reproduces the gradients of one process
+    on the whole global batch.
     One machine with 8 devices::
 
         torchrun --nproc_per_node 8 train.py
@@ -307,6 +309,7 @@ class Trainer:
             self._give_sampler(self.pair_sampler)
         self.callbacks = list(callbacks)
         self.view_transforms = self._view_transforms(transforms)
+        check_parts(objective, teacher=teacher, transforms=self.view_transforms)
         self.optimizer_spec, self.scheduler_spec = optimizer, scheduler
         for name, value in attrs.asdict(self.config, recurse=False).items():
             setattr(self, name, value)
@@ -351,6 +354,8 @@ class Trainer:
         if not slots:
             raise ConfigError("sampler: no objective term takes a pair sampler (or every one "
                               "already has one)", param="sampler")
+        for term in slots:
+            check_composition(term, sampler)
         for term in slots:
             term.sampler = sampler
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from sdk import contrastive
 from sdk.cluster import kmeans
+from sdk.distributed import Gather, gather_no_grad, gather_with_grad, rank, resolve_gather
 from sdk.errors import ConfigError, ShapeError
 from sdk.interfaces import Objective
 from sdk.types import Batch, Loss, Views
@@ -156,18 +157,26 @@ def check_graph_params(plugin: str, **params: float | int | None) -> None:
 
 class GraphClusteringObjective(Objective):
     """Shared body of SCGC and PamC: ``alpha * contrast + beta * KL(P || Q)`` per view, with
-    graph positives from :func:`batch_adjacency` and DEC soft labels ``Q``."""
+    graph positives from :func:`batch_adjacency` and DEC soft labels ``Q``.
+
+    ``gather`` ("auto": under DDP) gathers every rank's views when the graph is the in-batch kNN
+    graph, and each rank computes the loss of the global batch, as one process would
+    (``per_sample`` keeps this rank's nodes). A batch with ``Batch.extras["adjacency"]`` is a
+    subgraph whose edges to other ranks' nodes no rank knows: it stays on its rank."""
 
     requires = {"views": 1}
+    batch_coupled = True
     plugin_name: str = ""
 
     def __init__(self, *, n_clusters: int, alpha: float, beta: float, tau: float, order: int,
-                 cumulative: bool, knn: int, dof: float, embedding_dim: int | None):
+                 cumulative: bool, knn: int, dof: float, embedding_dim: int | None,
+                 gather: Gather = "auto"):
         super().__init__()
         check_graph_params(self.plugin_name, n_clusters=n_clusters, alpha=alpha, beta=beta, tau=tau,
                            order=order, knn=knn, dof=dof, embedding_dim=embedding_dim)
         self.alpha, self.beta, self.tau = alpha, beta, tau
         self.order, self.cumulative, self.knn = order, cumulative, knn
+        self.gather = gather
         self.clustering = DECClustering(n_clusters, dof, embedding_dim)
 
     @abc.abstractmethod
@@ -175,6 +184,13 @@ class GraphClusteringObjective(Objective):
         """Per-node contrastive loss [B] and its scalar mean for one view."""
 
     def forward(self, views: Views, batch: Batch) -> Loss:
+        b = views.batch_size
+        gathered = "adjacency" not in batch.extras and resolve_gather(self.gather)
+        if gathered:
+            features = views.extras.get("features")
+            views = Views(embeddings=tuple(gather_with_grad(z) for z in views.embeddings),
+                          extras={} if features is None else
+                          {"features": tuple(gather_no_grad(f.detach()) for f in features)})
         adjacency = batch_adjacency(views, batch, knn=self.knn, order=self.order,
                                     cumulative=self.cumulative)
         values, per_sample, kls, cons = [], [], [], []
@@ -186,7 +202,10 @@ class GraphClusteringObjective(Objective):
             per_sample.append(self.alpha * per_node + self.beta * kl)
             kls.append(kl.mean())
             cons.append(con)
-        return Loss(value=torch.stack(values).mean(), per_sample=torch.stack(per_sample).mean(0),
+        per_sample = torch.stack(per_sample).mean(0)
+        if gathered:
+            per_sample = per_sample[rank() * b:(rank() + 1) * b]
+        return Loss(value=torch.stack(values).mean(), per_sample=per_sample,
                     logs={"contrast": torch.stack(cons).mean().detach(),
                           "kl": torch.stack(kls).mean().detach()})
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import enum
 import functools
 import re
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,31 @@ from sdk.errors import NotFittedError, RequirementError, ShapeError
 from sdk.types import Batch, Loss, Pairs, TypedScores, Views
 
 _REQUIREMENT_KEYS = {"views", "targets", "logits", "index", "domain", "weight", "extras"}
+
+
+class Input(str, enum.Enum):
+    """What one plugin produces and another consumes: the vocabulary of composition checks.
+
+    An Objective declares ``consumes``; a Sampler, Teacher or Transform declares ``produces``.
+    :func:`sdk.compose.check_composition` rejects a composition in which something produced
+    would be ignored.
+    """
+
+    PAIRS = "pairs"
+    """positive / negative pair masks (``Pairs.positive``, ``Pairs.negative``)"""
+    PAIR_WEIGHTS = "pair_weights"
+    """per-pair weights (``Pairs.weight``)"""
+    EXTRA_NEGATIVES = "extra_negatives"
+    """negatives beyond the batch: a Sampler's synthetic ones (``Pairs.extra_negatives`` /
+    ``extra_negative_sims``) or a queue / memory bank's ``Views.extras["negatives"]``"""
+    LABELS = "labels"
+    """class ids in ``Batch.targets``"""
+    SOFT_LABELS = "soft_labels"
+    """probability targets ``[B, C]`` in ``Batch.targets`` (e.g. mixed by mixup)"""
+    LOGITS = "logits"
+    """class scores ``Views.logits``"""
+    FEATURES = "features"
+    """backbone features ``Views.extras["features"]``"""
 
 
 def _snake(name: str) -> str:
@@ -59,9 +85,18 @@ class Objective(nn.Module, abc.ABC):
     ``index``, ``domain``, ``weight``: bool; ``extras``: tuple of keys). Calling an objective
     checks them before any math, so a recipe that cannot feed it fails with a clear message.
     Objectives compose: ``0.5 * a + b`` is a :class:`sdk.compose.WeightedSum`.
+
+    ``consumes``: the :class:`Input` s the loss uses when a Sampler, Teacher or Transform
+    provides them (anything else they produce would be ignored, so the composition is
+    rejected). ``batch_coupled``: whether the loss of a sample depends on the other samples of
+    the batch (then it takes ``gather``, "auto" by default: on under DDP, and the conformance
+    kit checks that two ranks equal one process on the concatenated batch); None = undeclared,
+    which the conformance kit rejects.
     """
 
     requires: ClassVar[Mapping[str, Any]] = {}
+    consumes: ClassVar[frozenset[Input]] = frozenset()
+    batch_coupled: ClassVar[bool | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -119,6 +154,11 @@ class Objective(nn.Module, abc.ABC):
     def set_progress(self, step: int, max_steps: int | None) -> None:
         """Told by the engine before each step; objectives with schedules override it."""
 
+    def caveats(self) -> Mapping[Input, str]:
+        """Inputs this objective, as configured, uses with a legal but surprising effect (and
+        why); composing it with their producer warns once."""
+        return {}
+
     # objective algebra -------------------------------------------------------
     def __mul__(self, weight: Any) -> Objective:
         from sdk.compose import WeightedSum
@@ -146,7 +186,10 @@ class Sampler(nn.Module, abc.ABC):
     Rows and columns index ``torch.cat(views.embeddings)`` (view-major: row ``v*B + i`` is
     view ``v`` of sample ``i``). Data-level samplers (what enters a batch) subclass
     ``torch.utils.data.Sampler`` instead and are registered under the same kind.
+    ``produces``: the :class:`Input` s its ``Pairs`` carry (the objective must consume them all).
     """
+
+    produces: ClassVar[frozenset[Input]] = frozenset({Input.PAIRS})
 
     @abc.abstractmethod
     def pairs(self, views: Views, batch: Batch) -> Pairs: ...
@@ -254,7 +297,10 @@ class Teacher(nn.Module, abc.ABC):
     ``update`` with ``views=None, batch=None`` (they were observed), and ``update`` called
     directly with views observes them first. A teacher that does not override ``observe``
     receives the last micro-batch's views and batch in ``update``.
+    ``produces``: the :class:`Input` s it gives the objective (e.g. a queue's negatives).
     """
+
+    produces: ClassVar[frozenset[Input]] = frozenset()
 
     @abc.abstractmethod
     def update(self, *, student: nn.Module | None = None, views: Views | None = None,
@@ -266,7 +312,11 @@ class Teacher(nn.Module, abc.ABC):
 
 
 class Transform(nn.Module, abc.ABC):
-    """Tensor-level view generation or input transformation: ``forward(x, batch) -> (x, batch)``."""
+    """Tensor-level view generation or input transformation: ``forward(x, batch) -> (x, batch)``.
+
+    ``produces``: the :class:`Input` s it writes into the batch for the objective."""
+
+    produces: ClassVar[frozenset[Input]] = frozenset()
 
     @abc.abstractmethod
     def forward(self, x: Tensor, batch: Batch) -> tuple[Tensor, Batch]: ...

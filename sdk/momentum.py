@@ -29,6 +29,8 @@ class EMATeacher(Teacher):
     """``theta_t <- m theta_t + (1 - m) theta_s``; buffers are copied. ``m`` follows the
     cosine schedule from ``momentum`` to ``final_momentum`` (constant if they are equal)."""
 
+    produces = frozenset()  # its Views.extras["teacher"] is optional context; its weights are its product
+
     def __init__(self, student: nn.Module | None = None, momentum: float = 0.996,
                  final_momentum: float = 1.0):
         super().__init__()

@@ -179,6 +179,15 @@ class Registry:
         instance = self.get(kind, name).factory(**params)
         if kind == "objective":
             instance.name = name
+        elif kind in ("sampler", "teacher", "transform") and hasattr(instance, "__dict__"):
+            instance._plugin_name = name  # names it in composition errors
+        if kind == "objective":
+            from sdk.compose import check_composition
+            from sdk.interfaces import Sampler, Teacher, Transform
+
+            for value in params.values():
+                if isinstance(value, (Sampler, Teacher, Transform)):
+                    check_composition(instance, value)
         return instance
 
     # discovery -----------------------------------------------------------------

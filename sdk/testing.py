@@ -6,6 +6,9 @@ the card is complete, outputs have the documented form, gradients reach every in
 requires grad, bfloat16 inputs work, bad inputs raise clear errors, and ``state_dict``
 round-trips. Failures raise ``AssertionError`` naming the plugin and the check.
 
+``check_distributed(cases)`` runs batch-coupled objectives in 2 gloo processes and asserts that
+they give the loss and gradients of one process on the concatenated batch.
+
 ``check_resume(objective=..., teacher=..., sampler=..., reweighter=..., tmp_dir=...)`` trains a
 tiny model with stateful plugins through :class:`sdk.Trainer` three times (straight; killed after
 a checkpoint; resumed) and asserts the resumed run ends bitwise equal to the straight one.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,6 +32,7 @@ from sdk.interfaces import (
     Callback,
     Detector,
     Encoder,
+    Input,
     Metric,
     Objective,
     Reweighter,
@@ -97,17 +101,18 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 
 # synthetic inputs ---------------------------------------------------------------------------
-def objective_inputs(obj: Objective, g: torch.Generator) -> tuple[Views, Batch]:
+def objective_inputs(obj: Objective, g: torch.Generator, batch_size: int = BATCH) -> tuple[Views, Batch]:
     req = obj.requires
+    b = batch_size
     n_views = int(req.get("views", 0)) or (0 if req.get("logits") else 2)
-    embeddings = tuple(torch.randn(BATCH, DIM, generator=g).requires_grad_() for _ in range(n_views))
-    logits = torch.randn(BATCH, CLASSES, generator=g).requires_grad_() if req.get("logits") else None
+    embeddings = tuple(torch.randn(b, DIM, generator=g).requires_grad_() for _ in range(n_views))
+    logits = torch.randn(b, CLASSES, generator=g).requires_grad_() if req.get("logits") else None
     views = Views(embeddings=embeddings, logits=logits)
     batch = Batch(
-        targets=torch.arange(BATCH) % CLASSES,
-        index=torch.randperm(BATCH, generator=g),
-        domain=torch.arange(BATCH) % 2 if req.get("domain") else None,
-        weight=torch.rand(BATCH, generator=g) + 0.5 if req.get("weight") else None,
+        targets=torch.arange(b) % CLASSES,
+        index=torch.randperm(b, generator=g),
+        domain=torch.arange(b) % 2 if req.get("domain") else None,
+        weight=torch.rand(b, generator=g) + 0.5 if req.get("weight") else None,
     )
     return views, batch
 
@@ -212,6 +217,9 @@ def _check_objective(name: str, make: Callable[[], Any]) -> None:
     for key, value in loss.logs.items():
         if isinstance(value, Tensor) and value.requires_grad:
             raise _fail(name, "logs", f"logs[{key!r}] must be detached")
+    if not isinstance(obj.batch_coupled, bool):
+        raise _fail(name, "declaration", "batch_coupled must be declared True (the loss couples the "
+                    "samples of a batch) or False (per-sample)")
     _check_grads(name, (views, batch), loss.value)
 
     low = make()
@@ -644,3 +652,230 @@ def check_resume(*, objective: Callable[[], Objective], tmp_dir: str | os.PathLi
                         f"after a kill at step {kill_at} and a resume, {where} {found} differs "
                         f"from an uninterrupted run")
     return ResumeRuns(straight, killed, resumed)
+
+
+# distributed ----------------------------------------------------------------------------------
+DDP_BATCH = 5  # per rank: the global batch (10 for 2 ranks) differs from DIM, CLASSES and memory size
+
+
+class Plugin(NamedTuple):
+    """A plugin to build in every process: ``Plugin("sampler", "label_positives", {})``; may be
+    a parameter value of another (``Plugin("objective", "nt_xent", {"sampler": Plugin(...)})``)."""
+
+    kind: str
+    name: str
+    params: dict[str, Any] = {}
+
+    @property
+    def label(self) -> str:
+        shown = ", ".join(f"{k}={v.label}" if isinstance(v, Plugin) else f"{k}={v!r}"
+                          for k, v in self.params.items())
+        return f"{self.name}({shown})" if shown else self.name
+
+    def build(self) -> Any:
+        from sdk.registry import create
+
+        params = {k: v.build() if isinstance(v, Plugin) else v for k, v in self.params.items()}
+        return create(self.kind, self.name, **params)
+
+
+def _ddp_inputs(obj: Objective, total: int) -> tuple[Views, Batch]:
+    """The global batch of ``total`` samples (float64): the objective's own ``example_inputs`` or
+    synthetic ones (random class ids), plus a memory of extra negatives for objectives that
+    consume them."""
+    from sdk.contrastive import NEGATIVES, NEGATIVES_INDEX, NEGATIVES_MASK
+
+    g = _gen(0)
+    own = getattr(obj, "example_inputs", None)
+    if callable(own):
+        views, batch = own(total, g)
+    else:  # classes drawn at random, so the ranks hold different mixes of them
+        views, batch = objective_inputs(obj, g, total)
+        batch = batch.evolve(targets=torch.randint(0, CLASSES, (total,), generator=g))
+    if Input.EXTRA_NEGATIVES in obj.consumes and views.embeddings:
+        m = 3 * total + 1
+        dim = views.embeddings[0].shape[1]
+        memory = torch.nn.functional.normalize(torch.randn(m, dim, generator=g), dim=1)
+        views = views.evolve(extras={**views.extras, NEGATIVES: memory,
+                                     NEGATIVES_MASK: torch.rand(m, generator=g) < 0.8,
+                                     NEGATIVES_INDEX: torch.randint(0, 2 * total, (m,), generator=g)})
+    return _cast((views, batch), torch.float64)
+
+
+def _ddp_step(case: Plugin, total: int, rank: int = 0, world: int = 1,
+              train: bool = False) -> dict[str, Any]:
+    """Loss and gradients (inputs, objective parameters) of ``case`` in eval mode (``train``:
+    training mode) on this rank's share of the global batch of ``total`` samples
+    (``world == 1``: all of it), and its buffers after the forward.
+
+    Every tensor is split along its first dimension of size ``total`` (tensors without one,
+    such as a memory of negatives, are shared); ``split`` holds that dimension per input
+    gradient (None: shared)."""
+    torch.manual_seed(0)
+    obj = case.build().double().train(train)
+    views, batch = _ddp_inputs(obj, total)
+    per = total // world
+    dims: dict[int, int | None] = {}
+
+    def share(t: Tensor) -> Tensor:
+        dim = next((d for d, n in enumerate(t.shape) if n == total), None)
+        part = (t if dim is None else t.narrow(dim, rank * per, per)).detach().clone()
+        part.requires_grad_(t.requires_grad)
+        dims[id(part)] = dim
+        return part
+
+    views, batch = _map((views, batch), share)
+    torch.manual_seed(1)
+    loss = obj(views, batch).value
+    leaves = [t for t in _tensors((views, batch)) if t.requires_grad]
+    params = [p for p in obj.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, leaves + params, allow_unused=True)
+    return {"loss": loss.detach(), "inputs": list(grads[:len(leaves)]),
+            "split": [dims[id(t)] for t in leaves], "params": list(grads[len(leaves):]),
+            "buffers": {k: v.detach().clone() for k, v in obj.named_buffers()}}
+
+
+def _ddp_worker(cases_path: str, out_dir: str) -> None:
+    """One rank of :func:`distributed_failures` (started with torchrun's environment)."""
+    from sdk import distributed
+
+    torch.set_num_threads(1)
+    distributed.init("gloo")
+    rank, world = distributed.rank(), distributed.world_size()
+    results: dict[str, Any] = {}
+    cases, training = torch.load(cases_path, weights_only=False)
+    for case in cases:
+        try:
+            results[case.label] = _ddp_step(case, DDP_BATCH * world, rank, world,
+                                            train=case.label in training)
+        except Exception as exc:  # noqa: BLE001 - reported by the parent, naming the case
+            results[case.label] = f"{type(exc).__name__}: {exc}"
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _close(got: Tensor | None, want: Tensor | None, tol: float) -> str | None:
+    """None when ``got`` and ``want`` agree within ``tol`` (absolute), else how they differ."""
+    if got is None or want is None:
+        return None if got is None and want is None else "a gradient is missing on one side"
+    if got.shape != want.shape:
+        return f"shapes {list(got.shape)} vs {list(want.shape)}"
+    diff = float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
+    return None if diff <= tol else f"max |difference| {diff:.3g} > {tol:g}"
+
+
+def _compare(ranks: list[Any], single: dict[str, Any], world: int, tol: float) -> str | None:
+    """The first way the ranks' results differ from the single process's (None: they agree).
+
+    The global loss is the mean of the rank losses; a rank's gradient with respect to its share
+    of an input is ``world`` times the single process's (every rank's loss is a mean over its
+    anchors and the gather's backward sums them), a shared input's and a parameter's gradient
+    is the mean over the ranks (what DDP's averaging gives)."""
+    for r in ranks:
+        if isinstance(r, str):
+            return f"a rank raised {r}"
+    if not any(g is not None and bool(g.abs().sum() > 0) for g in single["inputs"]):
+        return "degenerate case: no input receives a gradient in one process"
+    found = _close(sum(r["loss"] for r in ranks) / world, single["loss"], tol)
+    if found:
+        return f"loss: {found}"
+    for i, (dim, want) in enumerate(zip(single["split"], single["inputs"])):
+        grads = [r["inputs"][i] for r in ranks]
+        if dim is None:
+            got = None if grads[0] is None else sum(grads) / world
+        else:
+            got = None if grads[0] is None else torch.cat(grads, dim=dim) / world
+        found = _close(got, want, tol)
+        if found:
+            return f"gradient of input #{i}: {found}"
+    for i, want in enumerate(single["params"]):
+        grads = [r["params"][i] for r in ranks]
+        found = _close(None if grads[0] is None else sum(grads) / world, want, tol)
+        if found:
+            return f"gradient of parameter #{i}: {found}"
+    for key, want in single["buffers"].items():
+        for r, res in enumerate(ranks):
+            got = res["buffers"].get(key)
+            found = ("missing" if got is None else _close(got.double(), want.double(), tol)
+                     if want.is_floating_point() else None if torch.equal(got, want) else "differs")
+            if found:
+                return f"buffer {key!r} on rank {r} after the forward: {found}"
+    return None
+
+
+def distributed_failures(cases: list[Plugin], *, training: Collection[str] = (), world: int = 2,
+                         tol: float = 1e-6, timeout: float = 300.0) -> dict[str, str]:
+    """Run every objective of ``cases`` in ``world`` gloo processes (started once, for all
+    cases) on its share of a global batch of ``DDP_BATCH * world`` samples, and in this process
+    on the whole batch; return ``{case label: what differs}`` for the cases that disagree.
+
+    Objectives are built with their default ``gather`` (the point: "auto" must gather),
+    seeded alike, in float64 and eval mode, so state a training forward updates (BatchNorm
+    statistics) stays frozen; the cases whose labels are in ``training`` run in training mode,
+    and every rank's buffers after the forward (e.g. iSogCLR's per-sample temperatures) must
+    equal the single process's. Compared as well: the mean of the rank losses with the loss,
+    ``1/world`` of a rank's gradient with respect to its share of an input with that share of
+    the single process's, the ranks' mean gradient of a shared input or a parameter with the
+    single process's (what DDP's averaging gives). Inputs are the objective's
+    ``example_inputs(batch_size, generator)`` or synthetic ones, plus a memory of extra
+    negatives in ``Views.extras`` when the objective consumes them.
+    """
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    import sdk
+
+    root = str(Path(sdk.__file__).resolve().parent.parent)
+    with tempfile.TemporaryDirectory() as tmp:
+        cases_path = os.path.join(tmp, "cases.pt")
+        torch.save((list(cases), set(training)), cases_path)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        code = "import sys; from sdk.testing import _ddp_worker; _ddp_worker(sys.argv[1], sys.argv[2])"
+        procs = []
+        for rank in range(world):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+            procs.append(subprocess.Popen([sys.executable, "-c", code, cases_path, tmp], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        for proc in procs:
+            try:
+                output, _ = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for p in procs:
+                    p.kill()
+                raise _fail("distributed", "ranks", f"the {world} processes did not finish in "
+                            f"{timeout:g} s") from None
+            if proc.returncode != 0:
+                raise _fail("distributed", "ranks", f"a rank exited with {proc.returncode}:\n{output}")
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    failures = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for case in cases:
+            try:
+                single = _ddp_step(case, DDP_BATCH * world, train=case.label in training)
+            except Exception as exc:  # noqa: BLE001 - reported, naming the case
+                failures[case.label] = f"one process raised {type(exc).__name__}: {exc}"
+                continue
+            found = _compare([r[case.label] for r in ranks], single, world, tol)
+            if found:
+                failures[case.label] = found
+    finally:
+        torch.set_num_threads(threads)
+    return failures
+
+
+def check_distributed(cases: list[Plugin], *, training: Collection[str] = (), world: int = 2,
+                      tol: float = 1e-6) -> None:
+    """Assert that every objective of ``cases`` (:class:`Plugin` specs) gives, in ``world``
+    gloo processes, the loss and gradients of one process on the concatenated batch (see
+    :func:`distributed_failures`)."""
+    failures = distributed_failures(cases, training=training, world=world, tol=tol)
+    if failures:
+        raise _fail("distributed", "equivalence", "; ".join(f"{k}: {v}" for k, v in failures.items()))

@@ -25,6 +25,7 @@ def test_kit_catches_an_objective_that_ignores_a_view():
 
     class FirstViewOnly(sdk.interfaces.Objective):
         requires = {"views": 2}
+        batch_coupled = False
 
         def forward(self, views, batch):
             return sdk.Loss(value=views.embeddings[0].pow(2).mean())

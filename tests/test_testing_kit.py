@@ -47,3 +47,30 @@ def test_a_kill_without_a_checkpoint_before_it_or_steps_after_it_is_refused(tmp_
     with pytest.raises(ValueError, match="checkpoint_every < kill_at < steps"):
         sdk.testing.check_resume(objective=RunningWeight, steps=steps, kill_at=kill_at,
                                  checkpoint_every=every, tmp_dir=tmp_path)
+
+
+class Undeclared(Objective):
+    """A per-sample loss that does not say whether it couples the samples of a batch."""
+
+    requires = {"views": 2}
+
+    def forward(self, views, batch):
+        z1, z2 = views.embeddings
+        per = (z1 - z2).pow(2).sum(1)
+        return Loss(value=per.mean(), per_sample=per)
+
+
+class Declared(Undeclared):
+    batch_coupled = False
+
+
+@pytest.mark.parametrize(("cls", "error"), [(Undeclared, "batch_coupled must be declared"),
+                                            (Declared, None)])
+def test_the_kit_requires_objectives_to_declare_batch_coupling(cls, error):
+    reg = sdk.Registry()
+    reg.add("objective", "sq", cls, card=sdk.Card(name="sq", kind="objective", title="t", summary="s"))
+    if error is None:
+        sdk.testing.check_plugin("objective", "sq", registry=reg)
+    else:
+        with pytest.raises(AssertionError, match=rf"\[objective sq\] declaration: {error}"):
+            sdk.testing.check_plugin("objective", "sq", registry=reg)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from sdk.card import Card
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Objective
+from sdk.interfaces import Input, Objective
 from sdk.types import Batch, Loss, Views
 
 
@@ -35,6 +35,8 @@ class CrossEntropy(Objective):
     """Mean cross-entropy of ``Views.logits`` against ``Batch.targets`` (ids or soft labels)."""
 
     requires = {"logits": True, "targets": True}
+    consumes = frozenset({Input.LOGITS, Input.LABELS, Input.SOFT_LABELS})
+    batch_coupled = False
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
@@ -42,6 +44,12 @@ class CrossEntropy(Objective):
             raise ConfigError(f"cross_entropy: label_smoothing must be in [0, 1), got "
                               f"{label_smoothing}", param="label_smoothing")
         self.label_smoothing = label_smoothing
+
+    def caveats(self) -> dict[Input, str]:
+        if not self.label_smoothing:
+            return {}
+        return {Input.SOFT_LABELS: f"label_smoothing={self.label_smoothing} smooths targets that "
+                "are already mixed: the smoothing adds to mixup's own softening"}
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         per_sample = cross_entropy_loss(views.logits, batch.targets, self.label_smoothing)

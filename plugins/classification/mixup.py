@@ -14,7 +14,7 @@ from sdk.card import Card
 from sdk.context import FromData
 from sdk.errors import ConfigError, RequirementError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Transform
+from sdk.interfaces import Input, Transform
 from sdk.types import Batch
 
 
@@ -29,6 +29,8 @@ class Mixup(Transform):
 
     Class-id targets become soft labels over ``num_classes`` classes; ``extras`` records
     ``mixup_lambda`` and ``mixup_perm``. Acts in training mode only."""
+
+    produces = frozenset({Input.SOFT_LABELS})
 
     def __init__(self, alpha: float = 0.2,
                  num_classes: Annotated[int | None, FromData("num_classes")] = None):

@@ -30,9 +30,10 @@ from torch import Tensor, nn
 
 from sdk import contrastive
 from sdk.card import Card
+from sdk.distributed import Gather
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Objective, Sampler
+from sdk.interfaces import Input, Objective, Sampler
 from sdk.layers import mlp_layers
 from sdk.types import Batch, Loss, Views
 
@@ -89,15 +90,20 @@ class AdaptiveMultiheadContrastive(Objective):
     units, default ``out_dim``). ``topk`` hardest negatives per anchor and head (``topk=1``:
     Eq. 2.1's single hardest). Defaults follow the authors' SimCLR runs (``beta = 1e-4``,
     ``topk = 100``, ``out_dim = 128``). A Sampler (default: same index) chooses the pairs; it
-    sees the first head's embeddings. ``gather=True`` contrasts against every DDP rank.
+    sees the first head's embeddings; only its masks are consumed (no pair weights, no extra
+    negatives). ``gather`` ("auto": under DDP) contrasts against every rank; the heads'
+    BatchNorm layers normalise with each rank's own batch unless converted with
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``.
     """
 
     requires = {"views": 2}
+    consumes = frozenset({Input.PAIRS})
+    batch_coupled = True
 
     def __init__(self, in_dim: int = 512, hidden_dim: int = 512, out_dim: int = 128,
                  num_heads: int = 3, beta: float = 1e-4, tau_min: float = 1e-5,
                  tau_max: float = 2.0, temperature_hidden_dim: int | None = None, topk: int = 100,
-                 sampler: Sampler | None = None, gather: bool = False):
+                 sampler: Sampler | None = None, gather: Gather = "auto"):
         super().__init__()
         for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim),
                             ("num_heads", num_heads), ("topk", topk)):
@@ -152,7 +158,7 @@ class AdaptiveMultiheadContrastive(Objective):
             tau = taus_t.to(loss.dtype)
             logs = {"tau_positive": (tau * positive).sum() / positive.sum().clamp_min(1) / self.num_heads,
                     "tau_negative": (tau * negative).sum() / negative.sum().clamp_min(1) / self.num_heads}
-        return Loss(value=contrastive.masked_mean(loss, valid),
+        return Loss(value=contrastive.masked_mean(loss, valid, first),
                     per_sample=contrastive.per_sample(loss, first), logs=logs)
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:

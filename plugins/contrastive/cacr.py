@@ -18,9 +18,10 @@ from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
+from sdk.distributed import Gather
 from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Objective, Sampler
+from sdk.interfaces import Input, Objective, Sampler
 from sdk.types import Batch, Loss, Views
 
 
@@ -38,7 +39,7 @@ def conditional_expectation(logits: Tensor, cost: Tensor, mask: Tensor,
 
 def cacr_loss(z1: Tensor, z2: Tensor, *more_views: Tensor, alpha: float = 1.0, beta: float = 1.0,
               tau_pos: float = 1.0, tau_neg: float = 1.0, sampler: Sampler | None = None,
-              batch: Batch | None = None, gather: bool = False) -> Tensor:
+              batch: Batch | None = None, gather: Gather = "auto") -> Tensor:
     """``L_CA + L_CR`` over the given views; see :class:`CACR`."""
     return CACR(alpha=alpha, beta=beta, tau_pos=tau_pos, tau_neg=tau_neg, sampler=sampler,
                 gather=gather)(Views(embeddings=(z1, z2, *more_views)), batch).value
@@ -55,12 +56,17 @@ class CACR(Objective):
     ``tau_pos = tau_neg = 0`` gives uniform weights (mean positive distance minus mean
     cross-view negative distance). A Sampler replaces the positive / negative sets (its pair
     weights multiply the conditional distributions); the repulsion keeps its view-pair blocks.
+    Extra negatives (synthetic or from a memory) are not consumed: the repulsion is an
+    expectation over the other samples of one view, which such negatives do not belong to.
+    ``gather`` ("auto": under DDP) contrasts across ranks.
     """
 
     requires = {"views": 2}
+    consumes = frozenset({Input.PAIRS, Input.PAIR_WEIGHTS})
+    batch_coupled = True
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, tau_pos: float = 1.0,
-                 tau_neg: float = 1.0, sampler: Sampler | None = None, gather: bool = False):
+                 tau_neg: float = 1.0, sampler: Sampler | None = None, gather: Gather = "auto"):
         super().__init__()
         for name, value in (("alpha", alpha), ("beta", beta), ("tau_pos", tau_pos),
                             ("tau_neg", tau_neg)):
@@ -92,8 +98,8 @@ class CACR(Objective):
             (-self.tau_neg * d2).view(blocks), (-self.beta * d2).view(blocks),
             (negative & later).view(blocks), None if weight is None else weight.view(blocks))
         n_a, n_r = valid_a.sum().clamp_min(1), valid_r.sum().clamp_min(1)
-        l_ca = (attract * valid_a).sum() / n_a
-        l_cr = (repel * valid_r).sum() / n_r
+        l_ca = contrastive.masked_mean(attract, valid_a, c)
+        l_cr = contrastive.masked_mean(repel, valid_r, c)
         b = c.batch_size
         per_sample = ((attract * valid_a).view(c.n_views, b).sum(0) * b / n_a
                       + (repel * valid_r).sum(1).view(c.n_views, b).sum(0) * b / n_r)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdk.card import Card
-from sdk.distributed import gather_with_grad, rank, world_size
+from sdk.distributed import Gather, gather_with_grad, rank, resolve_gather
 from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
@@ -74,15 +74,16 @@ class CLANAugmentedNegatives(ResizableBuffers, Objective):
 
     After training, :meth:`fit_centroid` (called by ``on_fit_end`` with the training set's
     embeddings) stores the benign centroid and :meth:`anomaly_score` scores new samples.
-    ``gather=True`` contrasts against the samples of every DDP rank.
+    ``gather`` ("auto": under DDP) contrasts against the samples of every rank.
     """
 
     resizable_buffers = ("centroid",)
 
     requires = {"views": 2}
+    batch_coupled = True
 
     def __init__(self, margin: float = 0.6, alpha: float = 0.5, squared: bool = True,
-                 eps: float = 1e-6, gather: bool = False):
+                 eps: float = 1e-6, gather: Gather = "auto"):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"clan_augmented_negatives: alpha must be in [0, 1], got {alpha}",
@@ -99,7 +100,7 @@ class CLANAugmentedNegatives(ResizableBuffers, Objective):
         z = views.embeddings[0]
         z_aug = torch.cat(views.embeddings[1:])
         candidates, self_col = z, None
-        if self.gather and world_size() > 1:
+        if resolve_gather(self.gather):
             candidates, z_aug = gather_with_grad(z), gather_with_grad(z_aug)
             self_col = torch.arange(z.shape[0], device=z.device) + rank() * z.shape[0]
         value, per_anchor = clan_terms(z, z_aug, margin=self.margin, alpha=self.alpha,

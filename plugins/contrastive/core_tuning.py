@@ -14,9 +14,10 @@ from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
+from sdk.distributed import Gather, gather_no_grad, gather_with_grad, rank, resolve_gather
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Objective
+from sdk.interfaces import Input, Objective
 from sdk.types import Batch, Loss, Views
 
 
@@ -109,13 +110,18 @@ class CoreTuning(Objective):
 
     ``Views.embeddings[0]`` are the contrastive head's outputs, ``Views.logits`` the
     classifier's; ``Batch.targets`` class ids. Hard pairs are generated in training mode only
-    (as the reference's evaluation uses the plain batch).
+    (as the reference's evaluation uses the plain batch). ``gather`` ("auto": under DDP) gathers
+    every rank's embeddings, logits and targets, and each rank computes the loss of the global
+    batch, as one process would (in training with its own mixup draws); ``per_sample`` keeps
+    this rank's samples.
     """
 
     requires = {"views": 1, "logits": True, "targets": True}
+    consumes = frozenset({Input.LOGITS, Input.LABELS})
+    batch_coupled = True
 
     def __init__(self, eta: float = 0.1, temperature: float = 0.07, mixup: bool = True,
-                 mixup_alpha: float = 1.0, min_lambda: float = 0.8):
+                 mixup_alpha: float = 1.0, min_lambda: float = 0.8, gather: Gather = "auto"):
         super().__init__()
         checks = (("eta", eta >= 0), ("temperature", temperature > 0), ("mixup_alpha", mixup_alpha > 0),
                   ("min_lambda", 0 <= min_lambda <= 1))
@@ -124,16 +130,24 @@ class CoreTuning(Objective):
                 raise ConfigError(f"core_tuning: {param}={locals()[param]} is out of range", param=param)
         self.eta, self.temperature, self.mixup = eta, temperature, mixup
         self.mixup_alpha, self.min_lambda = mixup_alpha, min_lambda
+        self.gather = gather
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         targets = batch.targets
         if targets.dim() != 1 or targets.is_floating_point():
             raise ShapeError(f"core_tuning: Batch.targets must be class ids [B], got "
                              f"{targets.dtype} of shape {list(targets.shape)}")
+        z, logits, targets = views.embeddings[0], views.logits, targets.long()
+        b = z.shape[0]
+        gathered = resolve_gather(self.gather)
+        if gathered:
+            z, logits, targets = gather_with_grad(z), gather_with_grad(logits), gather_no_grad(targets)
         value, per_sample, logs = core_tuning_loss(
-            views.embeddings[0], views.logits, targets.long(), eta=self.eta,
+            z, logits, targets, eta=self.eta,
             temperature=self.temperature, mixup=self.mixup and self.training,
             mixup_alpha=self.mixup_alpha, min_lambda=self.min_lambda)
+        if gathered:
+            per_sample = per_sample[rank() * b:(rank() + 1) * b]
         return Loss(value=value, per_sample=per_sample, logs=logs)
 
 

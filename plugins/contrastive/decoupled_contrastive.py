@@ -11,14 +11,15 @@ from torch import Tensor
 
 from sdk import contrastive, distributed
 from sdk.card import Card
+from sdk.distributed import Gather
 from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Objective, Sampler
+from sdk.interfaces import Input, Objective, Sampler
 from sdk.types import Batch, Loss, Views
 
 
 def von_mises_fisher_weight(pos_sims: Tensor, sigma: float, mask: Tensor | None = None, *,
-                            gather: bool = False) -> Tensor:
+                            gather: Gather = False) -> Tensor:
     """DCLW's positive weight ``w = 2 - exp(s/sigma) / mean_pairs exp(s/sigma)`` (detached).
 
     ``pos_sims`` holds the cosine similarity of every positive pair (entries where ``mask`` is
@@ -28,7 +29,7 @@ def von_mises_fisher_weight(pos_sims: Tensor, sigma: float, mask: Tensor | None 
     s = pos_sims.detach().float()
     ok = torch.ones_like(s, dtype=torch.bool) if mask is None else mask
     peak = torch.where(ok, s, -1.0).amax()  # cosine similarities are >= -1; -1 when no pair
-    world = gather and distributed.world_size() > 1
+    world = distributed.resolve_gather(gather)
     if world:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     e = torch.where(ok, torch.exp((s - peak) / sigma), 0.0)
@@ -41,7 +42,7 @@ def von_mises_fisher_weight(pos_sims: Tensor, sigma: float, mask: Tensor | None 
 
 def decoupled_contrastive_loss(z1: Tensor, z2: Tensor, *more_views: Tensor, temperature: float = 0.1,
                                sigma: float | None = None, sampler: Sampler | None = None,
-                               batch: Batch | None = None, gather: bool = False) -> Tensor:
+                               batch: Batch | None = None, gather: Gather = "auto") -> Tensor:
     """Mean DCL (DCLW when ``sigma`` is set) over all anchors; see :class:`DecoupledContrastive`."""
     return DecoupledContrastive(temperature=temperature, sigma=sigma, sampler=sampler, gather=gather)(
         Views(embeddings=(z1, z2, *more_views)), batch).value
@@ -55,14 +56,16 @@ class DecoupledContrastive(Objective):
     with cosine similarity s: the positive pair is removed from the denominator. ``w = 1``
     (DCL) unless ``sigma`` is set (DCLW: ``w_ip = 2 - exp(s_ip/sigma) / mean_pairs
     exp(s/sigma)``, a constant; the paper uses sigma = 0.5). Mean over all anchors of all views;
-    Sampler masks, synthetic and memory negatives work as in ``nt_xent``; ``gather=True``
-    contrasts across DDP ranks.
+    Sampler masks, synthetic and memory negatives work as in ``nt_xent``; ``gather`` ("auto":
+    under DDP) contrasts across ranks.
     """
 
     requires = {"views": 2}
+    consumes = frozenset({Input.PAIRS, Input.PAIR_WEIGHTS, Input.EXTRA_NEGATIVES})
+    batch_coupled = True
 
     def __init__(self, temperature: float = 0.1, sigma: float | None = None,
-                 sampler: Sampler | None = None, gather: bool = False):
+                 sampler: Sampler | None = None, gather: Gather = "auto"):
         super().__init__()
         if not temperature > 0:
             raise ConfigError(f"decoupled_contrastive: temperature must be > 0, got {temperature}",
@@ -95,7 +98,7 @@ class DecoupledContrastive(Objective):
                                            weight=pairs.weight, positive_in_denominator=False,
                                            extra_negative_logits=extra, extra_negative_mask=extra_mask,
                                            positive_scale=scale)
-        return Loss(value=contrastive.masked_mean(loss, valid),
+        return Loss(value=contrastive.masked_mean(loss, valid, c),
                     per_sample=contrastive.per_sample(loss, c))
 
 

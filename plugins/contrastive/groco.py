@@ -21,9 +21,10 @@ from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
+from sdk.distributed import Gather
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Objective, Sampler
+from sdk.interfaces import Input, Objective, Sampler
 from sdk.types import Batch, Loss, Views
 
 _FILL = 4.0  # outside [-1, 1]: placeholder similarity of a missing candidate (anchor excluded)
@@ -92,7 +93,7 @@ def groco_sorting_loss(pos_sims: Tensor, neg_sims: Tensor, steepness: float = 1.
 def groco_loss(z1: Tensor, z2: Tensor, *more_views: Tensor, steepness: float = 1.0,
                topk_negatives: int = 10, stop_gradient: bool = True,
                same_view_negatives: bool = True, sampler: Sampler | None = None,
-               batch: Batch | None = None, gather: bool = False) -> Tensor:
+               batch: Batch | None = None, gather: Gather = "auto") -> Tensor:
     """Mean GroCo loss over every anchor of every view; see :class:`GroCo`."""
     return GroCo(steepness=steepness, topk_negatives=topk_negatives, stop_gradient=stop_gradient,
                  same_view_negatives=same_view_negatives, sampler=sampler, gather=gather)(
@@ -109,14 +110,18 @@ class GroCo(Objective):
     ``stop_gradient`` the positives' and negatives' embeddings are detached, so each row
     receives gradient only as an anchor. When a batch has fewer than ``topk_negatives``
     candidates per anchor, ``k`` shrinks to what it has (the reference requires a batch of at
-    least ``k + 1``). Anchors short of positives or negatives are skipped.
+    least ``k + 1``). Anchors short of positives or negatives are skipped. Only a Sampler's
+    masks are consumed: the sort ranks in-batch candidates, so pair weights and extra
+    negatives have no place in it. ``gather`` ("auto": under DDP) contrasts across ranks.
     """
 
     requires = {"views": 2}
+    consumes = frozenset({Input.PAIRS})
+    batch_coupled = True
 
     def __init__(self, steepness: float = 1.0, topk_negatives: int = 10,
                  stop_gradient: bool = True, same_view_negatives: bool = True,
-                 sampler: Sampler | None = None, gather: bool = False):
+                 sampler: Sampler | None = None, gather: Gather = "auto"):
         super().__init__()
         if not steepness > 0:
             raise ConfigError(f"groco: steepness must be > 0, got {steepness}", param="steepness")
@@ -155,7 +160,7 @@ class GroCo(Objective):
         valid = (negative.sum(1) >= k) & (positive.sum(1) >= n_pos)
         loss = torch.where(valid, groco_sorting_loss(pos, neg, self.steepness),
                            torch.zeros((), device=sims.device))
-        return Loss(value=contrastive.masked_mean(loss, valid),
+        return Loss(value=contrastive.masked_mean(loss, valid, c),
                     per_sample=contrastive.per_sample(loss, c))
 
 

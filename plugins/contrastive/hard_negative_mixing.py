@@ -17,7 +17,7 @@ from sdk.card import Card
 from sdk.contrastive import sample_ids
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Sampler
+from sdk.interfaces import Input, Sampler
 from sdk.types import Batch, Pairs, Views
 
 POOLS = ("memory", "batch", "both")
@@ -178,6 +178,8 @@ class HardNegativeMixing(Sampler):
     ``"batch"`` (views of the other samples of the batch) or ``"both"``. ``seed`` fixes the
     draws with an own generator (its state is checkpointed); None draws from torch's global RNG.
     """
+
+    produces = frozenset({Input.PAIRS, Input.EXTRA_NEGATIVES})
 
     def __init__(self, n_hard: int = 1024, s: int = 1024, s_prime: int = 512,
                  pool: str = "memory", seed: int | None = None):

@@ -16,10 +16,10 @@ from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
-from sdk.distributed import gather_no_grad
+from sdk.distributed import Gather, gather_no_grad, resolve_gather
 from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Objective, Sampler
+from sdk.interfaces import Input, Objective, Sampler
 from sdk.types import Batch, Loss, Views
 
 
@@ -108,11 +108,13 @@ class ISogCLR(Objective):
     """
 
     requires = {"views": 2, "index": True}
+    consumes = frozenset({Input.PAIRS, Input.PAIR_WEIGHTS, Input.EXTRA_NEGATIVES})
+    batch_coupled = True
 
     def __init__(self, num_samples: int = 65536, temperature: float = 0.1, gamma: float = 0.9,
                  rho: float = 0.3, eta: float = 0.01, beta: float = 0.9, tau_min: float = 0.05,
                  tau_max: float = 0.7, grad_clip: float = 3.0, sampler: Sampler | None = None,
-                 gather: bool = False):
+                 gather: Gather = "auto"):
         super().__init__()
         checks = {"num_samples": num_samples >= 1, "temperature": tau_min <= temperature <= tau_max,
                   "gamma": 0.0 < gamma <= 1.0, "rho": rho >= 0.0, "eta": eta >= 0.0,
@@ -154,7 +156,7 @@ class ISogCLR(Objective):
                             extra_sims=extra, extra_mask=extra_mask)
         if self.training and torch.is_grad_enabled():
             self._update(c, batch.index, step)
-        return Loss(value=contrastive.masked_mean(step.loss, step.valid),
+        return Loss(value=contrastive.masked_mean(step.loss, step.valid, c),
                     per_sample=contrastive.per_sample(step.loss, c),
                     logs={"tau": self.tau[index].mean().detach()})
 
@@ -168,7 +170,7 @@ class ISogCLR(Objective):
         log_s = log_s - n_valid.clamp_min(1).log()
         grad = (step.tau_grad.view(shape) * valid).sum(0) / n_valid.clamp_min(1)
         grad = grad.clamp(-self.grad_clip, self.grad_clip)
-        if self.gather:
+        if resolve_gather(self.gather):
             index, log_s, grad, n_valid = (gather_no_grad(t) for t in (index, log_s, grad, n_valid))
         ok = n_valid > 0
         u = (1.0 - self.beta) * self.u[index] + self.beta * grad

@@ -8,7 +8,7 @@ from __future__ import annotations
 from sdk.card import Card
 from sdk.errors import RequirementError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Sampler
+from sdk.interfaces import Input, Sampler
 from sdk.types import Batch, Pairs, Views
 
 
@@ -16,6 +16,8 @@ class LabelPositives(Sampler):
     """positive[r, c] = (y(r) == y(c)) over all views; negative = different target.
 
     With ``nt_xent`` this is SupCon's L_out: the denominator holds every other row."""
+
+    produces = frozenset({Input.PAIRS})
 
     def pairs(self, views: Views, batch: Batch) -> Pairs:
         if batch.targets is None or batch.targets.dim() != 1:

@@ -18,7 +18,7 @@ from sdk.cluster import dataset_index, kmeans
 from sdk.contrastive import sample_ids
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Sampler
+from sdk.interfaces import Input, Sampler
 from sdk.state import ResizableBuffers
 from sdk.types import Batch, Pairs, Views
 
@@ -46,6 +46,8 @@ class MEOWWeightedNegatives(ResizableBuffers, Sampler):
     positive stays in the denominator with weight 1. Before the first clustering no pair shares
     a cluster (every negative weighs M: plain InfoNCE up to the constant ``log M``).
     """
+
+    produces = frozenset({Input.PAIRS, Input.PAIR_WEIGHTS})
 
     resizable_buffers = ("clusters",)
 

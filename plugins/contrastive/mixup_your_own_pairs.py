@@ -27,6 +27,7 @@ from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
+from sdk.distributed import Gather
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
@@ -94,15 +95,17 @@ class MixupYourOwnPairs(Objective):
     ``window``: the largest target gap to the two samples of a Mix-pos mixture (in target
     units); ``mix_negatives``/``mix_positives``/``distance_magnifying`` switch the three parts
     (all off gives SupCon with exact-target positives); ``detach_mixtures`` stops the gradient
-    through mixtures as the reference code does. ``gather=True`` contrasts across DDP ranks.
+    through mixtures as the reference code does. ``gather`` ("auto": under DDP) contrasts
+    across ranks.
     """
 
     requires = {"views": 2, "targets": True}
+    batch_coupled = True
 
     def __init__(self, temperature: float = 0.3, window: float = 5.0, neg_beta_a: float = 2.0,
                  neg_beta_b: float = 8.0, mix_negatives: bool = True, mix_positives: bool = True,
                  distance_magnifying: bool = True, detach_mixtures: bool = True,
-                 gather: bool = False):
+                 gather: Gather = "auto"):
         super().__init__()
         for name, value in (("temperature", temperature), ("window", window),
                             ("neg_beta_a", neg_beta_a), ("neg_beta_b", neg_beta_b)):
@@ -129,13 +132,15 @@ class MixupYourOwnPairs(Objective):
             beta = torch.distributions.Beta(
                 torch.tensor(self.neg_beta_a, device=t_cand.device),
                 torch.tensor(self.neg_beta_b, device=t_cand.device))
-            neg_alpha = beta.sample((c.anchors.shape[0], c.candidates.shape[0]))
+            # drawn for the anchors of every rank, so ranks seeded alike draw as one process
+            n = c.candidates.shape[0]
+            neg_alpha = beta.sample((n, n))[c.self_col]
         loss, valid = supremix_loss(
             c.anchors.float(), c.candidates.float(), t_anchor, t_cand, c.self_col,
             temperature=self.temperature, window=self.window, neg_alpha=neg_alpha,
             mix_negatives=self.mix_negatives, mix_positives=self.mix_positives,
             distance_magnifying=self.distance_magnifying, detach_mixtures=self.detach_mixtures)
-        return Loss(value=contrastive.masked_mean(loss, valid),
+        return Loss(value=contrastive.masked_mean(loss, valid, c),
                     per_sample=contrastive.per_sample(loss, c))
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from sdk import contrastive
 from sdk.card import Card
 from sdk.cluster import dataset_index, kmeans
+from sdk.distributed import Gather, broadcast_from_main, gather_no_grad, resolve_gather
 from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
@@ -40,12 +41,15 @@ def multilabel_cluster_loss(cos: Tensor, positives: Tensor, *, scale: float = 32
     return F.softplus(pos_term) + F.softplus(neg_term)
 
 
-def sample_classes(positives: Tensor, n_classes: int, ratio: float) -> Tensor:
+def sample_classes(positives: Tensor, n_classes: int, ratio: float, *, shared: bool = False) -> Tensor:
     """PartialFC-style class sampling: a [K] mask holding every positive class of the batch and
-    random other classes, ``max(ceil(ratio * K), #positives)`` classes in all."""
+    random other classes, ``max(ceil(ratio * K), #positives)`` classes in all. ``shared``:
+    every DDP rank uses rank 0's draw (``positives`` then hold every rank's)."""
     if ratio >= 1:
         return torch.ones(n_classes, dtype=torch.bool, device=positives.device)
     scores = torch.rand(n_classes, device=positives.device)
+    if shared:
+        scores = broadcast_from_main(scores)
     scores[positives.flatten()] = 2.0
     keep = torch.zeros(n_classes, dtype=torch.bool, device=positives.device)
     keep[scores.topk(max(1, math.ceil(ratio * n_classes))).indices] = True
@@ -61,8 +65,12 @@ class MultilabelClusterDiscrimination(ResizableBuffers, Objective):
     At fit start the centres are initialised by spherical k-means over the training set
     (``trainer.embed``) and every sample's positives are stored in a buffer keyed by
     ``Batch.index`` (the paper's offline clustering); ``recluster=True`` repeats this at every
-    epoch end. Samples without a stored assignment use their current nearest centres.
+    epoch end. Samples without a stored assignment use their current nearest centres. The
+    sampled negative classes couple the samples of a batch: ``gather`` ("auto": under DDP)
+    samples one class set for the global batch (every rank's positives, rank 0's draw).
     """
+
+    batch_coupled = True
 
     resizable_buffers = ("assignments",)
 
@@ -70,7 +78,7 @@ class MultilabelClusterDiscrimination(ResizableBuffers, Objective):
 
     def __init__(self, n_clusters: int = 100, num_positives: int = 3, scale: float = 32.0,
                  margin: float = 0.0, negative_ratio: float = 0.1, embedding_dim: int | None = None,
-                 recluster: bool = False, seed: int = 0):
+                 recluster: bool = False, seed: int = 0, gather: Gather = "auto"):
         super().__init__()
         checks = (("n_clusters", n_clusters >= 2), ("num_positives", 1 <= num_positives < n_clusters),
                   ("scale", scale > 0), ("margin", margin >= 0), ("negative_ratio", 0 < negative_ratio <= 1),
@@ -81,7 +89,7 @@ class MultilabelClusterDiscrimination(ResizableBuffers, Objective):
                                   "is out of range", param=param)
         self.n_clusters, self.num_positives = n_clusters, num_positives
         self.scale, self.margin, self.negative_ratio = scale, margin, negative_ratio
-        self.recluster, self.seed = recluster, seed
+        self.recluster, self.seed, self.gather = recluster, seed, gather
         self.centres = (nn.Parameter(F.normalize(torch.randn(n_clusters, embedding_dim), dim=1))
                         if embedding_dim else nn.UninitializedParameter())
         self.register_buffer("assignments", torch.zeros(0, num_positives, dtype=torch.long))
@@ -138,10 +146,12 @@ class MultilabelClusterDiscrimination(ResizableBuffers, Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         losses = []
+        shared = resolve_gather(self.gather)
         for z in views.embeddings:
             cos = self.cosines(z)
             pos = self.positives(cos, batch)
-            keep = sample_classes(pos, self.n_clusters, self.negative_ratio)
+            keep = sample_classes(gather_no_grad(pos) if shared else pos, self.n_clusters,
+                                  self.negative_ratio, shared=shared)
             losses.append(multilabel_cluster_loss(cos, pos, scale=self.scale, margin=self.margin,
                                                   class_mask=keep))
         per_sample = torch.stack(losses).mean(0)

@@ -18,7 +18,7 @@ from sdk.cluster import dataset_index, kmeans
 from sdk.contrastive import sample_ids
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Sampler
+from sdk.interfaces import Input, Sampler
 from sdk.state import ResizableBuffers
 from sdk.types import Batch, Pairs, Views
 
@@ -45,6 +45,8 @@ class MultistageContrastive(ResizableBuffers, Sampler):
     checkpointed with the run. Give it as the Trainer's ``sampler``: the engine sends its epoch
     events to it.
     """
+
+    produces = frozenset({Input.PAIRS})
 
     resizable_buffers = ("labels",)
 

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
+from sdk.distributed import Gather
 from sdk.graph import GraphClusteringObjective, dec_kl, neighbor_positive_term, similarity_logits, soft_assign
 from sdk.hookspecs import hookimpl
 
@@ -47,9 +48,10 @@ class NeighborContrastiveClustering(GraphClusteringObjective):
 
     def __init__(self, n_clusters: int = 10, alpha: float = 4.0, beta: float = 0.1,
                  tau: float = 0.25, order: int = 4, cumulative: bool = True, knn: int = 3,
-                 dof: float = 1.0, embedding_dim: int | None = None):
+                 dof: float = 1.0, embedding_dim: int | None = None, gather: Gather = "auto"):
         super().__init__(n_clusters=n_clusters, alpha=alpha, beta=beta, tau=tau, order=order,
-                         cumulative=cumulative, knn=knn, dof=dof, embedding_dim=embedding_dim)
+                         cumulative=cumulative, knn=knn, dof=dof, embedding_dim=embedding_dim,
+                         gather=gather)
 
     def contrast(self, z: Tensor, adjacency: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
         return influence_contrastive_loss(z, adjacency, self.tau)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
+from sdk.distributed import Gather
 from sdk.graph import (
     GraphClusteringObjective,
     neighbor_positive_term,
@@ -62,9 +63,10 @@ class PamCMetaNodeContrastive(GraphClusteringObjective):
 
     def __init__(self, n_clusters: int = 10, alpha: float = 2.0, beta: float = 2.0,
                  tau: float = 0.5, order: int = 4, cumulative: bool = True, knn: int = 3,
-                 dof: float = 1.0, embedding_dim: int | None = None):
+                 dof: float = 1.0, embedding_dim: int | None = None, gather: Gather = "auto"):
         super().__init__(n_clusters=n_clusters, alpha=alpha, beta=beta, tau=tau, order=order,
-                         cumulative=cumulative, knn=knn, dof=dof, embedding_dim=embedding_dim)
+                         cumulative=cumulative, knn=knn, dof=dof, embedding_dim=embedding_dim,
+                         gather=gather)
 
     def contrast(self, z: Tensor, adjacency: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
         positive, valid = neighbor_positive_term(z, adjacency, self.tau)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from sdk.card import Card
 from sdk.contrastive import sample_ids
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Sampler
+from sdk.interfaces import Input, Sampler
 from sdk.types import Batch, Pairs, Views
 
 
 class SameIndex(Sampler):
     """positive[r, c] = (sample(r) == sample(c)); negative = not positive (self excluded
     by the objective)."""
+
+    produces = frozenset({Input.PAIRS})
 
     def pairs(self, views: Views, batch: Batch) -> Pairs:
         ids = sample_ids(views)

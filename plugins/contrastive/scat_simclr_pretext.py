@@ -22,9 +22,10 @@ from torch import Tensor, nn
 
 from sdk.card import Card
 from sdk.contrastive import NTXent
+from sdk.distributed import Gather
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Objective, Sampler
+from sdk.interfaces import Input, Objective, Sampler
 from sdk.types import Batch, Loss, Views
 
 TRANSFORM_KEY = "transform_id"
@@ -96,11 +97,13 @@ class ScatSimCLRPretext(Objective):
     """
 
     requires = {"views": 2, "extras": ("features",)}
+    consumes = NTXent.consumes | {Input.FEATURES}
+    batch_coupled = True
 
     def __init__(self, temperature: float = 0.5, pretext_weight: float = 0.3,
                  warmup_epochs: int = 40, num_transforms: int = 4, feature_dim: int = 512,
                  hidden: tuple[int, int] = (512, 128), dropout: float = 0.5, tiles: int = 1,
-                 sampler: Sampler | None = None, gather: bool = False):
+                 sampler: Sampler | None = None, gather: Gather = "auto"):
         super().__init__()
         if pretext_weight < 0:
             raise ConfigError(f"scat_simclr_pretext: pretext_weight must be >= 0, got "

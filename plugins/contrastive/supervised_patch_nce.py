@@ -96,6 +96,7 @@ class SupervisedPatchNCE(Objective):
     """
 
     requires: dict = {}
+    batch_coupled = False  # negatives: patches of one image (without patch extras the batch is one image)
 
     def __init__(self, temperature: float = 0.07, schedule: str = "lambda", decay_start: float = 0.5,
                  lookup: str = "linear", detach_target: bool = True):

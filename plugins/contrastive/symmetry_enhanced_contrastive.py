@@ -12,6 +12,7 @@ from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
+from sdk.distributed import Gather, gather_no_grad, gather_with_grad, rank, resolve_gather
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
@@ -107,13 +108,16 @@ class SymmetryEnhancedContrastive(Objective):
     Bags come from ``Views.extras["faces"]`` [B, F, D] and ``["names"]`` [B, N, D] with optional
     ``"faces_mask"``/``"names_mask"`` [B, F]/[B, N] (in ``Views`` or ``Batch`` extras) marking
     real entries; without them the two views are bags of one face and one name, and the loss
-    is a symmetric InfoNCE at temperature 1 whose agreement term vanishes.
+    is a symmetric InfoNCE at temperature 1 whose agreement term vanishes. ``gather`` ("auto":
+    under DDP) gathers every rank's bags (of one shape on every rank) and each rank computes the
+    loss of the global batch, as one process would; ``per_sample`` keeps this rank's bags.
     """
 
     requires: dict = {}
+    batch_coupled = True
 
     def __init__(self, alpha: float = 0.15, agreement: str = "diagonal", hinge_weight: float = 0.0,
-                 margin: float = 0.2):
+                 margin: float = 0.2, gather: Gather = "auto"):
         super().__init__()
         for param, value in (("alpha", alpha), ("hinge_weight", hinge_weight), ("margin", margin)):
             if not value >= 0:
@@ -121,6 +125,18 @@ class SymmetryEnhancedContrastive(Objective):
                                   param=param)
         _check_agreement(agreement)
         self.alpha, self.agreement, self.hinge_weight, self.margin = alpha, agreement, hinge_weight, margin
+        self.gather = gather
+
+    @staticmethod
+    def example_inputs(batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:
+        """Bags of 1 to 3 faces and 1 or 2 names (the rest padding); the view is unused."""
+        faces = torch.randn(batch_size, 3, 16, generator=generator).requires_grad_()
+        names = torch.randn(batch_size, 2, 16, generator=generator).requires_grad_()
+        sizes = torch.arange(batch_size)
+        extras = {FACES: faces, NAMES: names,
+                  "faces_mask": torch.arange(3)[None, :] <= (sizes % 3)[:, None],
+                  "names_mask": torch.arange(2)[None, :] <= (sizes % 2)[:, None]}
+        return Views(embeddings=(faces.detach().mean(1),), extras=extras), Batch()
 
     @staticmethod
     def _mask(views: Views, batch: Batch, key: str, shape: torch.Size) -> Tensor | None:
@@ -147,10 +163,18 @@ class SymmetryEnhancedContrastive(Objective):
         else:
             raise RequirementError("objective 'symmetry_enhanced_contrastive' needs 2 views or "
                                    "Views.extras['faces'] and ['names'] bags")
+        b = faces.shape[0]
+        gathered = resolve_gather(self.gather)
+        if gathered:
+            faces, names = gather_with_grad(faces), gather_with_grad(names)
+            face_mask, name_mask = (None if m is None else gather_no_grad(m.to(torch.uint8)).bool()
+                                    for m in (face_mask, name_mask))
         value, parts = symmetry_enhanced_contrastive_loss(
             faces, names, face_mask, name_mask, alpha=self.alpha, agreement=self.agreement,
             hinge_weight=self.hinge_weight, margin=self.margin)
         per_sample = parts["names_to_faces"] + parts["faces_to_names"]
+        if gathered:
+            per_sample = per_sample[rank() * b:(rank() + 1) * b]
         return Loss(value=value, per_sample=per_sample,
                     logs={"names_to_faces": parts["names_to_faces"].mean().detach(),
                           "faces_to_names": parts["faces_to_names"].mean().detach(),

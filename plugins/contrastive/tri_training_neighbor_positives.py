@@ -14,7 +14,7 @@ from torch import Tensor
 from sdk.card import Card
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Sampler
+from sdk.interfaces import Input, Sampler
 from sdk.types import Batch, Pairs, Views
 
 AGREEMENTS = ("sum", "vote")
@@ -70,6 +70,8 @@ class TriTrainingNeighborPositives(Sampler):
     the anchors of view ``v`` are taught by the other spaces only (tri-training: encoder a's
     positives come from encoders b and c), which needs one space per view.
     """
+
+    produces = frozenset({Input.PAIRS})
 
     def __init__(self, k: int = 10, agreement: str = "sum", min_agree: int | None = None,
                  temperature: float = 1.0, source: str | None = None, leave_one_out: bool = False):

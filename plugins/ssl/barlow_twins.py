@@ -10,7 +10,7 @@ import itertools
 import torch
 
 from sdk.card import Card
-from sdk.distributed import gather_with_grad
+from sdk.distributed import Gather, gather_with_grad, resolve_gather
 from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
@@ -37,12 +37,15 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3,
 
 
 class BarlowTwins(Objective):
-    """Barlow Twins over two (or more: every pair, averaged) views. ``gather=True`` builds the
-    cross-correlation over the batch of every DDP rank, as the paper's all-reduce does."""
+    """Barlow Twins over two (or more: every pair, averaged) views. The batch normalisation and
+    the cross-correlation couple the samples of a batch: ``gather`` ("auto": under DDP) builds
+    them over the batch of every rank (the global batch), as the paper's all-reduce does; each
+    rank then computes the same global loss."""
 
     requires = {"views": 2}
+    batch_coupled = True
 
-    def __init__(self, lambd: float = 5e-3, eps: float = 1e-5, gather: bool = False):
+    def __init__(self, lambd: float = 5e-3, eps: float = 1e-5, gather: Gather = "auto"):
         super().__init__()
         if lambd < 0:
             raise ConfigError(f"barlow_twins: lambd must be >= 0, got {lambd}", param="lambd")
@@ -51,7 +54,9 @@ class BarlowTwins(Objective):
         self.lambd, self.eps, self.gather = lambd, eps, gather
 
     def forward(self, views: Views, batch: Batch) -> Loss:
-        zs = [gather_with_grad(z) for z in views.embeddings] if self.gather else views.embeddings
+        zs = views.embeddings
+        if resolve_gather(self.gather):
+            zs = [gather_with_grad(z) for z in zs]
         terms = [barlow_twins_loss(a, b, self.lambd, self.eps)
                  for a, b in itertools.combinations(zs, 2)]
         return Loss(value=torch.stack(terms).mean())

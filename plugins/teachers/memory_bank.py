@@ -17,7 +17,7 @@ from sdk.card import Card
 from sdk.distributed import gather_no_grad
 from sdk.errors import ConfigError, RequirementError
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import Teacher
+from sdk.interfaces import Input, Teacher
 from sdk.state import ResizableBuffers
 from sdk.types import Batch, Views
 
@@ -42,6 +42,8 @@ class MemoryBank(ResizableBuffers, Teacher):
     the whole bank when ``num_negatives >= num_samples`` — are published as
     ``Views.extras["negatives"]``; an anchor never counts its own sample's entry.
     """
+
+    produces = frozenset({Input.EXTRA_NEGATIVES})
 
     resizable_buffers = ("bank",)
 

@@ -18,6 +18,7 @@ from sdk.card import Card
 from sdk.distributed import gather_no_grad
 from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
+from sdk.interfaces import Input
 from sdk.momentum import EMATeacher
 from sdk.state import ResizableBuffers
 from sdk.types import Batch, Views
@@ -50,6 +51,8 @@ class QueueTeacher(ResizableBuffers, EMATeacher):
     every contrastive objective adds them to its denominator. Queue, pointer and fill level are
     buffers: checkpoints carry them.
     """
+
+    produces = frozenset({Input.EXTRA_NEGATIVES})
 
     resizable_buffers = ("keys",)
 

@@ -4,10 +4,10 @@ The test starts one process per rank with the environment torchrun would set (``
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); the Trainer joins the process
 group itself. Writes to OUT:
 
-* ``objectives_rank{r}.pt``: per objective, this rank's loss with ``gather=True`` on its slice
+* ``objectives_rank{r}.pt``: per objective, this rank's loss (default ``gather="auto"``) on its slice
   of a fixed global batch and the gradients with respect to its slice of the embeddings;
-* ``train_rank{r}.pt``: the parameters after a DDP ``fit`` of ``nt_xent(gather=True)`` with the
-  per-rank batch size ``BATCH`` on a plain (unsharded) DataLoader, and (``sam_params``) after
+* ``train_rank{r}.pt``: the parameters after a DDP ``fit`` of ``nt_xent`` (default gather) with
+  the per-rank batch size ``BATCH`` on a plain (unsharded) DataLoader, and (``sam_params``) after
   the same fit with the ``sam`` callback (its second pass recomputed on every rank);
 * ``run{r}/``: each rank's ``run_dir`` (only rank 0 may write there).
 
@@ -74,7 +74,7 @@ def model() -> nn.Module:
 def train(batch_size: int, run_dir: Path | None, sam: bool = False) -> sdk.Trainer:
     enc = model()
     trainer = sdk.Trainer(
-        enc, objective("nt_xent", gather=True), functools.partial(torch.optim.SGD, lr=0.5),
+        enc, objective("nt_xent"), functools.partial(torch.optim.SGD, lr=0.5),
         transforms=[Affine(1.0, 0.0), Affine(-0.5, 0.2)], max_epochs=EPOCHS, device="cpu",
         run_dir=run_dir, log_every=1, checkpoint_every=2, progress=False,
         callbacks=[sdk.create("callback", "sam", rho=0.1)] if sam else [])
@@ -101,7 +101,7 @@ def worker(out: Path) -> None:
     for name in OBJECTIVES:
         a = z1[mine].clone().requires_grad_(True)
         b = z2[mine].clone().requires_grad_(True)
-        loss = objective(name, gather=True)(sdk.Views(embeddings=(a, b))).value
+        loss = objective(name)(sdk.Views(embeddings=(a, b))).value
         loss.backward()
         results[name] = {"loss": loss.detach(), "grads": (a.grad, b.grad)}
     torch.save(results, out / f"objectives_rank{rank}.pt")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sdk
 import torch
-from sdk.testing import check_plugin
+from sdk.testing import Plugin, check_distributed, check_plugin
 
 from paperplug_template.vicreg import VICReg, vicreg_loss
 
@@ -15,11 +15,17 @@ def test_conformance():
     check_plugin("objective", "vicreg", builtin=True)  # builtin: paper and formula required too
 
 
+def test_two_ranks_equal_one_process_on_both_batches():
+    """Batch-coupled (batch_coupled = True): 2 gloo processes with the default gather give the
+    loss and gradients of one process on the concatenated batch."""
+    check_distributed([Plugin("objective", "vicreg")])
+
+
 def test_discovered_through_the_entry_point():
     card = next(c for c in sdk.plugins("objective") if c.name == "vicreg")
     assert card.package == "paperplug-plugin-template"
     assert {p.name: p.default for p in card.params} == {
-        "lambd": 25.0, "mu": 25.0, "nu": 1.0, "gamma": 1.0, "eps": 1e-4, "gather": False}
+        "lambd": 25.0, "mu": 25.0, "nu": 1.0, "gamma": 1.0, "eps": 1e-4, "gather": "auto"}
     assert isinstance(sdk.create("objective", "vicreg"), VICReg)
 
 

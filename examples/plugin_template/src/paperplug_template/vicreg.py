@@ -20,7 +20,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 from sdk import Batch, Card, ConfigError, Loss, ShapeError, Views, hookimpl
-from sdk.distributed import gather_with_grad
+from sdk.distributed import Gather, gather_with_grad, resolve_gather
 from sdk.interfaces import Objective
 
 
@@ -45,11 +45,12 @@ def covariance(z: torch.Tensor) -> torch.Tensor:
 
 
 def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, *, gamma: float = 1.0, eps: float = 1e-4,
-                 gather: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 gather: Gather = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The unweighted ``(s, v(Z) + v(Z'), c(Z) + c(Z'))`` of one pair of views.
 
-    With ``gather=True`` the variance and covariance use the batch of every DDP rank (as the
-    reference implementation does); the invariance term is per sample, so it stays local.
+    With ``gather`` on (True, or "auto" under DDP) the variance and covariance use the batch of
+    every rank (as the reference implementation does); the invariance term is per sample, so it
+    stays local.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ShapeError(f"vicreg: expected two [n, d] embeddings of one shape, got "
@@ -58,7 +59,7 @@ def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, *, gamma: float = 1.0, eps:
         raise ShapeError(f"vicreg: variance and covariance need a batch of at least 2 samples, "
                          f"got shape {list(z1.shape)}")
     s = invariance(z1, z2)
-    if gather:
+    if resolve_gather(gather):
         z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
     v = variance(z1, gamma, eps) + variance(z2, gamma, eps)
     c = covariance(z1) + covariance(z2)
@@ -75,13 +76,16 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 25.0, mu: flo
 class VICReg(Objective):
     """VICReg over two views; with more views, the mean over every pair of views.
 
-    ``logs`` hold the unweighted ``invariance``, ``variance`` and ``covariance`` terms.
+    ``logs`` hold the unweighted ``invariance``, ``variance`` and ``covariance`` terms. The
+    variance and covariance couple the samples of a batch: ``gather`` ("auto": under DDP)
+    computes them over every rank's batch.
     """
 
     requires = {"views": 2}
+    batch_coupled = True
 
     def __init__(self, lambd: float = 25.0, mu: float = 25.0, nu: float = 1.0,
-                 gamma: float = 1.0, eps: float = 1e-4, gather: bool = False):
+                 gamma: float = 1.0, eps: float = 1e-4, gather: Gather = "auto"):
         super().__init__()
         for param, value in (("lambd", lambd), ("mu", mu), ("nu", nu)):
             if value < 0:

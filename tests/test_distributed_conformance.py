@@ -1,0 +1,102 @@
+"""Every batch-coupled objective, with its default ``gather``, gives on 2 gloo ranks the loss
+and gradients of one process on the concatenated batch (``sdk.testing.distributed_failures``,
+one pair of processes for all of them). The graph objectives are checked on the in-batch kNN
+graph: a batch with its own ``Batch.extras["adjacency"]`` is a subgraph that stays on its rank,
+since no rank knows its edges to the others' nodes."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import sdk
+from sdk.distributed import resolve_gather
+from sdk.testing import Plugin, distributed_failures
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch.distributed is not available")
+
+CASES = [
+    Plugin("objective", "nt_xent", {"sampler": Plugin("sampler", "label_positives")}),
+    Plugin("objective", "nt_xent", {"sampler": Plugin("sampler", "hard_negative_mixing", {
+        "pool": "both", "seed": 0, "n_hard": 6, "s": 4, "s_prime": 2})}),
+    Plugin("objective", "decoupled_contrastive", {"sigma": 0.5}),
+    Plugin("objective", "isogclr", {"sampler": Plugin("sampler", "meow_weighted_negatives")}),
+    Plugin("objective", "cacr", {"sampler": Plugin("sampler", "label_positives")}),
+    Plugin("objective", "groco", {"stop_gradient": False, "topk_negatives": 3,
+                                  "sampler": Plugin("sampler", "label_positives")}),
+    Plugin("objective", "groco", {"stop_gradient": False, "topk_negatives": 15,
+                                  "same_view_negatives": False,
+                                  "sampler": Plugin("sampler", "label_positives")}),
+    Plugin("objective", "symmetry_enhanced_contrastive", {"hinge_weight": 1.0}),
+    Plugin("objective", "core_tuning", {"eta": 1.0}),
+]
+"""Compositions (samplers over the gathered batch, memory negatives) and variants; the second
+groco leaves the anchors of frequent classes short of negatives, so the ranks hold different
+numbers of valid anchors."""
+
+TRAINING = {"isogclr", "isogclr(sampler=meow_weighted_negatives)"}
+"""Cases run in training mode, whose state updated in the forward (iSogCLR's per-sample
+temperatures, averages and momenta) must come out the same on every rank as in one process.
+The others run in eval mode: adaptive_multihead_contrastive's heads hold BatchNorm layers,
+which normalise with each rank's own batch in training."""
+
+CONTROL = Plugin("objective", "nt_xent", {"gather": False})
+"""Gathering switched off: the check must see the difference."""
+
+
+def coupled() -> list[str]:
+    reg = sdk.get_registry()
+    return sorted(c.name for c in reg.cards("objective")
+                  if reg.get("objective", c.name).factory.batch_coupled)
+
+
+CHECKED = coupled()
+
+
+@pytest.fixture(scope="module")
+def failures():
+    cases = [Plugin("objective", n) for n in CHECKED] + CASES + [CONTROL]
+    return distributed_failures(cases, training=TRAINING)
+
+
+@pytest.mark.parametrize("name", CHECKED)
+def test_batch_coupled_objective_on_two_ranks_equals_one_process(failures, name):
+    assert name not in failures, failures[name]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
+def test_compositions_on_two_ranks_equal_one_process(failures, case):
+    assert case.label not in failures, failures[case.label]
+
+
+def test_training_cases_exist():
+    labels = {Plugin("objective", n).label for n in CHECKED} | {c.label for c in CASES}
+    assert labels >= TRAINING
+
+
+def test_the_check_sees_a_missing_gather(failures):
+    assert failures.get(CONTROL.label, "").startswith("loss: max |difference|")
+    assert set(failures) == {CONTROL.label}
+
+
+@pytest.mark.parametrize("name", CHECKED)
+def test_batch_coupled_objectives_gather_by_default(name):
+    factory = sdk.get_registry().get("objective", name).factory
+    assert inspect.signature(factory).parameters["gather"].default == "auto"
+
+
+def test_per_sample_objectives_are_declared_so():
+    per_sample = {c.name for c in sdk.plugins("objective")} - set(coupled())
+    assert per_sample == {"cross_entropy", "supervised_patch_nce"}
+
+
+def test_gather_resolves_auto_by_world_size_and_rejects_other_values():
+    assert resolve_gather("auto") is False and resolve_gather(True) is False  # alone: nothing to gather
+    assert resolve_gather(False) is False
+    with pytest.raises(sdk.ConfigError, match="gather must be True, False or 'auto', got 'yes'"):
+        resolve_gather("yes")
+    with pytest.raises(sdk.ConfigError, match="parameter 'gather'"):
+        sdk.create("objective", "nt_xent", gather="yes")

@@ -28,6 +28,7 @@ class Param:
     type: str
     default: object = attrs.field(default=attrs.NOTHING, repr=False)
     doc: str = ""
+    constraint: str = ""  # the declared constraint, readable (``> 0``, ``in [0, 1)``); "" if none
 
     @property
     def required(self) -> bool:

@@ -22,13 +22,16 @@ computes the same loss without building any mask.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import attrs
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt
 from torch import Tensor
 
 from sdk.distributed import gather_no_grad, gather_with_grad, rank, world_size
-from sdk.errors import ConfigError, ShapeError
+from sdk.errors import ShapeError
 from sdk.interfaces import Objective, Sampler
 from sdk.types import Batch, Loss, Pairs, Views
 
@@ -290,11 +293,6 @@ def sample_ids(views: Views) -> torch.Tensor:
 # the NT-Xent objective (SimCLR), shared by nt_xent and the objectives that extend it --------
 
 
-def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ConfigError(f"nt_xent: temperature must be > 0, got {temperature}", param="temperature")
-
-
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, *more_views: torch.Tensor,
                  temperature: float = 0.5, sampler: Sampler | None = None,
                  batch: Batch | None = None, gather: bool = False) -> torch.Tensor:
@@ -317,10 +315,9 @@ class NTXent(Objective):
 
     requires = {"views": 2}
 
-    def __init__(self, temperature: float = 0.5, sampler: Sampler | None = None,
+    def __init__(self, temperature: Annotated[float, Gt(0)] = 0.5, sampler: Sampler | None = None,
                  gather: bool = False):
         super().__init__()
-        _check_temperature(temperature)
         self.temperature = temperature
         self.sampler = sampler
         self.gather = gather

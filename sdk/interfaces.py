@@ -1,7 +1,9 @@
 """The plugin interfaces. Each is small; stateful ones are ``torch.nn.Module`` subclasses.
 
 Five core kinds (Encoder, Objective, Sampler, Calibrator, Reweighter) and the extra kinds
-the seed methods need (Teacher, Schedule, Metric, Transform, Callback).
+the seed methods need (Teacher, Schedule, Metric, Transform, Callback). Every one checks the
+parameter constraints declared in a subclass's ``__init__`` signature when it is instantiated
+(:class:`sdk.constraints.Constrained`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sdk.constraints import Constrained
 from sdk.errors import RequirementError, ShapeError
 from sdk.types import Batch, Loss, Pairs, Views
 
@@ -24,7 +27,7 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-class Encoder(nn.Module, abc.ABC):
+class Encoder(nn.Module, Constrained, abc.ABC):
     """Maps inputs to embeddings: ``forward(x) -> Tensor[B, out_dim]``."""
 
     out_dim: int
@@ -33,7 +36,7 @@ class Encoder(nn.Module, abc.ABC):
     def forward(self, x: Tensor) -> Tensor: ...
 
 
-class Objective(nn.Module, abc.ABC):
+class Objective(nn.Module, Constrained, abc.ABC):
     """A loss: ``obj(views, batch) -> Loss``.
 
     Subclasses declare ``requires`` (keys: ``views`` (count), ``targets``, ``logits``,
@@ -121,7 +124,7 @@ class Objective(nn.Module, abc.ABC):
         return NotImplemented
 
 
-class Sampler(nn.Module, abc.ABC):
+class Sampler(nn.Module, Constrained, abc.ABC):
     """Chooses which pairs count: ``pairs(views, batch) -> Pairs``.
 
     Rows and columns index ``torch.cat(views.embeddings)`` (view-major: row ``v*B + i`` is
@@ -136,7 +139,7 @@ class Sampler(nn.Module, abc.ABC):
         return self.pairs(views, batch)
 
 
-class Reweighter(nn.Module, abc.ABC):
+class Reweighter(nn.Module, Constrained, abc.ABC):
     """Weights per-sample losses: ``weights(per_sample, batch) -> Tensor[B]``.
 
     :meth:`reduce` applies them as ``sum(w * l) / sum(w)``.
@@ -159,7 +162,7 @@ class Reweighter(nn.Module, abc.ABC):
         return Loss(value=value, per_sample=loss.per_sample, logs=logs)
 
 
-class Calibrator(nn.Module, abc.ABC):
+class Calibrator(nn.Module, Constrained, abc.ABC):
     """Post-hoc calibration: ``fit(logits, labels, **extra) -> self``; ``forward(logits) -> logits``."""
 
     @abc.abstractmethod
@@ -176,7 +179,7 @@ class Calibrator(nn.Module, abc.ABC):
         return self(logits).softmax(dim=-1)
 
 
-class Teacher(nn.Module, abc.ABC):
+class Teacher(nn.Module, Constrained, abc.ABC):
     """Target networks, memory banks and queues, updated by the engine after each step.
 
     ``update`` receives keyword context; each teacher uses what it needs. With gradient
@@ -197,14 +200,14 @@ class Teacher(nn.Module, abc.ABC):
         """Told after every micro-batch's backward; data-recording teachers override it."""
 
 
-class Transform(nn.Module, abc.ABC):
+class Transform(nn.Module, Constrained, abc.ABC):
     """Tensor-level view generation or input transformation: ``forward(x, batch) -> (x, batch)``."""
 
     @abc.abstractmethod
     def forward(self, x: Tensor, batch: Batch) -> tuple[Tensor, Batch]: ...
 
 
-class Schedule(abc.ABC):
+class Schedule(Constrained, abc.ABC):
     """A value as a function of progress: ``schedule(step, max_steps) -> float``."""
 
     @abc.abstractmethod
@@ -217,7 +220,7 @@ class Schedule(abc.ABC):
         """Stateless schedules have nothing to restore."""
 
 
-class Metric(abc.ABC):
+class Metric(Constrained, abc.ABC):
     """A measurement, streaming (``update`` / ``compute`` / ``reset``)."""
 
     @abc.abstractmethod
@@ -236,7 +239,7 @@ class Metric(abc.ABC):
         """Metrics without persistent state have nothing to restore."""
 
 
-class Callback:
+class Callback(Constrained):
     """Reacts to engine events; override any subset. Each event receives the trainer."""
 
     def on_fit_start(self, trainer: Any) -> None: ...

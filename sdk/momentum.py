@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Annotated
 
 import torch
+from annotated_types import Interval
 from torch import nn
 
-from sdk.errors import ConfigError
 from sdk.interfaces import Teacher
 
 
@@ -29,12 +30,10 @@ class EMATeacher(Teacher):
     """``theta_t <- m theta_t + (1 - m) theta_s``; buffers are copied. ``m`` follows the
     cosine schedule from ``momentum`` to ``final_momentum`` (constant if they are equal)."""
 
-    def __init__(self, student: nn.Module | None = None, momentum: float = 0.996,
-                 final_momentum: float = 1.0):
+    def __init__(self, student: nn.Module | None = None,
+                 momentum: Annotated[float, Interval(ge=0, le=1)] = 0.996,
+                 final_momentum: Annotated[float, Interval(ge=0, le=1)] = 1.0):
         super().__init__()
-        for name, value in (("momentum", momentum), ("final_momentum", final_momentum)):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"ema: {name} must be in [0, 1], got {value}", param=name)
         self.momentum, self.final_momentum = momentum, final_momentum
         self.target: nn.Module | None = None
         if student is not None:

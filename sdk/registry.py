@@ -14,7 +14,7 @@ import attrs
 import pluggy
 from typeguard import TypeCheckError, check_type
 
-from sdk import hookspecs
+from sdk import constraints, hookspecs
 from sdk.card import KINDS, Card, Param
 from sdk.errors import ConfigError, PluginConflictError, PluginNotFoundError
 
@@ -66,11 +66,14 @@ def _type_name(hint: Any) -> str:
 
 def describe_params(factory: Callable[..., Any]) -> tuple[Param, ...]:
     params, hints, _ = _signature_params(factory)
+    rules = constraints.constraints(factory)
     out = []
     for name, p in params.items():
         hint = hints.get(name, p.annotation)
         default = attrs.NOTHING if p.default is p.empty else p.default
-        out.append(Param(name=name, type=_type_name(hint), default=default))
+        rule = rules.get(name)
+        out.append(Param(name=name, type=_type_name(hint), default=default,
+                         constraint=rule.text() if rule else ""))
     return tuple(out)
 
 
@@ -86,28 +89,50 @@ def _suggest(name: str, options: Iterable[str]) -> str:
 
 
 class Registry:
-    """All plugins by kind and name. ``sdk.get_registry()`` returns the discovered global one."""
+    """All plugins by kind and name. ``sdk.get_registry()`` returns the global one.
 
-    def __init__(self) -> None:
+    A registry bound to an entry-point ``group`` discovers on demand: looking up ``(kind,
+    name)`` loads the entry points called ``name`` (a built-in plugin's entry point bears its
+    name) and, once one provides the plugin, the entry points of every *other* distribution, so
+    a second package registering that name is still reported as a conflict; it loads every entry
+    point when none called ``name`` provides the plugin. Listing cards or broken plugins loads
+    every entry point. An unbound registry holds what is added.
+    """
+
+    def __init__(self, group: str | None = None) -> None:
         self._entries: dict[tuple[str, str], Entry] = {}
         self._conflicts: dict[tuple[str, str], list[str]] = {}
-        self.broken: list[BrokenPlugin] = []
+        self._broken: list[BrokenPlugin] = []
         self._package = ""
         self._family = ""
+        self._group = group
+        self._loaded: set[tuple[str, str, str]] = set()
+        self._complete = group is None
+        self._lock = threading.RLock()
+        self.plugin_manager = pluggy.PluginManager(hookspecs.PROJECT)
+        self.plugin_manager.add_hookspecs(hookspecs)
+
+    @property
+    def broken(self) -> list[BrokenPlugin]:
+        """Plugin modules that failed to load or register (name, package, error)."""
+        self._discover()
+        return self._broken
+
+    def _discover(self) -> None:
+        if not self._complete:
+            self.load_entry_points(self._group)
+            self._complete = True
 
     # registration --------------------------------------------------------------
-    def add(self, kind: str, name: str, factory: Callable[..., Any], *, card: Card) -> None:
-        """Register ``factory`` (a class or function) as plugin ``name`` of ``kind``."""
-        if kind not in KINDS:
-            raise ValueError(f"registry.add({name!r}): unknown kind {kind!r}; one of {', '.join(KINDS)}")
+    def add(self, factory: Callable[..., Any], *, card: Card) -> None:
+        """Register ``factory`` (a class or function) as the plugin the card describes: its kind
+        and name are the card's, ``registry.add(MyLoss, card=CARD)``."""
         if not isinstance(card, Card):
-            raise TypeError(f"registry.add({kind!r}, {name!r}): card must be sdk.Card, "
-                            f"got {type(card).__name__}")
-        if card.name != name or card.kind != kind:
-            raise ValueError(f"registry.add({kind!r}, {name!r}): the card says "
-                             f"kind={card.kind!r}, name={card.name!r}")
+            raise TypeError(f"registry.add({factory!r}): card must be sdk.Card, "
+                            f"got {type(card).__name__}; call registry.add(factory, card=CARD)")
+        kind, name = card.kind, card.name
         if not callable(factory):
-            raise TypeError(f"registry.add({kind!r}, {name!r}): factory is not callable")
+            raise TypeError(f"registry.add({kind!r} plugin {name!r}): factory is not callable")
         card = attrs.evolve(card, params=describe_params(factory), package=self._package,
                             family=self._family or self._package)
         key = (kind, name)
@@ -119,6 +144,7 @@ class Registry:
                 f"{kind} plugin {name!r} is registered twice: by package {first!r} and by "
                 f"package {second!r}; uninstall one of them")
         self._entries[key] = Entry(kind, name, factory, card)
+        constraints.name_plugin(factory, name)
 
     # lookup --------------------------------------------------------------------
     def get(self, kind: str, name: str) -> Entry:
@@ -126,6 +152,8 @@ class Registry:
             raise PluginNotFoundError(f"unknown plugin kind {kind!r}; kinds are {', '.join(KINDS)}."
                                       + _suggest(kind, KINDS))
         key = (kind, name)
+        if key not in self._entries and key not in self._conflicts and not self._complete:
+            self._load_for(key)
         if key in self._conflicts:
             packages = " and ".join(repr(p) for p in self._conflicts[key])
             raise PluginConflictError(f"{kind} plugin {name!r} is provided by several packages "
@@ -143,10 +171,11 @@ class Registry:
         if kind is not None and kind not in KINDS:
             raise PluginNotFoundError(f"unknown plugin kind {kind!r}; kinds are {', '.join(KINDS)}."
                                       + _suggest(kind, KINDS))
+        self._discover()
         return [e.card for (k, _), e in sorted(self._entries.items()) if kind in (None, k)]
 
     def validate(self, kind: str, name: str, params: dict[str, Any]) -> None:
-        """Raise :class:`ConfigError` for an unknown or ill-typed parameter."""
+        """Raise :class:`ConfigError` for an unknown, ill-typed or out-of-constraint parameter."""
         factory = self.get(kind, name).factory
         accepted, hints, var_kw = _signature_params(factory)
         for key, value in params.items():
@@ -165,6 +194,7 @@ class Registry:
                 raise ConfigError(
                     f"{kind} plugin {name!r}: parameter {key!r} expected {_type_name(hint)}, "
                     f"got {value!r} ({type(value).__name__}): {exc}", param=key) from None
+        constraints.check(name, constraints.constraints(factory), params)
         missing = [n for n, p in accepted.items() if p.default is p.empty and n not in params]
         if missing:
             raise ConfigError(f"{kind} plugin {name!r}: missing required parameter "
@@ -179,37 +209,61 @@ class Registry:
         return instance
 
     # discovery -----------------------------------------------------------------
-    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
-        """Import every module of the entry-point group and call its ``paperplug_register``.
+    def load_entry_points(self, group: str | None = ENTRY_POINT_GROUP, *,
+                          name: str | None = None) -> None:
+        """Import each module of the entry-point group (only those called ``name`` if given)
+        not loaded yet and call its ``paperplug_register``.
 
         A module that fails to import or to register is recorded in :attr:`broken` (name,
         package, error) and skipped; the others are unaffected.
         """
-        pm = pluggy.PluginManager(hookspecs.PROJECT)
-        pm.add_hookspecs(hookspecs)
-        self.plugin_manager = pm
-        for ep in sorted(metadata.entry_points(group=group), key=lambda e: e.name):
-            package = ep.dist.name if ep.dist is not None else "<unknown package>"
-            try:
-                module = ep.load()
-                pm.register(module, name=f"{package}:{ep.name}")
-            except Exception as exc:  # noqa: BLE001 - isolate any failure of a third party
-                self.broken.append(BrokenPlugin(ep.name, package, f"{type(exc).__name__}: {exc}"))
-                continue
-            self.register_module(module, name=ep.name, package=package)
+        found = (metadata.entry_points(group=group) if name is None
+                 else metadata.entry_points(group=group, name=name))
+        with self._lock:
+            for ep in sorted(found, key=lambda e: e.name):
+                self._load(ep)
+
+    def _load_for(self, key: tuple[str, str]) -> None:
+        """Load the entry points called ``key[1]``, then every entry point of the other
+        distributions (only another package can register the same name, and then both are
+        reported); load everything when no entry point of that name provides the plugin."""
+        everything = metadata.entry_points(group=self._group)
+        with self._lock:
+            for ep in sorted(everything.select(name=key[1]), key=lambda e: e.name):
+                self._load(ep)
+            if key not in self._entries and key not in self._conflicts:
+                return self._discover()
+            package = self._entries[key].card.package if key in self._entries else None
+            for ep in sorted(everything, key=lambda e: e.name):
+                if (ep.dist.name if ep.dist is not None else None) != package:
+                    self._load(ep)
+
+    def _load(self, ep: metadata.EntryPoint) -> None:
+        package = ep.dist.name if ep.dist is not None else "<unknown package>"
+        key = (package, ep.name, ep.value)
+        if key in self._loaded:
+            return
+        self._loaded.add(key)
+        try:
+            module = ep.load()
+            self.plugin_manager.register(module, name=f"{package}:{ep.name}")
+        except Exception as exc:  # noqa: BLE001 - isolate any failure of a third party
+            self._broken.append(BrokenPlugin(ep.name, package, f"{type(exc).__name__}: {exc}"))
+            return
+        self.register_module(module, name=ep.name, package=package)
 
     def register_module(self, module: Any, *, name: str, package: str = "") -> None:
         """Call one plugin object's ``paperplug_register`` hook, isolating its failures."""
         hook = getattr(module, "paperplug_register", None)
         if hook is None:
-            self.broken.append(BrokenPlugin(name, package, "defines no paperplug_register hook"))
+            self._broken.append(BrokenPlugin(name, package, "defines no paperplug_register hook"))
             return
         self._package = package
         self._family = family_of(getattr(module, "__name__", ""))
         try:
             hook(registry=self)
         except Exception as exc:  # noqa: BLE001
-            self.broken.append(BrokenPlugin(name, package, f"{type(exc).__name__}: {exc}"))
+            self._broken.append(BrokenPlugin(name, package, f"{type(exc).__name__}: {exc}"))
         finally:
             self._package = self._family = ""
 
@@ -219,14 +273,12 @@ _LOCK = threading.Lock()
 
 
 def get_registry() -> Registry:
-    """The process-wide registry, discovered from entry points on first use."""
+    """The process-wide registry of the ``paperplug`` entry points, loaded as lookups need."""
     global _GLOBAL
     if _GLOBAL is None:
         with _LOCK:
             if _GLOBAL is None:
-                reg = Registry()
-                reg.load_entry_points()
-                _GLOBAL = reg
+                _GLOBAL = Registry(ENTRY_POINT_GROUP)
     return _GLOBAL
 
 

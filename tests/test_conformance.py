@@ -40,7 +40,7 @@ def test_kit_requires_paper_and_formula_for_builtins():
     from sdk.registry import Registry
 
     reg = Registry()
-    reg.add("objective", "bare", sdk.registry.get_registry().get("objective", "nt_xent").factory,
+    reg.add(sdk.registry.get_registry().get("objective", "nt_xent").factory,
             card=sdk.Card(name="bare", kind="objective", title="t", summary="s"))
     with pytest.raises(AssertionError, match=r"\[bare\] card: empty fields \['paper', 'formula'\]"):
         check_plugin("objective", "bare", registry=reg, builtin=True)

@@ -64,7 +64,7 @@ class Zero(Objective):
 @sdk.hookimpl
 def paperplug_register(registry):
     card = sdk.Card(name="vicreg", kind="objective", title="A clone", summary="Zero loss.")
-    registry.add("objective", "vicreg", Zero, card=card)
+    registry.add(Zero, card=card)
 '''
 
 

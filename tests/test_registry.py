@@ -121,8 +121,7 @@ def _objective_module(name: str, package_marker: str):
         @staticmethod
         @sdk.hookimpl
         def paperplug_register(registry):
-            registry.add("objective", name, Dummy,
-                         card=Card(name=name, kind="objective", title=package_marker, summary="s"))
+            registry.add(Dummy, card=Card(name=name, kind="objective", title=package_marker, summary="s"))
 
     return Module
 
@@ -156,8 +155,15 @@ def test_card_validation():
     with pytest.raises(ValueError, match="Card.summary must be a non-empty string"):
         Card(name="x", kind="objective", title="t", summary=" ")
     reg = Registry()
-    with pytest.raises(ValueError, match="the card says kind='objective', name='y'"):
-        reg.add("objective", "x", lambda: None, card=Card(name="y", kind="objective", title="t", summary="s"))
+    with pytest.raises(TypeError, match="card must be sdk.Card, got dict"):
+        reg.add(lambda: None, card={"name": "y"})
+
+
+def test_kind_and_name_come_from_the_card():
+    reg = Registry()
+    reg.add(lambda: 3, card=Card(name="three", kind="metric", title="t", summary="s"))
+    assert reg.create("metric", "three") == 3
+    assert [(c.kind, c.name) for c in reg.cards()] == [("metric", "three")]
 
 
 def test_missing_required_parameter():
@@ -166,7 +172,6 @@ def test_missing_required_parameter():
     def factory(size: int):
         return size
 
-    reg.add("metric", "needs_size", factory,
-            card=Card(name="needs_size", kind="metric", title="t", summary="s"))
+    reg.add(factory, card=Card(name="needs_size", kind="metric", title="t", summary="s"))
     with pytest.raises(sdk.ConfigError, match="missing required parameter 'size'"):
         reg.create("metric", "needs_size")

@@ -5,11 +5,14 @@ Zhang et al., "mixup: Beyond Empirical Risk Minimization", ICLR 2018.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt
 
 from sdk.card import Card
-from sdk.errors import ConfigError, RequirementError
+from sdk.errors import RequirementError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Transform
 from sdk.types import Batch
@@ -27,10 +30,8 @@ class Mixup(Transform):
     Class-id targets become soft labels over ``num_classes`` classes; ``extras`` records
     ``mixup_lambda`` and ``mixup_perm``. Acts in training mode only."""
 
-    def __init__(self, alpha: float = 0.2, num_classes: int | None = None):
+    def __init__(self, alpha: Annotated[float, Gt(0)] = 0.2, num_classes: int | None = None):
         super().__init__()
-        if not alpha > 0:
-            raise ConfigError(f"mixup: alpha must be > 0, got {alpha}", param="alpha")
         self.alpha, self.num_classes = alpha, num_classes
         self._beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha))
 
@@ -65,4 +66,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("transform", "mixup", Mixup, card=CARD)
+    registry.add(Mixup, card=CARD)

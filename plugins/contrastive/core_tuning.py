@@ -8,13 +8,16 @@ github.com/Vanint/Core-tuning).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
-from sdk.errors import ConfigError, ShapeError
+from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
 from sdk.types import Batch, Loss, Views
@@ -114,14 +117,10 @@ class CoreTuning(Objective):
 
     requires = {"views": 1, "logits": True, "targets": True}
 
-    def __init__(self, eta: float = 0.1, temperature: float = 0.07, mixup: bool = True,
-                 mixup_alpha: float = 1.0, min_lambda: float = 0.8):
+    def __init__(self, eta: Annotated[float, Ge(0)] = 0.1, temperature: Annotated[float, Gt(0)] = 0.07,
+                 mixup: bool = True, mixup_alpha: Annotated[float, Gt(0)] = 1.0,
+                 min_lambda: Annotated[float, Interval(ge=0, le=1)] = 0.8):
         super().__init__()
-        checks = (("eta", eta >= 0), ("temperature", temperature > 0), ("mixup_alpha", mixup_alpha > 0),
-                  ("min_lambda", 0 <= min_lambda <= 1))
-        for param, ok in checks:
-            if not ok:
-                raise ConfigError(f"core_tuning: {param}={locals()[param]} is out of range", param=param)
         self.eta, self.temperature, self.mixup = eta, temperature, mixup
         self.mixup_alpha, self.min_lambda = mixup_alpha, min_lambda
 
@@ -161,4 +160,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "core_tuning", CoreTuning, card=CARD)
+    registry.add(CoreTuning, card=CARD)

@@ -5,13 +5,15 @@ Yeh et al., "Decoupled Contrastive Learning", ECCV 2022 (arXiv:2110.06848).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.distributed as dist
+from annotated_types import Gt
 from torch import Tensor
 
 from sdk import contrastive, distributed
 from sdk.card import Card
-from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective, Sampler
 from sdk.types import Batch, Loss, Views
@@ -61,15 +63,10 @@ class DecoupledContrastive(Objective):
 
     requires = {"views": 2}
 
-    def __init__(self, temperature: float = 0.1, sigma: float | None = None,
+    def __init__(self, temperature: Annotated[float, Gt(0)] = 0.1,
+                 sigma: Annotated[float, Gt(0)] | None = None,
                  sampler: Sampler | None = None, gather: bool = False):
         super().__init__()
-        if not temperature > 0:
-            raise ConfigError(f"decoupled_contrastive: temperature must be > 0, got {temperature}",
-                              param="temperature")
-        if sigma is not None and not sigma > 0:
-            raise ConfigError(f"decoupled_contrastive: sigma must be > 0 or None, got {sigma}",
-                              param="sigma")
         self.temperature, self.sigma = temperature, sigma
         self.sampler, self.gather = sampler, gather
 
@@ -115,4 +112,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "decoupled_contrastive", DecoupledContrastive, card=CARD)
+    registry.add(DecoupledContrastive, card=CARD)

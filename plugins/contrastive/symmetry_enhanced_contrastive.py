@@ -6,13 +6,16 @@ WACV 2023, arXiv:2210.08957 (reference code github.com/tingyu215/SECLA).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
-from sdk.errors import ConfigError, RequirementError, ShapeError
+from sdk.errors import RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
 from sdk.types import Batch, Loss, Views
@@ -98,12 +101,9 @@ class SymmetryEnhancedContrastive(Objective):
 
     requires: dict = {}
 
-    def __init__(self, alpha: float = 0.5, hinge_weight: float = 0.0, margin: float = 0.2):
+    def __init__(self, alpha: Annotated[float, Ge(0)] = 0.5, hinge_weight: Annotated[float, Ge(0)] = 0.0,
+                 margin: Annotated[float, Ge(0)] = 0.2):
         super().__init__()
-        for param, value in (("alpha", alpha), ("hinge_weight", hinge_weight), ("margin", margin)):
-            if not value >= 0:
-                raise ConfigError(f"symmetry_enhanced_contrastive: {param} must be >= 0, got {value}",
-                                  param=param)
         self.alpha, self.hinge_weight, self.margin = alpha, hinge_weight, margin
 
     @staticmethod
@@ -162,4 +162,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "symmetry_enhanced_contrastive", SymmetryEnhancedContrastive, card=CARD)
+    registry.add(SymmetryEnhancedContrastive, card=CARD)

@@ -48,10 +48,10 @@ class Rule:
             return False
 
     def text(self) -> str:
-        """Readable form: ``> 0``, ``in [0, 1)``, ``of length >= 1 with every element >= 1``."""
+        """Readable form: ``> 0``, ``in [0, 1)``, ``of length >= 1 with elements >= 1``."""
         parts = [_describe(self.value)] if self.value else []
         if self.each:
-            parts.append(f"{'with ' if parts else ''}every element {_describe(self.each)}")
+            parts.append(f"{'with' if parts else 'made of'} elements {_describe(self.each)}")
         return " ".join(parts)
 
 

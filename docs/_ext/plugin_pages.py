@@ -2,7 +2,8 @@
 
 On ``builder-inited`` this writes ``docs/plugins/<family>/<name>.md`` for every card returned
 by ``sdk.plugins()`` (built-in and third-party alike; a third party's family is its package)
-and ``docs/plugins/index.md`` listing them by family, and warns about any plugin module that failed to load (its page would be missing).
+and ``docs/plugins/index.md`` listing them by family, and warns about any plugin module that
+failed to load (its page would be missing).
 The generator functions need no Sphinx, so the test suite calls them directly.
 """
 
@@ -74,9 +75,10 @@ def card_page(card: Any) -> str:
         out += ["## Formula", "", f"{fence}text", card.formula.strip(), fence, ""]
     out += ["## Parameters", ""]
     if card.params:
-        out += ["| parameter | type | default |", "|---|---|---|"]
+        out += ["| parameter | type | default | constraint |", "|---|---|---|---|"]
         out += [f"| {_code(p.name)} | {_code(p.type)} | "
-                f"{'required' if p.required else _code(p.default_repr())} |" for p in card.params]
+                f"{'required' if p.required else _code(p.default_repr())} | "
+                f"{_code(p.constraint) if p.constraint else ''} |" for p in card.params]
     else:
         out.append("None.")
     out.append("")

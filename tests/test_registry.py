@@ -175,3 +175,55 @@ def test_missing_required_parameter():
     reg.add(factory, card=Card(name="needs_size", kind="metric", title="t", summary="s"))
     with pytest.raises(sdk.ConfigError, match="missing required parameter 'size'"):
         reg.create("metric", "needs_size")
+
+
+def _fresh(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_create_imports_only_the_module_it_needs():
+    out = _fresh("import sys, sdk; sdk.create('objective', 'nt_xent', temperature=0.2); "
+                 "print(sorted(m for m in sys.modules if m.startswith('plugins')))")
+    assert out == "['plugins', 'plugins.contrastive', 'plugins.contrastive.nt_xent']"
+
+
+def test_a_name_that_is_no_entry_point_falls_back_to_discovery():
+    """``mce`` is registered by the ``ece`` module: found, and everything is loaded."""
+    out = _fresh("import sys, sdk; sdk.create('metric', 'mce'); "
+                 "print(sum(m.startswith('plugins.') and m.count('.') == 2 for m in sys.modules))")
+    from importlib import metadata
+
+    assert int(out) == len(metadata.entry_points(group="paperplug"))
+
+
+def test_lazy_lookup_then_full_listing_loads_each_module_once():
+    reg = Registry("paperplug")
+    assert reg.create("objective", "nt_xent").name == "nt_xent"
+    assert [c.name for c in reg.cards("objective")].count("nt_xent") == 1
+    assert reg.broken == [] and ("objective", "barlow_twins") in {(c.kind, c.name) for c in reg.cards()}
+
+
+def test_a_trainer_built_from_objects_does_not_discover_plugins():
+    code = """
+import sys, torch, sdk
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from sdk.data import IndexedDataset
+from sdk.interfaces import Objective
+from sdk.registry import get_registry
+
+class CE(Objective):
+    requires = {"logits": True, "targets": True}
+
+    def forward(self, views, batch):
+        return sdk.Loss(value=F.cross_entropy(views.logits, batch.targets))
+
+data = IndexedDataset(torch.randn(16, 4), torch.arange(16) % 3)
+trainer = sdk.Trainer(nn.Linear(4, 3), CE(), torch.optim.SGD, max_epochs=1, progress=False)
+trainer.fit(DataLoader(data, batch_size=8))
+print(sorted(m for m in sys.modules if m.startswith('plugins')), len(get_registry()._loaded))
+"""
+    assert _fresh(code) == "[] 0"

@@ -15,6 +15,7 @@ import pluggy
 from typeguard import TypeCheckError, check_type
 
 from sdk import constraints, hookspecs
+from sdk.card_index import CardIndex, index_path, source_files
 from sdk.card import KINDS, Card, Param
 from sdk.errors import ConfigError, PluginConflictError, PluginNotFoundError
 
@@ -32,10 +33,14 @@ class BrokenPlugin:
 
 @attrs.frozen
 class Entry:
+    """A registered plugin. ``source`` names the entry point that registered it; ``factory`` is
+    None while only its card is known (read from the card index, module not imported yet)."""
+
     kind: str
     name: str
-    factory: Callable[..., Any]
+    factory: Callable[..., Any] | None
     card: Card
+    source: str = ""
 
 
 def _signature_params(factory: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter],
@@ -91,12 +96,13 @@ def _suggest(name: str, options: Iterable[str]) -> str:
 class Registry:
     """All plugins by kind and name. ``sdk.get_registry()`` returns the global one.
 
-    A registry bound to an entry-point ``group`` discovers on demand: looking up ``(kind,
-    name)`` loads the entry points called ``name`` (a built-in plugin's entry point bears its
-    name) and, once one provides the plugin, the entry points of every *other* distribution, so
-    a second package registering that name is still reported as a conflict; it loads every entry
-    point when none called ``name`` provides the plugin. Listing cards or broken plugins loads
-    every entry point. An unbound registry holds what is added.
+    A registry bound to an entry-point ``group`` discovers on demand, helped by the card index
+    (:mod:`sdk.card_index`: what each entry point registered, while its files are unchanged).
+    Looking up ``(kind, name)`` imports only the entry points that provide it (by the index) and
+    those the index cannot vouch for (new, changed or broken), so two packages registering one
+    name are still both loaded and reported; when none provides it, every entry point is
+    loaded. Listing cards or broken plugins takes indexed cards from the index and imports the
+    rest. An unbound registry holds what is added.
     """
 
     def __init__(self, group: str | None = None) -> None:
@@ -105,8 +111,12 @@ class Registry:
         self._broken: list[BrokenPlugin] = []
         self._package = ""
         self._family = ""
+        self._source = ""
+        self._added: list[Entry] = []
         self._group = group
-        self._loaded: set[tuple[str, str, str]] = set()
+        self._loaded: set[str] = set()
+        self._eps: dict[str, metadata.EntryPoint] | None = None
+        self._index: CardIndex | None = None
         self._complete = group is None
         self._lock = threading.RLock()
         self.plugin_manager = pluggy.PluginManager(hookspecs.PROJECT)
@@ -117,11 +127,6 @@ class Registry:
         """Plugin modules that failed to load or register (name, package, error)."""
         self._discover()
         return self._broken
-
-    def _discover(self) -> None:
-        if not self._complete:
-            self.load_entry_points(self._group)
-            self._complete = True
 
     # registration --------------------------------------------------------------
     def add(self, factory: Callable[..., Any], *, card: Card) -> None:
@@ -135,16 +140,24 @@ class Registry:
             raise TypeError(f"registry.add({kind!r} plugin {name!r}): factory is not callable")
         card = attrs.evolve(card, params=describe_params(factory), package=self._package,
                             family=self._family or self._package)
-        key = (kind, name)
-        if key in self._entries:
-            first = self._entries[key].card.package or "<unknown package>"
-            second = self._package or "<unknown package>"
+        entry = Entry(kind, name, factory, card, self._source)
+        self._put(entry)
+        self._added.append(entry)
+        constraints.name_plugin(factory, name)
+
+    def _put(self, entry: Entry) -> None:
+        """Store an entry; a second one of the same kind and name is a conflict (except the
+        module whose indexed card it was, now imported)."""
+        key = (entry.kind, entry.name)
+        old = self._entries.get(key)
+        if old is not None and not (old.factory is None and old.source == entry.source):
+            first = old.card.package or "<unknown package>"
+            second = entry.card.package or "<unknown package>"
             self._conflicts.setdefault(key, [first]).append(second)
             raise PluginConflictError(
-                f"{kind} plugin {name!r} is registered twice: by package {first!r} and by "
-                f"package {second!r}; uninstall one of them")
-        self._entries[key] = Entry(kind, name, factory, card)
-        constraints.name_plugin(factory, name)
+                f"{entry.kind} plugin {entry.name!r} is registered twice: by package {first!r} "
+                f"and by package {second!r}; uninstall one of them")
+        self._entries[key] = entry
 
     # lookup --------------------------------------------------------------------
     def get(self, kind: str, name: str) -> Entry:
@@ -152,8 +165,10 @@ class Registry:
             raise PluginNotFoundError(f"unknown plugin kind {kind!r}; kinds are {', '.join(KINDS)}."
                                       + _suggest(kind, KINDS))
         key = (kind, name)
-        if key not in self._entries and key not in self._conflicts and not self._complete:
+        if key not in self._conflicts and not self._complete and key not in self._entries:
             self._load_for(key)
+        if key in self._entries and self._entries[key].factory is None:
+            self._import(self._entries[key].source)
         if key in self._conflicts:
             packages = " and ".join(repr(p) for p in self._conflicts[key])
             raise PluginConflictError(f"{kind} plugin {name!r} is provided by several packages "
@@ -209,63 +224,120 @@ class Registry:
         return instance
 
     # discovery -----------------------------------------------------------------
-    def load_entry_points(self, group: str | None = ENTRY_POINT_GROUP, *,
-                          name: str | None = None) -> None:
-        """Import each module of the entry-point group (only those called ``name`` if given)
-        not loaded yet and call its ``paperplug_register``.
+    def load_entry_points(self, group: str | None = ENTRY_POINT_GROUP) -> None:
+        """Import every module of the entry-point group not imported yet and call its
+        ``paperplug_register``.
 
         A module that fails to import or to register is recorded in :attr:`broken` (name,
         package, error) and skipped; the others are unaffected.
         """
-        found = (metadata.entry_points(group=group) if name is None
-                 else metadata.entry_points(group=group, name=name))
         with self._lock:
-            for ep in sorted(found, key=lambda e: e.name):
+            for ep in sorted(metadata.entry_points(group=group), key=lambda e: e.name):
                 self._load(ep)
+
+    def _scan(self) -> dict[str, metadata.EntryPoint]:
+        """The group's entry points by key (read once) and the card index."""
+        if self._eps is None:
+            found = sorted(metadata.entry_points(group=self._group), key=lambda e: e.name)
+            self._eps = {CardIndex.key(_package(ep), ep.name, ep.value): ep for ep in found}
+            self._index = CardIndex(index_path())
+        return self._eps
+
+    def _indexed_cards(self, key: str) -> list[Card] | None:
+        ep = self._scan()[key]
+        return self._index.cards(key, ep.dist.version if ep.dist is not None else None)
 
     def _load_for(self, key: tuple[str, str]) -> None:
-        """Load the entry points called ``key[1]``, then every entry point of the other
-        distributions (only another package can register the same name, and then both are
-        reported); load everything when no entry point of that name provides the plugin."""
-        everything = metadata.entry_points(group=self._group)
+        """Import the entry points that provide ``key`` or that the index cannot vouch for;
+        everything when none provides it."""
         with self._lock:
-            for ep in sorted(everything.select(name=key[1]), key=lambda e: e.name):
-                self._load(ep)
+            for source in self._scan():
+                cards = self._indexed_cards(source)
+                if cards is None or any((c.kind, c.name) == key for c in cards):
+                    self._import(source)
             if key not in self._entries and key not in self._conflicts:
-                return self._discover()
-            package = self._entries[key].card.package if key in self._entries else None
-            for ep in sorted(everything, key=lambda e: e.name):
-                if (ep.dist.name if ep.dist is not None else None) != package:
-                    self._load(ep)
+                self._discover()
+            self._index.save()
 
-    def _load(self, ep: metadata.EntryPoint) -> None:
-        package = ep.dist.name if ep.dist is not None else "<unknown package>"
-        key = (package, ep.name, ep.value)
-        if key in self._loaded:
+    def _discover(self) -> None:
+        """Every entry point: indexed cards from the index, the other modules imported."""
+        if self._complete:
             return
+        with self._lock:
+            for source, ep in self._scan().items():
+                if source in self._loaded:
+                    continue
+                cards = self._indexed_cards(source)
+                if cards is None:
+                    self._import(source)
+                    continue
+                self._loaded.add(source)
+                try:
+                    for card in cards:
+                        self._put(Entry(card.kind, card.name, None, card, source))
+                except PluginConflictError as exc:
+                    self._broken.append(BrokenPlugin(ep.name, _package(ep),
+                                                     f"PluginConflictError: {exc}"))
+            self._complete = True
+            self._index.save()
+
+    def _import(self, source: str) -> None:
+        """Import one entry point's module (even if its cards came from the index) and record
+        what it registered in the index."""
+        ep = self._scan()[source]
+        if source in self._loaded and not any(e.source == source and e.factory is None
+                                              for e in self._entries.values()):
+            return
+        self._loaded.add(source)
+        self._added = []
+        module = self._load(ep, force=True)
+        if module is not None:
+            added = [e for e in self._added if e.source == source]
+            version = ep.dist.version if ep.dist is not None else None
+            self._index.record(source, version, [e.card for e in added],
+                               source_files(module, [e.factory for e in added]))
+
+    def _load(self, ep: metadata.EntryPoint, *, force: bool = False) -> Any:
+        """Import an entry point and register its module; the module, or None if it failed."""
+        package = _package(ep)
+        key = CardIndex.key(package, ep.name, ep.value)
+        if key in self._loaded and not force:
+            return None
         self._loaded.add(key)
         try:
             module = ep.load()
             self.plugin_manager.register(module, name=f"{package}:{ep.name}")
         except Exception as exc:  # noqa: BLE001 - isolate any failure of a third party
             self._broken.append(BrokenPlugin(ep.name, package, f"{type(exc).__name__}: {exc}"))
-            return
-        self.register_module(module, name=ep.name, package=package)
+            return None
+        self._source = key
+        try:
+            ok = self.register_module(module, name=ep.name, package=package)
+        finally:
+            self._source = ""
+        return module if ok else None
 
-    def register_module(self, module: Any, *, name: str, package: str = "") -> None:
-        """Call one plugin object's ``paperplug_register`` hook, isolating its failures."""
+    def register_module(self, module: Any, *, name: str, package: str = "") -> bool:
+        """Call one plugin object's ``paperplug_register`` hook, isolating its failures; whether
+        it succeeded."""
         hook = getattr(module, "paperplug_register", None)
         if hook is None:
             self._broken.append(BrokenPlugin(name, package, "defines no paperplug_register hook"))
-            return
+            return False
         self._package = package
         self._family = family_of(getattr(module, "__name__", ""))
         try:
             hook(registry=self)
         except Exception as exc:  # noqa: BLE001
             self._broken.append(BrokenPlugin(name, package, f"{type(exc).__name__}: {exc}"))
+            return False
         finally:
             self._package = self._family = ""
+        return True
+
+
+def _package(ep: metadata.EntryPoint) -> str:
+    return ep.dist.name if ep.dist is not None else "<unknown package>"
 
 
 _GLOBAL: Registry | None = None

@@ -15,8 +15,8 @@ import pluggy
 from typeguard import TypeCheckError, check_type
 
 from sdk import constraints, hookspecs
-from sdk.card_index import CardIndex, index_path, source_files
 from sdk.card import KINDS, Card, Param
+from sdk.card_index import CardIndex, index_path, source_files
 from sdk.errors import ConfigError, PluginConflictError, PluginNotFoundError
 
 ENTRY_POINT_GROUP = "paperplug"

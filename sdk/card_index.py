@@ -1,7 +1,8 @@
 """The card index: what each entry point registered, kept in a JSON file so a fresh process can
 list every card, and find which entry points provide a plugin, without importing them.
 
-A record holds an entry point's cards and the files they were read from (its module, the
+A record holds an entry point's plugins (kind and name), its cards (JSON text, decoded only
+when cards are listed) and the files they were read from (its module, the
 modules its namespace refers to, the modules of each factory's classes), each with its
 modification time and size, and the distribution's version. A record is used only while all of
 these are unchanged, and the whole index only while the registry's own modules (``card``,
@@ -138,14 +139,23 @@ class CardIndex:
             self._seen[path] = _stat(path)
         return self._seen[path]
 
-    def cards(self, key: str, version: str | None) -> list[Card] | None:
-        """The recorded cards of an entry point if its record is still true, else None."""
+    def _valid(self, key: str, version: str | None) -> dict[str, Any] | None:
         record = self.records.get(key)
         if record is None or record["version"] != version:
             return None
         if any(self.files.get(f) != self._current(f) for f in record["files"]):
             return None
-        return [card_from_json(c) for c in record["cards"]]
+        return record
+
+    def plugins(self, key: str, version: str | None) -> list[tuple[str, str]] | None:
+        """``(kind, name)`` of what an entry point registers if its record is true, else None."""
+        record = self._valid(key, version)
+        return None if record is None else [tuple(p) for p in record["plugins"]]
+
+    def cards(self, key: str, version: str | None) -> list[Card] | None:
+        """The recorded cards of an entry point if its record is still true, else None."""
+        record = self._valid(key, version)
+        return None if record is None else [card_from_json(c) for c in json.loads(record["cards"])]
 
     def record(self, key: str, version: str | None, cards: list[Card], files: set[str]) -> None:
         """Remember what an entry point registered (nothing if a default is not a literal)."""
@@ -153,9 +163,13 @@ class CardIndex:
         if any(d is None for d in data):
             self.records.pop(key, None)
             return
-        for f in files:
-            self.files[f] = self._current(f)
-        self.records[key] = {"version": version, "files": sorted(files), "cards": data}
+        record = {"version": version, "files": sorted(files),
+                  "plugins": [[c.kind, c.name] for c in cards], "cards": json.dumps(data)}
+        stats = {f: self._current(f) for f in files}
+        if self.records.get(key) == record and all(self.files.get(f) == s for f, s in stats.items()):
+            return
+        self.files.update(stats)
+        self.records[key] = record
         self.changed = True
 
     def save(self) -> None:

@@ -236,24 +236,27 @@ class Registry:
                 self._load(ep)
 
     def _scan(self) -> dict[str, metadata.EntryPoint]:
-        """The group's entry points by key (read once) and the card index."""
+        """The group's entry points by key (read once), their versions and the card index."""
         if self._eps is None:
-            found = sorted(metadata.entry_points(group=self._group), key=lambda e: e.name)
-            self._eps = {CardIndex.key(_package(ep), ep.name, ep.value): ep for ep in found}
+            dists: dict[int, tuple[str, str | None]] = {}  # reading a name parses the metadata
+            self._eps, self._packages, self._versions = {}, {}, {}
+            for ep in sorted(metadata.entry_points(group=self._group), key=lambda e: e.name):
+                if id(ep.dist) not in dists:
+                    dists[id(ep.dist)] = ((ep.dist.name, ep.dist.version) if ep.dist is not None
+                                          else ("<unknown package>", None))
+                package, version = dists[id(ep.dist)]
+                key = CardIndex.key(package, ep.name, ep.value)
+                self._eps[key], self._packages[key], self._versions[key] = ep, package, version
             self._index = CardIndex(index_path())
         return self._eps
-
-    def _indexed_cards(self, key: str) -> list[Card] | None:
-        ep = self._scan()[key]
-        return self._index.cards(key, ep.dist.version if ep.dist is not None else None)
 
     def _load_for(self, key: tuple[str, str]) -> None:
         """Import the entry points that provide ``key`` or that the index cannot vouch for;
         everything when none provides it."""
         with self._lock:
             for source in self._scan():
-                cards = self._indexed_cards(source)
-                if cards is None or any((c.kind, c.name) == key for c in cards):
+                provides = self._index.plugins(source, self._versions[source])
+                if provides is None or key in provides:
                     self._import(source)
             if key not in self._entries and key not in self._conflicts:
                 self._discover()
@@ -267,7 +270,7 @@ class Registry:
             for source, ep in self._scan().items():
                 if source in self._loaded:
                     continue
-                cards = self._indexed_cards(source)
+                cards = self._index.cards(source, self._versions[source])
                 if cards is None:
                     self._import(source)
                     continue
@@ -276,7 +279,7 @@ class Registry:
                     for card in cards:
                         self._put(Entry(card.kind, card.name, None, card, source))
                 except PluginConflictError as exc:
-                    self._broken.append(BrokenPlugin(ep.name, _package(ep),
+                    self._broken.append(BrokenPlugin(ep.name, self._packages[source],
                                                      f"PluginConflictError: {exc}"))
             self._complete = True
             self._index.save()
@@ -290,16 +293,16 @@ class Registry:
             return
         self._loaded.add(source)
         self._added = []
-        module = self._load(ep, force=True)
+        module = self._load(ep, force=True, package=self._packages[source])
         if module is not None:
             added = [e for e in self._added if e.source == source]
-            version = ep.dist.version if ep.dist is not None else None
-            self._index.record(source, version, [e.card for e in added],
+            self._index.record(source, self._versions[source], [e.card for e in added],
                                source_files(module, [e.factory for e in added]))
 
-    def _load(self, ep: metadata.EntryPoint, *, force: bool = False) -> Any:
+    def _load(self, ep: metadata.EntryPoint, *, force: bool = False,
+              package: str | None = None) -> Any:
         """Import an entry point and register its module; the module, or None if it failed."""
-        package = _package(ep)
+        package = _package(ep) if package is None else package
         key = CardIndex.key(package, ep.name, ep.value)
         if key in self._loaded and not force:
             return None

@@ -183,9 +183,13 @@ class CardIndex:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".cards-", suffix=".json")
+        except OSError:
+            return
+        try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 json.dump(data, out)
             os.replace(tmp, self.path)
         except OSError:
+            Path(tmp).unlink(missing_ok=True)
             return
         self.changed = False

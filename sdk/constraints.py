@@ -168,32 +168,44 @@ _NAMES: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 def _parsed(factory: Callable[..., Any]) -> tuple[inspect.Signature, dict[str, Rule]]:
     try:
         return _CACHE[factory]
-    except KeyError:
+    except (KeyError, TypeError):  # not parsed yet, or not weakly referenceable
         pass
-    target = factory.__init__ if inspect.isclass(factory) else factory
+    target = (factory.__init__ if inspect.isclass(factory) else factory if inspect.isroutine(factory)
+              else type(factory).__call__)  # a callable object: its class's __call__
     try:
         hints = typing.get_type_hints(target, include_extras=True)
     except Exception:  # unresolvable annotations declare nothing we can read
         hints = {}
     rules = {name: r for name, hint in hints.items() if (r := rule_of(hint)) is not None}
     parsed = inspect.signature(factory), rules
-    _CACHE[factory] = parsed
+    try:
+        _CACHE[factory] = parsed
+    except TypeError:  # a callable that cannot be weakly referenced is parsed on every use
+        pass
     return parsed
 
 
-def constraints(factory: Callable[..., Any]) -> dict[str, Rule]:
+def declared(factory: Callable[..., Any]) -> dict[str, Rule]:
     """Declared constraints of a factory's parameters (``__init__``'s for a class), cached."""
     return _parsed(factory)[1]
 
 
 def name_plugin(factory: Callable[..., Any], name: str) -> None:
-    """Record the card name of a registered factory, for the messages of direct construction."""
-    _NAMES[factory] = name
+    """Record the card name of a factory registered from an entry point, for the messages of
+    direct construction."""
+    try:
+        _NAMES[factory] = name
+    except TypeError:  # not weakly referenceable: only the registry's own messages name it
+        pass
 
 
 def plugin_name(factory: Callable[..., Any]) -> str:
-    """The card name of a registered factory, else its (class) name."""
-    return _NAMES.get(factory) or getattr(factory, "__name__", repr(factory))
+    """The card name of a factory registered from an entry point, else its (class) name."""
+    try:
+        name = _NAMES.get(factory)
+    except TypeError:  # not weakly referenceable, so never recorded
+        name = None
+    return name or getattr(factory, "__name__", repr(factory))
 
 
 def check(plugin: str, rules: Mapping[str, Rule], params: Mapping[str, Any]) -> None:

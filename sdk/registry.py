@@ -71,7 +71,7 @@ def _type_name(hint: Any) -> str:
 
 def describe_params(factory: Callable[..., Any]) -> tuple[Param, ...]:
     params, hints, _ = _signature_params(factory)
-    rules = constraints.constraints(factory)
+    rules = constraints.declared(factory)
     out = []
     for name, p in params.items():
         hint = hints.get(name, p.annotation)
@@ -142,8 +142,9 @@ class Registry:
                             family=self._family or self._package)
         entry = Entry(kind, name, factory, card, self._source)
         self._put(entry)
-        self._added.append(entry)
-        constraints.name_plugin(factory, name)
+        if self._source:  # from an entry point: its card names the class in direct construction
+            self._added.append(entry)
+            constraints.name_plugin(factory, name)
 
     def _put(self, entry: Entry) -> None:
         """Store an entry; a second one of the same kind and name is a conflict (except the
@@ -168,7 +169,8 @@ class Registry:
         if key not in self._conflicts and not self._complete and key not in self._entries:
             self._load_for(key)
         if key in self._entries and self._entries[key].factory is None:
-            self._import(self._entries[key].source)
+            with self._lock:
+                self._import(self._entries[key].source)
         if key in self._conflicts:
             packages = " and ".join(repr(p) for p in self._conflicts[key])
             raise PluginConflictError(f"{kind} plugin {name!r} is provided by several packages "
@@ -209,7 +211,7 @@ class Registry:
                 raise ConfigError(
                     f"{kind} plugin {name!r}: parameter {key!r} expected {_type_name(hint)}, "
                     f"got {value!r} ({type(value).__name__}): {exc}", param=key) from None
-        constraints.check(name, constraints.constraints(factory), params)
+        constraints.check(name, constraints.declared(factory), params)
         missing = [n for n, p in accepted.items() if p.default is p.empty and n not in params]
         if missing:
             raise ConfigError(f"{kind} plugin {name!r}: missing required parameter "

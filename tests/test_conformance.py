@@ -30,7 +30,7 @@ def test_kit_catches_an_objective_that_ignores_a_view():
             return sdk.Loss(value=views.embeddings[0].pow(2).mean())
 
     reg = Registry()
-    reg.add("objective", "lazy", FirstViewOnly,
+    reg.add(FirstViewOnly,
             card=sdk.Card(name="lazy", kind="objective", title="t", summary="s"))
     with pytest.raises(AssertionError, match=r"\[objective lazy\] gradient: input #1 of shape \[8, 16\]"):
         check_plugin("objective", "lazy", registry=reg)

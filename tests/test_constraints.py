@@ -127,9 +127,14 @@ def test_direct_construction_checks_the_same_constraints():
     with pytest.raises(sdk.ConfigError, match=r"^Local: ratio must be < 1, got 1$"):
         Local(ratio=1)
     assert isinstance(Local(2, ratio=0.1), Local)
-    _registry()  # registered: messages use the card's name
-    with pytest.raises(sdk.ConfigError, match=r"^scaled: scale must be > 0, got -1$"):
+    _registry()  # added by hand, not from an entry point: still named by its class
+    with pytest.raises(sdk.ConfigError, match=r"^Scaled: scale must be > 0, got -1$"):
         Scaled(scale=-1)
+    from sdk.contrastive import NTXent
+
+    sdk.get_registry().get("objective", "nt_xent")  # registered from its entry point
+    with pytest.raises(sdk.ConfigError, match=r"^nt_xent: temperature must be > 0, got 0$"):
+        NTXent(temperature=0)
 
 
 def test_an_inherited_signature_is_checked_and_bases_are_checked_once():
@@ -237,7 +242,7 @@ def test_every_declared_builtin_constraint_is_enforced(kind, name, param):
     any construction) and from direct construction, naming plugin, parameter and value; the
     default satisfies it."""
     factory = sdk.get_registry().get(kind, name).factory
-    rule = constraints.constraints(factory)[param]
+    rule = constraints.declared(factory)[param]
     default = next(p for p in sdk.get_registry().get(kind, name).card.params if p.name == param)
     assert default.required or rule.ok(default.default)
     for bad in _violations(rule, default.default):
@@ -246,3 +251,17 @@ def test_every_declared_builtin_constraint_is_enforced(kind, name, param):
                 build(**{param: bad})
             assert info.value.param == param
             assert str(info.value).startswith(f"{name}: {param} must be {rule.text()}, got ")
+
+
+def test_a_callable_object_factory_is_checked():
+    class Maker:
+        __slots__ = ()  # no weak references: parsed on each use
+
+        def __call__(self, n: Annotated[int, Ge(1)] = 1):
+            return n
+
+    reg = Registry()
+    reg.add(Maker(), card=Card(name="maker", kind="metric", title="t", summary="s"))
+    assert reg.create("metric", "maker", n=2) == 2
+    with pytest.raises(sdk.ConfigError, match=r"^maker: n must be >= 1, got 0$"):
+        reg.create("metric", "maker", n=0)

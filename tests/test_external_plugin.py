@@ -176,11 +176,16 @@ def test_two_packages_registering_one_name_conflict(sites, tmp_path):
             print(json.dumps({"error": None}))
         sdk.create("objective", "nt_xent")  # other plugins are unaffected
     """)
+    listing = ("import json, sdk; sdk.plugins(); "
+               "print(json.dumps([b.error for b in sdk.broken_plugins()]))")
     for _ in ("importing every module", "with the card index that run wrote"):
         out = json.loads(_run(["-c", probe], sites["main"], sites["clone"], cache=tmp_path))
         assert out["error"] is not None, "no PluginConflictError for a name registered twice"
         assert TEMPLATE_DIST in out["error"] and CLONE_DIST in out["error"]
         assert "vicreg" in out["error"]
+        errors = json.loads(_run(["-c", listing], sites["main"], sites["clone"], cache=tmp_path))
+        assert [e for e in errors if e.startswith("PluginConflictError") and "'vicreg'" in e
+                and TEMPLATE_DIST in e and CLONE_DIST in e]
     assert list(tmp_path.glob("cards-*.json"))
 
 

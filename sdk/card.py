@@ -33,6 +33,7 @@ class Param:
     default: object = attrs.field(default=attrs.NOTHING, repr=False)
     doc: str = ""
     from_data: str = ""
+    constraint: str = ""  # the declared constraint, readable (``> 0``, ``in [0, 1)``); "" if none
 
     @property
     def required(self) -> bool:

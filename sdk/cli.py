@@ -52,10 +52,10 @@ def _plugins_show(args: argparse.Namespace, console: Console) -> int:
         reg.get(args.kind or "objective", args.name)  # raises with suggestions
     for card in matches:
         params = Table(show_header=True, box=None)
-        for col in ("parameter", "type", "default"):
+        for col in ("parameter", "type", "default", "constraint"):
             params.add_column(col)
         for p in card.params:
-            params.add_row(p.name, p.type, p.default_text())
+            params.add_row(p.name, escape(p.type), escape(p.default_text()), escape(p.constraint))
         body = Table.grid(padding=(0, 2))
         body.add_column(style="bold")
         body.add_column()

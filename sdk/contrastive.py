@@ -22,9 +22,12 @@ computes the same loss without building any mask.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import attrs
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt
 from torch import Tensor
 
 from sdk.distributed import (
@@ -36,7 +39,7 @@ from sdk.distributed import (
     sum_over_ranks,
     world_size,
 )
-from sdk.errors import ConfigError, ShapeError
+from sdk.errors import ShapeError
 from sdk.interfaces import Input, Objective, Sampler
 from sdk.types import Batch, Loss, Pairs, Views
 
@@ -308,11 +311,6 @@ def sample_ids(views: Views) -> torch.Tensor:
 # the NT-Xent objective (SimCLR), shared by nt_xent and the objectives that extend it --------
 
 
-def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ConfigError(f"nt_xent: temperature must be > 0, got {temperature}", param="temperature")
-
-
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, *more_views: torch.Tensor,
                  temperature: float = 0.5, sampler: Sampler | None = None,
                  batch: Batch | None = None, gather: Gather = "auto") -> torch.Tensor:
@@ -337,10 +335,9 @@ class NTXent(Objective):
     consumes = frozenset({Input.PAIRS, Input.PAIR_WEIGHTS, Input.EXTRA_NEGATIVES})
     batch_coupled = True
 
-    def __init__(self, temperature: float = 0.5, sampler: Sampler | None = None,
+    def __init__(self, temperature: Annotated[float, Gt(0)] = 0.5, sampler: Sampler | None = None,
                  gather: Gather = "auto"):
         super().__init__()
-        _check_temperature(temperature)
         self.temperature = temperature
         self.sampler = sampler
         self.gather = gather

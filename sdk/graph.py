@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from sdk import contrastive
 from sdk.cluster import kmeans
 from sdk.distributed import Gather, gather_no_grad, gather_with_grad, rank, resolve_gather
-from sdk.errors import ConfigError, ShapeError
+from sdk.errors import ShapeError
 from sdk.interfaces import Objective
 from sdk.types import Batch, Loss, Views
 
@@ -145,16 +145,6 @@ class DECClustering(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def check_graph_params(plugin: str, **params: float | int | None) -> None:
-    """ConfigError naming the first out-of-range hyperparameter of a graph clustering objective."""
-    rules = {"n_clusters": lambda v: v >= 1, "alpha": lambda v: v >= 0, "beta": lambda v: v >= 0,
-             "tau": lambda v: v > 0, "order": lambda v: v >= 1, "knn": lambda v: v >= 1,
-             "dof": lambda v: v > 0, "embedding_dim": lambda v: v is None or v >= 1}
-    for param, value in params.items():
-        if not rules[param](value):
-            raise ConfigError(f"{plugin}: {param}={value} is out of range", param=param)
-
-
 class GraphClusteringObjective(Objective):
     """Shared body of SCGC and PamC: ``alpha * contrast + beta * KL(P || Q)`` per view, with
     graph positives from :func:`batch_adjacency` and DEC soft labels ``Q``.
@@ -166,14 +156,11 @@ class GraphClusteringObjective(Objective):
 
     requires = {"views": 1}
     batch_coupled = True
-    plugin_name: str = ""
 
     def __init__(self, *, n_clusters: int, alpha: float, beta: float, tau: float, order: int,
                  cumulative: bool, knn: int, dof: float, embedding_dim: int | None,
                  gather: Gather = "auto"):
         super().__init__()
-        check_graph_params(self.plugin_name, n_clusters=n_clusters, alpha=alpha, beta=beta, tau=tau,
-                           order=order, knn=knn, dof=dof, embedding_dim=embedding_dim)
         self.alpha, self.beta, self.tau = alpha, beta, tau
         self.order, self.cumulative, self.knn = order, cumulative, knn
         self.gather = gather

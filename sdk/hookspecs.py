@@ -18,7 +18,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def paperplug_register(registry: Any) -> None:
-    """Add this module's plugins: ``registry.add(kind, name, factory, card=Card(...))``."""
+    """Add this module's plugins: ``registry.add(factory, card=Card(...))``."""
 
 
 @hookspec

@@ -1,7 +1,9 @@
 """The plugin interfaces. Each is small; stateful ones are ``torch.nn.Module`` subclasses.
 
 Five core kinds (Encoder, Objective, Sampler, Calibrator, Reweighter) and the extra kinds
-the seed methods need (Teacher, Schedule, Metric, Transform, Callback, Detector, Adapter).
+the seed methods need (Teacher, Schedule, Metric, Transform, Callback, Detector, Adapter). Every
+one checks the parameter constraints declared in a subclass's ``__init__`` signature when it is
+instantiated (:class:`sdk.constraints.Constrained`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sdk.constraints import Constrained
 from sdk.errors import NotFittedError, RequirementError, ShapeError
 from sdk.types import Batch, Loss, Pairs, TypedScores, Views
 
@@ -69,7 +72,7 @@ def _scores(plugin: str, declared: str, x: Any, argument: str) -> Tensor:
     return x
 
 
-class Encoder(nn.Module, abc.ABC):
+class Encoder(nn.Module, Constrained, abc.ABC):
     """Maps inputs to embeddings: ``forward(x) -> Tensor[B, out_dim]``."""
 
     out_dim: int
@@ -78,7 +81,7 @@ class Encoder(nn.Module, abc.ABC):
     def forward(self, x: Tensor) -> Tensor: ...
 
 
-class Objective(nn.Module, abc.ABC):
+class Objective(nn.Module, Constrained, abc.ABC):
     """A loss: ``obj(views, batch) -> Loss``.
 
     Subclasses declare ``requires`` (keys: ``views`` (count), ``targets``, ``logits``,
@@ -180,7 +183,7 @@ class Objective(nn.Module, abc.ABC):
         return NotImplemented
 
 
-class Sampler(nn.Module, abc.ABC):
+class Sampler(nn.Module, Constrained, abc.ABC):
     """Chooses which pairs count: ``pairs(views, batch) -> Pairs``.
 
     Rows and columns index ``torch.cat(views.embeddings)`` (view-major: row ``v*B + i`` is
@@ -198,7 +201,7 @@ class Sampler(nn.Module, abc.ABC):
         return self.pairs(views, batch)
 
 
-class Reweighter(nn.Module, abc.ABC):
+class Reweighter(nn.Module, Constrained, abc.ABC):
     """Weights per-sample losses: ``weights(per_sample, batch) -> Tensor[B]``.
 
     :meth:`reduce` applies them as ``sum(w * l) / sum(w)``. A reweighter whose weights carry
@@ -239,7 +242,7 @@ class _Named:
         self._plugin_name = value
 
 
-class Calibrator(_Named, nn.Module, abc.ABC):
+class Calibrator(_Named, nn.Module, Constrained, abc.ABC):
     """Post-hoc calibration: ``fit(scores, labels, **extra) -> self``; ``calibrator(scores)``
     returns calibrated scores of the same kind.
 
@@ -287,7 +290,7 @@ class Calibrator(_Named, nn.Module, abc.ABC):
         return out.softmax(dim=-1) if self.inputs == "logits" else out
 
 
-class Teacher(nn.Module, abc.ABC):
+class Teacher(nn.Module, Constrained, abc.ABC):
     """Target networks, memory banks and queues, updated by the engine after each step.
 
     ``update`` receives keyword context; each teacher uses what it needs. With gradient
@@ -311,7 +314,7 @@ class Teacher(nn.Module, abc.ABC):
         """Told after every micro-batch's backward; data-recording teachers override it."""
 
 
-class Transform(nn.Module, abc.ABC):
+class Transform(nn.Module, Constrained, abc.ABC):
     """Tensor-level view generation or input transformation: ``forward(x, batch) -> (x, batch)``.
 
     ``produces``: the :class:`Input` s it writes into the batch for the objective."""
@@ -322,7 +325,7 @@ class Transform(nn.Module, abc.ABC):
     def forward(self, x: Tensor, batch: Batch) -> tuple[Tensor, Batch]: ...
 
 
-class Schedule(abc.ABC):
+class Schedule(Constrained, abc.ABC):
     """A value as a function of progress: ``schedule(step, max_steps) -> float``."""
 
     @abc.abstractmethod
@@ -335,7 +338,7 @@ class Schedule(abc.ABC):
         """Stateless schedules have nothing to restore."""
 
 
-class Metric(abc.ABC):
+class Metric(Constrained, abc.ABC):
     """A measurement, streaming (``update`` / ``compute`` / ``reset``)."""
 
     @abc.abstractmethod
@@ -354,7 +357,7 @@ class Metric(abc.ABC):
         """Metrics without persistent state have nothing to restore."""
 
 
-class Callback:
+class Callback(Constrained):
     """Reacts to engine events; override any subset. Each event receives the trainer."""
 
     def on_fit_start(self, trainer: Any) -> None: ...
@@ -375,7 +378,7 @@ class Callback:
         """Stateless callbacks have nothing to restore."""
 
 
-class Detector(_Named, nn.Module, abc.ABC):
+class Detector(_Named, nn.Module, Constrained, abc.ABC):
     """Out-of-distribution scoring: ``detector.score(x) -> Tensor[N]``, higher = more anomalous.
 
     ``x`` is ``[N, D]``: features, logits or probabilities, as :attr:`inputs` declares (typed
@@ -492,7 +495,7 @@ class Detector(_Named, nn.Module, abc.ABC):
     def forward(self, x: Tensor) -> Tensor: ...
 
 
-class Adapter(_Named, nn.Module, abc.ABC):
+class Adapter(_Named, nn.Module, Constrained, abc.ABC):
     """Test-time adaptation: ``adapter.adapt(model, x, batch=None) -> Tensor`` adapts ``model``
     on one test batch ``x`` and returns the adapted model's outputs on it; :meth:`reset`
     restores the model and the adapter as they were before.

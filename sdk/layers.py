@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from sdk.errors import ConfigError
-
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
@@ -13,9 +11,6 @@ def mlp_layers(dims: list[int], *, activation: str = "relu", batch_norm: bool = 
                dropout: float = 0.0, last_norm: bool = False) -> nn.Sequential:
     """Linear layers ``dims[0] -> ... -> dims[-1]``, each hidden one followed by
     (BatchNorm1d,) activation (and dropout); the last layer is linear (optionally normalised)."""
-    if activation not in ACTIVATIONS:
-        raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}",
-                          param="activation")
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         last = i == len(dims) - 2

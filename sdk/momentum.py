@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Annotated
 
 import torch
+from annotated_types import Interval
 from torch import nn
 
-from sdk.errors import ConfigError
 from sdk.interfaces import Teacher
 
 
@@ -31,12 +32,10 @@ class EMATeacher(Teacher):
 
     produces = frozenset()  # its Views.extras["teacher"] is optional context; its weights are its product
 
-    def __init__(self, student: nn.Module | None = None, momentum: float = 0.996,
-                 final_momentum: float = 1.0):
+    def __init__(self, student: nn.Module | None = None,
+                 momentum: Annotated[float, Interval(ge=0, le=1)] = 0.996,
+                 final_momentum: Annotated[float, Interval(ge=0, le=1)] = 1.0):
         super().__init__()
-        for name, value in (("momentum", momentum), ("final_momentum", final_momentum)):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"ema: {name} must be in [0, 1], got {value}", param=name)
         self.momentum, self.final_momentum = momentum, final_momentum
         self.target: nn.Module | None = None
         if student is not None:

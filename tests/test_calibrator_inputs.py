@@ -103,7 +103,7 @@ class Unchecked(PowerScaling):
 def test_the_kit_checks_calibrator_inputs():
     reg = Registry()
     for name, factory in (("power_scaling", PowerScaling), ("unchecked", Unchecked)):
-        reg.add("calibrator", name, factory, card=sdk.Card(name=name, kind="calibrator", title="t", summary="s"))
+        reg.add(factory, card=sdk.Card(name=name, kind="calibrator", title="t", summary="s"))
     check_plugin("calibrator", "power_scaling", registry=reg)
     with pytest.raises(AssertionError, match=r"\[calibrator unchecked\] inputs: accepted sdk.Logits"):
         check_plugin("calibrator", "unchecked", registry=reg)

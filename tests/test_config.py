@@ -234,8 +234,7 @@ def probe_registry(monkeypatch):
     from sdk import registry
 
     reg = registry.Registry()
-    reg.add("callback", "probe", _Probe,
-            card=Card(name="probe", kind="callback", title="Probe", summary="Records its inputs."))
+    reg.add(_Probe, card=Card(name="probe", kind="callback", title="Probe", summary="Records its inputs."))
     monkeypatch.setattr(registry, "_GLOBAL", reg)
     return reg
 

@@ -31,7 +31,7 @@ def test_kit_catches_an_objective_that_ignores_a_view():
             return sdk.Loss(value=views.embeddings[0].pow(2).mean())
 
     reg = Registry()
-    reg.add("objective", "lazy", FirstViewOnly,
+    reg.add(FirstViewOnly,
             card=sdk.Card(name="lazy", kind="objective", title="t", summary="s"))
     with pytest.raises(AssertionError, match=r"\[objective lazy\] gradient: input #1 of shape \[8, 16\]"):
         check_plugin("objective", "lazy", registry=reg)
@@ -41,7 +41,7 @@ def test_kit_requires_paper_and_formula_for_builtins():
     from sdk.registry import Registry
 
     reg = Registry()
-    reg.add("objective", "bare", sdk.registry.get_registry().get("objective", "nt_xent").factory,
+    reg.add(sdk.registry.get_registry().get("objective", "nt_xent").factory,
             card=sdk.Card(name="bare", kind="objective", title="t", summary="s"))
     with pytest.raises(AssertionError, match=r"\[bare\] card: empty fields \['paper', 'formula'\]"):
         check_plugin("objective", "bare", registry=reg, builtin=True)

@@ -82,7 +82,7 @@ class EntropyStep(Adapter):
 def registry(**plugins):
     reg = Registry()
     for name, (kind, factory) in plugins.items():
-        reg.add(kind, name, factory, card=sdk.Card(name=name, kind=kind, title="t", summary="s"))
+        reg.add(factory, card=sdk.Card(name=name, kind=kind, title="t", summary="s"))
     return reg
 
 

@@ -64,7 +64,7 @@ class Zero(Objective):
 @sdk.hookimpl
 def paperplug_register(registry):
     card = sdk.Card(name="vicreg", kind="objective", title="A clone", summary="Zero loss.")
-    registry.add("objective", "vicreg", Zero, card=card)
+    registry.add(Zero, card=card)
 '''
 
 
@@ -101,8 +101,10 @@ def sites(tmp_path_factory) -> dict[str, Path]:
     return {"main": tmp / "main", "clone": tmp / "clone", "template": template}
 
 
-def _run(args: list[str], *paths: Path, cwd: Path | None = None) -> str:
+def _run(args: list[str], *paths: Path, cwd: Path | None = None, cache: Path | None = None) -> str:
     env = dict(os.environ)
+    if cache is not None:
+        env["PAPERPLUG_CACHE_DIR"] = str(cache)
     env["PYTHONPATH"] = os.pathsep.join([*map(str, paths), env.get("PYTHONPATH", "")]).rstrip(
         os.pathsep)
     env["COLUMNS"] = "300"  # rich tables: no folding of long package names
@@ -163,7 +165,7 @@ def test_cli_lists_the_external_and_the_broken_package(sites):
     assert "nt_xent" in out
 
 
-def test_two_packages_registering_one_name_conflict(sites):
+def test_two_packages_registering_one_name_conflict(sites, tmp_path):
     probe = textwrap.dedent("""\
         import json, sdk
         try:
@@ -174,10 +176,17 @@ def test_two_packages_registering_one_name_conflict(sites):
             print(json.dumps({"error": None}))
         sdk.create("objective", "nt_xent")  # other plugins are unaffected
     """)
-    out = json.loads(_run(["-c", probe], sites["main"], sites["clone"]))
-    assert out["error"] is not None, "no PluginConflictError for a name registered twice"
-    assert TEMPLATE_DIST in out["error"] and CLONE_DIST in out["error"]
-    assert "vicreg" in out["error"]
+    listing = ("import json, sdk; sdk.plugins(); "
+               "print(json.dumps([b.error for b in sdk.broken_plugins()]))")
+    for _ in ("importing every module", "with the card index that run wrote"):
+        out = json.loads(_run(["-c", probe], sites["main"], sites["clone"], cache=tmp_path))
+        assert out["error"] is not None, "no PluginConflictError for a name registered twice"
+        assert TEMPLATE_DIST in out["error"] and CLONE_DIST in out["error"]
+        assert "vicreg" in out["error"]
+        errors = json.loads(_run(["-c", listing], sites["main"], sites["clone"], cache=tmp_path))
+        assert [e for e in errors if e.startswith("PluginConflictError") and "'vicreg'" in e
+                and TEMPLATE_DIST in e and CLONE_DIST in e]
+    assert list(tmp_path.glob("cards-*.json"))
 
 
 def test_template_passes_its_own_tests(sites):

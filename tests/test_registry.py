@@ -121,8 +121,7 @@ def _objective_module(name: str, package_marker: str):
         @staticmethod
         @sdk.hookimpl
         def paperplug_register(registry):
-            registry.add("objective", name, Dummy,
-                         card=Card(name=name, kind="objective", title=package_marker, summary="s"))
+            registry.add(Dummy, card=Card(name=name, kind="objective", title=package_marker, summary="s"))
 
     return Module
 
@@ -156,8 +155,15 @@ def test_card_validation():
     with pytest.raises(ValueError, match="Card.summary must be a non-empty string"):
         Card(name="x", kind="objective", title="t", summary=" ")
     reg = Registry()
-    with pytest.raises(ValueError, match="the card says kind='objective', name='y'"):
-        reg.add("objective", "x", lambda: None, card=Card(name="y", kind="objective", title="t", summary="s"))
+    with pytest.raises(TypeError, match="card must be sdk.Card, got dict"):
+        reg.add(lambda: None, card={"name": "y"})
+
+
+def test_kind_and_name_come_from_the_card():
+    reg = Registry()
+    reg.add(lambda: 3, card=Card(name="three", kind="metric", title="t", summary="s"))
+    assert reg.create("metric", "three") == 3
+    assert [(c.kind, c.name) for c in reg.cards()] == [("metric", "three")]
 
 
 def test_missing_required_parameter():
@@ -166,7 +172,111 @@ def test_missing_required_parameter():
     def factory(size: int):
         return size
 
-    reg.add("metric", "needs_size", factory,
-            card=Card(name="needs_size", kind="metric", title="t", summary="s"))
+    reg.add(factory, card=Card(name="needs_size", kind="metric", title="t", summary="s"))
     with pytest.raises(sdk.ConfigError, match="missing required parameter 'size'"):
         reg.create("metric", "needs_size")
+
+
+def _fresh(code: str, cache: object = "") -> str:
+    """Run ``code`` in a fresh interpreter with the card index in ``cache`` ("" turns it off)."""
+    import os
+
+    env = {**os.environ, "PAPERPLUG_CACHE_DIR": str(cache)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+IMPORTED = "print(sorted(m for m in sys.modules if m.startswith('plugins')))"
+CARDS = ("import sys, sdk; cards = sdk.plugins(); "
+         "print(repr([(c, [p.default for p in c.params]) for c in cards]), sdk.broken_plugins())")
+
+
+def _n_entry_points() -> int:
+    from importlib import metadata
+
+    return len(metadata.entry_points(group="paperplug"))
+
+
+def test_create_imports_only_the_module_it_needs(tmp_path):
+    _fresh("import sdk; sdk.plugins()", tmp_path)  # writes the card index
+    out = _fresh(f"import sys, sdk; sdk.create('objective', 'nt_xent', temperature=0.2); {IMPORTED}",
+                 tmp_path)
+    assert out == "['plugins', 'plugins.contrastive', 'plugins.contrastive.nt_xent']"
+    out = _fresh(f"import sys, sdk; sdk.create('metric', 'mce'); {IMPORTED}", tmp_path)
+    assert out == "['plugins', 'plugins.metrics', 'plugins.metrics.ece']"  # mce: no entry point
+
+
+def test_without_an_index_create_imports_every_module():
+    out = _fresh("import sys, sdk; sdk.create('objective', 'nt_xent'); "
+                 "print(sum(m.startswith('plugins.') and m.count('.') == 2 for m in sys.modules))")
+    assert int(out) == _n_entry_points()
+
+
+def test_cards_from_the_index_equal_imported_cards(tmp_path):
+    imported = _fresh(CARDS)
+    assert _fresh(CARDS, tmp_path) == imported  # first run: imports and writes the index
+    indexed = _fresh(f"{CARDS}; {IMPORTED}", tmp_path)
+    assert indexed == f"{imported}\n[]"  # same cards, no plugin module imported
+
+
+def test_a_changed_module_is_imported_again(tmp_path):
+    import os
+
+    import plugins.ssl.barlow_twins as changed
+
+    _fresh("import sdk; sdk.plugins()", tmp_path)
+    before = os.stat(changed.__file__)
+    try:
+        os.utime(changed.__file__, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+        code = f"import sys, sdk; sdk.create('objective', 'nt_xent'); {IMPORTED}"
+        assert "plugins.ssl.barlow_twins" in _fresh(code, tmp_path)  # its record is stale
+        assert "plugins.ssl.barlow_twins" not in _fresh(code, tmp_path)  # and recorded again
+    finally:
+        os.utime(changed.__file__, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_an_index_written_by_another_core_is_ignored(tmp_path):
+    import json
+
+    _fresh("import sdk; sdk.plugins()", tmp_path)
+    (index,) = tmp_path.glob("cards-*.json")
+    data = json.loads(index.read_text())
+    data["own"] = {path: [0, 0] for path in data["own"]}
+    index.write_text(json.dumps(data))
+    out = _fresh("import sys, sdk; sdk.create('objective', 'nt_xent'); "
+                 "print(sum(m.startswith('plugins.') and m.count('.') == 2 for m in sys.modules))",
+                 tmp_path)
+    assert int(out) == _n_entry_points()
+
+
+def test_lazy_lookup_then_full_listing_loads_each_module_once():
+    reg = Registry("paperplug")
+    assert reg.create("objective", "nt_xent").name == "nt_xent"
+    assert [c.name for c in reg.cards("objective")].count("nt_xent") == 1
+    assert reg.broken == [] and ("objective", "barlow_twins") in {(c.kind, c.name) for c in reg.cards()}
+    assert reg.get("objective", "barlow_twins").factory.__name__ == "BarlowTwins"
+
+
+def test_a_trainer_built_from_objects_does_not_discover_plugins():
+    code = """
+import sys, torch, sdk
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from sdk.data import IndexedDataset
+from sdk.interfaces import Objective
+from sdk.registry import get_registry
+
+class CE(Objective):
+    requires = {"logits": True, "targets": True}
+
+    def forward(self, views, batch):
+        return sdk.Loss(value=F.cross_entropy(views.logits, batch.targets))
+
+data = IndexedDataset(torch.randn(16, 4), torch.arange(16) % 3)
+trainer = sdk.Trainer(nn.Linear(4, 3), CE(), torch.optim.SGD, max_epochs=1, progress=False)
+trainer.fit(DataLoader(data, batch_size=8))
+print(sorted(m for m in sys.modules if m.startswith('plugins')), len(get_registry()._loaded))
+"""
+    assert _fresh(code) == "[] 0"

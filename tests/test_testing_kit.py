@@ -68,7 +68,7 @@ class Declared(Undeclared):
                                             (Declared, None)])
 def test_the_kit_requires_objectives_to_declare_batch_coupling(cls, error):
     reg = sdk.Registry()
-    reg.add("objective", "sq", cls, card=sdk.Card(name="sq", kind="objective", title="t", summary="s"))
+    reg.add(cls, card=sdk.Card(name="sq", kind="objective", title="t", summary="s"))
     if error is None:
         sdk.testing.check_plugin("objective", "sq", registry=reg)
     else:

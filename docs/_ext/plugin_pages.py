@@ -75,11 +75,11 @@ def card_page(card: Any) -> str:
         out += ["## Formula", "", f"{fence}text", card.formula.strip(), fence, ""]
     out += ["## Parameters", ""]
     if card.params:
-        out += ["| parameter | type | default |", "|---|---|---|"]
+        out += ["| parameter | type | default | constraint |", "|---|---|---|---|"]
         out += [f"| {_code(p.name)} | {_code(p.type)} | "
                 f"{'required' if p.required else _code(p.default_repr())}"
-                f"{f' (filled from the data: {_code(p.from_data)})' if p.from_data else ''} |"
-                for p in card.params]
+                f"{f' (filled from the data: {_code(p.from_data)})' if p.from_data else ''} | "
+                f"{_code(p.constraint) if p.constraint else ''} |" for p in card.params]
     else:
         out.append("None.")
     out.append("")

@@ -5,11 +5,14 @@ Guo et al., "On Calibration of Modern Neural Networks", ICML 2017.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt
 
 from sdk.card import Card
-from sdk.errors import ConfigError, ShapeError
+from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Calibrator
 
@@ -27,13 +30,8 @@ class TemperatureScaling(Calibrator):
 
     inputs = "logits"
 
-    def __init__(self, max_iter: int = 100, lr: float = 0.1):
+    def __init__(self, max_iter: Annotated[int, Ge(1)] = 100, lr: Annotated[float, Gt(0)] = 0.1):
         super().__init__()
-        if max_iter < 1:
-            raise ConfigError(f"temperature_scaling: max_iter must be >= 1, got {max_iter}",
-                              param="max_iter")
-        if not lr > 0:
-            raise ConfigError(f"temperature_scaling: lr must be > 0, got {lr}", param="lr")
         self.max_iter, self.lr = max_iter, lr
         self.log_t = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
 
@@ -74,4 +72,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("calibrator", "temperature_scaling", TemperatureScaling, card=CARD)
+    registry.add(TemperatureScaling, card=CARD)

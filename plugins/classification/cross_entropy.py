@@ -6,11 +6,14 @@ CVPR 2016.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Interval
 
 from sdk.card import Card
-from sdk.errors import ConfigError, ShapeError
+from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective
 from sdk.types import Batch, Loss, Views
@@ -38,11 +41,8 @@ class CrossEntropy(Objective):
     consumes = frozenset({Input.LOGITS, Input.LABELS, Input.SOFT_LABELS})
     batch_coupled = False
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: Annotated[float, Interval(ge=0, lt=1)] = 0.0):
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(f"cross_entropy: label_smoothing must be in [0, 1), got "
-                              f"{label_smoothing}", param="label_smoothing")
         self.label_smoothing = label_smoothing
 
     def caveats(self) -> dict[Input, str]:
@@ -67,4 +67,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "cross_entropy", CrossEntropy, card=CARD)
+    registry.add(CrossEntropy, card=CARD)

@@ -9,10 +9,11 @@ from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt
 
 from sdk.card import Card
 from sdk.context import FromData
-from sdk.errors import ConfigError, RequirementError
+from sdk.errors import RequirementError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Transform
 from sdk.types import Batch
@@ -32,11 +33,9 @@ class Mixup(Transform):
 
     produces = frozenset({Input.SOFT_LABELS})
 
-    def __init__(self, alpha: float = 0.2,
+    def __init__(self, alpha: Annotated[float, Gt(0)] = 0.2,
                  num_classes: Annotated[int | None, FromData("num_classes")] = None):
         super().__init__()
-        if not alpha > 0:
-            raise ConfigError(f"mixup: alpha must be > 0, got {alpha}", param="alpha")
         self.alpha, self.num_classes = alpha, num_classes
         self._beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha))
 
@@ -71,4 +70,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("transform", "mixup", Mixup, card=CARD)
+    registry.add(Mixup, card=CARD)

@@ -25,7 +25,10 @@ The heads and ``phi`` belong to the objective: the engine optimises them with th
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Ge, Gt
 from torch import Tensor, nn
 
 from sdk import contrastive
@@ -100,26 +103,17 @@ class AdaptiveMultiheadContrastive(Objective):
     consumes = frozenset({Input.PAIRS})
     batch_coupled = True
 
-    def __init__(self, in_dim: int = 512, hidden_dim: int = 512, out_dim: int = 128,
-                 num_heads: int = 3, beta: float = 1e-4, tau_min: float = 1e-5,
-                 tau_max: float = 2.0, temperature_hidden_dim: int | None = None, topk: int = 100,
-                 sampler: Sampler | None = None, gather: Gather = "auto"):
+    def __init__(self, in_dim: Annotated[int, Ge(1)] = 512, hidden_dim: Annotated[int, Ge(1)] = 512,
+                 out_dim: Annotated[int, Ge(1)] = 128, num_heads: Annotated[int, Ge(1)] = 3,
+                 beta: Annotated[float, Ge(0)] = 1e-4, tau_min: Annotated[float, Gt(0)] = 1e-5,
+                 tau_max: float = 2.0, temperature_hidden_dim: Annotated[int, Ge(1)] | None = None,
+                 topk: Annotated[int, Ge(1)] = 100, sampler: Sampler | None = None,
+                 gather: Gather = "auto"):
         super().__init__()
-        for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim),
-                            ("num_heads", num_heads), ("topk", topk)):
-            if value < 1:
-                raise ConfigError(f"adaptive_multihead_contrastive: {name} must be >= 1, got {value}",
-                                  param=name)
-        if beta < 0:
-            raise ConfigError(f"adaptive_multihead_contrastive: beta must be >= 0, got {beta}",
-                              param="beta")
-        if not 0 < tau_min < tau_max:
-            raise ConfigError("adaptive_multihead_contrastive: need 0 < tau_min < tau_max, got "
+        if not tau_min < tau_max:
+            raise ConfigError("adaptive_multihead_contrastive: need tau_min < tau_max, got "
                               f"tau_min={tau_min}, tau_max={tau_max}", param="tau_min")
         t_hidden = out_dim if temperature_hidden_dim is None else temperature_hidden_dim
-        if t_hidden < 1:
-            raise ConfigError("adaptive_multihead_contrastive: temperature_hidden_dim must be >= 1",
-                              param="temperature_hidden_dim")
         self.in_dim, self.out_dim, self.num_heads = in_dim, out_dim, num_heads
         self.beta, self.tau_min, self.tau_max, self.topk = beta, tau_min, tau_max, topk
         self.heads = nn.ModuleList(mlp_layers([in_dim, hidden_dim, out_dim]) for _ in range(num_heads))
@@ -189,4 +183,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "adaptive_multihead_contrastive", AdaptiveMultiheadContrastive, card=CARD)
+    registry.add(AdaptiveMultiheadContrastive, card=CARD)

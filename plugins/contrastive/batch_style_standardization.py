@@ -7,11 +7,14 @@ with Batch Styles Standardization", ICLR 2024.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
+from annotated_types import Ge, Interval, Len
 from torch import Tensor
 
 from sdk.card import Card
+from sdk.constraints import one_of
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Transform
@@ -60,22 +63,16 @@ class BatchStyleStandardization(Transform):
     reshaped to ``image_shape`` ((H, W) or (C, H, W)) and back. ``extras`` record
     ``bss_area_ratio`` and (random style) ``bss_reference``. Acts in training mode only."""
 
-    def __init__(self, image_shape: tuple[int, ...] | list[int] | None = None, r_min: float = 1.0,
-                 r_max: float = 1.0, mix: float = 1.0, style: str = "random"):
+    def __init__(self, image_shape: Annotated[tuple[Annotated[int, Ge(1)], ...]
+                                              | list[Annotated[int, Ge(1)]], Len(2, 3)] | None = None,
+                 r_min: Annotated[float, Interval(gt=0, le=1)] = 1.0,
+                 r_max: Annotated[float, Interval(gt=0, le=1)] = 1.0,
+                 mix: Annotated[float, Interval(ge=0, le=1)] = 1.0,
+                 style: Annotated[str, one_of(STYLES)] = "random"):
         super().__init__()
-        if image_shape is not None and (len(image_shape) not in (2, 3) or min(image_shape) < 1):
-            raise ConfigError(f"batch_style_standardization: image_shape must be (H, W) or (C, H, W) "
-                              f"of positive sizes, got {image_shape}", param="image_shape")
-        if not 0 < r_min <= r_max <= 1:
-            raise ConfigError(f"batch_style_standardization: need 0 < r_min <= r_max <= 1, got "
-                              f"r_min={r_min}, r_max={r_max}", param="r_min" if not 0 < r_min <= 1
-                              else "r_max")
-        if not 0 <= mix <= 1:
-            raise ConfigError(f"batch_style_standardization: mix must be in [0, 1], got {mix}",
-                              param="mix")
-        if style not in STYLES:
-            raise ConfigError(f"batch_style_standardization: style must be one of {STYLES}, got "
-                              f"{style!r}", param="style")
+        if not r_min <= r_max:
+            raise ConfigError(f"batch_style_standardization: need r_min <= r_max, got "
+                              f"r_min={r_min}, r_max={r_max}", param="r_max")
         self.image_shape = None if image_shape is None else tuple(image_shape)
         self.r_min, self.r_max, self.mix, self.style = r_min, r_max, mix, style
 
@@ -132,4 +129,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("transform", "batch_style_standardization", BatchStyleStandardization, card=CARD)
+    registry.add(BatchStyleStandardization, card=CARD)

@@ -13,13 +13,15 @@ and the other samples of ``y`` as negatives; weights are not detached.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Ge
 from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
 from sdk.distributed import Gather
-from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective, Sampler
 from sdk.types import Batch, Loss, Views
@@ -65,13 +67,10 @@ class CACR(Objective):
     consumes = frozenset({Input.PAIRS, Input.PAIR_WEIGHTS})
     batch_coupled = True
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, tau_pos: float = 1.0,
-                 tau_neg: float = 1.0, sampler: Sampler | None = None, gather: Gather = "auto"):
+    def __init__(self, alpha: Annotated[float, Ge(0)] = 1.0, beta: Annotated[float, Ge(0)] = 1.0,
+                 tau_pos: Annotated[float, Ge(0)] = 1.0, tau_neg: Annotated[float, Ge(0)] = 1.0,
+                 sampler: Sampler | None = None, gather: Gather = "auto"):
         super().__init__()
-        for name, value in (("alpha", alpha), ("beta", beta), ("tau_pos", tau_pos),
-                            ("tau_neg", tau_neg)):
-            if value < 0:
-                raise ConfigError(f"cacr: {name} must be >= 0, got {value}", param=name)
         self.alpha, self.beta = alpha, beta
         self.tau_pos, self.tau_neg = tau_pos, tau_neg
         self.sampler = sampler
@@ -125,4 +124,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "cacr", CACR, card=CARD)
+    registry.add(CACR, card=CARD)

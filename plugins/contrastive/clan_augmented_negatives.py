@@ -7,15 +7,15 @@ github.com/jackwilkie/CLAN).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 from torch import Tensor
 
 from sdk.card import Card
 from sdk.distributed import Gather, gather_with_grad, rank, resolve_gather
-from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
 from sdk.state import ResizableBuffers
@@ -82,17 +82,10 @@ class CLANAugmentedNegatives(ResizableBuffers, Objective):
     requires = {"views": 2}
     batch_coupled = True
 
-    def __init__(self, margin: float = 0.6, alpha: float = 0.5, squared: bool = True,
-                 eps: float = 1e-6, gather: Gather = "auto"):
+    def __init__(self, margin: Annotated[float, Gt(0)] = 0.6,
+                 alpha: Annotated[float, Interval(ge=0, le=1)] = 0.5, squared: bool = True,
+                 eps: Annotated[float, Ge(0)] = 1e-6, gather: Gather = "auto"):
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"clan_augmented_negatives: alpha must be in [0, 1], got {alpha}",
-                              param="alpha")
-        if not margin > 0:
-            raise ConfigError(f"clan_augmented_negatives: margin must be > 0, got {margin}",
-                              param="margin")
-        if not eps >= 0:
-            raise ConfigError(f"clan_augmented_negatives: eps must be >= 0, got {eps}", param="eps")
         self.margin, self.alpha, self.squared, self.eps, self.gather = margin, alpha, squared, eps, gather
         self.register_buffer("centroid", torch.empty(0))
 
@@ -139,4 +132,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "clan_augmented_negatives", CLANAugmentedNegatives, card=CARD)
+    registry.add(CLANAugmentedNegatives, card=CARD)

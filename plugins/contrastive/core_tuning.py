@@ -8,14 +8,17 @@ github.com/Vanint/Core-tuning).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
 from sdk.distributed import Gather, gather_no_grad, gather_with_grad, rank, resolve_gather
-from sdk.errors import ConfigError, ShapeError
+from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective
 from sdk.types import Batch, Loss, Views
@@ -120,14 +123,11 @@ class CoreTuning(Objective):
     consumes = frozenset({Input.LOGITS, Input.LABELS})
     batch_coupled = True
 
-    def __init__(self, eta: float = 0.1, temperature: float = 0.07, mixup: bool = True,
-                 mixup_alpha: float = 1.0, min_lambda: float = 0.8, gather: Gather = "auto"):
+    def __init__(self, eta: Annotated[float, Ge(0)] = 0.1, temperature: Annotated[float, Gt(0)] = 0.07,
+                 mixup: bool = True, mixup_alpha: Annotated[float, Gt(0)] = 1.0,
+                 min_lambda: Annotated[float, Interval(ge=0, le=1)] = 0.8,
+                 gather: Gather = "auto"):
         super().__init__()
-        checks = (("eta", eta >= 0), ("temperature", temperature > 0), ("mixup_alpha", mixup_alpha > 0),
-                  ("min_lambda", 0 <= min_lambda <= 1))
-        for param, ok in checks:
-            if not ok:
-                raise ConfigError(f"core_tuning: {param}={locals()[param]} is out of range", param=param)
         self.eta, self.temperature, self.mixup = eta, temperature, mixup
         self.mixup_alpha, self.min_lambda = mixup_alpha, min_lambda
         self.gather = gather
@@ -175,4 +175,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "core_tuning", CoreTuning, card=CARD)
+    registry.add(CoreTuning, card=CARD)

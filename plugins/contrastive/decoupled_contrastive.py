@@ -5,14 +5,16 @@ Yeh et al., "Decoupled Contrastive Learning", ECCV 2022 (arXiv:2110.06848).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.distributed as dist
+from annotated_types import Gt
 from torch import Tensor
 
 from sdk import contrastive, distributed
 from sdk.card import Card
 from sdk.distributed import Gather
-from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective, Sampler
 from sdk.types import Batch, Loss, Views
@@ -64,15 +66,10 @@ class DecoupledContrastive(Objective):
     consumes = frozenset({Input.PAIRS, Input.PAIR_WEIGHTS, Input.EXTRA_NEGATIVES})
     batch_coupled = True
 
-    def __init__(self, temperature: float = 0.1, sigma: float | None = None,
+    def __init__(self, temperature: Annotated[float, Gt(0)] = 0.1,
+                 sigma: Annotated[float, Gt(0)] | None = None,
                  sampler: Sampler | None = None, gather: Gather = "auto"):
         super().__init__()
-        if not temperature > 0:
-            raise ConfigError(f"decoupled_contrastive: temperature must be > 0, got {temperature}",
-                              param="temperature")
-        if sigma is not None and not sigma > 0:
-            raise ConfigError(f"decoupled_contrastive: sigma must be > 0 or None, got {sigma}",
-                              param="sigma")
         self.temperature, self.sigma = temperature, sigma
         self.sampler, self.gather = sampler, gather
 
@@ -118,4 +115,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "decoupled_contrastive", DecoupledContrastive, card=CARD)
+    registry.add(DecoupledContrastive, card=CARD)

@@ -8,13 +8,15 @@ Metric Learning", ICCV 2023.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Interval, Le
 from torch import Tensor, nn
 
 from sdk.card import Card
+from sdk.constraints import Constrained
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.state import ResizableBuffers
@@ -65,7 +67,7 @@ def diverse_anchors(embeddings: Tensor, num_anchors: int, *, similar_exclude: fl
     return torch.stack(picks)
 
 
-class DiverseAnchorMining(ResizableBuffers, torch.utils.data.Sampler):
+class DiverseAnchorMining(ResizableBuffers, torch.utils.data.Sampler, Constrained):
     """Data-level sampler yielding this epoch's diverse anchors (dataset positions).
 
     At ``on_epoch_start`` it embeds the training set (``trainer.embed``), draws a random pool
@@ -77,19 +79,14 @@ class DiverseAnchorMining(ResizableBuffers, torch.utils.data.Sampler):
 
     resizable_buffers = ("anchors",)  # the selection's size is known once it is made
 
-    def __init__(self, num_anchors: int = 2000, pool_size: int = 10000, similar_exclude: float = 0.2,
-                 similar_include: float = 0.8, shuffle: bool = True, seed: int = 0):
+    def __init__(self, num_anchors: Annotated[int, Ge(1)] = 2000, pool_size: int = 10000,
+                 similar_exclude: Annotated[float, Interval(ge=0, le=1)] = 0.2,
+                 similar_include: Annotated[float, Le(1)] = 0.8, shuffle: bool = True, seed: int = 0):
         nn.Module.__init__(self)
-        if num_anchors < 1:
-            raise ConfigError(f"diverse_anchor_mining: num_anchors must be >= 1, got {num_anchors}",
-                              param="num_anchors")
         if pool_size < num_anchors:
             raise ConfigError(f"diverse_anchor_mining: pool_size ({pool_size}) must be >= "
                               f"num_anchors ({num_anchors})", param="pool_size")
-        if not 0 <= similar_exclude <= 1:
-            raise ConfigError(f"diverse_anchor_mining: similar_exclude must be in [0, 1], got "
-                              f"{similar_exclude}", param="similar_exclude")
-        if not similar_exclude <= similar_include <= 1:
+        if not similar_exclude <= similar_include:
             raise ConfigError(f"diverse_anchor_mining: similar_include must be in [similar_exclude="
                               f"{similar_exclude}, 1], got {similar_include}", param="similar_include")
         self.num_anchors, self.pool_size, self.seed, self.shuffle = num_anchors, pool_size, seed, shuffle
@@ -144,4 +141,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("sampler", "diverse_anchor_mining", DiverseAnchorMining, card=CARD)
+    registry.add(DiverseAnchorMining, card=CARD)

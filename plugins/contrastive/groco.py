@@ -15,14 +15,16 @@ ranked above every negative).
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
+from annotated_types import Ge, Gt
 from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
 from sdk.distributed import Gather
-from sdk.errors import ConfigError, ShapeError
+from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective, Sampler
 from sdk.types import Batch, Loss, Views
@@ -119,15 +121,11 @@ class GroCo(Objective):
     consumes = frozenset({Input.PAIRS})
     batch_coupled = True
 
-    def __init__(self, steepness: float = 1.0, topk_negatives: int = 10,
+    def __init__(self, steepness: Annotated[float, Gt(0)] = 1.0,
+                 topk_negatives: Annotated[int, Ge(1)] = 10,
                  stop_gradient: bool = True, same_view_negatives: bool = True,
                  sampler: Sampler | None = None, gather: Gather = "auto"):
         super().__init__()
-        if not steepness > 0:
-            raise ConfigError(f"groco: steepness must be > 0, got {steepness}", param="steepness")
-        if topk_negatives < 1:
-            raise ConfigError(f"groco: topk_negatives must be >= 1, got {topk_negatives}",
-                              param="topk_negatives")
         self.steepness = steepness
         self.topk_negatives = topk_negatives
         self.stop_gradient = stop_gradient
@@ -184,4 +182,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "groco", GroCo, card=CARD)
+    registry.add(GroCo, card=CARD)

@@ -6,14 +6,16 @@ Learning", NeurIPS 2020 (arXiv:2010.01028).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
+from sdk.constraints import one_of
 from sdk.contrastive import sample_ids
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
@@ -181,19 +183,10 @@ class HardNegativeMixing(Sampler):
 
     produces = frozenset({Input.PAIRS, Input.EXTRA_NEGATIVES})
 
-    def __init__(self, n_hard: int = 1024, s: int = 1024, s_prime: int = 512,
-                 pool: str = "memory", seed: int | None = None):
+    def __init__(self, n_hard: Annotated[int, Ge(1)] = 1024, s: Annotated[int, Ge(0)] = 1024,
+                 s_prime: Annotated[int, Ge(0)] = 512, pool: Annotated[str, one_of(POOLS)] = "memory",
+                 seed: int | None = None):
         super().__init__()
-        if n_hard < 1:
-            raise ConfigError(f"hard_negative_mixing: n_hard must be >= 1, got {n_hard}",
-                              param="n_hard")
-        for name, value in (("s", s), ("s_prime", s_prime)):
-            if value < 0:
-                raise ConfigError(f"hard_negative_mixing: {name} must be >= 0, got {value}",
-                                  param=name)
-        if pool not in POOLS:
-            raise ConfigError(f"hard_negative_mixing: pool must be one of {', '.join(POOLS)}, "
-                              f"got {pool!r}", param="pool")
         self.n_hard, self.s, self.s_prime, self.pool, self.seed = n_hard, s, s_prime, pool, seed
         self._generator: torch.Generator | None = None
         self._pending_state: Tensor | None = None
@@ -283,4 +276,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("sampler", "hard_negative_mixing", HardNegativeMixing, card=CARD)
+    registry.add(HardNegativeMixing, card=CARD)

@@ -8,10 +8,11 @@ authors' unimodal code (``SogCLR_DRO_Loss``) and LibAUC's ``GCLoss_v1``.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import attrs
 import torch
+from annotated_types import Ge, Gt, Interval
 from torch import Tensor
 
 from sdk import contrastive
@@ -111,20 +112,19 @@ class ISogCLR(Objective):
     consumes = frozenset({Input.PAIRS, Input.PAIR_WEIGHTS, Input.EXTRA_NEGATIVES})
     batch_coupled = True
 
-    def __init__(self, num_samples: int = 65536, temperature: float = 0.1, gamma: float = 0.9,
-                 rho: float = 0.3, eta: float = 0.01, beta: float = 0.9, tau_min: float = 0.05,
-                 tau_max: float = 0.7, grad_clip: float = 3.0, sampler: Sampler | None = None,
+    def __init__(self, num_samples: Annotated[int, Ge(1)] = 65536, temperature: float = 0.1,
+                 gamma: Annotated[float, Interval(gt=0, le=1)] = 0.9, rho: Annotated[float, Ge(0)] = 0.3,
+                 eta: Annotated[float, Ge(0)] = 0.01, beta: Annotated[float, Interval(gt=0, le=1)] = 0.9,
+                 tau_min: Annotated[float, Gt(0)] = 0.05, tau_max: float = 0.7,
+                 grad_clip: Annotated[float, Gt(0)] = 3.0, sampler: Sampler | None = None,
                  gather: Gather = "auto"):
         super().__init__()
-        checks = {"num_samples": num_samples >= 1, "temperature": tau_min <= temperature <= tau_max,
-                  "gamma": 0.0 < gamma <= 1.0, "rho": rho >= 0.0, "eta": eta >= 0.0,
-                  "beta": 0.0 < beta <= 1.0, "tau_min": 0.0 < tau_min <= tau_max,
-                  "grad_clip": grad_clip > 0.0}
-        for name, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"isogclr: invalid {name}={locals()[name]!r} (need num_samples >= 1, "
-                                  "0 < tau_min <= temperature <= tau_max, 0 < gamma <= 1, rho >= 0, "
-                                  "eta >= 0, 0 < beta <= 1, grad_clip > 0)", param=name)
+        if not tau_min <= tau_max:
+            raise ConfigError(f"isogclr: need tau_min <= tau_max, got tau_min={tau_min!r}, "
+                              f"tau_max={tau_max!r}", param="tau_min")
+        if not tau_min <= temperature <= tau_max:
+            raise ConfigError(f"isogclr: temperature={temperature!r} must be in [tau_min={tau_min!r}, "
+                              f"tau_max={tau_max!r}]", param="temperature")
         self.num_samples, self.temperature = num_samples, temperature
         self.gamma, self.rho, self.eta, self.beta = gamma, rho, eta, beta
         self.tau_min, self.tau_max, self.grad_clip = tau_min, tau_max, grad_clip
@@ -206,4 +206,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "isogclr", ISogCLR, card=CARD)
+    registry.add(ISogCLR, card=CARD)

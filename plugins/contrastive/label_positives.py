@@ -37,4 +37,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("sampler", "label_positives", LabelPositives, card=CARD)
+    registry.add(LabelPositives, card=CARD)

@@ -8,9 +8,10 @@ Adaptively Weighted Negative Samples" (arXiv:2212.13847; MEOW first appeared at 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from annotated_types import Ge, MinLen
 from torch import Tensor
 
 from sdk.card import Card
@@ -51,16 +52,10 @@ class MEOWWeightedNegatives(ResizableBuffers, Sampler):
 
     resizable_buffers = ("clusters",)
 
-    def __init__(self, n_clusters: Sequence[int] = (100, 300), normalize: bool = True,
-                 kmeans_iters: int = 50, seed: int = 0):
+    def __init__(self, n_clusters: Annotated[Sequence[Annotated[int, Ge(1)]], MinLen(1)] = (100, 300),
+                 normalize: bool = True, kmeans_iters: Annotated[int, Ge(1)] = 50, seed: int = 0):
         super().__init__()
         n_clusters = tuple(n_clusters)
-        if not n_clusters or any(k < 1 for k in n_clusters):
-            raise ConfigError(f"meow_weighted_negatives: n_clusters must be a non-empty tuple of "
-                              f"ints >= 1, got {n_clusters}", param="n_clusters")
-        if kmeans_iters < 1:
-            raise ConfigError(f"meow_weighted_negatives: kmeans_iters must be >= 1, got "
-                              f"{kmeans_iters}", param="kmeans_iters")
         self.n_clusters, self.normalize, self.kmeans_iters, self.seed = (n_clusters, normalize,
                                                                          kmeans_iters, seed)
         self.register_buffer("clusters", torch.full((len(n_clusters), 0), -1, dtype=torch.long))
@@ -131,4 +126,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("sampler", "meow_weighted_negatives", MEOWWeightedNegatives, card=CARD)
+    registry.add(MEOWWeightedNegatives, card=CARD)

@@ -22,13 +22,16 @@ the mix of the anchor's similarities. Distance magnifying weights every denomina
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Gt
 from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
 from sdk.distributed import Gather
-from sdk.errors import ConfigError, RequirementError, ShapeError
+from sdk.errors import RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
 from sdk.types import Batch, Loss, Views
@@ -102,15 +105,12 @@ class MixupYourOwnPairs(Objective):
     requires = {"views": 2, "targets": True}
     batch_coupled = True
 
-    def __init__(self, temperature: float = 0.3, window: float = 5.0, neg_beta_a: float = 2.0,
-                 neg_beta_b: float = 8.0, mix_negatives: bool = True, mix_positives: bool = True,
+    def __init__(self, temperature: Annotated[float, Gt(0)] = 0.3, window: Annotated[float, Gt(0)] = 5.0,
+                 neg_beta_a: Annotated[float, Gt(0)] = 2.0, neg_beta_b: Annotated[float, Gt(0)] = 8.0,
+                 mix_negatives: bool = True, mix_positives: bool = True,
                  distance_magnifying: bool = True, detach_mixtures: bool = True,
                  gather: Gather = "auto"):
         super().__init__()
-        for name, value in (("temperature", temperature), ("window", window),
-                            ("neg_beta_a", neg_beta_a), ("neg_beta_b", neg_beta_b)):
-            if not value > 0:
-                raise ConfigError(f"mixup_your_own_pairs: {name} must be > 0, got {value}", param=name)
         self.temperature, self.window = temperature, window
         self.neg_beta_a, self.neg_beta_b = neg_beta_a, neg_beta_b
         self.mix_negatives, self.mix_positives = mix_negatives, mix_positives
@@ -167,4 +167,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "mixup_your_own_pairs", MixupYourOwnPairs, card=CARD)
+    registry.add(MixupYourOwnPairs, card=CARD)

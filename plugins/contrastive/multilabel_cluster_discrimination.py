@@ -7,10 +7,11 @@ Learning", ECCV 2024, arXiv:2407.17331 (reference code github.com/deepglint/unic
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 from torch import Tensor, nn
 
 from sdk import contrastive
@@ -76,17 +77,15 @@ class MultilabelClusterDiscrimination(ResizableBuffers, Objective):
 
     requires = {"views": 1}
 
-    def __init__(self, n_clusters: int = 100, num_positives: int = 3, scale: float = 32.0,
-                 margin: float = 0.0, negative_ratio: float = 0.1, embedding_dim: int | None = None,
+    def __init__(self, n_clusters: Annotated[int, Ge(2)] = 100, num_positives: Annotated[int, Ge(1)] = 3,
+                 scale: Annotated[float, Gt(0)] = 32.0, margin: Annotated[float, Ge(0)] = 0.0,
+                 negative_ratio: Annotated[float, Interval(gt=0, le=1)] = 0.1,
+                 embedding_dim: Annotated[int, Ge(1)] | None = None,
                  recluster: bool = False, seed: int = 0, gather: Gather = "auto"):
         super().__init__()
-        checks = (("n_clusters", n_clusters >= 2), ("num_positives", 1 <= num_positives < n_clusters),
-                  ("scale", scale > 0), ("margin", margin >= 0), ("negative_ratio", 0 < negative_ratio <= 1),
-                  ("embedding_dim", embedding_dim is None or embedding_dim >= 1))
-        for param, ok in checks:
-            if not ok:
-                raise ConfigError(f"multilabel_cluster_discrimination: {param}={locals()[param]!r} "
-                                  "is out of range", param=param)
+        if not num_positives < n_clusters:
+            raise ConfigError(f"multilabel_cluster_discrimination: num_positives={num_positives!r} "
+                              f"must be < n_clusters={n_clusters!r}", param="num_positives")
         self.n_clusters, self.num_positives = n_clusters, num_positives
         self.scale, self.margin, self.negative_ratio = scale, margin, negative_ratio
         self.recluster, self.seed, self.gather = recluster, seed, gather
@@ -187,5 +186,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "multilabel_cluster_discrimination", MultilabelClusterDiscrimination,
-                 card=CARD)
+    registry.add(MultilabelClusterDiscrimination, card=CARD)

@@ -8,9 +8,10 @@ Contrastive Learning", ECCV 2024 (arXiv:2402.11816; code github.com/MajorDavidZh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from annotated_types import Ge, MinLen
 from torch import Tensor
 
 from sdk.card import Card
@@ -50,19 +51,14 @@ class MultistageContrastive(ResizableBuffers, Sampler):
 
     resizable_buffers = ("labels",)
 
-    def __init__(self, stage_epochs: Sequence[int] = (100,), n_clusters: int = 10,
-                 features: bool = False, normalize: bool = True, kmeans_iters: int = 50,
-                 seed: int = 0):
+    def __init__(self, stage_epochs: Annotated[Sequence[Annotated[int, Ge(1)]], MinLen(1)] = (100,),
+                 n_clusters: Annotated[int, Ge(1)] = 10, features: bool = False,
+                 normalize: bool = True, kmeans_iters: Annotated[int, Ge(1)] = 50, seed: int = 0):
         super().__init__()
         stage_epochs = tuple(stage_epochs)
-        if not stage_epochs or any(e < 1 for e in stage_epochs) or list(stage_epochs) != sorted(
-                set(stage_epochs)):
-            raise ConfigError(f"multistage_contrastive: stage_epochs must be strictly increasing "
-                              f"epochs >= 1, got {stage_epochs}", param="stage_epochs")
-        for name, value in (("n_clusters", n_clusters), ("kmeans_iters", kmeans_iters)):
-            if value < 1:
-                raise ConfigError(f"multistage_contrastive: {name} must be >= 1, got {value}",
-                                  param=name)
+        if list(stage_epochs) != sorted(set(stage_epochs)):
+            raise ConfigError(f"multistage_contrastive: stage_epochs must be strictly increasing, "
+                              f"got {stage_epochs}", param="stage_epochs")
         self.stage_epochs, self.n_clusters = stage_epochs, n_clusters
         self.features, self.normalize, self.kmeans_iters, self.seed = (features, normalize,
                                                                        kmeans_iters, seed)
@@ -130,4 +126,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("sampler", "multistage_contrastive", MultistageContrastive, card=CARD)
+    registry.add(MultistageContrastive, card=CARD)

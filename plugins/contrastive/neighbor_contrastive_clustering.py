@@ -7,7 +7,10 @@ arXiv:2204.12656 (reference code github.com/gayanku/SCGC). Its graph and DEC pie
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Ge, Gt
 from torch import Tensor
 
 from sdk import contrastive
@@ -44,11 +47,11 @@ class NeighborContrastiveClustering(GraphClusteringObjective):
     graph, see :func:`subgraph`) or from an in-batch ``knn`` graph.
     """
 
-    plugin_name = "neighbor_contrastive_clustering"
-
-    def __init__(self, n_clusters: int = 10, alpha: float = 4.0, beta: float = 0.1,
-                 tau: float = 0.25, order: int = 4, cumulative: bool = True, knn: int = 3,
-                 dof: float = 1.0, embedding_dim: int | None = None, gather: Gather = "auto"):
+    def __init__(self, n_clusters: Annotated[int, Ge(1)] = 10, alpha: Annotated[float, Ge(0)] = 4.0,
+                 beta: Annotated[float, Ge(0)] = 0.1, tau: Annotated[float, Gt(0)] = 0.25,
+                 order: Annotated[int, Ge(1)] = 4, cumulative: bool = True,
+                 knn: Annotated[int, Ge(1)] = 3, dof: Annotated[float, Gt(0)] = 1.0,
+                 embedding_dim: Annotated[int, Ge(1)] | None = None, gather: Gather = "auto"):
         super().__init__(n_clusters=n_clusters, alpha=alpha, beta=beta, tau=tau, order=order,
                          cumulative=cumulative, knn=knn, dof=dof, embedding_dim=embedding_dim,
                          gather=gather)
@@ -85,5 +88,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "neighbor_contrastive_clustering", NeighborContrastiveClustering,
-                 card=CARD)
+    registry.add(NeighborContrastiveClustering, card=CARD)

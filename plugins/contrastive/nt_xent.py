@@ -25,4 +25,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "nt_xent", NTXent, card=CARD)
+    registry.add(NTXent, card=CARD)

@@ -6,7 +6,10 @@ meta-node approximation", arXiv:2209.14067 (reference code github.com/gayanku/PA
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Ge, Gt
 from torch import Tensor
 
 from sdk import contrastive
@@ -59,11 +62,12 @@ class PamCMetaNodeContrastive(GraphClusteringObjective):
     adjacency nothing of size [B, B] is built.
     """
 
-    plugin_name = "pamc_meta_node_contrastive"
 
-    def __init__(self, n_clusters: int = 10, alpha: float = 2.0, beta: float = 2.0,
-                 tau: float = 0.5, order: int = 4, cumulative: bool = True, knn: int = 3,
-                 dof: float = 1.0, embedding_dim: int | None = None, gather: Gather = "auto"):
+    def __init__(self, n_clusters: Annotated[int, Ge(1)] = 10, alpha: Annotated[float, Ge(0)] = 2.0,
+                 beta: Annotated[float, Ge(0)] = 2.0, tau: Annotated[float, Gt(0)] = 0.5,
+                 order: Annotated[int, Ge(1)] = 4, cumulative: bool = True,
+                 knn: Annotated[int, Ge(1)] = 3, dof: Annotated[float, Gt(0)] = 1.0,
+                 embedding_dim: Annotated[int, Ge(1)] | None = None, gather: Gather = "auto"):
         super().__init__(n_clusters=n_clusters, alpha=alpha, beta=beta, tau=tau, order=order,
                          cumulative=cumulative, knn=knn, dof=dof, embedding_dim=embedding_dim,
                          gather=gather)
@@ -97,4 +101,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "pamc_meta_node_contrastive", PamCMetaNodeContrastive, card=CARD)
+    registry.add(PamCMetaNodeContrastive, card=CARD)

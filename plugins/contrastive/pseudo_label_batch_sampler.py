@@ -7,14 +7,16 @@ Projection via Pseudo Labelling", ICDM Workshops 2020 (arXiv:2009.12007).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from annotated_types import Ge
 from torch import Tensor
 
 from sdk import distributed
 from sdk.card import Card
 from sdk.cluster import kmeans
+from sdk.constraints import Constrained
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
 
@@ -67,7 +69,7 @@ def pseudo_label_batches(labels: Tensor, batch_size: int, *,
     return batches + ([order[partial]] if r else [])
 
 
-class PseudoLabelBatchSampler(torch.utils.data.Sampler[int]):
+class PseudoLabelBatchSampler(torch.utils.data.Sampler[int], Constrained):
     """A data-level sampler (``Trainer(sampler=...)``, used with the loader's ``batch_size``)
     that yields every training position once per epoch, in consecutive chunks of ``batch_size``
     that repeat a pseudo-label only as often as the cluster sizes force (never, when no cluster
@@ -87,14 +89,10 @@ class PseudoLabelBatchSampler(torch.utils.data.Sampler[int]):
 
     shards_ranks = True  # the Trainer leaves the per-rank split of whole batches to it
 
-    def __init__(self, num_samples: int = 50000, batch_size: int = 64, n_clusters: int | None = None,
-                 features: bool = False, normalize: bool = True, kmeans_iters: int = 50,
-                 seed: int = 0):
-        for name, value in (("num_samples", num_samples), ("batch_size", batch_size),
-                            ("kmeans_iters", kmeans_iters)):
-            if value < 1:
-                raise ConfigError(f"pseudo_label_batch_sampler: {name} must be >= 1, got {value}",
-                                  param=name)
+    def __init__(self, num_samples: Annotated[int, Ge(1)] = 50000,
+                 batch_size: Annotated[int, Ge(1)] = 64, n_clusters: int | None = None,
+                 features: bool = False, normalize: bool = True,
+                 kmeans_iters: Annotated[int, Ge(1)] = 50, seed: int = 0):
         k = batch_size if n_clusters is None else n_clusters
         if not batch_size <= k <= num_samples:
             raise ConfigError(f"pseudo_label_batch_sampler: n_clusters must be in [batch_size="
@@ -197,4 +195,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("sampler", "pseudo_label_batch_sampler", PseudoLabelBatchSampler, card=CARD)
+    registry.add(PseudoLabelBatchSampler, card=CARD)

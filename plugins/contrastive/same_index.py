@@ -33,4 +33,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("sampler", "same_index", SameIndex, card=CARD)
+    registry.add(SameIndex, card=CARD)

@@ -14,16 +14,17 @@ start; its jigsaw head has ``hidden=(512, 4096)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 from torch import Tensor, nn
 
 from sdk.card import Card
 from sdk.contrastive import NTXent
 from sdk.distributed import Gather
-from sdk.errors import ConfigError, RequirementError, ShapeError
+from sdk.errors import RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective, Sampler
 from sdk.types import Batch, Loss, Views
@@ -100,25 +101,14 @@ class ScatSimCLRPretext(Objective):
     consumes = NTXent.consumes | {Input.FEATURES}
     batch_coupled = True
 
-    def __init__(self, temperature: float = 0.5, pretext_weight: float = 0.3,
-                 warmup_epochs: int = 40, num_transforms: int = 4, feature_dim: int = 512,
-                 hidden: tuple[int, int] = (512, 128), dropout: float = 0.5, tiles: int = 1,
+    def __init__(self, temperature: Annotated[float, Gt(0)] = 0.5,
+                 pretext_weight: Annotated[float, Ge(0)] = 0.3,
+                 warmup_epochs: Annotated[int, Ge(0)] = 40, num_transforms: Annotated[int, Ge(1)] = 4,
+                 feature_dim: Annotated[int, Ge(1)] = 512,
+                 hidden: tuple[Annotated[int, Ge(1)], Annotated[int, Ge(1)]] = (512, 128),
+                 dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.5, tiles: Annotated[int, Ge(1)] = 1,
                  sampler: Sampler | None = None, gather: Gather = "auto"):
         super().__init__()
-        if pretext_weight < 0:
-            raise ConfigError(f"scat_simclr_pretext: pretext_weight must be >= 0, got "
-                              f"{pretext_weight}", param="pretext_weight")
-        if warmup_epochs < 0:
-            raise ConfigError(f"scat_simclr_pretext: warmup_epochs must be >= 0, got "
-                              f"{warmup_epochs}", param="warmup_epochs")
-        for name, value in (("num_transforms", num_transforms), ("feature_dim", feature_dim),
-                            ("tiles", tiles), ("hidden", min(hidden))):
-            if value < 1:
-                raise ConfigError(f"scat_simclr_pretext: {name} must be >= 1, got {value}",
-                                  param=name)
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"scat_simclr_pretext: dropout must be in [0, 1), got {dropout}",
-                              param="dropout")
         self.contrastive = NTXent(temperature=temperature, sampler=sampler, gather=gather)
         self.pretext_weight = pretext_weight
         self.warmup_epochs = warmup_epochs
@@ -199,4 +189,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "scat_simclr_pretext", ScatSimCLRPretext, card=CARD)
+    registry.add(ScatSimCLRPretext, card=CARD)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt, Interval
 from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
+from sdk.constraints import one_of
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
@@ -98,21 +101,11 @@ class SupervisedPatchNCE(Objective):
     requires: dict = {}
     batch_coupled = False  # negatives: patches of one image (without patch extras the batch is one image)
 
-    def __init__(self, temperature: float = 0.07, schedule: str = "lambda", decay_start: float = 0.5,
-                 lookup: str = "linear", detach_target: bool = True):
+    def __init__(self, temperature: Annotated[float, Gt(0)] = 0.07,
+                 schedule: Annotated[str, one_of(SCHEDULES)] = "lambda",
+                 decay_start: Annotated[float, Interval(ge=0, lt=1)] = 0.5,
+                 lookup: Annotated[str, one_of(LOOKUPS)] = "linear", detach_target: bool = True):
         super().__init__()
-        if not temperature > 0:
-            raise ConfigError(f"supervised_patch_nce: temperature must be > 0, got {temperature}",
-                              param="temperature")
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"supervised_patch_nce: schedule must be one of {SCHEDULES}, "
-                              f"got {schedule!r}", param="schedule")
-        if not 0 <= decay_start < 1:
-            raise ConfigError(f"supervised_patch_nce: decay_start must be in [0, 1), got {decay_start}",
-                              param="decay_start")
-        if lookup not in LOOKUPS:
-            raise ConfigError(f"supervised_patch_nce: lookup must be one of {LOOKUPS}, got {lookup!r}",
-                              param="lookup")
         self.temperature, self.schedule, self.decay_start = temperature, schedule, decay_start
         self.lookup, self.detach_target = lookup, detach_target
         self.register_buffer("progress", torch.zeros((), dtype=torch.float64))
@@ -184,4 +177,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "supervised_patch_nce", SupervisedPatchNCE, card=CARD)
+    registry.add(SupervisedPatchNCE, card=CARD)

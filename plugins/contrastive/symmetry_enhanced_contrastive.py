@@ -6,12 +6,16 @@ WACV 2023, arXiv:2210.08957 (reference code github.com/tingyu215/SECLA).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 from torch import Tensor
 
 from sdk import contrastive
 from sdk.card import Card
+from sdk.constraints import one_of
 from sdk.distributed import Gather, gather_no_grad, gather_with_grad, rank, resolve_gather
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
@@ -116,14 +120,11 @@ class SymmetryEnhancedContrastive(Objective):
     requires: dict = {}
     batch_coupled = True
 
-    def __init__(self, alpha: float = 0.15, agreement: str = "diagonal", hinge_weight: float = 0.0,
-                 margin: float = 0.2, gather: Gather = "auto"):
+    def __init__(self, alpha: Annotated[float, Ge(0)] = 0.15,
+                 agreement: Annotated[str, one_of(AGREEMENTS)] = "diagonal",
+                 hinge_weight: Annotated[float, Ge(0)] = 0.0, margin: Annotated[float, Ge(0)] = 0.2,
+                 gather: Gather = "auto"):
         super().__init__()
-        for param, value in (("alpha", alpha), ("hinge_weight", hinge_weight), ("margin", margin)):
-            if not value >= 0:
-                raise ConfigError(f"symmetry_enhanced_contrastive: {param} must be >= 0, got {value}",
-                                  param=param)
-        _check_agreement(agreement)
         self.alpha, self.agreement, self.hinge_weight, self.margin = alpha, agreement, hinge_weight, margin
         self.gather = gather
 
@@ -205,4 +206,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "symmetry_enhanced_contrastive", SymmetryEnhancedContrastive, card=CARD)
+    registry.add(SymmetryEnhancedContrastive, card=CARD)

@@ -6,12 +6,15 @@ Yu et al., "Socially-Aware Self-Supervised Tri-Training for Recommendation", KDD
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt
 from torch import Tensor
 
 from sdk.card import Card
+from sdk.constraints import one_of
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Sampler
@@ -73,26 +76,18 @@ class TriTrainingNeighborPositives(Sampler):
 
     produces = frozenset({Input.PAIRS})
 
-    def __init__(self, k: int = 10, agreement: str = "sum", min_agree: int | None = None,
-                 temperature: float = 1.0, source: str | None = None, leave_one_out: bool = False):
+    def __init__(self, k: Annotated[int, Ge(1)] = 10,
+                 agreement: Annotated[str, one_of(AGREEMENTS)] = "sum",
+                 min_agree: Annotated[int, Ge(1)] | None = None,
+                 temperature: Annotated[float, Gt(0)] = 1.0, source: str | None = None,
+                 leave_one_out: bool = False):
         super().__init__()
-        if k < 1:
-            raise ConfigError(f"tri_training_neighbor_positives: k must be >= 1, got {k}", param="k")
-        if agreement not in AGREEMENTS:
-            raise ConfigError(f"tri_training_neighbor_positives: agreement must be one of "
-                              f"{AGREEMENTS}, got {agreement!r}", param="agreement")
         if agreement == "sum" and min_agree is not None:
             raise ConfigError("tri_training_neighbor_positives: min_agree applies to "
                               "agreement='vote' only", param="min_agree")
         if agreement == "vote" and temperature != 1.0:
             raise ConfigError("tri_training_neighbor_positives: temperature applies to "
                               "agreement='sum' only", param="temperature")
-        if min_agree is not None and min_agree < 1:
-            raise ConfigError(f"tri_training_neighbor_positives: min_agree must be >= 1, got "
-                              f"{min_agree}", param="min_agree")
-        if not temperature > 0:
-            raise ConfigError(f"tri_training_neighbor_positives: temperature must be > 0, got "
-                              f"{temperature}", param="temperature")
         self.k, self.agreement, self.min_agree = k, agreement, min_agree
         self.temperature, self.source, self.leave_one_out = temperature, source, leave_one_out
 
@@ -151,4 +146,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("sampler", "tri_training_neighbor_positives", TriTrainingNeighborPositives, card=CARD)
+    registry.add(TriTrainingNeighborPositives, card=CARD)

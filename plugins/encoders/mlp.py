@@ -5,27 +5,26 @@ from __future__ import annotations
 from typing import Annotated
 
 import torch
+from annotated_types import Ge, Interval
 
 from sdk.card import Card
+from sdk.constraints import one_of
 from sdk.context import FromData
-from sdk.errors import ConfigError, ShapeError
+from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Encoder
-from sdk.layers import mlp_layers
+from sdk.layers import ACTIVATIONS, mlp_layers
 
 
 class MLP(Encoder):
     """``x -> flatten -> [Linear -> BN -> act] * len(hidden_dims) -> Linear``."""
 
-    def __init__(self, in_dim: Annotated[int, FromData("in_dim")] = 64,
-                 hidden_dims: tuple[int, ...] | list[int] = (256,), out_dim: int = 128,
-                 activation: str = "relu", batch_norm: bool = True, dropout: float = 0.0):
+    def __init__(self, in_dim: Annotated[int, Ge(1), FromData("in_dim")] = 64,
+                 hidden_dims: tuple[int, ...] | list[int] = (256,),
+                 out_dim: Annotated[int, Ge(1)] = 128,
+                 activation: Annotated[str, one_of(ACTIVATIONS)] = "relu", batch_norm: bool = True,
+                 dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0):
         super().__init__()
-        for name, value in (("in_dim", in_dim), ("out_dim", out_dim)):
-            if value < 1:
-                raise ConfigError(f"mlp: {name} must be >= 1, got {value}", param=name)
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"mlp: dropout must be in [0, 1), got {dropout}", param="dropout")
         self.in_dim, self.out_dim = in_dim, out_dim
         self.net = mlp_layers([in_dim, *hidden_dims, out_dim], activation=activation,
                               batch_norm=batch_norm, dropout=dropout)
@@ -48,4 +47,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("encoder", "mlp", MLP, card=CARD)
+    registry.add(MLP, card=CARD)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import torch
+from annotated_types import Ge
 
 from sdk.card import Card
 from sdk.context import FromData
@@ -28,14 +29,12 @@ class ProjectionHead(Encoder):
 
     def __init__(self, backbone: Encoder | None = None,
                  in_dim: Annotated[int | None, FromData("in_dim")] = None,
-                 hidden_dim: int = 512, out_dim: int = 128, layers: int = 2,
+                 hidden_dim: int = 512, out_dim: int = 128, layers: Annotated[int, Ge(1)] = 2,
                  batch_norm: bool = True):
         super().__init__()
         if backbone is not None and in_dim is not None and in_dim != backbone.out_dim:
             raise ConfigError(f"projection_head: in_dim={in_dim} disagrees with the backbone's "
                               f"out_dim={backbone.out_dim}", param="in_dim")
-        if layers < 1:
-            raise ConfigError(f"projection_head: layers must be >= 1, got {layers}", param="layers")
         self.backbone = backbone
         self.in_dim = backbone.out_dim if backbone is not None else (in_dim or 128)
         self.out_dim = out_dim
@@ -60,4 +59,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("encoder", "projection_head", ProjectionHead, card=CARD)
+    registry.add(ProjectionHead, card=CARD)

@@ -35,5 +35,5 @@ UNIFORMITY_CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("metric", "alignment", Alignment, card=ALIGNMENT_CARD)
-    registry.add("metric", "uniformity", Uniformity, card=UNIFORMITY_CARD)
+    registry.add(Alignment, card=ALIGNMENT_CARD)
+    registry.add(Uniformity, card=UNIFORMITY_CARD)

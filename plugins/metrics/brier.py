@@ -25,4 +25,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("metric", "brier", Brier, card=CARD)
+    registry.add(Brier, card=CARD)

@@ -31,4 +31,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("metric", "classwise_ece", ClasswiseECE, card=CARD)
+    registry.add(ClasswiseECE, card=CARD)

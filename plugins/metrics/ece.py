@@ -38,5 +38,5 @@ MCE_CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("metric", "ece", ECE, card=ECE_CARD)
-    registry.add("metric", "mce", MCE, card=MCE_CARD)
+    registry.add(ECE, card=ECE_CARD)
+    registry.add(MCE, card=MCE_CARD)

@@ -28,4 +28,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("metric", "knn_accuracy", KNNAccuracy, card=CARD)
+    registry.add(KNNAccuracy, card=CARD)

@@ -30,4 +30,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("metric", "linear_probe", LinearProbe, card=CARD)
+    registry.add(LinearProbe, card=CARD)

@@ -36,5 +36,5 @@ NLL_CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("metric", "accuracy", Accuracy, card=ACCURACY_CARD)
-    registry.add("metric", "nll", NLL, card=NLL_CARD)
+    registry.add(Accuracy, card=ACCURACY_CARD)
+    registry.add(NLL, card=NLL_CARD)

@@ -29,4 +29,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("metric", "rankme", RankMe, card=CARD)
+    registry.add(RankMe, card=CARD)

@@ -6,12 +6,13 @@ Zbontar et al., "Barlow Twins: Self-Supervised Learning via Redundancy Reduction
 from __future__ import annotations
 
 import itertools
+from typing import Annotated
 
 import torch
+from annotated_types import Ge, Gt
 
 from sdk.card import Card
 from sdk.distributed import Gather, gather_with_grad, resolve_gather
-from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
 from sdk.types import Batch, Loss, Views
@@ -45,12 +46,9 @@ class BarlowTwins(Objective):
     requires = {"views": 2}
     batch_coupled = True
 
-    def __init__(self, lambd: float = 5e-3, eps: float = 1e-5, gather: Gather = "auto"):
+    def __init__(self, lambd: Annotated[float, Ge(0)] = 5e-3, eps: Annotated[float, Gt(0)] = 1e-5,
+                 gather: Gather = "auto"):
         super().__init__()
-        if lambd < 0:
-            raise ConfigError(f"barlow_twins: lambd must be >= 0, got {lambd}", param="lambd")
-        if not eps > 0:
-            raise ConfigError(f"barlow_twins: eps must be > 0, got {eps}", param="eps")
         self.lambd, self.eps, self.gather = lambd, eps, gather
 
     def forward(self, views: Views, batch: Batch) -> Loss:
@@ -74,4 +72,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "barlow_twins", BarlowTwins, card=CARD)
+    registry.add(BarlowTwins, card=CARD)

@@ -23,4 +23,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("teacher", "ema", EMATeacher, card=CARD)
+    registry.add(EMATeacher, card=CARD)

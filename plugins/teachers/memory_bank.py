@@ -6,10 +6,11 @@ Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance Discrimina
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Interval
 from torch import Tensor, nn
 
 from sdk import contrastive
@@ -47,17 +48,10 @@ class MemoryBank(ResizableBuffers, Teacher):
 
     resizable_buffers = ("bank",)
 
-    def __init__(self, num_samples: int = 65536, momentum: float = 0.5, num_negatives: int = 4096):
+    def __init__(self, num_samples: Annotated[int, Ge(1)] = 65536,
+                 momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.5,
+                 num_negatives: Annotated[int, Ge(1)] = 4096):
         super().__init__()
-        if num_samples < 1:
-            raise ConfigError(f"memory_bank: num_samples must be >= 1, got {num_samples}",
-                              param="num_samples")
-        if not 0.0 <= momentum < 1.0:
-            raise ConfigError(f"memory_bank: momentum must be in [0, 1), got {momentum}",
-                              param="momentum")
-        if num_negatives < 1:
-            raise ConfigError(f"memory_bank: num_negatives must be >= 1, got {num_negatives}",
-                              param="num_negatives")
         self.num_samples, self.momentum, self.num_negatives = num_samples, momentum, num_negatives
         self.register_buffer("bank", torch.zeros(num_samples, 0))
         self.register_buffer("filled", torch.zeros(num_samples, dtype=torch.bool))
@@ -141,4 +135,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("teacher", "memory_bank", MemoryBank, card=CARD)
+    registry.add(MemoryBank, card=CARD)

@@ -7,16 +7,16 @@ He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Interval
 from torch import Tensor, nn
 
 from sdk import contrastive
 from sdk.card import Card
 from sdk.distributed import gather_no_grad
-from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input
 from sdk.momentum import EMATeacher
@@ -56,11 +56,10 @@ class QueueTeacher(ResizableBuffers, EMATeacher):
 
     resizable_buffers = ("keys",)
 
-    def __init__(self, student: nn.Module | None = None, size: int = 65536, momentum: float = 0.999,
-                 final_momentum: float = 0.999):
+    def __init__(self, student: nn.Module | None = None, size: Annotated[int, Ge(1)] = 65536,
+                 momentum: Annotated[float, Interval(ge=0, le=1)] = 0.999,
+                 final_momentum: Annotated[float, Interval(ge=0, le=1)] = 0.999):
         super().__init__(student=student, momentum=momentum, final_momentum=final_momentum)
-        if size < 1:
-            raise ConfigError(f"queue: size must be >= 1, got {size}", param="size")
         self.size = size
         self.register_buffer("keys", torch.zeros(size, 0))
         self.register_buffer("key_index", torch.full((size,), -1, dtype=torch.long))
@@ -126,4 +125,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("teacher", "queue", QueueTeacher, card=CARD)
+    registry.add(QueueTeacher, card=CARD)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from sdk.card import Card
-from sdk.errors import ConfigError, RequirementError, ShapeError
+from sdk.errors import RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Reweighter
 from sdk.types import Batch
@@ -41,10 +41,6 @@ class GroupDRO(Reweighter):
     def __init__(self, num_groups: Annotated[int, annotated_types.Ge(1)] = 2,
                  eta: Annotated[float, annotated_types.Gt(0)] = 0.01):
         super().__init__()
-        if not num_groups >= 1:
-            raise ConfigError(f"group_dro: num_groups must be >= 1, got {num_groups}", param="num_groups")
-        if not eta > 0:
-            raise ConfigError(f"group_dro: eta must be > 0, got {eta}", param="eta")
         self.num_groups, self.eta = num_groups, eta
         self.register_buffer("q", torch.full((num_groups,), 1.0 / num_groups))
 
@@ -84,4 +80,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("reweighter", "group_dro", GroupDRO, card=CARD)
+    registry.add(GroupDRO, card=CARD)

@@ -12,7 +12,6 @@ import annotated_types
 import torch
 
 from sdk.card import Card
-from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Callback
 
@@ -26,9 +25,6 @@ class SAM(Callback):
     """
 
     def __init__(self, rho: Annotated[float, annotated_types.Ge(0)] = 0.05):
-        if not rho >= 0:
-            raise ConfigError(f"sam: rho (the neighbourhood radius) must be >= 0, got {rho}",
-                              param="rho")
         self.rho = rho
 
     def before_optimizer_step(self, state: Any) -> None:
@@ -63,4 +59,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("callback", "sam", SAM, card=CARD)
+    registry.add(SAM, card=CARD)

@@ -26,7 +26,20 @@ def test_discovered_through_the_entry_point():
     assert card.package == "paperplug-plugin-template"
     assert {p.name: p.default for p in card.params} == {
         "lambd": 25.0, "mu": 25.0, "nu": 1.0, "gamma": 1.0, "eps": 1e-4, "gather": "auto"}
+    assert {p.name: p.constraint for p in card.params} == {
+        "lambd": ">= 0", "mu": ">= 0", "nu": ">= 0", "gamma": "> 0", "eps": "> 0", "gather": ""}
     assert isinstance(sdk.create("objective", "vicreg"), VICReg)
+
+
+@pytest.mark.parametrize("build", [lambda **kw: sdk.create("objective", "vicreg", **kw), VICReg])
+def test_declared_constraints_are_checked(build):
+    """``sdk.create`` and direct construction check the constraints of the signature."""
+    sdk.plugins()  # registered: messages name the card
+    with pytest.raises(sdk.ConfigError, match=r"^vicreg: gamma must be > 0, got 0$") as info:
+        build(gamma=0)
+    assert info.value.param == "gamma"
+    with pytest.raises(sdk.ConfigError, match=r"^vicreg: mu must be >= 0, got -1.0$"):
+        build(mu=-1.0)
 
 
 def slow_vicreg(z1, z2, lambd, mu, nu, gamma, eps):

@@ -41,8 +41,8 @@ def test_without_warm_up_it_starts_at_one_and_needs_the_length_only_after():
 
 @pytest.mark.parametrize(("param", "value", "message"), [
     ("warmup_steps", -1, "warmup_steps must be >= 0"),
-    ("min_lr", 1.5, r"min_lr is a fraction of the base learning rate, in \[0, 1\]; got 1.5"),
-    ("start_factor", -0.1, "start_factor is a fraction"),
+    ("min_lr", 1.5, r"cosine_warmup: min_lr must be in \[0, 1\], got 1.5"),
+    ("start_factor", -0.1, r"start_factor must be in \[0, 1\]"),
 ])
 def test_bad_parameters(param, value, message):
     with pytest.raises(sdk.ConfigError, match=message):

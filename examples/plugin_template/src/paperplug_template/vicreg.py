@@ -16,10 +16,12 @@ Paper defaults: ``lambd = mu = 25``, ``nu = 1``, ``gamma = 1``, ``eps = 1e-4``.
 from __future__ import annotations
 
 import itertools
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from sdk import Batch, Card, ConfigError, Loss, ShapeError, Views, hookimpl
+from annotated_types import Ge, Gt
+from sdk import Batch, Card, Loss, ShapeError, Views, hookimpl
 from sdk.distributed import Gather, gather_with_grad, resolve_gather
 from sdk.interfaces import Objective
 
@@ -84,16 +86,10 @@ class VICReg(Objective):
     requires = {"views": 2}
     batch_coupled = True
 
-    def __init__(self, lambd: float = 25.0, mu: float = 25.0, nu: float = 1.0,
-                 gamma: float = 1.0, eps: float = 1e-4, gather: Gather = "auto"):
+    def __init__(self, lambd: Annotated[float, Ge(0)] = 25.0, mu: Annotated[float, Ge(0)] = 25.0,
+                 nu: Annotated[float, Ge(0)] = 1.0, gamma: Annotated[float, Gt(0)] = 1.0,
+                 eps: Annotated[float, Gt(0)] = 1e-4, gather: Gather = "auto"):
         super().__init__()
-        for param, value in (("lambd", lambd), ("mu", mu), ("nu", nu)):
-            if value < 0:
-                raise ConfigError(f"vicreg: {param} must be >= 0, got {value}", param=param)
-        if not gamma > 0:
-            raise ConfigError(f"vicreg: gamma must be > 0, got {gamma}", param="gamma")
-        if not eps > 0:
-            raise ConfigError(f"vicreg: eps must be > 0, got {eps}", param="eps")
         self.lambd, self.mu, self.nu = lambd, mu, nu
         self.gamma, self.eps, self.gather = gamma, eps, gather
 
@@ -122,4 +118,4 @@ CARD = Card(
 
 @hookimpl
 def paperplug_register(registry) -> None:
-    registry.add("objective", "vicreg", VICReg, card=CARD)
+    registry.add(VICReg, card=CARD)

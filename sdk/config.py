@@ -180,6 +180,9 @@ class TrainerConfig:
     checkpoint_every: int | None = setting(
         None, "optimizer steps between checkpoints (a checkpoint is also written at every "
               "epoch end)", annotated_types.Ge(1))
+    keep_checkpoints: int = setting(
+        3, "checkpoints kept in run_dir/checkpoints (the newest; a resume falls back to an "
+           "older one when the newest is damaged)", annotated_types.Ge(1))
 
 
 attrs.resolve_types(TrainerConfig)  # field types as objects, as cattrs and signatures read them

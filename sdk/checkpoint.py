@@ -129,17 +129,19 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, A
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         record = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"checkpoint {path} refused: it holds objects other than tensors, "
-                              f"numbers, strings and containers, which could run code when "
-                              f"loaded ({str(exc).strip().splitlines()[-1]})") from None
     except Exception as exc:
+        detail = str(exc).partition("WeightsUnpickler error:")[2].strip() or str(exc).strip()
+        detail = detail.splitlines()[0] if detail else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError) and detail.startswith("Unsupported global"):
+            raise CheckpointError(f"checkpoint {path} refused: it holds objects other than "
+                                  f"tensors, numbers, strings and containers, which could run "
+                                  f"code when loaded ({detail})") from None
         if path.stat().st_size == 0:
             reason = "is empty"
         elif not zipfile.is_zipfile(path):
             reason = "is truncated or not a checkpoint (incomplete archive)"
         else:
-            reason = f"is unreadable ({str(exc).strip().splitlines()[0]})"
+            reason = f"is unreadable ({detail})"
         raise CheckpointError(f"checkpoint {path} {reason}") from None
     if not (isinstance(record, dict) and record.get("format") == FORMAT
             and isinstance(record.get("sha256"), str) and isinstance(record.get("state"), dict)):

@@ -275,7 +275,8 @@ def test_a_renamed_layer_is_named_both_ways(tmp_path):
 
 def test_stateless_callbacks_may_come_and_go(tmp_path):
     _fit(tmp_path, max_epochs=1, callbacks=[Callback()])
-    assert _fit(tmp_path, resume=True, max_epochs=2).step == 8
+    assert _fit(tmp_path, resume=True, max_epochs=2).step == 8  # one fewer
+    assert _fit(tmp_path, resume=True, callbacks=[Callback(), Callback()]).step == 12  # more
 
 
 # safe loading --------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from sdk.errors import PluginError
+from sdk.errors import CheckpointError, PluginError
 
 # Subcommands added by other modules: name -> (configure parser, handler).
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         return args.handler(args, console)
-    except (PluginError, ValueError) as exc:
+    except (PluginError, ValueError, CheckpointError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2
 

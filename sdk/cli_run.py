@@ -12,7 +12,8 @@ trains with :class:`~sdk.Trainer`, then measures on the held-out ``test`` split:
   on ``test``.
 
 The run directory receives ``config.toml`` (the resolved recipe), ``metrics.jsonl``,
-``summary.json``, ``training_curves.png``, ``reliability.png`` and ``checkpoints/last.pt``.
+``summary.json``, ``training_curves.png``, ``reliability.png`` and ``checkpoints/step-*.pt`` (the
+newest ``trainer.keep_checkpoints``).
 """
 
 from __future__ import annotations
@@ -295,7 +296,10 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
                    help="override a recipe entry, e.g. --set trainer.max_epochs=5 "
                         "--set objectives[0].temperature=0.2 (trainer settings below)")
     p.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run in DIR from its last checkpoint")
+                   help="continue the run in DIR from its newest valid checkpoint")
+    p.add_argument("--allow-imports", action="store_true",
+                   help="let the recipe's plugin tables import factories (module = "
+                        "\"package.module:factory\"); off: only registered plugins")
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
@@ -306,7 +310,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         console.print("[red]error:[/red] give a RECIPE or --resume DIR")
         return 2
     source = args.recipe or Path(args.resume) / "config.toml"
-    recipe = load_recipe(source, args.overrides)
+    recipe = load_recipe(source, args.overrides, allow_imports=args.allow_imports)
     run_dir = args.resume or args.run_dir or default_run_dir(recipe.name)
     run_recipe(recipe, run_dir=run_dir, resume=args.resume is not None, console=console)
     return 0

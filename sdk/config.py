@@ -28,6 +28,14 @@ Optional tables: ``sampler``, ``reweighter``, ``teacher``, ``schedule`` (an LR m
 ``calibrator``, ``[[transforms]]``, ``[[callbacks]]``, ``evaluation``. Errors name the key
 path: ``objectives[1].lambd: expected float, got "x"``.
 
+**Imports.** A recipe names registered plugins, ``torch.optim`` optimizers and built-in
+datasets only: it cannot make paperplug import a Python object, so running a recipe someone
+sent you runs no code of theirs. A plugin table may instead give ``module =
+"package.module:factory"`` (the factory is imported and called with the table's parameters,
+and must return a plugin of the slot's kind) only when the user opts in: ``paperplug run
+--allow-imports`` or ``load_recipe(..., allow_imports=True)``. Without the opt-in such a table,
+or a ``name`` spelled as an import reference (``"os:system"``), is a ConfigError naming the key.
+
 Parameters a recipe cannot spell are filled from the data when the plugin marks them with
 :class:`sdk.context.FromData` and the recipe leaves them out (``in_dim``, ``num_classes``,
 ``labels``, ``dataset``).
@@ -70,11 +78,13 @@ from sdk.errors import ConfigError, PluginError
 
 @attrs.define(kw_only=True)
 class PluginSpec:
-    """A plugin: its ``name``, optional explicit ``kind``, and parameters (nested specs allowed)."""
+    """A plugin: its ``name``, optional explicit ``kind``, and parameters (nested specs allowed);
+    ``module`` (``"package.module:factory"``, also its ``name``) when it is imported instead."""
 
     name: str
     params: dict[str, Any] = attrs.Factory(dict)
     kind: str | None = None
+    module: str | None = None
 
 
 @attrs.define(kw_only=True)
@@ -180,6 +190,9 @@ class TrainerConfig:
     checkpoint_every: int | None = setting(
         None, "optimizer steps between checkpoints (a checkpoint is also written at every "
               "epoch end)", annotated_types.Ge(1))
+    keep_checkpoints: int = setting(
+        3, "checkpoints kept in run_dir/checkpoints (the newest; a resume falls back to an "
+           "older one when the newest is damaged)", annotated_types.Ge(1))
 
 
 attrs.resolve_types(TrainerConfig)  # field types as objects, as cattrs and signatures read them
@@ -260,13 +273,19 @@ def _plugin_spec(value: Any, cls: type) -> PluginSpec:
         value = {"name": value}
     if not isinstance(value, Mapping):
         raise TypeError(f"expected a plugin table with a 'name', got {_show(value)}")
-    if "name" not in value:
+    if "name" in value and "module" in value:
+        raise _KeyError("module", "give name (a registered plugin) or module (an import), not both")
+    module = value.get("module")
+    if module is not None and not (isinstance(module, str) and _REFERENCE.fullmatch(module)):
+        raise _KeyError("module", f"expected \"package.module:factory\", got {_show(module)}")
+    if "name" not in value and module is None:
         raise _KeyError("name", "required key is missing (a plugin table needs name = "
                                 "\"<plugin name>\")")
-    if not isinstance(value["name"], str):
+    if module is None and not isinstance(value["name"], str):
         raise _KeyError("name", f"expected str, got {_show(value['name'])}")
     rest = dict(value)
-    name, kind = rest.pop("name"), rest.pop("kind", None)
+    rest.pop("module", None)
+    name, kind = rest.pop("name", module), rest.pop("kind", None)
     extra: dict[str, Any] = {}
     if cls is ObjectiveSpec and "weight" in rest:
         weight = rest.pop("weight")
@@ -276,20 +295,24 @@ def _plugin_spec(value: Any, cls: type) -> PluginSpec:
             extra["weight"] = float(weight)
         else:
             raise _KeyError("weight", f"expected a number or a schedule table, got {_show(weight)}")
-    return cls(name=name, kind=kind, params={k: _nested(v) for k, v in rest.items()}, **extra)
+    return cls(name=name, kind=kind, module=module,
+               params={k: _nested(v) for k, v in rest.items()}, **extra)
+
+
+def _is_plugin_table(value: Any) -> bool:
+    return isinstance(value, Mapping) and ("name" in value or "module" in value)
 
 
 def _nested(value: Any) -> Any:
-    if isinstance(value, Mapping) and "name" in value:
+    if _is_plugin_table(value):
         return _plugin_spec(value, PluginSpec)
-    if isinstance(value, list) and value and all(isinstance(v, Mapping) and "name" in v
-                                                  for v in value):
+    if isinstance(value, list) and value and all(_is_plugin_table(v) for v in value):
         return [_plugin_spec(v, PluginSpec) for v in value]
     return value
 
 
 def _unstructure_spec(spec: PluginSpec) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": spec.name}
+    out: dict[str, Any] = {"module": spec.module} if spec.module else {"name": spec.name}
     if spec.kind is not None:
         out["kind"] = spec.kind
     if isinstance(spec, ObjectiveSpec):
@@ -438,8 +461,37 @@ def _join(parts: Sequence[str | int]) -> str:
     return out
 
 
-def structure(data: Mapping[str, Any]) -> Recipe:
-    """Turn a recipe mapping into a :class:`Recipe` (errors name the key path)."""
+_REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+_IMPORT_RULE = ("a recipe names registered plugins (paperplug plugins list), torch.optim "
+                "optimizers and built-in datasets; to build a plugin from an importable factory, "
+                "write module = \"package.module:factory\" and opt in with paperplug run "
+                "--allow-imports or load_recipe(..., allow_imports=True)")
+
+
+def check_imports(data: Any, *, allow_imports: bool = False, path: str = "") -> None:
+    """Refuse what would make a recipe import a Python object: a ``module`` entry unless
+    ``allow_imports``, and a ``name`` spelled as an import reference (``"os:system"``) always;
+    the ConfigError names the key and the opt-in."""
+    if isinstance(data, list):
+        for i, item in enumerate(data):
+            check_imports(item, allow_imports=allow_imports, path=f"{path}[{i}]")
+    if not isinstance(data, Mapping):
+        return
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key == "module" and not allow_imports:
+            raise ConfigError(f"{where}: importing {_show(value)} needs the user's opt-in; "
+                              f"{_IMPORT_RULE}", path=where)
+        if key == "name" and isinstance(value, str) and _REFERENCE.fullmatch(value):
+            raise ConfigError(f"{where}: {value!r} is an import reference, not a registered "
+                              f"name; {_IMPORT_RULE}", path=where)
+        check_imports(value, allow_imports=allow_imports, path=where)
+
+
+def structure(data: Mapping[str, Any], *, allow_imports: bool = False) -> Recipe:
+    """Turn a recipe mapping into a :class:`Recipe` (errors name the key path); ``module``
+    entries are refused unless ``allow_imports`` (see the module docstring)."""
+    check_imports(data, allow_imports=allow_imports)
     if "objectives" in data and isinstance(data["objectives"], Mapping):
         data = {**data, "objectives": [data["objectives"]]}
     try:
@@ -448,9 +500,10 @@ def structure(data: Mapping[str, Any]) -> Recipe:
         raise _cattrs_errors(exc) from None
 
 
-def load_recipe(source: str | Path | Mapping[str, Any],
-                overrides: Sequence[str] = ()) -> Recipe:
-    """Read a TOML recipe (a path or a mapping), apply ``key=value`` overrides, structure it."""
+def load_recipe(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = (), *,
+                allow_imports: bool = False) -> Recipe:
+    """Read a TOML recipe (a path or a mapping), apply ``key=value`` overrides, structure it;
+    ``allow_imports`` lets plugin tables give ``module = "package.module:factory"``."""
     if isinstance(source, Mapping):
         data = json.loads(json.dumps(source))
     else:
@@ -463,7 +516,7 @@ def load_recipe(source: str | Path | Mapping[str, Any],
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     for assignment in overrides:
         apply_override(data, assignment)
-    return structure(data)
+    return structure(data, allow_imports=allow_imports)
 
 
 def unstructure(recipe: Recipe) -> dict[str, Any]:
@@ -550,11 +603,17 @@ def create(spec: PluginSpec, kind: str, path: str, context: BuildContext | None 
 
     reg = get_registry()
     kind = spec.kind or kind
+    if spec.module is not None:
+        factory = import_factory(spec.module, f"{path}.module")
+    else:
+        try:
+            factory = reg.get(kind, spec.name).factory
+        except PluginError as exc:
+            raise ConfigError(f"{path}.name: {exc}", path=f"{path}.name") from None
     try:
-        entry = reg.get(kind, spec.name)
-    except PluginError as exc:
-        raise ConfigError(f"{path}.name: {exc}", path=f"{path}.name") from None
-    _, hints, _ = _signature_params(entry.factory)
+        _, hints, _ = _signature_params(factory)
+    except ValueError:  # an imported builtin without a signature
+        hints = {}
     params: dict[str, Any] = {}
     has_nested_encoder = False
     for key, value in spec.params.items():
@@ -579,11 +638,13 @@ def create(spec: PluginSpec, kind: str, path: str, context: BuildContext | None 
                 value = tuple(value)
             params[key] = value
     if context is not None:
-        for key, source in data_params(entry.factory).items():
+        for key, source in data_params(factory).items():
             value = getattr(context, source)
             if key not in params and value is not None and not (
                     source == "in_dim" and has_nested_encoder):
                 params[key] = value
+    if spec.module is not None:
+        return _call_imported(factory, params, kind, spec, path)
     try:
         reg.validate(kind, spec.name, params)
     except ConfigError as exc:
@@ -599,6 +660,47 @@ def create(spec: PluginSpec, kind: str, path: str, context: BuildContext | None 
     except ConfigError as exc:
         where = f"{path}.{exc.param}" if exc.param else path
         raise ConfigError(f"{where}: {exc}", param=exc.param, path=where) from None
+
+
+def import_factory(reference: str, where: str) -> Any:
+    """The callable ``"package.module:attr.path"`` names; a ConfigError at ``where`` otherwise."""
+    import importlib
+
+    module_name, _, attr = reference.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import {module_name!r}: {exc}", path=where) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{where}: {module_name!r} has no attribute {attr!r}",
+                              path=where)
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{where}: {reference!r} is a {type(obj).__name__}, not a factory",
+                          path=where)
+    return obj
+
+
+def _call_imported(factory: Any, params: dict[str, Any], kind: str, spec: PluginSpec,
+                   path: str) -> Any:
+    """``factory(**params)``, which must return a plugin of ``kind`` (an encoder: any Module)."""
+    from torch import nn
+
+    from sdk.interfaces import INTERFACES
+
+    try:
+        instance = factory(**params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {spec.module}: {exc}", path=path) from None
+    expected = nn.Module if kind == "encoder" else INTERFACES[kind]
+    if not isinstance(instance, expected):
+        raise ConfigError(f"{path}.module: {spec.module} returned an object of type "
+                          f"{type(instance).__name__}; the {kind} slot needs an instance of "
+                          f"{expected.__name__}", path=f"{path}.module")
+    if kind == "objective":
+        instance.name = spec.module
+    return instance
 
 
 def _wants_tuple(hint: Any) -> bool:

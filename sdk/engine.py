@@ -52,12 +52,11 @@ from sdk import checkpoint as ckpt
 from sdk import distributed
 from sdk.compose import check_composition, check_parts
 from sdk.config import trainer_config, with_trainer_settings
-from sdk.errors import ConfigError, RequirementError
+from sdk.errors import CheckpointError, ConfigError, RequirementError
 from sdk.interfaces import EVENTS, Callback, Objective, Schedule, Teacher, Transform
 from sdk.interfaces import Sampler as PairSampler
 from sdk.types import Batch, Loss, Views
 
-CHECKPOINT_NAME = "last.pt"
 _BATCH_FIELDS = ("targets", "index", "domain", "weight")
 
 
@@ -960,19 +959,28 @@ class Trainer:
 
     # checkpoints -------------------------------------------------------------------------
     @property
+    def checkpoint_dir(self) -> Path | None:
+        """``run_dir/checkpoints``: ``step-000123.pt`` files, the newest ``keep_checkpoints``."""
+        return self.run_dir / "checkpoints" if self.run_dir else None
+
+    @property
     def checkpoint_path(self) -> Path | None:
-        return self.run_dir / "checkpoints" / CHECKPOINT_NAME if self.run_dir else None
+        """The newest checkpoint file of the run directory (``None`` when there is none)."""
+        files = ckpt.checkpoint_files(self.checkpoint_dir) if self.run_dir else []
+        return files[0] if files else None
 
     def _resume_path(self, resume: bool | str | os.PathLike) -> Path | None:
         if resume is False or resume is None:
             return None
         if resume is True:
-            path = self.checkpoint_path
-            return path if path is not None and path.exists() else None
+            found = self.run_dir is not None and ckpt.checkpoint_files(self.checkpoint_dir)
+            return self.checkpoint_dir if found else None
         path = Path(resume)
         if path.is_dir():
-            path = path / "checkpoints" / CHECKPOINT_NAME
-        if not path.exists():
+            path = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+            if not ckpt.checkpoint_files(path):
+                raise FileNotFoundError(f"no checkpoint in {path}")
+        elif not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}")
         return path
 
@@ -1001,16 +1009,27 @@ class Trainer:
         }
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
-        """Atomically write :meth:`state_dict` (rank 0 writes; every rank must call it)."""
+        """Atomically write :meth:`state_dict` (rank 0 writes; every rank must call it) to
+        ``path``, or to ``checkpoint_dir/step-<step>.pt``, keeping the ``keep_checkpoints``
+        newest there."""
         state = self.state_dict()
-        path = Path(path) if path is not None else self.checkpoint_path
-        if path is None or not self.is_main:
+        if not self.is_main or path is None and self.run_dir is None:
             return None
-        return ckpt.save(state, path)
+        if path is not None:
+            return ckpt.save(state, path)
+        written = ckpt.save(state, self.checkpoint_dir / ckpt.checkpoint_name(self.step))
+        ckpt.prune(self.checkpoint_dir, keep=self.keep_checkpoints, latest=written)
+        return written
 
     def load_checkpoint(self, path: str | os.PathLike) -> int:
-        """Restore a checkpoint; returns the number of batches to skip in the current epoch."""
-        state = ckpt.load(path, map_location="cpu")
+        """Restore a checkpoint file, or the newest valid one of a checkpoints directory (older
+        ones after a :class:`~sdk.errors.CheckpointWarning` for each invalid newer one); returns
+        the number of batches to skip in the current epoch. A checkpoint that does not fit this
+        trainer's components raises a :class:`~sdk.errors.CheckpointError` naming the keys,
+        before anything is loaded."""
+        path = Path(path)
+        path, state = ckpt.load_newest(path) if path.is_dir() else (path, ckpt.load(path))
+        self._check_fits(path, state)
         for name, comp in self._stateful().items():
             if name in state["components"]:
                 comp.load_state_dict(state["components"][name])
@@ -1027,6 +1046,28 @@ class Trainer:
         self._sums = run["sums"].to(self.device)
         self._log_count, self._epoch_count = run["log_count"], run["epoch_count"]
         return self.batch_idx
+
+    def _check_fits(self, path: Path, state: dict[str, Any]) -> None:
+        """CheckpointError listing, per component, what keeps ``state`` from loading."""
+        saved, own = state["components"], self._stateful()
+        problems = [f"{name}: {why}" for name, comp in own.items() if name in saved
+                    and isinstance(comp, nn.Module) and (why := ckpt.mismatch(comp, saved[name]))]
+        held = {name for name, value in saved.items() if value}  # stateless parts may come and go
+        holds = {name for name, comp in own.items() if comp.state_dict()}
+        if held - set(own):
+            problems.append(f"components in the checkpoint but not in this trainer: "
+                            f"{', '.join(sorted(held - set(own)))}")
+        if holds - set(saved):
+            problems.append(f"components of this trainer missing from the checkpoint: "
+                            f"{', '.join(sorted(holds - set(saved)))}")
+        groups = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+        if not problems and groups != [len(g["params"]) for g in self.optimizer.param_groups]:
+            problems.append(f"optimizer: the checkpoint's parameter groups hold {groups} "
+                            f"parameters, this trainer's "
+                            f"{[len(g['params']) for g in self.optimizer.param_groups]}")
+        if problems:
+            raise CheckpointError(f"checkpoint {path} does not match this trainer (did the "
+                                  f"model or plugins change?): " + "; ".join(problems))
 
     def _running(self) -> dict[str, Any]:
         """The loss sums of the current epoch and log window (so a resumed run logs the same)."""

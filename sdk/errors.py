@@ -37,3 +37,12 @@ class RequirementError(ValueError):
 
 class NotFittedError(RuntimeError):
     """A plugin that learns from data (a detector's statistics) was used before it was fitted."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, read, verified or restored; the message names the file
+    and the reason (truncated, checksum mismatch, unsafe content, keys that do not match)."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped on resume (the message names the file and why)."""

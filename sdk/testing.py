@@ -628,7 +628,7 @@ def check_resume(*, objective: Callable[[], Objective], tmp_dir: str | os.PathLi
 
     straight = run(tmp_dir / "straight")
     killed = run(tmp_dir / "interrupted", kill=True)
-    if killed.step != kill_at or not killed.checkpoint_path.exists():
+    if killed.step != kill_at or killed.checkpoint_path is None:
         raise _fail("resume", "kill", f"the interrupted run stopped at step {killed.step}; expected "
                     f"step {kill_at}, with a checkpoint before it")
     resumed = run(tmp_dir / "interrupted", resume=True)

@@ -50,7 +50,7 @@ def test_recipe_runs_end_to_end(recipe, keys, tmp_path, capsys):
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0]
     for png in ("training_curves.png", "reliability.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "checkpoints" / "last.pt").exists()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000003.pt"]
     # plain result lines, not a table, when CI is set
     assert "ECE after calibration: " in out and "┃" not in out
 

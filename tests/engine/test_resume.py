@@ -69,10 +69,11 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(tmp_path):
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate(timeout=30)
     assert victim.returncode == -signal.SIGKILL
-    state = ckpt.load(run_dir / "checkpoints" / "last.pt")
+    state = ckpt.load(run_dir / "checkpoints" / "step-000006.pt")
     assert state["position"] == {"epoch": 1, "batch": 4, "step": 6}  # mid-epoch
     assert not (run_dir / "final.pt").exists()
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.pt"]  # no temp files
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step-000003.pt", "step-000004.pt", "step-000006.pt"]  # the newest 3, no temp files
 
     _finish(_launch(run_dir, "resume"))
     a, b = torch.load(ref_dir / "final.pt"), torch.load(run_dir / "final.pt")
@@ -115,7 +116,7 @@ def test_resume_at_an_epoch_boundary_in_process(data, make_mlp, tmp_path):
 
 def test_checkpoint_holds_everything_a_resume_needs(data, make_mlp, tmp_path):
     trainer = _fit(data, make_mlp, tmp_path, epochs=1)
-    state = ckpt.load(tmp_path / "checkpoints" / "last.pt")
+    state = ckpt.load(tmp_path / "checkpoints" / "step-000004.pt")
     assert state["position"] == {"epoch": 1, "batch": 0, "step": 4}
     assert set(state["components"]) >= {"encoder", "objective", "teacher"}
     assert "target.0.weight" in state["components"]["teacher"]
@@ -124,7 +125,7 @@ def test_checkpoint_holds_everything_a_resume_needs(data, make_mlp, tmp_path):
     assert state["scaler"] is None
     assert set(state["rng"][0]) >= {"python", "numpy", "torch"}
     assert state["running"]["epoch_count"] == 4 and state["running"]["sums"].shape == (2,)
-    assert trainer.checkpoint_path == tmp_path / "checkpoints" / "last.pt"
+    assert trainer.checkpoint_path == tmp_path / "checkpoints" / "step-000004.pt"
 
 
 def test_resume_from_a_missing_path_fails_clearly(data, make_mlp, tmp_path):
@@ -186,7 +187,7 @@ def test_max_steps_mid_epoch_then_resume_with_more_steps_is_bitwise_exact(data, 
     stopped, stopped_ends = _fit_steps(data, make_mlp, tmp_path / "split", max_steps=6)
     assert stopped_ends == [0]  # epoch 1 is not over: no on_epoch_end for it
     assert (stopped.epoch, stopped.batch_idx, stopped.step) == (1, 2, 6)
-    state = ckpt.load(tmp_path / "split" / "checkpoints" / "last.pt")
+    state = ckpt.load(tmp_path / "split" / "checkpoints" / "step-000006.pt")
     assert state["position"] == {"epoch": 1, "batch": 2, "step": 6}
     last = stopped.history[-1]
     assert last["kind"] == "epoch" and last["partial"] and last["epoch"] == 1

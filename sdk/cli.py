@@ -1,17 +1,25 @@
-"""The ``paperplug`` command: ``plugins list|show``, ``run RECIPE``, ``demo``."""
+"""The ``paperplug`` command: ``plugins list|show``, ``run RECIPE``, ``demo``.
+
+Exit status: 0 on success, 2 for bad usage or a bad recipe (one ``paperplug: error: ...``
+line on stderr), 1 for a run that fails (one line naming the exception; ``--debug`` or
+``PAPERPLUG_DEBUG=1`` shows the traceback instead).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Callable
+from typing import NoReturn
 
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from sdk.errors import CheckpointError, PluginError
+from sdk.errors import CheckpointError, ConfigError, PluginError, PluginNotFoundError
 
 # Subcommands added by other modules: name -> (configure parser, handler).
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
@@ -48,8 +56,13 @@ def _plugins_show(args: argparse.Namespace, console: Console) -> int:
 
     reg = registry.get_registry()
     matches = [c for c in reg.cards() if c.name == args.name and args.kind in (None, c.kind)]
+    if not matches and args.kind is not None:
+        reg.get(args.kind, args.name)  # raises with suggestions among that kind
     if not matches:
-        reg.get(args.kind or "objective", args.name)  # raises with suggestions
+        names = sorted({c.name for c in reg.cards()})
+        raise PluginNotFoundError(f"no plugin named {args.name!r}."
+                                  + registry._suggest(args.name, names)
+                                  + " 'paperplug plugins list' shows them all")
     for card in matches:
         params = Table(show_header=True, box=None)
         for col in ("parameter", "type", "default", "constraint"):
@@ -68,21 +81,41 @@ def _plugins_show(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+DEBUG_HELP = "show the traceback of a failure (also PAPERPLUG_DEBUG=1)"
+
+
+class UsageError(Exception):
+    """The command line is malformed (argparse's complaint, without the usage text)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are exceptions, reported on one line by :func:`main`."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="paperplug", description=__doc__)
+    parser = _Parser(prog="paperplug", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    common = _Parser(add_help=False)  # --debug after the subcommand too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    plugins = sub.add_parser("plugins", help="list or show registered plugins")
+    plugins = sub.add_parser("plugins", help="list or show registered plugins", parents=[common])
     psub = plugins.add_subparsers(dest="action", required=True)
-    p_list = psub.add_parser("list", help="table of plugins (and broken ones)")
+    p_list = psub.add_parser("list", help="table of plugins (and broken ones)", parents=[common])
     p_list.add_argument("--kind", default=None, help="only plugins of this kind")
     p_list.set_defaults(handler=_plugins_list)
-    p_show = psub.add_parser("show", help="a plugin's card")
+    p_show = psub.add_parser("show", help="a plugin's card", parents=[common])
     p_show.add_argument("name")
     p_show.add_argument("--kind", default=None)
     p_show.set_defaults(handler=_plugins_show)
     _load_commands()
     for name, (configure, handler) in COMMANDS.items():
-        p = sub.add_parser(name, help=(handler.__doc__ or "").strip().splitlines()[0])
+        p = sub.add_parser(name, help=(handler.__doc__ or "").strip().splitlines()[0],
+                           parents=[common])
         configure(p)
         p.set_defaults(handler=handler)
     return parser
@@ -100,14 +133,37 @@ def _load_commands() -> None:
                 raise
 
 
+def _report(exc: BaseException, *, name_type: bool, debug: bool) -> None:
+    if debug:
+        traceback.print_exception(exc)
+        return
+    text = " ".join(str(exc).split())  # one line, whatever the message holds
+    if name_type:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    print(f"paperplug: error: {text}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line ``argv``; returns the exit status (see the module docstring)."""
+    debug = os.environ.get("PAPERPLUG_DEBUG", "") not in ("", "0")
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        _report(exc, name_type=False, debug=False)
+        return 2
+    debug = debug or args.debug
     console = Console()
     try:
         return args.handler(args, console)
-    except (PluginError, ValueError, CheckpointError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+    except (UsageError, ConfigError, PluginError, CheckpointError) as exc:
+        _report(exc, name_type=False, debug=debug)
         return 2
+    except KeyboardInterrupt:
+        print("paperplug: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a failed run: one line, the traceback on request
+        _report(exc, name_type=True, debug=debug)
+        return 1
 
 
 if __name__ == "__main__":  # ``python -m sdk.cli``: run the imported module, where subcommands register

@@ -23,7 +23,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rich.console import Console
 from rich.table import Table
@@ -41,6 +41,7 @@ def recipes_dir() -> Path:
 def build(recipe: Any, splits: Any) -> dict[str, Any]:
     """Every plugin of ``recipe`` (errors name the recipe key path), built for ``splits``."""
     from sdk import data
+    from sdk.compose import check_composition
     from sdk.config import PluginSpec, build_optimizer, create
     from sdk.context import BuildContext
     from sdk.errors import ConfigError
@@ -72,14 +73,28 @@ def build(recipe: Any, splits: Any) -> dict[str, Any]:
     views = []
     if recipe.data.augment is not None:
         a = recipe.data.augment
-        views.append(data.augmentation(image_shape=splits.image_shape, shift=a.shift,
-                                       noise=a.noise, mask=a.mask, scale=a.scale))
+        try:
+            views.append(data.augmentation(image_shape=splits.image_shape, shift=a.shift,
+                                           noise=a.noise, mask=a.mask, scale=a.scale))
+        except ConfigError as exc:
+            where = f"data.augment.{exc.param}" if exc.param else "data.augment"
+            raise ConfigError(f"{where}: {exc}", path=where) from None
     views += [create(s, "transform", f"transforms[{i}]", context)
               for i, s in enumerate(recipe.transforms)]
     transforms = None if not views else views[0] if len(views) == 1 else data.Compose(views)
+    need = int(objective.requires.get("views", 1) or 1)
+    if transforms is None and need > 1:
+        raise ConfigError(f"data.augment: the objective needs {need} views of each sample; give "
+                          "data.augment or [[transforms]]", path="data.augment")
+    teacher = optional("teacher", "teacher")
+    if teacher is not None:
+        try:
+            check_composition(objective, teacher)
+        except ConfigError as exc:
+            raise ConfigError(f"teacher: {exc}", path="teacher") from None
     return {
         "encoder": encoder, "objective": objective, "transforms": transforms,
-        "teacher": optional("teacher", "teacher"), "sampler": optional("sampler", "sampler"),
+        "teacher": teacher, "sampler": optional("sampler", "sampler"),
         "reweighter": optional("reweighter", "reweighter"),
         "scheduler": optional("schedule", "schedule"),
         "calibrator": optional("calibrator", "calibrator"),
@@ -91,17 +106,82 @@ def build(recipe: Any, splits: Any) -> dict[str, Any]:
 
 def make_trainer(recipe: Any, parts: dict[str, Any], *, run_dir: str | Path | None = None,
                  progress: bool | None = None) -> Any:
-    """The :class:`~sdk.Trainer` of ``recipe`` (its ``[trainer]`` settings) for the built parts."""
+    """The :class:`~sdk.Trainer` of ``recipe`` (its ``[trainer]`` settings) for the built parts;
+    a setting the Trainer rejects raises :class:`~sdk.ConfigError` naming its recipe key."""
     import attrs
+    import torch
 
     from sdk.engine import Trainer
+    from sdk.errors import ConfigError
 
-    return Trainer(parts["encoder"], parts["objective"], parts["optimizer"],
-                   teacher=parts["teacher"], sampler=parts["sampler"],
-                   reweighter=parts["reweighter"], transforms=parts["transforms"],
-                   callbacks=parts["callbacks"], scheduler=parts["scheduler"], seed=recipe.seed,
-                   run_dir=run_dir, progress=progress,
-                   **attrs.asdict(recipe.trainer, recurse=False))
+    settings = attrs.asdict(recipe.trainer, recurse=False)
+    if settings["device"] != "auto":
+        try:
+            torch.device(settings["device"])
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"trainer.device: not a torch device: {exc}",
+                              path="trainer.device") from None
+    try:
+        return Trainer(parts["encoder"], parts["objective"], parts["optimizer"],
+                       teacher=parts["teacher"], sampler=parts["sampler"],
+                       reweighter=parts["reweighter"], transforms=parts["transforms"],
+                       callbacks=parts["callbacks"], scheduler=parts["scheduler"],
+                       seed=recipe.seed, run_dir=run_dir, progress=progress, **settings)
+    except ConfigError as exc:
+        key = exc.param or ""
+        where = f"trainer.{key}" if key in settings else key if hasattr(recipe, key) else "trainer"
+        raise ConfigError(f"{where}: {exc}", param=exc.param, path=where) from None
+
+
+def load_splits(config: Any) -> Any:
+    """The data splits of a recipe's ``[data]`` table; each split must be non-empty."""
+    from sdk import data
+    from sdk.errors import ConfigError
+
+    if config.calibration_fraction + config.test_fraction >= 1:
+        raise ConfigError(f"data.test_fraction: calibration_fraction + test_fraction must be "
+                          f"< 1, got {config.calibration_fraction} + {config.test_fraction}",
+                          path="data.test_fraction")
+    try:
+        splits = data.load(config.name, calibration_fraction=config.calibration_fraction,
+                           test_fraction=config.test_fraction, seed=config.split_seed)
+    except ConfigError as exc:
+        where = f"data.{exc.param}" if exc.param else "data"
+        raise ConfigError(f"{where}: {exc}", path=where) from None
+    for split, key in (("train", "test_fraction"), ("calibration", "calibration_fraction"),
+                       ("test", "test_fraction")):
+        if len(getattr(splits, split)) == 0:
+            raise ConfigError(f"data.{key}: leaves the {split} split of {config.name!r} empty",
+                              path=f"data.{key}")
+    return splits
+
+
+class Prepared(NamedTuple):
+    """What a run has before training: the data, the built plugins, the loader, the trainer."""
+
+    splits: Any
+    parts: dict[str, Any]
+    train_loader: Any
+    trainer: Any
+
+
+def prepare(recipe: Any, *, run_dir: str | Path | None = None,
+            progress: bool | None = None) -> Prepared:
+    """Load the data and build every part of ``recipe`` up to, not including, training; a bad
+    recipe raises :class:`~sdk.ConfigError` naming its key path."""
+    from torch.utils.data import DataLoader
+
+    from sdk import checkpoint
+
+    checkpoint.seed_everything(recipe.seed)
+    cfg = recipe.data
+    splits = load_splits(cfg)
+    parts = build(recipe, splits)
+    train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True,
+                              drop_last=cfg.drop_last and len(splits.train) > cfg.batch_size,
+                              num_workers=cfg.num_workers)
+    trainer = make_trainer(recipe, parts, run_dir=run_dir, progress=progress)
+    return Prepared(splits, parts, train_loader, trainer)
 
 
 def calibrate(calibrator: Any, cal_logits: Any, cal_labels: Any, test_logits: Any) -> Any:
@@ -126,25 +206,18 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
     import torch
     from torch.utils.data import DataLoader
 
-    from sdk import checkpoint, data, metrics
+    from sdk import metrics
     from sdk.config import dump_toml, unstructure
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    checkpoint.seed_everything(recipe.seed)
     cfg = recipe.data
-    splits = data.load(cfg.name, calibration_fraction=cfg.calibration_fraction,
-                       test_fraction=cfg.test_fraction, seed=cfg.split_seed)
-    parts = build(recipe, splits)
+    splits, parts, train_loader, trainer = prepare(recipe, run_dir=run_dir, progress=progress)
     supervised = bool(parts["objective"].requires.get("logits"))
-    train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True,
-                              drop_last=cfg.drop_last and len(splits.train) > cfg.batch_size,
-                              num_workers=cfg.num_workers)
 
     def ordered(ds: Any) -> DataLoader:
         return DataLoader(ds, batch_size=512, shuffle=False, num_workers=cfg.num_workers)
 
-    trainer = make_trainer(recipe, parts, run_dir=run_dir, progress=progress)
     main = trainer_is_main()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -304,11 +377,11 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     """Train, evaluate and calibrate a TOML recipe."""
+    from sdk.cli import UsageError
     from sdk.config import load_recipe
 
     if args.recipe is None and args.resume is None:
-        console.print("[red]error:[/red] give a RECIPE or --resume DIR")
-        return 2
+        raise UsageError("give a RECIPE or --resume DIR")
     source = args.recipe or Path(args.resume) / "config.toml"
     recipe = load_recipe(source, args.overrides, allow_imports=args.allow_imports)
     run_dir = args.resume or args.run_dir or default_run_dir(recipe.name)
@@ -328,13 +401,13 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
 
 def _demo(args: argparse.Namespace, console: Console) -> int:
     """Self-supervised SimCLR on scikit-learn digits (about a minute on 2 CPU cores)."""
+    from sdk.cli import UsageError
     from sdk.config import load_recipe
 
     path = recipes_dir() / DEMO_RECIPE
     if not path.exists():
-        console.print(f"[red]error:[/red] the demo recipe {path} is missing; run the demo from a "
-                      "source checkout of paperplug")
-        return 2
+        raise UsageError(f"the demo recipe {path} is missing; run the demo from a source "
+                         "checkout of paperplug")
     recipe = load_recipe(path, args.overrides)
     console.print(f"[bold]paperplug demo[/bold]: {recipe.name} ({path})")
     run_recipe(recipe, run_dir=args.run_dir or default_run_dir("demo"), console=console)

@@ -47,6 +47,7 @@ constraints, one-line docs): the ``[trainer]`` table, the keyword arguments of
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import inspect
 import json
@@ -62,6 +63,7 @@ from typing import Any
 import annotated_types
 import attrs
 import cattrs
+import cattrs.cols
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 from cattrs.gen import make_dict_structure_fn
 
@@ -70,6 +72,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+from sdk.card import KINDS
 from sdk.context import BuildContext, data_params
 from sdk.errors import ConfigError, PluginError
 
@@ -94,40 +97,8 @@ class ObjectiveSpec(PluginSpec):
     weight: float | PluginSpec = 1.0
 
 
-@attrs.define(kw_only=True)
-class AugmentConfig:
-    """The view generator (:func:`sdk.data.augmentation`); all off by default."""
-
-    shift: int = 0
-    noise: float = 0.0
-    mask: float = 0.0
-    scale: float = 0.0
-
-
-@attrs.define(kw_only=True)
-class DataConfig:
-    name: str = "digits"
-    batch_size: int = 256
-    calibration_fraction: float = 0.2
-    test_fraction: float = 0.2
-    split_seed: int = 0
-    num_workers: int = 0
-    drop_last: bool = True
-    augment: AugmentConfig | None = None
-
-
-@attrs.define(kw_only=True)
-class OptimizerConfig:
-    """``torch.optim.<name>(params, lr=lr, weight_decay=weight_decay, **options)``."""
-
-    name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    options: dict[str, Any] = attrs.Factory(dict)
-
-
 class _SettingError(ConfigError):
-    """A trainer setting outside its constraints: ``"<name> <reason>"``."""
+    """A recipe setting outside its constraints: ``"<name> <reason>"``."""
 
     def __init__(self, name: str, reason: str):
         super().__init__(f"{name} {reason}", param=name)
@@ -165,6 +136,48 @@ def setting(default: Any, doc: str, *constraints: Any) -> Any:
     annotated-types bound (``Ge(1)``, ``Gt(0)``, ...) or a tuple of allowed values."""
     return attrs.field(default=default, validator=_check_setting,
                        metadata={"doc": doc, "constraints": constraints})
+
+
+def checked(default: Any, *constraints: Any) -> Any:
+    """A recipe field whose value must satisfy ``constraints`` (as in :func:`setting`);
+    NaN satisfies no bound."""
+    return attrs.field(default=default, validator=_check_setting,
+                       metadata={"constraints": constraints})
+
+
+_Ge, _Gt, _Lt = annotated_types.Ge, annotated_types.Gt, annotated_types.Lt
+
+
+@attrs.define(kw_only=True)
+class AugmentConfig:
+    """The view generator (:func:`sdk.data.augmentation`); all off by default."""
+
+    shift: int = checked(0, _Ge(0))
+    noise: float = checked(0.0, _Ge(0), _Lt(math.inf))
+    mask: float = checked(0.0, _Ge(0), _Lt(1))
+    scale: float = checked(0.0, _Ge(0), _Lt(1))
+
+
+@attrs.define(kw_only=True)
+class DataConfig:
+    name: str = "digits"
+    batch_size: int = checked(256, _Ge(1))
+    calibration_fraction: float = checked(0.2, _Ge(0), _Lt(1))
+    test_fraction: float = checked(0.2, _Ge(0), _Lt(1))
+    split_seed: int = 0
+    num_workers: int = checked(0, _Ge(0))
+    drop_last: bool = True
+    augment: AugmentConfig | None = None
+
+
+@attrs.define(kw_only=True)
+class OptimizerConfig:
+    """``torch.optim.<name>(params, lr=lr, weight_decay=weight_decay, **options)``."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    options: dict[str, Any] = attrs.Factory(dict)
 
 
 PRECISIONS = ("32", "bf16-mixed", "fp16-mixed")
@@ -224,16 +237,23 @@ class EvaluationConfig:
     """How a run is measured: kNN (weighted, InstDisc) and linear probe on the representation
     (backbone features when the encoder has them and ``features`` is true)."""
 
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    knn_k: int = checked(20, _Ge(1))
+    knn_temperature: float = checked(0.07, _Gt(0), _Lt(math.inf))
     linear_probe: bool = True
     features: bool = True
     random_init: bool = True
 
 
+def _run_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value in ("", ".", "..") or re.search(r"[/\\\x00-\x1f\x7f]", value):
+        raise _SettingError(attribute.name, f"must be usable as a directory name (no path "
+                                            f"separators or control characters), got "
+                                            f"{_show(value)}")
+
+
 @attrs.define(kw_only=True)
 class Recipe:
-    name: str = "recipe"
+    name: str = attrs.field(default="recipe", validator=_run_name)
     seed: int = 0
     data: DataConfig = attrs.Factory(DataConfig)
     encoder: PluginSpec
@@ -256,8 +276,8 @@ class Recipe:
 def _show(value: Any) -> str:
     try:
         return json.dumps(value)
-    except TypeError:
-        return repr(value)
+    except (TypeError, ValueError):  # not JSON, or an int too long to print
+        return f"<{type(value).__name__}>"
 
 
 def _strict(kind: type, accept: tuple[type, ...]) -> Any:
@@ -281,8 +301,9 @@ def _plugin_spec(value: Any, cls: type) -> PluginSpec:
     if "name" not in value and module is None:
         raise _KeyError("name", "required key is missing (a plugin table needs name = "
                                 "\"<plugin name>\")")
-    if module is None and not isinstance(value["name"], str):
-        raise _KeyError("name", f"expected str, got {_show(value['name'])}")
+    for key in ("name", "kind"):
+        if key in value and not isinstance(value[key], str):
+            raise _KeyError(key, f"expected str, got {_show(value[key])}")
     rest = dict(value)
     rest.pop("module", None)
     name, kind = rest.pop("name", module), rest.pop("kind", None)
@@ -290,24 +311,34 @@ def _plugin_spec(value: Any, cls: type) -> PluginSpec:
     if cls is ObjectiveSpec and "weight" in rest:
         weight = rest.pop("weight")
         if isinstance(weight, Mapping):
-            extra["weight"] = _plugin_spec(weight, PluginSpec)
-        elif isinstance(weight, (int, float)) and not isinstance(weight, bool):
+            extra["weight"] = _sub_spec("weight", weight)
+        elif (isinstance(weight, (int, float)) and not isinstance(weight, bool)
+              and math.isfinite(weight)):
             extra["weight"] = float(weight)
         else:
-            raise _KeyError("weight", f"expected a number or a schedule table, got {_show(weight)}")
+            raise _KeyError("weight", f"expected a finite number or a schedule table, got "
+                                      f"{_show(weight)}")
     return cls(name=name, kind=kind, module=module,
-               params={k: _nested(v) for k, v in rest.items()}, **extra)
+               params={k: _nested(k, v) for k, v in rest.items()}, **extra)
 
 
 def _is_plugin_table(value: Any) -> bool:
     return isinstance(value, Mapping) and ("name" in value or "module" in value)
 
 
-def _nested(value: Any) -> Any:
-    if _is_plugin_table(value):
+def _sub_spec(key: str, value: Any) -> PluginSpec:
+    """A plugin table nested at ``key``; its errors name the key under ``key``."""
+    try:
         return _plugin_spec(value, PluginSpec)
+    except _KeyError as exc:
+        raise _KeyError(f"{key}.{exc.key}", str(exc)) from None
+
+
+def _nested(key: str, value: Any) -> Any:
+    if _is_plugin_table(value):
+        return _sub_spec(key, value)
     if isinstance(value, list) and value and all(_is_plugin_table(v) for v in value):
-        return [_plugin_spec(v, PluginSpec) for v in value]
+        return [_sub_spec(f"{key}[{i}]", v) for i, v in enumerate(value)]
     return value
 
 
@@ -345,8 +376,38 @@ def _table(cls: type, conv: cattrs.Converter) -> Any:
     return hook
 
 
+def _is_list(type_: Any) -> bool:
+    return typing.get_origin(type_) is list
+
+
+def _is_dict(type_: Any) -> bool:
+    return typing.get_origin(type_) is dict
+
+
+def _array(type_: Any, conv: cattrs.Converter) -> Any:
+    inner = cattrs.cols.list_structure_factory(type_, conv)
+
+    def hook(value: Any, _: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected an array of tables, got {_show(value)}")
+        return inner(value, type_)
+    return hook
+
+
+def _mapping(type_: Any, conv: cattrs.Converter) -> Any:
+    inner = cattrs.cols.mapping_structure_factory(type_, conv)
+
+    def hook(value: Any, _: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"expected a table, got {_show(value)}")
+        return inner(value, type_)
+    return hook
+
+
 def _converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook_factory(_is_list, _array)
+    conv.register_structure_hook_factory(_is_dict, _mapping)
     conv.register_structure_hook(int, _strict(int, (int,)))
     conv.register_structure_hook(float, _strict(float, (int, float)))
     conv.register_structure_hook(str, _strict(str, (str,)))
@@ -424,6 +485,44 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except ValueError as exc:  # an integer too long to convert
+        raise ConfigError(str(exc)) from None
+    except RecursionError:
+        raise ConfigError(f"value nested deeper than {MAX_DEPTH} levels") from None
+
+
+MAX_DEPTH = 32  # arrays and tables nested deeper than this are refused
+_INT64 = (-(2**63), 2**63 - 1)  # TOML's integer range
+_SCALARS = (str, bool, int, float, datetime.date, datetime.time)  # datetime is a date
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def plain(value: Any, path: str = "", depth: int = 0) -> Any:
+    """A copy of ``value`` made of TOML values only: tables with string keys, arrays, strings,
+    booleans, 64-bit integers, floats and dates, nested at most :data:`MAX_DEPTH` levels.
+    Anything else raises :class:`ConfigError` naming its key path."""
+    where = path or "recipe"
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{where}: nested deeper than {MAX_DEPTH} levels", path=path)
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or _SURROGATE.search(key):
+                raise ConfigError(f"{where}: table keys must be Unicode strings, got {key!r}",
+                                  path=path)
+            out[key] = plain(item, f"{path}.{key}" if path else key, depth + 1)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [plain(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
+    if isinstance(value, int) and not isinstance(value, bool) and not (
+            _INT64[0] <= value <= _INT64[1]):
+        raise ConfigError(f"{where}: integer out of TOML's 64-bit range "
+                          f"[{_INT64[0]}, {_INT64[1]}]", path=path)
+    if not isinstance(value, _SCALARS):
+        raise ConfigError(f"{where}: not a TOML value: {type(value).__name__}", path=path)
+    if isinstance(value, str) and _SURROGATE.search(value):
+        raise ConfigError(f"{where}: not valid Unicode text (a lone surrogate)", path=path)
+    return value
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
@@ -432,6 +531,11 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set expects key=value, got {assignment!r}")
     key, text = assignment.split("=", 1)
     parts = parse_path(key.strip())
+    try:
+        value = plain(_parse_value(text.strip()), key.strip())
+    except ConfigError as exc:
+        where = "" if exc.path else f"{key.strip()}: "
+        raise ConfigError(f"--set {where}{exc}", path=exc.path or key.strip()) from None
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         where = _join(parts[: i + 1])
@@ -447,11 +551,11 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if isinstance(last, int):
         if not isinstance(node, list) or last >= len(node):
             raise ConfigError(f"--set {key}: {_join(parts)} does not exist", path=_join(parts))
-        node[last] = _parse_value(text.strip())
+        node[last] = value
     else:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {_join(parts[:-1])} is not a table", path=key)
-        node[last] = _parse_value(text.strip())
+        node[last] = value
 
 
 def _join(parts: Sequence[str | int]) -> str:
@@ -505,15 +609,27 @@ def load_recipe(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
     """Read a TOML recipe (a path or a mapping), apply ``key=value`` overrides, structure it;
     ``allow_imports`` lets plugin tables give ``module = "package.module:factory"``."""
     if isinstance(source, Mapping):
-        data = json.loads(json.dumps(source))
+        data = plain(source)
     else:
         path = Path(source)
         if not path.exists():
             raise ConfigError(f"recipe {str(path)!r} does not exist")
         try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"recipe {str(path)!r} cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        try:
+            parsed = tomllib.loads(text)
+        except ValueError as exc:  # TOMLDecodeError, or an integer too long to convert
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
+        try:
+            data = plain(parsed)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}", path=exc.path) from None
     for assignment in overrides:
         apply_override(data, assignment)
     return structure(data, allow_imports=allow_imports)
@@ -539,7 +655,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        return _toml_string(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
@@ -548,8 +664,18 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
+            "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quote, backslash and control characters escaped, the rest as is."""
+    return '"' + "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or c == "\x7f"
+                                             else c) for c in text) + '"'
+
+
 def _key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
 
 
 def _is_table_list(value: Any) -> bool:
@@ -597,19 +723,28 @@ def _kind_of(hint: Any) -> str | None:
     return None
 
 
-def create(spec: PluginSpec, kind: str, path: str, context: BuildContext | None = None) -> Any:
-    """Build ``spec`` as a plugin of ``kind`` (nested specs first), naming ``path`` in errors."""
+def create(spec: PluginSpec, kind: str | None, path: str,
+           context: BuildContext | None = None) -> Any:
+    """Build ``spec`` as a plugin of ``kind`` (nested specs first), naming ``path`` in errors.
+
+    ``kind`` is what the recipe slot or the parameter's type asks for; a ``kind`` the spec
+    names must agree with it (with ``kind=None`` the spec's own kind is used). A plugin whose
+    constructor fails is reported as a :class:`ConfigError` at ``path``."""
     from sdk.registry import _signature_params, _type_name, get_registry
 
     reg = get_registry()
-    kind = spec.kind or kind
+    if spec.kind is not None and kind is not None and spec.kind != kind:
+        raise ConfigError(f"{path}.kind: this entry takes a plugin of kind {kind!r}, got kind "
+                          f"{spec.kind!r}", path=f"{path}.kind")
+    kind = kind or spec.kind
     if spec.module is not None:
         factory = import_factory(spec.module, f"{path}.module")
     else:
         try:
             factory = reg.get(kind, spec.name).factory
         except PluginError as exc:
-            raise ConfigError(f"{path}.name: {exc}", path=f"{path}.name") from None
+            key = "name" if kind in KINDS else "kind"
+            raise ConfigError(f"{path}.{key}: {exc}", path=f"{path}.{key}") from None
     try:
         _, hints, _ = _signature_params(factory)
     except ValueError:  # an imported builtin without a signature
@@ -624,13 +759,12 @@ def create(spec: PluginSpec, kind: str, path: str, context: BuildContext | None 
             items = value if isinstance(value, list) else [value]
             built = []
             for i, item in enumerate(items):
-                k = item.kind or sub_kind
                 item_path = f"{where}[{i}]" if isinstance(value, list) else where
-                if k is None:
+                if (item.kind or sub_kind) is None:
                     raise ConfigError(f"{item_path}: cannot tell which kind of plugin "
                                       f"{item.name!r} is; add kind = \"...\"", path=item_path)
-                has_nested_encoder |= k == "encoder"
-                built.append(create(item, k, item_path, context))
+                has_nested_encoder |= (sub_kind or item.kind) == "encoder"
+                built.append(create(item, sub_kind, item_path, context))
             params[key] = built if isinstance(value, list) else built[0]
         else:
             hint = hints.get(key)
@@ -660,6 +794,9 @@ def create(spec: PluginSpec, kind: str, path: str, context: BuildContext | None 
     except ConfigError as exc:
         where = f"{path}.{exc.param}" if exc.param else path
         raise ConfigError(f"{where}: {exc}", param=exc.param, path=where) from None
+    except Exception as exc:  # noqa: BLE001 - the plugin rejected the recipe's values
+        raise ConfigError(f"{path}: {kind} plugin {spec.name!r} cannot be built from these "
+                          f"parameters: {type(exc).__name__}: {exc}", path=path) from exc
 
 
 def import_factory(reference: str, where: str) -> Any:
@@ -728,8 +865,29 @@ def build_optimizer(config: OptimizerConfig) -> Any:
     kwargs = {"lr": config.lr, **config.options}
     if "weight_decay" in accepted:
         kwargs["weight_decay"] = config.weight_decay
+    _probe_optimizer(cls, kwargs, torch.zeros(1, requires_grad=True))
 
     def factory(params: Any) -> Any:
         return cls(params, **kwargs)
 
     return factory
+
+
+def _probe_optimizer(cls: type, kwargs: dict[str, Any], param: Any) -> None:
+    """Build ``cls`` on one parameter; a rejected argument raises :class:`ConfigError` naming
+    its recipe key (the first argument ``cls`` rejects on its own, else the whole table)."""
+    try:
+        cls([param], **kwargs)
+        return
+    except Exception as exc:  # noqa: BLE001 - torch raises ValueError, TypeError, ...
+        error = exc
+    where = "optimizer"
+    for key, value in kwargs.items():
+        try:
+            cls([param], **{key: value})
+        except Exception as exc:  # noqa: BLE001
+            where, error = (f"optimizer.{key}" if key in ("lr", "weight_decay")
+                            else f"optimizer.options.{key}"), exc
+            break
+    raise ConfigError(f"{where}: {cls.__name__} rejects it: {type(error).__name__}: {error}",
+                      path=where) from error

@@ -27,6 +27,14 @@ def run(capsys, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
+def fail(capsys, *argv: str) -> tuple[int, str]:
+    """The exit status and the one line on stderr of a command that fails."""
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1, captured
+    return code, captured.err
+
+
 def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -56,16 +64,16 @@ def test_recipe_runs_end_to_end(recipe, keys, tmp_path, capsys):
 
 
 def test_overrides_are_type_checked(tmp_path, capsys):
-    code, out = run(capsys, "run", str(RECIPES / "simclr_digits.toml"), "--run-dir",
-                    str(tmp_path), "--set", "objectives[0].temperature=\"hot\"")
+    code, out = fail(capsys, "run", str(RECIPES / "simclr_digits.toml"), "--run-dir",
+                     str(tmp_path), "--set", "objectives[0].temperature=\"hot\"")
     assert code == 2
     assert 'objectives[0].temperature: expected float, got "hot"' in out
-    code, out = run(capsys, "run", str(RECIPES / "simclr_digits.toml"),
-                    "--set", "trainer.max_epochs=many")
+    code, out = fail(capsys, "run", str(RECIPES / "simclr_digits.toml"),
+                     "--set", "trainer.max_epochs=many")
     assert code == 2 and 'trainer.max_epochs: expected int, got "many"' in out
     # brackets in messages are text, not console markup; a message is one line
-    code, out = run(capsys, "run", str(RECIPES / "simclr_digits.toml"),
-                    "--set", 'encoder.backbone.hidden_dims="wide"')
+    code, out = fail(capsys, "run", str(RECIPES / "simclr_digits.toml"),
+                     "--set", 'encoder.backbone.hidden_dims="wide"')
     assert code == 2
     assert 'encoder.backbone.hidden_dims: expected tuple[int, ...] | list[int], got "wide"' in out
 
@@ -107,16 +115,16 @@ def test_trainer_settings_are_listed_and_checked_by_the_cli(capsys):
     out = capsys.readouterr().out
     for field in attrs.fields(TrainerConfig):
         assert f"trainer.{field.name} " in out and field.metadata["doc"] in out, field.name
-    code, out = run(capsys, "run", str(RECIPES / "simclr_digits.toml"),
-                    "--set", "trainer.max_epoch=3")
+    code, out = fail(capsys, "run", str(RECIPES / "simclr_digits.toml"),
+                     "--set", "trainer.max_epoch=3")
     assert code == 2 and "trainer.max_epoch: unknown key; did you mean 'max_epochs'?" in out
-    code, out = run(capsys, "run", str(RECIPES / "simclr_digits.toml"),
-                    "--set", "trainer.log_every=0")
+    code, out = fail(capsys, "run", str(RECIPES / "simclr_digits.toml"),
+                     "--set", "trainer.log_every=0")
     assert code == 2 and "trainer.log_every: must be >= 1, got 0" in out
 
 
 def test_run_needs_a_recipe_or_resume(capsys):
-    code, out = run(capsys, "run")
+    code, out = fail(capsys, "run")
     assert code == 2 and "give a RECIPE or --resume DIR" in out
 
 
@@ -128,3 +136,115 @@ def test_demo_prints_results(tmp_path, capsys):
     assert "kNN accuracy (test): " in out and "kNN accuracy, random-init encoder: " in out
     assert "linear-probe" not in out
     assert (tmp_path / "summary.json").exists()
+
+
+# exit status and one-line errors, as a shell sees them -------------------------------------------
+
+EXPLODING = """
+import sys
+from plugins.classification.cross_entropy import CrossEntropy
+from sdk import registry
+from sdk.card import Card
+
+
+class Exploding(CrossEntropy):
+    def forward(self, views, batch):
+        raise RuntimeError("exploded at the first step\\n(second line of the message)")
+
+
+registry.get_registry().add(Exploding, card=Card(
+    name="exploding", kind="objective", title="Exploding", summary="Raises in training."))
+from sdk.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def shell(*argv: str, script: str | None = None, env: dict | None = None,
+          cwd: Path | None = None):
+    """``python -m sdk.cli ARGV`` (or ``python -c SCRIPT ARGV``) in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    root = RECIPES.parents[1]
+    command = [sys.executable, *(["-c", script] if script else ["-m", "sdk.cli"]), *argv]
+    environ = {**os.environ, "PYTHONPATH": str(root), "CI": "1", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, env=environ, cwd=cwd or root,
+                          timeout=300)
+
+
+def one_line(done) -> str:
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.startswith("paperplug: error: ")
+    return done.stderr
+
+
+BAD_USAGE = [
+    (("run", "RECIPE", "--bogus"), "unrecognized arguments: --bogus (see paperplug --help)"),
+    (("run", "RECIPE", "--set"), "argument --set: expected one argument"),
+    (("run", "RECIPE", "--set", "trainer.max_epochs"), "--set expects key=value"),
+    (("run", "RECIPE", "--set", "trainer.max_epoch=3"),
+     "trainer.max_epoch: unknown key; did you mean 'max_epochs'?"),
+    (("run", "RECIPE", "--set", "optimizer.lr=-1"), "optimizer.lr: AdamW rejects it"),
+    (("run", "BAD"), 'objectives[0].temperature: expected float, got "hot"'),
+    (("run", "MISSING"), "missing.toml' does not exist"),
+    (("run",), "give a RECIPE or --resume DIR"),
+    (("plugins", "show", "nt_xnet"), "no plugin named 'nt_xnet'. Did you mean 'nt_xent'?"),
+    (("plugins", "list", "--kind", "objectiv"), "Did you mean 'objective'?"),
+    (("bogus",), "invalid choice: 'bogus'"),
+    ((), "the following arguments are required: command"),
+]
+IN_A_SHELL = {0, 2, 3, 5, 8, 11}  # the others are checked in-process only (each shell takes seconds)
+
+
+@pytest.mark.parametrize("case", range(len(BAD_USAGE)))
+def test_bad_recipes_and_bad_usage_exit_2_with_one_line(case, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text((RECIPES / "simclr_digits.toml").read_text().replace("temperature = 0.2",
+                                                                        'temperature = "hot"'))
+    names = {"RECIPE": str(RECIPES / "simclr_digits.toml"), "BAD": str(bad),
+             "MISSING": str(tmp_path / "missing.toml")}
+    words, message = BAD_USAGE[case]
+    argv = [names.get(w, w) for w in words]
+    if argv[:1] == ["run"]:
+        argv += ["--run-dir", str(tmp_path / "run")]
+    code, err = fail(capsys, *argv)
+    assert code == 2 and err.startswith("paperplug: error: ") and message in err, err
+    if case in IN_A_SHELL:
+        done = shell(*argv)
+        assert done.returncode == 2 and message in one_line(done), done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_exits_1_with_one_line_and_the_traceback_on_request(tmp_path):
+    recipe = tmp_path / "exploding.toml"
+    recipe.write_text((RECIPES / "supervised_digits.toml").read_text().replace(
+        'name = "cross_entropy"', 'name = "exploding"'))
+    argv = ("run", str(recipe), "--run-dir", str(tmp_path / "run"), "--set", "trainer.max_steps=1")
+    done = shell(*argv, script=EXPLODING)
+    assert done.returncode == 1, done
+    assert one_line(done) == ("paperplug: error: RuntimeError: exploded at the first step "
+                              "(second line of the message)\n")
+    for debug in ({"env": {"PAPERPLUG_DEBUG": "1"}}, {}):
+        done = shell(*(argv if debug else ("--debug", *argv)), script=EXPLODING, **debug)
+        assert done.returncode == 1
+        assert done.stderr.startswith("Traceback (most recent call last):")
+        assert "in forward" in done.stderr and done.stderr.rstrip().endswith(
+            "(second line of the message)")
+    done = shell("run", str(RECIPES / "simclr_digits.toml"), "--debug", "--set", "x.y=1")
+    assert done.returncode == 2 and "Traceback" in done.stderr  # --debug after the subcommand
+
+
+def test_main_returns_the_exit_status(capsys, monkeypatch):
+    import sdk.cli_run
+
+    def boom(*args, **kwargs):
+        raise ValueError("a failure during training")
+
+    monkeypatch.setattr(sdk.cli_run, "run_recipe", boom)
+    code, err = fail(capsys, "run", str(RECIPES / "simclr_digits.toml"))
+    assert code == 1 and err == "paperplug: error: ValueError: a failure during training\n"
+    code, err = fail(capsys, "run", str(RECIPES / "simclr_digits.toml"), "--set", "seed=x")
+    assert code == 2 and err == 'paperplug: error: seed: expected int, got "x"\n'
+    code, err = fail(capsys, "plugins", "show", "mixupp")
+    assert code == 2 and "Did you mean 'mixup'?" in err

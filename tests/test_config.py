@@ -111,7 +111,7 @@ def test_unknown_plugin_name_suggests_the_closest(splits):
     (lambda d: d.pop("encoder"), "encoder: required key is missing"),
     (lambda d: d["objectives"][0].pop("name"), "objectives[0].name: required key is missing"),
     (lambda d: d["objectives"][0].update(weight="x"),
-     'objectives[0].weight: expected a number or a schedule table, got "x"'),
+     'objectives[0].weight: expected a finite number or a schedule table, got "x"'),
     (lambda d: d.update(trainr={}), "trainr: unknown key; did you mean 'trainer'?"),
     (lambda d: d["trainer"].update(max_epoch=3),
      "trainer.max_epoch: unknown key; did you mean 'max_epochs'? accepted: max_epochs, max_steps,"),

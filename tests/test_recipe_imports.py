@@ -58,7 +58,7 @@ def test_the_cli_refuses_an_import_and_names_the_flag(tmp_path, capsys):
     recipe.write_text(dump_toml(_recipe(encoder={"module": "os:system",
                                                  "command": f"touch {marker}"})))
     code = main(["run", str(recipe), "--run-dir", str(tmp_path / "run")])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert code == 2 and "encoder.module: importing" in out and "--allow-imports" in out
     assert not (tmp_path / "run").exists() and not marker.exists()
 
@@ -127,5 +127,5 @@ def test_the_cli_resumes_past_a_damaged_checkpoint_and_reports_when_none_is_vali
     capsys.readouterr()
     with pytest.warns(CheckpointWarning):
         code = main(["run", "--resume", str(run_dir)])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert code == 2 and "error: no valid checkpoint in" in out and "is empty" in out

@@ -78,6 +78,7 @@ class AdaptiveMultiheadContrastive(Objective):
     """
 
     requires = {"views": 2}
+    accepts_sampler = True
 
     def __init__(self, in_dim: int = 512, hidden_dim: int = 512, out_dim: int = 128,
                  num_heads: int = 3, beta: float = 0.01, tau_min: float = 1e-5,

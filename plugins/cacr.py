@@ -58,6 +58,7 @@ class CACR(Objective):
     """
 
     requires = {"views": 2}
+    accepts_sampler = True
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, tau_pos: float = 1.0,
                  tau_neg: float = 1.0, sampler: Sampler | None = None, gather: bool = False):

@@ -60,6 +60,7 @@ class DecoupledContrastive(Objective):
     """
 
     requires = {"views": 2}
+    accepts_sampler = True
 
     def __init__(self, temperature: float = 0.1, sigma: float | None = None,
                  sampler: Sampler | None = None, gather: bool = False):

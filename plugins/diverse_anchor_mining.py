@@ -8,7 +8,6 @@ Metric Learning", ICCV 2023.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +15,9 @@ from torch import Tensor, nn
 
 from sdk.card import Card
 from sdk.errors import ConfigError, RequirementError, ShapeError
+from sdk.events import State
 from sdk.hookspecs import hookimpl
+from sdk.interfaces import DataSampler
 from sdk.state import ResizableBuffers
 
 
@@ -65,7 +66,7 @@ def diverse_anchors(embeddings: Tensor, num_anchors: int, *, similar_exclude: fl
     return torch.stack(picks)
 
 
-class DiverseAnchorMining(ResizableBuffers, torch.utils.data.Sampler):
+class DiverseAnchorMining(ResizableBuffers, DataSampler):
     """Data-level sampler yielding this epoch's diverse anchors (dataset positions).
 
     At ``on_epoch_start`` it embeds the training set (``trainer.embed``), draws a random pool
@@ -112,8 +113,8 @@ class DiverseAnchorMining(ResizableBuffers, torch.utils.data.Sampler):
         self.anchors = pool.to(self.anchors.device)[picks.to(self.anchors.device)]
         return self.anchors
 
-    def on_epoch_start(self, trainer: Any) -> None:
-        self.select(trainer.embed(trainer.train_loader), epoch=trainer.epoch)
+    def on_epoch_start(self, state: State) -> None:
+        self.select(state.trainer.embed(state.trainer.train_loader), epoch=state.epoch)
 
     def __iter__(self) -> Iterator[int]:
         if self.anchors.numel() == 0:

@@ -113,6 +113,7 @@ class GroCo(Objective):
     """
 
     requires = {"views": 2}
+    accepts_sampler = True
 
     def __init__(self, steepness: float = 1.0, topk_negatives: int = 10,
                  stop_gradient: bool = True, same_view_negatives: bool = True,

@@ -8,7 +8,6 @@ authors' unimodal code (``SogCLR_DRO_Loss``) and LibAUC's ``GCLoss_v1``.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import attrs
 import torch
@@ -18,6 +17,7 @@ from sdk import contrastive
 from sdk.card import Card
 from sdk.distributed import gather_no_grad
 from sdk.errors import ConfigError
+from sdk.events import State
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective, Sampler
 from sdk.types import Batch, Loss, Views
@@ -108,6 +108,7 @@ class ISogCLR(Objective):
     """
 
     requires = {"views": 2, "index": True}
+    accepts_sampler = True
 
     def __init__(self, num_samples: int = 65536, temperature: float = 0.1, gamma: float = 0.9,
                  rho: float = 0.3, eta: float = 0.01, beta: float = 0.9, tau_min: float = 0.05,
@@ -132,8 +133,8 @@ class ISogCLR(Objective):
         self.register_buffer("u", torch.zeros(num_samples))
         self.register_buffer("seen", torch.zeros(num_samples, dtype=torch.bool))
 
-    def on_fit_start(self, trainer: Any) -> None:
-        dataset = getattr(getattr(trainer, "train_loader", None), "dataset", None)
+    def on_fit_start(self, state: State) -> None:
+        dataset = getattr(state.trainer.train_loader, "dataset", None)
         if dataset is not None and hasattr(dataset, "__len__") and len(dataset) > self.num_samples:
             raise ConfigError(f"isogclr: num_samples={self.num_samples} is smaller than the training "
                               f"set ({len(dataset)} samples)", param="num_samples")

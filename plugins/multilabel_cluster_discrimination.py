@@ -17,6 +17,7 @@ from sdk import contrastive
 from sdk.card import Card
 from sdk.cluster import dataset_index, kmeans
 from sdk.errors import ConfigError
+from sdk.events import State
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
 from sdk.state import ResizableBuffers
@@ -117,13 +118,13 @@ class MultilabelClusterDiscrimination(ResizableBuffers, Objective):
         loader = trainer.train_loader
         self.cluster(trainer.embed(loader), dataset_index(loader.dataset))
 
-    def on_fit_start(self, trainer: Any) -> None:
+    def on_fit_start(self, state: State) -> None:
         if not bool(self.initialised):
-            self._refresh(trainer)
+            self._refresh(state.trainer)
 
-    def on_epoch_end(self, trainer: Any) -> None:
+    def on_epoch_end(self, state: State) -> None:
         if self.recluster:
-            self._refresh(trainer)
+            self._refresh(state.trainer)
 
     def positives(self, cos: Tensor, batch: Batch) -> Tensor:
         """Stored labels of the batch's samples where known, else the current nearest centres."""

@@ -41,6 +41,7 @@ class NTXent(Objective):
     """
 
     requires = {"views": 2}
+    accepts_sampler = True
 
     def __init__(self, temperature: float = 0.5, sampler: Sampler | None = None,
                  gather: bool = False):

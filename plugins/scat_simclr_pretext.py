@@ -23,8 +23,10 @@ from torch import Tensor, nn
 from plugins.nt_xent import NTXent
 from sdk.card import Card
 from sdk.errors import ConfigError, RequirementError, ShapeError
+from sdk.events import State
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective, Sampler
+from sdk.keys import FEATURES
 from sdk.types import Batch, Loss, Views
 
 TRANSFORM_KEY = "transform_id"
@@ -95,7 +97,7 @@ class ScatSimCLRPretext(Objective):
     ``on_epoch_start`` event and checkpointed); outside a trainer it is ``pretext_weight``.
     """
 
-    requires = {"views": 2, "extras": ("features",)}
+    requires = {"views": 2, "extras": (FEATURES,)}
 
     def __init__(self, temperature: float = 0.5, pretext_weight: float = 0.3,
                  warmup_epochs: int = 40, num_transforms: int = 4, feature_dim: int = 512,
@@ -122,8 +124,8 @@ class ScatSimCLRPretext(Objective):
         self.head = PretextHead(feature_dim, num_transforms, hidden, dropout, tiles)
         self.epoch: int | None = None  # the trainer's epoch; None outside a trainer
 
-    def on_epoch_start(self, trainer: Any) -> None:
-        self.epoch = int(trainer.epoch)
+    def on_epoch_start(self, state: State) -> None:
+        self.epoch = int(state.epoch)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch}
@@ -145,7 +147,7 @@ class ScatSimCLRPretext(Objective):
         if TRANSFORM_KEY not in batch.extras:
             raise RequirementError(f"objective {self.name!r} needs Batch.extras[{TRANSFORM_KEY!r}] "
                                    "(the id of the transformation applied to each view)")
-        features = views.extras["features"]
+        features = views.extras[FEATURES]
         if len(features) != views.n_views:
             raise ShapeError(f"Views.extras['features']: {len(features)} tensors for "
                              f"{views.n_views} views")
@@ -164,7 +166,7 @@ class ScatSimCLRPretext(Objective):
         shape = (batch_size, dim) if tiles == 1 else (batch_size, tiles, dim)
         views = Views(embeddings=tuple(torch.randn(batch_size, 16, generator=generator)
                                        .requires_grad_() for _ in range(2)),
-                      extras={"features": tuple(torch.randn(*shape, generator=generator)
+                      extras={FEATURES: tuple(torch.randn(*shape, generator=generator)
                                                 .requires_grad_() for _ in range(2))})
         ids = torch.randint(self.head.out.out_features, (2, batch_size), generator=generator)
         return views, Batch(index=torch.arange(batch_size), extras={TRANSFORM_KEY: ids})

@@ -21,9 +21,9 @@ from sdk.card import Card
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
+from sdk.keys import PATCHES
 from sdk.types import Batch, Loss, Views
 
-PATCHES = "patches"
 SCHEDULES = ("lambda", "linear", "sigmoid", "zero")
 LOOKUPS = ("linear", "top", "uniform")
 

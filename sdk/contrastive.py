@@ -14,8 +14,9 @@ gradients; anchors without a positive are excluded from the mean.
 Candidates beyond the batch join the denominator as *extra negatives* (:func:`extra_negatives`):
 synthetic ones from a Sampler (``Pairs.extra_negatives`` vectors or ``Pairs.extra_negative_sims``
 similarities) and a shared memory published in ``Views.extras`` by a queue or memory-bank
-teacher (``"negatives"`` [M, D], optional ``"negatives_mask"`` [M] of valid entries and
-``"negatives_index"`` [M] of dataset indices: an anchor never counts its own sample's entries).
+teacher (:data:`sdk.keys.NEGATIVES` [M, D], optional :data:`~sdk.keys.NEGATIVES_MASK` [M] of
+valid entries and :data:`~sdk.keys.NEGATIVES_INDEX` [M] of dataset indices: an anchor never
+counts its own sample's entries).
 With the default pairs (other views of the sample are positives), :func:`instance_info_nce`
 computes the same loss without building any mask.
 """
@@ -29,9 +30,10 @@ from torch import Tensor
 
 from sdk.distributed import gather_no_grad, gather_with_grad, rank, world_size
 from sdk.errors import ShapeError
+from sdk.keys import NEGATIVES as NEGATIVES  # re-exported: the memory entries' keys
+from sdk.keys import NEGATIVES_INDEX as NEGATIVES_INDEX
+from sdk.keys import NEGATIVES_MASK as NEGATIVES_MASK
 from sdk.types import Batch, Pairs, Views
-
-NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX = "negatives", "negatives_mask", "negatives_index"
 
 
 def _neg(dtype: torch.dtype) -> float:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from sdk.errors import RequirementError, ShapeError
+from sdk.events import State
 from sdk.interfaces import (
     Calibrator,
     Callback,
@@ -396,8 +397,8 @@ class _Kill(Callback):
     def __init__(self, at: int):
         self.at = at
 
-    def after_optimizer_step(self, trainer: Any) -> None:
-        if trainer.step == self.at:
+    def after_optimizer_step(self, state: State) -> None:
+        if state.step == self.at:
             raise _Killed
 
 

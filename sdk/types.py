@@ -43,13 +43,26 @@ def _embeddings(value: Any) -> tuple[Tensor, ...]:
     return tuple(value)
 
 
+def unchecked(cls: type, **fields: Any) -> Any:
+    """A record of class ``cls`` built from ``fields`` (converted, not validated): for the
+    engine's own records once the first micro-batch's passed validation; users and plugins
+    build records through the validating constructors."""
+    record = object.__new__(cls)
+    for field in attrs.fields(cls):
+        value = fields.get(field.name, field.default)
+        if field.converter is not None:
+            value = field.converter(value)
+        object.__setattr__(record, field.name, value)
+    return record
+
+
 @attrs.frozen(kw_only=True)
 class Views:
     """Model outputs for one batch.
 
     ``embeddings``: one ``[B, D]`` tensor per view; ``logits``: ``[B, C]`` class scores;
-    ``extras``: further named outputs (e.g. ``"teacher"``: the teacher's embeddings per view,
-    ``"features"``: backbone features before the projection head).
+    ``extras``: further named outputs (e.g. :data:`sdk.keys.TEACHER`: the teacher's embeddings
+    per view, :data:`sdk.keys.FEATURES`: backbone features before the projection head).
     """
 
     embeddings: tuple[Tensor, ...] = attrs.field(default=(), converter=_embeddings)

@@ -165,8 +165,8 @@ class _EpochEnds(Callback):
     def __init__(self) -> None:
         self.ends: list[int] = []
 
-    def on_epoch_end(self, trainer) -> None:
-        self.ends.append(trainer.epoch)
+    def on_epoch_end(self, state) -> None:
+        self.ends.append(state.epoch)
 
 
 def _fit_steps(data, make_mlp, run_dir, *, max_steps, resume=False):

@@ -18,6 +18,7 @@ from plugins.neighbor_contrastive_clustering import (
     subgraph,
     target_distribution,
 )
+from sdk.events import State
 
 
 def cos(a, b):
@@ -143,14 +144,14 @@ def test_on_fit_start_initialises_centres_by_kmeans_once():
             return data
 
     obj = sdk.create("objective", "neighbor_contrastive_clustering", n_clusters=2)
-    obj.on_fit_start(FakeTrainer())
+    obj.on_fit_start(State(trainer=FakeTrainer()))
     centres = obj.clustering.centers.detach()
     assert sorted(centres[:, 0].round().tolist()) == pytest.approx([-6, 6], abs=1)
     assert bool(obj.clustering.initialised)
     restored = sdk.create("objective", "neighbor_contrastive_clustering", n_clusters=2)
     restored.load_state_dict(obj.state_dict())
     data = data + 100  # a resumed run keeps its centres
-    restored.on_fit_start(FakeTrainer())
+    restored.on_fit_start(State(trainer=FakeTrainer()))
     assert torch.equal(restored.clustering.centers, obj.clustering.centers)
 
 

@@ -39,7 +39,7 @@ _LAZY: dict[str, str] = {
 _SUBMODULES = {
     "interfaces", "types", "card", "hookspecs", "registry", "compose", "config", "contrastive",
     "distributed", "testing", "engine", "metrics", "data", "checkpoint", "plots", "cli", "cluster",
-    "state",
+    "state", "events", "keys",
 }
 
 __all__ = [

@@ -98,9 +98,15 @@ def is_listener_name(name: str) -> bool:
     return name.startswith(PREFIXES) and not name.startswith("__")
 
 
+_SYNONYMS = {"begin": "start", "finish": "end", "stop": "end", "pre": "before", "post": "after",
+             "train": "fit", "val": "validation"}
+
+
 def closest(name: str) -> str | None:
-    """The event whose name is closest to ``name`` (``None`` when none is close)."""
-    found = difflib.get_close_matches(name, EVENTS, n=1, cutoff=0.5)
+    """The event whose name is closest to ``name`` (``None`` when none is close); words with a
+    synonym in the events' vocabulary (``begin`` for ``start``, ...) are read as that word."""
+    words = "_".join(_SYNONYMS.get(word, word) for word in name.split("_"))
+    found = difflib.get_close_matches(words, EVENTS, n=1, cutoff=0.5)
     return found[0] if found else None
 
 

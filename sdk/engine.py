@@ -72,6 +72,8 @@ from sdk.interfaces import Sampler as PairSampler
 from sdk.types import Batch, Loss, Views, unchecked
 
 PRECISIONS = ("32", "bf16-mixed", "fp16-mixed")
+_NULL = contextlib.nullcontext()
+_unchecked_batch = functools.partial(unchecked, Batch)
 _STATEFUL = (nn.Module, Callback, DataSampler, Schedule)  # the kinds that declare state_dict
 CHECKPOINT_NAME = "last.pt"
 _BATCH_FIELDS = ("targets", "index", "domain", "weight")
@@ -521,6 +523,7 @@ class Trainer:
         self.scheduler = self._build_scheduler()
         self.scaler = (torch.amp.GradScaler("cuda") if self.precision == "fp16-mixed" else None)
         amp_dtype = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(self.precision)
+        self._amp = amp_dtype is not None
         self._autocast: Callable[[], Any]
         if amp_dtype is None:
             self._autocast = contextlib.nullcontext
@@ -631,6 +634,12 @@ class Trainer:
             if hook is not None and hook.get_hookimpls():
                 listeners[event].append(lambda state, hook=hook: hook(state=state))
         self._listeners = {event: tuple(found) for event, found in listeners.items()}
+        # the per-step events, resolved once (the loop iterates these tuples directly)
+        self._after_forward = self._listeners[Event.AFTER_FORWARD]
+        self._after_loss = self._listeners[Event.AFTER_LOSS]
+        self._before_backward = self._listeners[Event.BEFORE_BACKWARD]
+        self._before_optimizer_step = self._listeners[Event.BEFORE_OPTIMIZER_STEP]
+        self._after_optimizer_step = self._listeners[Event.AFTER_OPTIMIZER_STEP]
 
     def emit(self, event: Event | str) -> None:
         """Dispatch ``event`` to every listener (callbacks, components, plugin hooks) with the
@@ -689,16 +698,10 @@ class Trainer:
     def _to_device(self, item: Any, check: bool = True) -> tuple[Tensor, Batch]:
         """The input and the Batch of a loader item, on the device; ``check=False`` builds the
         Batch without validating it (training after the first micro-batch)."""
-        make = Batch if check else functools.partial(unchecked, Batch)
+        make = Batch if check else _unchecked_batch
         nb = self.device.type == "cuda"
         fields: dict[str, Any] = {}
-        if isinstance(item, Mapping):
-            x = item["x"]
-            fields = {k: v for k, v in item.items() if k in _BATCH_FIELDS}
-            extras = {k: v for k, v in item.items() if k != "x" and k not in _BATCH_FIELDS}
-            if extras:
-                fields["extras"] = extras
-        elif isinstance(item, (tuple, list)):
+        if isinstance(item, (tuple, list)):
             x = item[0]
             if len(item) == 2 and isinstance(item[1], Batch):
                 batch = item[1]
@@ -706,6 +709,12 @@ class Trainer:
                           "weight": batch.weight, "extras": batch.extras}
             else:
                 fields = dict(zip(("targets", "index", "domain"), item[1:4]))
+        elif isinstance(item, Mapping):
+            x = item["x"]
+            fields = {k: v for k, v in item.items() if k in _BATCH_FIELDS}
+            extras = {k: v for k, v in item.items() if k != "x" and k not in _BATCH_FIELDS}
+            if extras:
+                fields["extras"] = extras
         else:
             x = item
         dev = self.device
@@ -761,18 +770,23 @@ class Trainer:
             extras.update(self._memory())
         fields = {"embeddings": tuple(embeddings), "extras": extras,
                   "logits": embeddings[0] if self._needs_logits else None}
-        views = unchecked(Views, **fields) if events and self._checked else Views(**fields)
+        trusted = events and self._checked  # training after the first, validated micro-batch
+        views = unchecked(Views, **fields) if trusted else Views(**fields)
         state = self.state
         state.x, state.batch, state.views = x, batch, views
         if events:
-            self.emit(Event.AFTER_FORWARD)
+            for listener in self._after_forward:
+                listener(state)
             views, batch = state.views, state.batch  # as listeners left them
-        loss = self.objective(views, batch)
+        # the objective's requirements hold for every batch once they held for the first
+        loss = nn.Module.__call__(self.objective, views, batch) if trusted else self.objective(
+            views, batch)
         if self.reweighter is not None:
             loss = self.reweighter.reduce(loss, batch)
         state.loss = loss
         if events:
-            self.emit(Event.AFTER_LOSS)  # may replace state.loss (e.g. add a term)
+            for listener in self._after_loss:  # may replace state.loss (e.g. add a term)
+                listener(state)
         return state.loss.value
 
     # the loop ----------------------------------------------------------------------------
@@ -859,24 +873,32 @@ class Trainer:
             else:
                 self._stop_mid_epoch(progress)
 
+    def _forward_backward(self, x: Tensor, batch: Batch, state: State) -> None:
+        if self._amp:
+            with self._autocast():
+                value = self._ddp(x, batch) if self._ddp is not None else self._compute(x, batch)
+        else:
+            value = self._ddp(x, batch) if self._ddp is not None else self._compute(x, batch)
+        if self.accumulate > 1:
+            value = value / self.accumulate
+        for listener in self._before_backward:
+            listener(state)
+        if self.scaler is not None:
+            self.scaler.scale(value).backward()
+        else:
+            value.backward()
+
     def _micro_step(self, item: Any, *, boundary: bool) -> None:
         state = self.state
         state.views = state.loss = None  # free the last step's activations before this forward
         x, batch = self._to_device(item, check=not self._checked)
         self.objective.set_progress(state.step, self.total_steps)
-        sync = contextlib.nullcontext()
-        if self._ddp is not None and not boundary:
-            sync = self._ddp.no_sync()
-        with sync:
-            with self._autocast():
-                value = self._ddp(x, batch) if self._ddp is not None else self._compute(x, batch)
-            if self.accumulate > 1:
-                value = value / self.accumulate
-            self.emit(Event.BEFORE_BACKWARD)
-            if self.scaler is not None:
-                self.scaler.scale(value).backward()
-            else:
-                value.backward()
+        ddp = self._ddp
+        if ddp is None and not self._amp:  # the common case, without context managers
+            self._forward_backward(x, batch, state)
+        else:
+            with ddp.no_sync() if ddp is not None and not boundary else _NULL:
+                self._forward_backward(x, batch, state)
         if self._teacher_observes:
             self.teacher.observe(views=state.views, batch=state.batch, step=state.step,
                                  max_steps=self.total_steps)
@@ -893,7 +915,9 @@ class Trainer:
             distributed.all_reduce_mean_([p.grad for p in self._outside if p.grad is not None])
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        self.emit(Event.BEFORE_OPTIMIZER_STEP)
+        state = self.state
+        for listener in self._before_optimizer_step:
+            listener(state)
         if self.clip_grad_norm is not None:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm,
                                                             foreach=True)
@@ -904,10 +928,10 @@ class Trainer:
             self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        state = self.state
         taken = state.step
         state.step = taken + 1
-        self.emit(Event.AFTER_OPTIMIZER_STEP)
+        for listener in self._after_optimizer_step:
+            listener(state)
         if self.teacher is not None:
             observed = self._teacher_observes  # then every micro-batch was observed already
             self.teacher.update(student=self.encoder, views=None if observed else state.views,
@@ -916,10 +940,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _after_step(self, progress: _Progress) -> None:
-        progress.advance(self.epoch)
-        if self.step % self.log_every == 0:
+        step = self.state.step
+        if progress.bar is not None:
+            progress.advance(self.state.epoch)
+        if step % self.log_every == 0:
             self._log_train(progress)
-        if (self.checkpoint_every is not None and self.step % self.checkpoint_every == 0
+        if (self.checkpoint_every is not None and step % self.checkpoint_every == 0
                 and self.run_dir is not None):
             self.save_checkpoint()
 

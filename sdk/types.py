@@ -43,16 +43,20 @@ def _embeddings(value: Any) -> tuple[Tensor, ...]:
     return tuple(value)
 
 
+_LAYOUTS: dict[type, tuple[tuple[str, Any, Any], ...]] = {}
+
+
 def unchecked(cls: type, **fields: Any) -> Any:
     """A record of class ``cls`` built from ``fields`` (converted, not validated): for the
     engine's own records once the first micro-batch's passed validation; users and plugins
     build records through the validating constructors."""
+    layout = _LAYOUTS.get(cls)
+    if layout is None:
+        layout = _LAYOUTS[cls] = tuple((f.name, f.default, f.converter) for f in attrs.fields(cls))
     record = object.__new__(cls)
-    for field in attrs.fields(cls):
-        value = fields.get(field.name, field.default)
-        if field.converter is not None:
-            value = field.converter(value)
-        object.__setattr__(record, field.name, value)
+    for name, default, convert in layout:
+        value = fields.get(name, default)
+        object.__setattr__(record, name, value if convert is None else convert(value))
     return record
 
 

@@ -800,6 +800,7 @@ class Trainer:
             ckpt.seed_everything(self.seed + self.rank)
         self.train_loader, self.val_loader = train_loader, val_loader
         self._collect_listeners()
+        self._checked = False  # validate this fit's first micro-batch (its loader may differ)
         loader = self._prepare_train_loader(train_loader)
         if self.max_steps is None and not isinstance(loader, Sized):
             raise ConfigError("the training loader has no length: give max_steps",

@@ -261,3 +261,41 @@ def test_records_are_validated_on_the_first_micro_batch(loader):
 
     with pytest.raises(sdk.ShapeError, match="Views.embeddings"):
         sdk.Trainer(Flat(), SeenCE(), SGD, max_steps=2, progress=False).fit(loader)
+
+
+def test_the_engines_own_records_are_validated_once_per_fit(loader, make_mlp, monkeypatch):
+    checks = {"Views": 0, "Batch": 0}
+    for cls in (Views, Batch):
+        original = cls.__attrs_post_init__
+
+        def counting(self, _original=original, _name=cls.__name__):
+            checks[_name] += 1
+            _original(self)
+
+        monkeypatch.setattr(cls, "__attrs_post_init__", counting)
+    _trainer(make_mlp, SeenCE(), max_steps=8).fit(loader)
+    assert checks == {"Views": 1, "Batch": 1}
+
+
+def test_the_progress_bar_is_redrawn_at_most_every_tenth_of_a_second(monkeypatch):
+    from sdk import engine
+
+    class Bar:
+        def __init__(self):
+            self.advanced = []
+
+        def update(self, task, advance=0, **fields):
+            self.advanced.append(advance)
+
+        def stop(self):
+            pass
+
+    clock = iter([1.0, 1.05, 1.2, 1.21, 1.25])
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
+    progress = engine._Progress(enabled=True, total=10, plain=True)
+    progress.bar = Bar()
+    for _ in range(5):
+        progress.advance(epoch=0)
+    assert progress.bar.advanced == [1, 2]  # at t=1.0 (the first step) and t=1.2
+    progress.stop()
+    assert progress.bar.advanced == [1, 2, 2]  # the steps since the last redraw

@@ -233,20 +233,19 @@ class Teacher(nn.Module, abc.ABC):
     does not override ``observe`` receives the last micro-batch's views and batch in ``update``.
     """
 
-    encodes_views: ClassVar[bool] = False
-    """Whether ``forward(x)`` is a network the engine runs on every view; by default true for
-    a teacher class that defines ``forward``."""
-    observes: ClassVar[bool] = False
-    """Whether :meth:`observe` records data; true for a teacher class that overrides it."""
     memory_keys: ClassVar[tuple[str, ...]] = ()
     """The ``Views.extras`` keys :meth:`memory` publishes (see :mod:`sdk.keys`)."""
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "encodes_views" not in vars(cls) and "forward" in vars(cls):
-            cls.encodes_views = True
-        if "observes" not in vars(cls) and "observe" in vars(cls):
-            cls.observes = True
+    @property
+    def encodes_views(self) -> bool:
+        """Whether ``forward(x)`` is a network the engine runs on every view: by default, whether
+        the class defines ``forward``; a class may set ``encodes_views = False``."""
+        return type(self).forward is not nn.Module.forward
+
+    @property
+    def observes(self) -> bool:
+        """Whether :meth:`observe` records data: by default, whether the class overrides it."""
+        return type(self).observe is not Teacher.observe
 
     def attach(self, student: nn.Module) -> Any:
         """Told the encoder being trained when the first ``fit`` starts; target networks copy it."""

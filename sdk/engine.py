@@ -405,7 +405,10 @@ class Trainer:
         self.grad_norm: Tensor | None = None
         self._attached = False
         self._checked = False  # the first micro-batch's records are validated, later ones trusted
-        self._sums = torch.zeros(2)  # loss sums of the log window and the epoch (on the device)
+        # the log window's micro-batch losses (detached, on the device: summed at log points, so
+        # a step costs no device op for logging) and the epoch's sum of the logged windows
+        self._window: list[Tensor] = []
+        self._epoch_sum = torch.zeros(())
         self._log_count = self._epoch_count = 0
         self._start_step = 0
         self._setup_done = False
@@ -844,7 +847,7 @@ class Trainer:
             if skip == 0:
                 self.batch_idx = 0
                 self.emit(Event.ON_EPOCH_START)
-                self._sums = zero.new_zeros(2)  # loss sums: log window, epoch
+                self._window, self._epoch_sum = [], zero.new_zeros(())
                 self._log_count = self._epoch_count = 0
             n_batches = len(loader) if isinstance(loader, Sized) else None
             it = iter(loader)
@@ -903,7 +906,7 @@ class Trainer:
         if self._teacher_observes:
             self.teacher.observe(views=state.views, batch=state.batch, step=state.step,
                                  max_steps=self.total_steps)
-        self._sums.add_(state.loss.value.detach())  # one device op, no host sync
+        self._window.append(state.loss.value.detach())  # no host sync
         self._checked = True
         self._log_count += 1
         self._epoch_count += 1
@@ -983,7 +986,8 @@ class Trainer:
         if partial:
             record["partial"] = True
         if self._epoch_count:
-            record["loss"] = float(self._sums[1]) / self._epoch_count
+            total = self._epoch_sum + self._window_sum() if self._window else self._epoch_sum
+            record["loss"] = float(total) / self._epoch_count
         if self.val_loader is not None:
             self.val_metrics = self.evaluate(self.val_loader)
             record.update({f"val/{k}": v for k, v in self.val_metrics.items()})
@@ -1022,14 +1026,20 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _window_sum(self) -> Tensor:
+        """The sum of the log window's losses (float32, on the device)."""
+        return torch.stack([v.float() for v in self._window]).sum()
+
     def _log_train(self, progress: _Progress) -> None:
         if self._log_count == 0:
             return
-        loss = float(self._sums[0]) / self._log_count  # the host sync of this log point
+        window = self._window_sum()
+        self._epoch_sum.add_(window)
+        self._window = []
+        loss = float(window) / self._log_count  # the host sync of this log point
         now = time.perf_counter()
         rate = self._samples_since_log * self.world / max(now - self._t_log, 1e-9)
         self._t_log, self._samples_since_log = now, 0
-        self._sums[0].zero_()
         self._log_count = 0
         logs = {k: float(v) for k, v in self.loss.logs.items()} if self.loss is not None else {}
         self.logs = {"loss": loss, **logs}
@@ -1129,14 +1139,18 @@ class Trainer:
         pos = state["position"]
         self.epoch, self.batch_idx, self.step = pos["epoch"], pos["batch"], pos["step"]
         run = state["running"]
-        self._sums = run["sums"].to(self.device)
         self._log_count, self._epoch_count = run["log_count"], run["epoch_count"]
+        self._epoch_sum = run["epoch_sum"].to(self.device)
+        self._window = list(run["window"].to(self.device).unbind())
         return self.batch_idx
 
     def _running(self) -> dict[str, Any]:
-        """The loss sums of the current epoch and log window (so a resumed run logs the same)."""
-        return {"sums": self._sums.cpu(), "log_count": self._log_count,
-                "epoch_count": self._epoch_count}
+        """The losses of the current log window and the epoch's sum of the logged ones (so a
+        resumed run logs the same, bit for bit)."""
+        window = (torch.stack([v.float() for v in self._window]) if self._window
+                  else torch.zeros(0))
+        return {"epoch_sum": self._epoch_sum.cpu(), "window": window.cpu(),
+                "log_count": self._log_count, "epoch_count": self._epoch_count}
 
     # inference ---------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -299,3 +299,22 @@ def test_the_progress_bar_is_redrawn_at_most_every_tenth_of_a_second(monkeypatch
     assert progress.bar.advanced == [1, 2]  # at t=1.0 (the first step) and t=1.2
     progress.stop()
     assert progress.bar.advanced == [1, 2, 2]  # the steps since the last redraw
+
+
+def test_logged_losses_are_the_means_of_the_micro_batch_losses(data, make_mlp):
+    seen: list[float] = []
+
+    class Seen(Callback):
+        def before_backward(self, state):
+            seen.append(state.loss.value.item())
+
+    loader = DataLoader(data, batch_size=10)  # 7 batches an epoch, the last of 4 items
+    trainer = _trainer(make_mlp, SeenCE(), callbacks=[Seen()], max_epochs=2, log_every=3)
+    trainer.fit(loader)
+    train = [r for r in trainer.history if r["kind"] == "train"]
+    epochs = [r for r in trainer.history if r["kind"] == "epoch"]
+    assert [r["step"] for r in train] == [3, 6, 9, 12]
+    # windows: steps 1-3, 4-6, (7 is cut by the epoch start) 8-9, 10-12
+    assert [r["loss"] for r in train] == pytest.approx(
+        [sum(seen[0:3]) / 3, sum(seen[3:6]) / 3, sum(seen[7:9]) / 2, sum(seen[9:12]) / 3])
+    assert [r["loss"] for r in epochs] == pytest.approx([sum(seen[:7]) / 7, sum(seen[7:]) / 7])

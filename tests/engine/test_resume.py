@@ -123,7 +123,8 @@ def test_checkpoint_holds_everything_a_resume_needs(data, make_mlp, tmp_path):
     assert state["scheduler"]["last_epoch"] == 4
     assert state["scaler"] is None
     assert set(state["rng"][0]) >= {"python", "numpy", "torch"}
-    assert state["running"]["epoch_count"] == 4 and state["running"]["sums"].shape == (2,)
+    assert state["running"]["epoch_count"] == 4 and state["running"]["epoch_sum"].shape == ()
+    assert state["running"]["window"].shape == (4,)  # 4 losses since the last log point
     assert trainer.checkpoint_path == tmp_path / "checkpoints" / "last.pt"
 
 

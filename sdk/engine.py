@@ -1028,7 +1028,7 @@ class Trainer:
 
     def _window_sum(self) -> Tensor:
         """The sum of the log window's losses (float32, on the device)."""
-        return torch.stack([v.float() for v in self._window]).sum()
+        return torch.stack(self._window).float().sum()  # stack promotes mixed dtypes
 
     def _log_train(self, progress: _Progress) -> None:
         if self._log_count == 0:
@@ -1147,8 +1147,7 @@ class Trainer:
     def _running(self) -> dict[str, Any]:
         """The losses of the current log window and the epoch's sum of the logged ones (so a
         resumed run logs the same, bit for bit)."""
-        window = (torch.stack([v.float() for v in self._window]) if self._window
-                  else torch.zeros(0))
+        window = torch.stack(self._window).float() if self._window else torch.zeros(0)
         return {"epoch_sum": self._epoch_sum.cpu(), "window": window.cpu(),
                 "log_count": self._log_count, "epoch_count": self._epoch_count}
 

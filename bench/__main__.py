@@ -22,9 +22,14 @@ RESULTS = Path(__file__).with_name("results.json")
 class Report:
     def __init__(self) -> None:
         self.sections: dict[str, list[dict]] = {}
+        self.notes: list[str] = []
 
     def add(self, section: str, name: str, **values: object) -> None:
         self.sections.setdefault(section, []).append({"name": name, **values})
+
+    def note(self, line: str) -> None:
+        """A headline result, printed after the tables."""
+        self.notes.append(line)
 
     def render(self, console: Console) -> None:
         for section, rows in self.sections.items():
@@ -35,6 +40,8 @@ class Report:
             for row in rows:
                 table.add_row(*(_fmt(row.get(c, "")) for c in columns))
             console.print(table)
+        for line in self.notes:
+            console.print(line)
 
 
 def _fmt(value: object) -> str:

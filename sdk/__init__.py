@@ -43,7 +43,7 @@ _LAZY: dict[str, str] = {
 _SUBMODULES = {
     "interfaces", "types", "card", "hookspecs", "registry", "compose", "config", "contrastive",
     "distributed", "testing", "engine", "metrics", "data", "checkpoint", "plots", "cli", "cluster",
-    "state", "context", "constraints",
+    "state", "context", "constraints", "events", "keys",
 }
 
 __all__ = [

@@ -14,8 +14,9 @@ gradients; anchors without a positive are excluded from the mean.
 Candidates beyond the batch join the denominator as *extra negatives* (:func:`extra_negatives`):
 synthetic ones from a Sampler (``Pairs.extra_negatives`` vectors or ``Pairs.extra_negative_sims``
 similarities) and a shared memory published in ``Views.extras`` by a queue or memory-bank
-teacher (``"negatives"`` [M, D], optional ``"negatives_mask"`` [M] of valid entries and
-``"negatives_index"`` [M] of dataset indices: an anchor never counts its own sample's entries).
+teacher (:data:`sdk.keys.NEGATIVES` [M, D], optional :data:`~sdk.keys.NEGATIVES_MASK` [M] of
+valid entries and :data:`~sdk.keys.NEGATIVES_INDEX` [M] of dataset indices: an anchor never
+counts its own sample's entries).
 With the default pairs (other views of the sample are positives), :func:`instance_info_nce`
 computes the same loss without building any mask.
 """
@@ -41,9 +42,10 @@ from sdk.distributed import (
 )
 from sdk.errors import ShapeError
 from sdk.interfaces import Input, Objective, Sampler
+from sdk.keys import NEGATIVES as NEGATIVES  # re-exported: the memory entries' keys
+from sdk.keys import NEGATIVES_INDEX as NEGATIVES_INDEX
+from sdk.keys import NEGATIVES_MASK as NEGATIVES_MASK
 from sdk.types import Batch, Loss, Pairs, Views
-
-NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX = "negatives", "negatives_mask", "negatives_index"
 
 
 def _neg(dtype: torch.dtype) -> float:
@@ -332,6 +334,7 @@ class NTXent(Objective):
     """
 
     requires = {"views": 2}
+    accepts_sampler = True
     consumes = frozenset({Input.PAIRS, Input.PAIR_WEIGHTS, Input.EXTRA_NEGATIVES})
     batch_coupled = True
 

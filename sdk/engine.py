@@ -5,62 +5,82 @@ One optimisation step (``accumulate`` micro-batches)::
     objective.set_progress(step, max_steps)
     x, batch    <- loader item (x, targets, index, ...) moved to the device
     x_v, batch  <- transforms[v](x, batch)                      one per view (threads batch)
-    z_v         <- encoder(x_v)            (+ features, teacher outputs)       -> Views
-    after_forward
+    z_v         <- encoder(x_v)  (+ features, teacher outputs, teacher.memory())  -> Views
+    after_forward          (may replace state.batch / state.views)
     loss        <- objective(views, batch) (-> reweighter.reduce(loss, batch))
-    after_loss, before_backward, backward (scaled by 1 / accumulate)
-    teacher.observe(views, batch)           every micro-batch (teachers that define it)
+    after_loss             (may replace state.loss), before_backward,
+    backward (scaled by 1 / accumulate)
+    teacher.observe(views, batch)           every micro-batch (teachers that observe)
     before_optimizer_step  (gradients ready and unscaled), clip, optimizer step,
     scheduler step, after_optimizer_step, teacher.update(...), zero_grad
 
-Events go to the callbacks, to every component (encoder, objective, teacher, sampler,
-reweighter, transforms) that defines a method of the event's name, and to the pluggy hooks
-``paperplug_<event>(trainer)`` of every plugin module.
+Events (:class:`sdk.events.Event`) go to the callbacks, to every component (encoder,
+objective and its terms and samplers, teacher, sampler, reweighter, transforms, data sampler)
+that defines a method of the event's name, and to the pluggy hooks ``paperplug_<event>(state)``
+of every plugin module; each receives the run's :class:`sdk.events.State`. A method named like
+an event (``on_*``, ``before_*``, ``after_*``) that is none raises :class:`ConfigError` when
+``fit`` starts.
 
-How a model provides what objectives need:
+How a model provides what objectives need (see :mod:`sdk.keys` for the extras):
 
 * **embeddings**: ``Views.embeddings[v] = encoder(transforms[v](x))``.
-* **features**: when the encoder has ``features(x)`` and a ``head`` module (as
-  ``projection_head`` does, ``encoder(x) = head(features(x))``), the backbone runs once per view
-  and ``Views.extras["features"]`` holds ``features(x_v)``; an encoder with ``features`` but no
-  ``head`` gets the extra only when the objective requires ``extras=("features",)``.
+* **features**: when the encoder is an sdk Encoder with a ``head`` (as ``projection_head``,
+  ``encoder(x) = head(features(x))``), the backbone runs once per view and
+  ``Views.extras[keys.FEATURES]`` holds ``features(x_v)``; an Encoder without a ``head`` gets the
+  extra only when the objective requires ``extras=(keys.FEATURES,)``.
 * **logits**: when the objective requires logits, the encoder's output on the first view *is*
   the logits (a supervised model's ``out_dim`` is the number of classes).
-* **teacher**: a teacher with a ``forward`` gives ``Views.extras["teacher"] = teacher(x_v)`` per
-  view; a teacher with ``attach`` is attached to the encoder when the first fit starts.
+* **teacher**: ``Teacher.attach(encoder)`` when the first fit starts; a teacher that
+  ``encodes_views`` gives ``Views.extras[keys.TEACHER] = teacher(x_v)`` per view; its
+  ``memory()`` (queues, memory banks) is merged into ``Views.extras``. Validation
+  (:meth:`Trainer.evaluate`) builds the objective's inputs the same way, without events.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from sdk import checkpoint as ckpt
-from sdk import distributed
+from sdk import distributed, keys
 from sdk.compose import check_composition, check_parts
 from sdk.config import trainer_config, with_trainer_settings
 from sdk.errors import CheckpointError, ConfigError, RequirementError
-from sdk.interfaces import EVENTS, Callback, Objective, Schedule, Teacher, Transform
+from sdk.events import EVENTS, Event, State, closest, is_listener_name
+from sdk.hookspecs import PREFIX, hook_name
+from sdk.interfaces import (
+    Callback,
+    DataSampler,
+    Encoder,
+    Objective,
+    Schedule,
+    Teacher,
+    Transform,
+)
 from sdk.interfaces import Sampler as PairSampler
-from sdk.types import Batch, Loss, Views
+from sdk.types import Batch, Loss, Views, unchecked
 
+_NULL = contextlib.nullcontext()
+_unchecked_batch = functools.partial(unchecked, Batch)
+_STATEFUL = (nn.Module, Callback, DataSampler, Schedule)  # the kinds that declare state_dict
 _BATCH_FIELDS = ("targets", "index", "domain", "weight")
 
 
-class ResumableSampler(torch.utils.data.Sampler[int]):
+class ResumableSampler(DataSampler):
     """Seeded per-epoch order of ``n`` indices, sharded over ranks, able to skip a prefix.
 
     Epoch ``e`` uses ``randperm(n)`` from a generator seeded with ``seed + e`` (or ``0..n-1``
@@ -97,7 +117,7 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         return iter(mine.tolist())
 
 
-class RankShard(torch.utils.data.Sampler[int]):
+class RankShard(DataSampler):
     """This rank's share of a data sampler's order: the order of each epoch, padded by wrapping
     around to a multiple of ``world``, split ``order[rank::world]`` (as ``DistributedSampler``
     does). The wrapped sampler must give every rank the same order."""
@@ -106,8 +126,7 @@ class RankShard(torch.utils.data.Sampler[int]):
         self.sampler, self.rank, self.world = sampler, rank, world
 
     def set_epoch(self, epoch: int) -> None:
-        if callable(getattr(self.sampler, "set_epoch", None)):
-            self.sampler.set_epoch(epoch)
+        set_epoch(self.sampler, epoch)
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.world)
@@ -130,11 +149,39 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _is_overridden(obj: Any, name: str) -> bool:
-    method = getattr(type(obj), name, None)
-    if method is None:
-        return False
-    return method is not getattr(Callback, name, None)
+def set_epoch(sampler: Any, epoch: int) -> None:
+    """Tell a data sampler the epoch about to start (an sdk DataSampler or torch's
+    ``DistributedSampler``; other samplers have no epochs)."""
+    if isinstance(sampler, (DataSampler, DistributedSampler)):
+        sampler.set_epoch(epoch)
+
+
+_BINDABLE = (staticmethod, classmethod, functools.partialmethod, type(set_epoch))
+
+
+def listener_methods(component: Any) -> dict[str, Callable[[State], Any]]:
+    """The event listeners ``component`` defines (its class's methods named like an event,
+    bound to it; the no-op defaults of :class:`Callback` excluded). A method named like an event
+    (``on_*``, ``before_*``, ``after_*``) that is not one raises :class:`ConfigError` naming the
+    component, the method and the closest event."""
+    found: dict[str, Any] = {}
+    for klass in reversed(type(component).__mro__):
+        if klass is Callback or klass is object:
+            continue
+        for name, value in vars(klass).items():
+            if is_listener_name(name):
+                found[name] = value
+    out: dict[str, Callable[[State], Any]] = {}
+    for name, value in found.items():
+        if name not in EVENTS:
+            near = closest(name)
+            hint = f" (closest event: {near!r})" if near else ""
+            raise ConfigError(f"{type(component).__name__}.{name} is named like an engine event but "
+                              f"is none{hint}; events: {', '.join(EVENTS)}", param=name)
+        if value is not None:
+            out[name] = value.__get__(component, type(component)) if isinstance(
+                value, _BINDABLE) else value
+    return out
 
 
 def _modules_of(obj: Any) -> list[nn.Module]:
@@ -167,11 +214,14 @@ class _Progress:
     """A rich progress bar on a terminal; plain lines when not a TTY, when ``CI`` is set, or
     when ``plain=True``."""
 
+    REDRAW_S = 0.1
+
     def __init__(self, *, enabled: bool, total: int | None, plain: bool | None = None):
         self.enabled = enabled
         self.total = total
         self.bar = None
         self.task = None
+        self._pending, self._drawn = 0, 0.0
         if plain is None:
             plain = not sys.stdout.isatty() or bool(os.environ.get("CI"))
         self.plain = plain
@@ -197,8 +247,15 @@ class _Progress:
                                           epoch=0, loss="-", rate="")
 
     def advance(self, epoch: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, epoch=epoch)
+        """One step done; the bar is redrawn at most every ``REDRAW_S`` seconds (a redraw costs
+        more than a small model's step)."""
+        if self.bar is None:
+            return
+        self._pending += 1
+        now = time.perf_counter()
+        if now - self._drawn >= self.REDRAW_S:
+            self.bar.update(self.task, advance=self._pending, epoch=epoch)
+            self._pending, self._drawn = 0, now
 
     def log(self, *, epoch: int, step: int, loss: float, rate: float, eta: float | None,
             extra: str = "") -> None:
@@ -214,6 +271,8 @@ class _Progress:
 
     def stop(self) -> None:
         if self.bar is not None:
+            self.bar.update(self.task, advance=self._pending)
+            self._pending = 0
             self.bar.stop()
 
 
@@ -230,11 +289,11 @@ class Trainer:
     ``transforms``: ``None`` (the input is the only view), a Transform applied once per view the
     objective requires, or a sequence of Transforms, one per view. ``sampler``: a pair Sampler
     (given to every objective term that has an empty ``sampler`` slot) or a data-level
-    ``torch.utils.data.Sampler`` (replaces the sampler of a map-style training DataLoader; its
-    ``bind(dataset)``, when it has one, is called with the training set first, and its
+    ``torch.utils.data.Sampler`` (replaces the sampler of a map-style training DataLoader; an sdk
+    :class:`~sdk.interfaces.DataSampler` is first told the training set (``bind``), and its
     ``on_fit_start``/``on_epoch_start`` events run before the epoch's batches are drawn). Under
     DDP each rank takes every ``world``-th index of the data sampler's order
-    (:class:`RankShard`), which must then be the same on every rank; a data sampler that shards
+    (:class:`RankShard`), which must then be the same on every rank; a DataSampler that shards
     itself over the ranks declares ``shards_ranks = True`` and is used as it is.
 
     The settings after ``progress`` (``max_epochs``, ``precision``, ...) are the fields of
@@ -280,7 +339,7 @@ class Trainer:
 
     @with_trainer_settings
     def __init__(self, encoder: nn.Module, objective: Objective, optimizer: Any = None, *,
-                 teacher: nn.Module | None = None, sampler: Any = None,
+                 teacher: Teacher | None = None, sampler: Any = None,
                  reweighter: nn.Module | None = None,
                  transforms: Transform | Sequence[Transform] | None = None,
                  callbacks: Sequence[Any] = (), scheduler: Any = None, seed: int = 0,
@@ -292,6 +351,9 @@ class Trainer:
         if not isinstance(objective, Objective):
             raise ConfigError(f"objective must be an sdk Objective, got {type(objective).__name__}",
                               param="objective")
+        if teacher is not None and not isinstance(teacher, Teacher):
+            raise ConfigError(f"teacher must be an sdk Teacher, got {type(teacher).__name__}",
+                              param="teacher")
         if isinstance(settings.get("device"), torch.device):
             settings["device"] = str(settings["device"])
         self.config = trainer_config(settings)
@@ -321,9 +383,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress_enabled = progress
 
-        # loop state, visible to events
-        self.step = 0
-        self.epoch = 0
+        # loop state, visible to events (step, epoch and the micro-batch's records live in state)
+        self.state = State(trainer=self, model=encoder)
         self.batch_idx = 0
         self.total_steps: int | None = self.max_steps
         self.optimizer: torch.optim.Optimizer | None = None
@@ -331,10 +392,6 @@ class Trainer:
         self.scaler: torch.amp.GradScaler | None = None
         self.train_loader: Any = None
         self.val_loader: Any = None
-        self.x: Tensor | None = None
-        self.views: Views | None = None
-        self.batch: Batch | None = None
-        self.loss: Loss | None = None
         self._view_inputs: tuple[list[Tensor], Batch] | None = None
         self.logs: dict[str, float] = {}
         self.val_metrics: dict[str, float] = {}
@@ -342,6 +399,12 @@ class Trainer:
         self.should_stop = False
         self.grad_norm: Tensor | None = None
         self._attached = False
+        self._checked = False  # the first micro-batch's records are validated, later ones trusted
+        # the log window's micro-batch losses (detached, on the device: summed at log points, so
+        # a step costs no device op for logging) and the epoch's sum of the logged windows
+        self._window: list[Tensor] = []
+        self._epoch_sum = torch.zeros(())
+        self._log_count = self._epoch_count = 0
         self._start_step = 0
         self._setup_done = False
         self._ddp: nn.Module | None = None
@@ -349,7 +412,7 @@ class Trainer:
     # construction helpers ----------------------------------------------------------------
     def _give_sampler(self, sampler: PairSampler) -> None:
         slots = [m for m in self.objective.modules()
-                 if isinstance(m, Objective) and hasattr(m, "sampler") and m.sampler is None]
+                 if isinstance(m, Objective) and m.accepts_sampler and m.sampler is None]
         if not slots:
             raise ConfigError("sampler: no objective term takes a pair sampler (or every one "
                               "already has one)", param="sampler")
@@ -388,10 +451,48 @@ class Trainer:
         return self.encoder
 
     @property
-    def trainer(self) -> Trainer:
-        """The trainer itself, so a listener written against the event state's ``trainer``
-        works when an event passes the trainer."""
-        return self
+    def step(self) -> int:
+        """Optimizer steps taken (``state.step``)."""
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch (``state.epoch``)."""
+        return self.state.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.state.epoch = value
+
+    @property
+    def x(self) -> Tensor | None:
+        """The current micro-batch's input (``state.x``)."""
+        return self.state.x
+
+    @property
+    def batch(self) -> Batch | None:
+        """The current micro-batch's Batch (``state.batch``; listeners replace it there)."""
+        return self.state.batch
+
+    @property
+    def views(self) -> Views | None:
+        """The current micro-batch's Views (``state.views``; listeners replace it there)."""
+        return self.state.views
+
+    @property
+    def loss(self) -> Loss | None:
+        """The current micro-batch's Loss (``state.loss``; listeners replace it there)."""
+        return self.state.loss
+
+    def _listening(self) -> list[Any]:
+        """Every object whose event methods run: the components and the objective's terms and
+        pair samplers."""
+        inner = [m for m in self.objective.modules() if isinstance(m, (Objective, PairSampler))]
+        return _unique([*self.components, *inner])
 
     def recompute_gradients(self) -> Tensor:
         """Forward and backward the current step's batch again at the parameters' current
@@ -416,7 +517,7 @@ class Trainer:
         xs, batch = self._view_inputs
         buffers = _unique(b for m in self.components if isinstance(m, nn.Module) for b in m.buffers())
         saved = [b.clone() for b in buffers]
-        records = (self.views, self.batch, self.loss)
+        records = (self.state.views, self.state.batch, self.state.loss)
         for p in self.params:
             p.grad = None
         with self._autocast():
@@ -427,7 +528,7 @@ class Trainer:
         with torch.no_grad():
             for b, v in zip(buffers, saved):
                 b.copy_(v)
-        self.views, self.batch, self.loss = records
+        self.state.views, self.state.batch, self.state.loss = records
         return value.detach()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -435,8 +536,6 @@ class Trainer:
         params: list[nn.Parameter] = []
         for comp in self.components:
             if isinstance(comp, nn.Module):
-                params.extend(p for p in comp.parameters() if p.requires_grad)
-            elif hasattr(comp, "parameters") and callable(comp.parameters):
                 params.extend(p for p in comp.parameters() if p.requires_grad)
         return _unique(params)
 
@@ -450,23 +549,7 @@ class Trainer:
         for comp in self.components:
             if isinstance(comp, nn.Module):
                 comp.to(self.device)
-        if self.teacher is not None and hasattr(self.teacher, "attach") and not self._attached:
-            self.teacher.attach(self.encoder)
-            self.teacher.to(self.device)
-        self._attached = True
-        self._teacher_forward = (self.teacher is not None and isinstance(self.teacher, nn.Module)
-                                 and type(self.teacher).forward is not nn.Module.forward)
-        self._teacher_observes = getattr(type(self.teacher), "observe", None) not in (
-            None, Teacher.observe)
-        enc = self.encoder
-        self._split = callable(getattr(enc, "features", None)) and isinstance(
-            getattr(enc, "head", None), nn.Module)
-        needs = self.objective.requires
-        self._needs_logits = bool(needs.get("logits"))
-        self._needs_features = "features" in tuple(needs.get("extras", ()))
-        if self._needs_features and not callable(getattr(enc, "features", None)):
-            raise RequirementError(f"objective {self.objective.name!r} needs extras['features'] "
-                                   "but the encoder has no features(x) method")
+        self._plan()
         self._encode = torch.compile(self._encode_impl) if self.compile else self._encode_impl
 
         params = self.trainable_parameters()
@@ -477,6 +560,7 @@ class Trainer:
         self.scheduler = self._build_scheduler()
         self.scaler = (torch.amp.GradScaler("cuda") if self.precision == "fp16-mixed" else None)
         amp_dtype = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(self.precision)
+        self._amp = amp_dtype is not None
         self._autocast: Callable[[], Any]
         if amp_dtype is None:
             self._autocast = contextlib.nullcontext
@@ -487,10 +571,31 @@ class Trainer:
                 return torch.autocast(device_type=dev, dtype=amp_dtype)
 
             self._autocast = _autocast
+        self.state.optimizer = self.optimizer
         if self.distributed:
             self._wrap_ddp(params)
-        self._listeners = {event: self._collect(event) for event in EVENTS}
         self._setup_done = True
+
+    def _plan(self) -> None:
+        """What one forward computes: attach the teacher (once), and decide from the declared
+        capabilities which extras the Views get (shared by training and :meth:`evaluate`)."""
+        teacher = self.teacher
+        if teacher is not None and not self._attached:
+            teacher.attach(self.encoder)
+            teacher.to(self.device)
+        self._attached = True
+        self._teacher_forward = teacher is not None and teacher.encodes_views
+        self._teacher_observes = teacher is not None and teacher.observes
+        self._memory = teacher.memory if teacher is not None else None
+        enc = self.encoder
+        self._split = isinstance(enc, Encoder) and enc.head is not None
+        needs = self.objective.requires
+        self._needs_logits = bool(needs.get("logits"))
+        self._needs_features = keys.FEATURES in tuple(needs.get("extras", ()))
+        if self._needs_features and not isinstance(enc, Encoder):
+            raise RequirementError(f"objective {self.objective.name!r} needs "
+                                   f"extras[{keys.FEATURES!r}] but the encoder "
+                                   f"({type(enc).__name__}) is not an sdk Encoder with features(x)")
 
     def _wrap_ddp(self, params: list[nn.Parameter]) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -537,37 +642,48 @@ class Trainer:
         if isinstance(spec, Schedule):
             return torch.optim.lr_scheduler.LambdaLR(
                 self.optimizer, lambda s: spec(s, self.total_steps))
-        if hasattr(spec, "step") and hasattr(spec, "state_dict"):
+        if isinstance(spec, torch.optim.lr_scheduler.LRScheduler):
             return spec
         if callable(spec):
             return spec(self.optimizer)
         raise ConfigError(f"scheduler must be an LR scheduler, a factory or an sdk Schedule, got "
                           f"{type(spec).__name__}", param="scheduler")
 
-    def _collect(self, event: str) -> list[Callable[[Trainer], Any]]:
-        listeners: list[Callable[[Trainer], Any]] = []
-        for comp in self.components:
-            if _is_overridden(comp, event):
-                listeners.append(getattr(comp, event))
-        hook = self._plugin_hook(event)
-        if hook is not None:
-            listeners.append(lambda trainer, hook=hook: hook(trainer=trainer))
-        return listeners
-
-    @staticmethod
-    def _plugin_hook(event: str) -> Any:
+    def _collect_listeners(self) -> None:
+        """Every event's listeners, in order: components' methods, then plugin modules' hooks.
+        Raises :class:`ConfigError` for a method or hook named like an event that is none."""
+        listeners: dict[str, list[Callable[[State], Any]]] = {event: [] for event in EVENTS}
+        for comp in self._listening():
+            for event, method in listener_methods(comp).items():
+                listeners[event].append(method)
         from sdk.registry import get_registry
 
-        pm = getattr(get_registry(), "plugin_manager", None)
-        hook = getattr(pm.hook, f"paperplug_{event}", None) if pm is not None else None
-        if hook is None or not hook.get_hookimpls():
-            return None
-        return hook
+        hooks = vars(get_registry().plugin_manager.hook)
+        for name, hook in hooks.items():
+            if name.startswith(PREFIX) and hook.spec is None and hook.get_hookimpls():
+                plugins = ", ".join(impl.plugin_name for impl in hook.get_hookimpls())
+                near = closest(name[len(PREFIX):])
+                hint = f" (closest: {hook_name(near)!r})" if near else ""
+                raise ConfigError(f"plugin {plugins}: hook {name!r} is no engine event{hint}",
+                                  param=name)
+        for event in EVENTS:
+            hook = hooks.get(hook_name(event))
+            if hook is not None and hook.get_hookimpls():
+                listeners[event].append(lambda state, hook=hook: hook(state=state))
+        self._listeners = {event: tuple(found) for event, found in listeners.items()}
+        # the per-step events, resolved once (the loop iterates these tuples directly)
+        self._after_forward = self._listeners[Event.AFTER_FORWARD]
+        self._after_loss = self._listeners[Event.AFTER_LOSS]
+        self._before_backward = self._listeners[Event.BEFORE_BACKWARD]
+        self._before_optimizer_step = self._listeners[Event.BEFORE_OPTIMIZER_STEP]
+        self._after_optimizer_step = self._listeners[Event.AFTER_OPTIMIZER_STEP]
 
-    def emit(self, event: str) -> None:
-        """Dispatch ``event`` to every listener (callbacks, components, plugin hooks)."""
+    def emit(self, event: Event | str) -> None:
+        """Dispatch ``event`` to every listener (callbacks, components, plugin hooks) with the
+        run's :class:`State`."""
+        state = self.state
         for listener in self._listeners[event]:
-            listener(self)
+            listener(state)
 
     # data --------------------------------------------------------------------------------
     def _prepare_train_loader(self, loader: Any) -> Any:
@@ -577,11 +693,11 @@ class Trainer:
         if not isinstance(loader, DataLoader) or loader.batch_size is None:
             return loader
         if self.data_sampler is not None:
-            bind = getattr(self.data_sampler, "bind", None)
-            if callable(bind):  # a data sampler may learn the training set (e.g. its size)
-                bind(loader.dataset)
             sampler: Any = self.data_sampler
-            if self.world > 1 and not getattr(sampler, "shards_ranks", False):
+            own = isinstance(sampler, DataSampler)
+            if own:  # a data sampler may learn the training set (e.g. its size)
+                sampler.bind(loader.dataset)
+            if self.world > 1 and not (own and sampler.shards_ranks):
                 sampler = RankShard(sampler, rank=self.rank, world=self.world)
         elif type(loader.sampler) in (RandomSampler, SequentialSampler) and not (
                 isinstance(loader.sampler, RandomSampler)
@@ -616,28 +732,31 @@ class Trainer:
             return self._rebuild(loader, SequentialSampler(loader.dataset), drop_last=False)
         return loader
 
-    def _to_device(self, item: Any) -> tuple[Tensor, Batch]:
+    def _to_device(self, item: Any, check: bool = True) -> tuple[Tensor, Batch]:
+        """The input and the Batch of a loader item, on the device; ``check=False`` builds the
+        Batch without validating it (training after the first micro-batch)."""
+        make = Batch if check else _unchecked_batch
         nb = self.device.type == "cuda"
         fields: dict[str, Any] = {}
-        if isinstance(item, Mapping):
+        if isinstance(item, (tuple, list)):
+            x = item[0]
+            if len(item) == 2 and isinstance(item[1], Batch):
+                batch = item[1]
+                fields = {"targets": batch.targets, "index": batch.index, "domain": batch.domain,
+                          "weight": batch.weight, "extras": batch.extras}
+            else:
+                fields = dict(zip(("targets", "index", "domain"), item[1:4]))
+        elif isinstance(item, Mapping):
             x = item["x"]
             fields = {k: v for k, v in item.items() if k in _BATCH_FIELDS}
             extras = {k: v for k, v in item.items() if k != "x" and k not in _BATCH_FIELDS}
             if extras:
                 fields["extras"] = extras
-        elif isinstance(item, (tuple, list)):
-            x = item[0]
-            if len(item) == 2 and isinstance(item[1], Batch):
-                batch = item[1]
-                fields = {k: getattr(batch, k) for k in _BATCH_FIELDS}
-                fields["extras"] = batch.extras
-            else:
-                fields = dict(zip(("targets", "index", "domain"), item[1:4]))
         else:
             x = item
         dev = self.device
         if dev.type == "cpu" and x.device.type == "cpu" and "extras" not in fields:
-            return x, Batch(**fields)  # a CPU loader's tensors are already where they belong
+            return x, make(**fields)  # a CPU loader's tensors are already where they belong
 
         def move(t: Tensor) -> Tensor:
             return t if t.device == dev else t.to(dev, non_blocking=nb)
@@ -649,7 +768,7 @@ class Trainer:
         if "extras" in fields:
             fields["extras"] = {k: move(v) if isinstance(v, Tensor) else v
                                 for k, v in fields["extras"].items()}
-        return x, Batch(**fields)
+        return x, make(**fields)
 
     # forward -----------------------------------------------------------------------------
     def _encode_impl(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -661,6 +780,9 @@ class Trainer:
         return z, enc.features(x) if self._needs_features else None
 
     def _compute(self, x: Tensor, batch: Batch, events: bool = True) -> Tensor:
+        """The objective's loss on one micro-batch; with ``events`` (training) the
+        ``after_forward`` and ``after_loss`` listeners run and what they put in the state is
+        used."""
         xs = []
         for t in self.view_transforms:
             if t is None:
@@ -669,6 +791,7 @@ class Trainer:
                 xv, batch = t(x, batch)
                 xs.append(xv)
         self._view_inputs = (xs, batch)  # what recompute_gradients runs again
+        self.state.x = x
         return self._views_and_loss(xs, batch, events)
 
     def _views_and_loss(self, xs: list[Tensor], batch: Batch, events: bool) -> Tensor:
@@ -682,21 +805,31 @@ class Trainer:
                 teacher.append(self.teacher(xv))
         extras: dict[str, Any] = {}
         if features:
-            extras["features"] = tuple(features)
+            extras[keys.FEATURES] = tuple(features)
         if teacher:
-            extras["teacher"] = tuple(teacher)
-        self.views = Views(embeddings=tuple(embeddings),
-                           logits=embeddings[0] if self._needs_logits else None, extras=extras)
-        self.batch = batch
+            extras[keys.TEACHER] = tuple(teacher)
+        if self._memory is not None:
+            extras.update(self._memory())
+        fields = {"embeddings": tuple(embeddings), "extras": extras,
+                  "logits": embeddings[0] if self._needs_logits else None}
+        trusted = events and self._checked  # training after the first, validated micro-batch
+        views = unchecked(Views, **fields) if trusted else Views(**fields)
+        state = self.state
+        state.batch, state.views = batch, views
         if events:
-            self.emit("after_forward")
-        loss = self.objective(self.views, batch)
+            for listener in self._after_forward:
+                listener(state)
+            views, batch = state.views, state.batch  # as listeners left them
+        # the objective's requirements hold for every batch once they held for the first
+        loss = nn.Module.__call__(self.objective, views, batch) if trusted else self.objective(
+            views, batch)
         if self.reweighter is not None:
             loss = self.reweighter.reduce(loss, batch)
-        self.loss = loss
+        state.loss = loss
         if events:
-            self.emit("after_loss")  # may replace trainer.loss (e.g. add a term)
-        return self.loss.value
+            for listener in self._after_loss:  # may replace state.loss (e.g. add a term)
+                listener(state)
+        return state.loss.value
 
     # the loop ----------------------------------------------------------------------------
     def fit(self, train_loader: Any, val_loader: Any = None, *,
@@ -708,11 +841,13 @@ class Trainer:
         if fresh:
             ckpt.seed_everything(self.seed + self.rank)
         self.train_loader, self.val_loader = train_loader, val_loader
+        self._collect_listeners()
+        self._checked = False  # validate this fit's first micro-batch (its loader may differ)
         loader = self._prepare_train_loader(train_loader)
-        if self.max_steps is None and not hasattr(loader, "__len__"):
+        if self.max_steps is None and not isinstance(loader, Sized):
             raise ConfigError("the training loader has no length: give max_steps",
                               param="max_steps")
-        self.emit("on_fit_start")
+        self.emit(Event.ON_FIT_START)
         if self.max_steps is None:  # measured after on_fit_start: a data sampler may size itself there
             self.total_steps = self.max_epochs * math.ceil(len(loader) / self.accumulate)
         path = self._resume_path(resume)
@@ -732,7 +867,7 @@ class Trainer:
             progress.stop()
         if self.is_main and self.run_dir is not None:
             self._write_summary()
-        self.emit("on_fit_end")
+        self.emit(Event.ON_FIT_END)
         return self
 
     def _done(self) -> bool:
@@ -744,16 +879,16 @@ class Trainer:
             if self._resumable is not None:
                 self._resumable.set_epoch(self.epoch)
                 self._resumable.skip(skip * (loader.batch_size or 0))
-            elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
-                loader.sampler.set_epoch(self.epoch)
+            elif isinstance(loader, DataLoader):
+                set_epoch(loader.sampler, self.epoch)
             if loader is not self.train_loader:  # rebuilt here: its generator seeds the workers
                 loader.generator.manual_seed(self.seed + self.epoch)
             if skip == 0:
                 self.batch_idx = 0
-                self.emit("on_epoch_start")
-                self._sums = zero.new_zeros(2)  # loss sums: log window, epoch
+                self.emit(Event.ON_EPOCH_START)
+                self._window, self._epoch_sum = [], zero.new_zeros(())
                 self._log_count = self._epoch_count = 0
-            n_batches = len(loader) if hasattr(loader, "__len__") else None
+            n_batches = len(loader) if isinstance(loader, Sized) else None
             it = iter(loader)
             if self._resumable is None:
                 for _ in range(skip):  # fast-forward a loader whose order the engine does not own
@@ -781,28 +916,37 @@ class Trainer:
             else:
                 self._stop_mid_epoch(progress)
 
-    def _micro_step(self, item: Any, *, boundary: bool) -> None:
-        self.views = self.loss = None  # free the last step's activations before this forward
-        x, batch = self._to_device(item)
-        self.x = x
-        self.objective.set_progress(self.step, self.total_steps)
-        sync = contextlib.nullcontext()
-        if self._ddp is not None and not boundary:
-            sync = self._ddp.no_sync()
-        with sync:
+    def _forward_backward(self, x: Tensor, batch: Batch, state: State) -> None:
+        if self._amp:
             with self._autocast():
                 value = self._ddp(x, batch) if self._ddp is not None else self._compute(x, batch)
-            if self.accumulate > 1:
-                value = value / self.accumulate
-            self.emit("before_backward")
-            if self.scaler is not None:
-                self.scaler.scale(value).backward()
-            else:
-                value.backward()
+        else:
+            value = self._ddp(x, batch) if self._ddp is not None else self._compute(x, batch)
+        if self.accumulate > 1:
+            value = value / self.accumulate
+        for listener in self._before_backward:
+            listener(state)
+        if self.scaler is not None:
+            self.scaler.scale(value).backward()
+        else:
+            value.backward()
+
+    def _micro_step(self, item: Any, *, boundary: bool) -> None:
+        state = self.state
+        state.views = state.loss = None  # free the last step's activations before this forward
+        x, batch = self._to_device(item, check=not self._checked)
+        self.objective.set_progress(state.step, self.total_steps)
+        ddp = self._ddp
+        if ddp is None and not self._amp:  # the common case, without context managers
+            self._forward_backward(x, batch, state)
+        else:
+            with ddp.no_sync() if ddp is not None and not boundary else _NULL:
+                self._forward_backward(x, batch, state)
         if self._teacher_observes:
-            self.teacher.observe(views=self.views, batch=self.batch, step=self.step,
+            self.teacher.observe(views=state.views, batch=state.batch, step=state.step,
                                  max_steps=self.total_steps)
-        self._sums.add_(self.loss.value.detach())  # one device op, no host sync
+        self._window.append(state.loss.value.detach())  # no host sync
+        self._checked = True
         self._log_count += 1
         self._epoch_count += 1
         self._samples_since_log += x.shape[0]
@@ -814,7 +958,9 @@ class Trainer:
             distributed.all_reduce_mean_([p.grad for p in self._outside if p.grad is not None])
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        self.emit("before_optimizer_step")
+        state = self.state
+        for listener in self._before_optimizer_step:
+            listener(state)
         if self.clip_grad_norm is not None:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm,
                                                             foreach=True)
@@ -825,26 +971,29 @@ class Trainer:
             self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        taken = self.step
-        self.step += 1
-        self.emit("after_optimizer_step")
-        if self.teacher is not None and hasattr(self.teacher, "update"):
+        taken = state.step
+        state.step = taken + 1
+        for listener in self._after_optimizer_step:
+            listener(state)
+        if self.teacher is not None:
             observed = self._teacher_observes  # then every micro-batch was observed already
-            self.teacher.update(student=self.encoder, views=None if observed else self.views,
-                                batch=None if observed else self.batch, step=taken,
+            self.teacher.update(student=self.encoder, views=None if observed else state.views,
+                                batch=None if observed else state.batch, step=taken,
                                 max_steps=self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
 
     def _after_step(self, progress: _Progress) -> None:
-        progress.advance(self.epoch)
-        if self.step % self.log_every == 0:
+        step = self.state.step
+        if progress.bar is not None:
+            progress.advance(self.state.epoch)
+        if step % self.log_every == 0:
             self._log_train(progress)
-        if (self.checkpoint_every is not None and self.step % self.checkpoint_every == 0
+        if (self.checkpoint_every is not None and step % self.checkpoint_every == 0
                 and self.run_dir is not None):
             self.save_checkpoint()
 
     def _end_epoch(self, progress: _Progress) -> None:
-        self.emit("on_epoch_end")
+        self.emit(Event.ON_EPOCH_END)
         self._validate_and_log_epoch(progress, partial=False)
         self.epoch += 1
         self.batch_idx = 0
@@ -876,11 +1025,12 @@ class Trainer:
         if partial:
             record["partial"] = True
         if self._epoch_count:
-            record["loss"] = float(self._sums[1]) / self._epoch_count
+            total = self._epoch_sum + self._window_sum() if self._window else self._epoch_sum
+            record["loss"] = float(total) / self._epoch_count
         if self.val_loader is not None:
             self.val_metrics = self.evaluate(self.val_loader)
             record.update({f"val/{k}": v for k, v in self.val_metrics.items()})
-            self.emit("on_validation_end")
+            self.emit(Event.ON_VALIDATION_END)
         self._record(record)
         if progress.plain and progress.enabled and "loss" in record and self._epoch_line_due(partial):
             val = "".join(f" {k} {v:.4f}" for k, v in record.items() if k.startswith("val/"))
@@ -915,14 +1065,20 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _window_sum(self) -> Tensor:
+        """The sum of the log window's losses (float32, on the device)."""
+        return torch.stack(self._window).float().sum()  # stack promotes mixed dtypes
+
     def _log_train(self, progress: _Progress) -> None:
         if self._log_count == 0:
             return
-        loss = float(self._sums[0]) / self._log_count  # the host sync of this log point
+        window = self._window_sum()
+        self._epoch_sum.add_(window)
+        self._window = []
+        loss = float(window) / self._log_count  # the host sync of this log point
         now = time.perf_counter()
         rate = self._samples_since_log * self.world / max(now - self._t_log, 1e-9)
         self._t_log, self._samples_since_log = now, 0
-        self._sums[0].zero_()
         self._log_count = 0
         logs = {k: float(v) for k, v in self.loss.logs.items()} if self.loss is not None else {}
         self.logs = {"loss": loss, **logs}
@@ -992,8 +1148,7 @@ class Trainer:
             named[f"transforms.{i}"] = t
         for i, cb in enumerate(self.callbacks):
             named[f"callbacks.{i}"] = cb
-        return {k: v for k, v in named.items()
-                if v is not None and callable(getattr(v, "state_dict", None))}
+        return {k: v for k, v in named.items() if isinstance(v, _STATEFUL)}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (this rank's view; RNG states of every rank)."""
@@ -1043,8 +1198,9 @@ class Trainer:
         pos = state["position"]
         self.epoch, self.batch_idx, self.step = pos["epoch"], pos["batch"], pos["step"]
         run = state["running"]
-        self._sums = run["sums"].to(self.device)
         self._log_count, self._epoch_count = run["log_count"], run["epoch_count"]
+        self._epoch_sum = run["epoch_sum"].to(self.device)
+        self._window = list(run["window"].to(self.device).unbind())
         return self.batch_idx
 
     def _check_fits(self, path: Path, state: dict[str, Any]) -> None:
@@ -1070,10 +1226,11 @@ class Trainer:
                                   f"model or plugins change?): " + "; ".join(problems))
 
     def _running(self) -> dict[str, Any]:
-        """The loss sums of the current epoch and log window (so a resumed run logs the same)."""
-        return {"sums": getattr(self, "_sums", torch.zeros(2)).cpu(),
-                "log_count": getattr(self, "_log_count", 0),
-                "epoch_count": getattr(self, "_epoch_count", 0)}
+        """The losses of the current log window and the epoch's sum of the logged ones (so a
+        resumed run logs the same, bit for bit)."""
+        window = torch.stack(self._window).float() if self._window else torch.zeros(0)
+        return {"epoch_sum": self._epoch_sum.cpu(), "window": window.cpu(),
+                "log_count": self._log_count, "epoch_count": self._epoch_count}
 
     # inference ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -1097,6 +1254,8 @@ class Trainer:
             for comp in self.components:
                 if isinstance(comp, nn.Module):
                     comp.to(self.device)
+            self._plan()
+            self._encode = self._encode_impl
 
     def embed(self, loader: Any, *, features: bool = False,
               with_targets: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -1104,6 +1263,9 @@ class Trainer:
         one row per item in dataset order (a training loader's shuffling and ``drop_last`` are
         ignored), float32 on the device. ``with_targets=True`` also returns the targets."""
         self._prepare_inference()
+        if features and not isinstance(self.encoder, Encoder):
+            raise RequirementError(f"embed(features=True): the encoder ({type(self.encoder).__name__})"
+                                   " is not an sdk Encoder with features(x)")
         fn = self.encoder.features if features else self.encoder
         outs, targets = [], []
         with self._eval_mode():
@@ -1122,21 +1284,17 @@ class Trainer:
         return self.embed(loader)
 
     def evaluate(self, loader: Any) -> dict[str, float]:
-        """Mean objective loss over ``loader`` (views built as in training, modules in eval
-        mode); with logits also ``accuracy``, ``nll`` and ``ece`` of the encoder's outputs on
+        """Mean objective loss over ``loader``, modules in eval mode, with the objective's inputs
+        built as in training (views, features, the teacher's outputs and its ``memory()``), but
+        no events run (listeners that change the batch, views or loss in training do not act
+        here); with logits also ``accuracy``, ``nll`` and ``ece`` of the encoder's outputs on
         the un-augmented inputs (what :meth:`predict` returns)."""
         self._prepare_inference()
-        if not self._setup_done:
-            self._needs_logits = bool(self.objective.requires.get("logits"))
-            self._needs_features = "features" in tuple(self.objective.requires.get("extras", ()))
-            self._split = callable(getattr(self.encoder, "features", None)) and isinstance(
-                getattr(self.encoder, "head", None), nn.Module)
-            self._teacher_forward = False
-            self._encode = self._encode_impl
         total = torch.zeros((), device=self.device)
         count = 0
         logits, targets = [], []
-        saved = (self.views, self.batch, self.loss)
+        state = self.state
+        saved = (state.x, state.batch, state.views, state.loss)
         with self._eval_mode():
             for item in self._ordered(loader):
                 x, batch = self._to_device(item)
@@ -1146,7 +1304,7 @@ class Trainer:
                 if self._needs_logits and batch.targets is not None:
                     logits.append(self._encode(x)[0].float())
                     targets.append(batch.targets)
-        self.views, self.batch, self.loss = saved
+        state.x, state.batch, state.views, state.loss = saved
         out = {"loss": float(total) / max(count, 1)}
         if logits:
             from sdk import metrics

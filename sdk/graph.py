@@ -20,7 +20,9 @@ from sdk import contrastive
 from sdk.cluster import kmeans
 from sdk.distributed import Gather, gather_no_grad, gather_with_grad, rank, resolve_gather
 from sdk.errors import ShapeError
+from sdk.events import State
 from sdk.interfaces import Objective
+from sdk.keys import ADJACENCY, FEATURES
 from sdk.types import Batch, Loss, Views
 
 # graph ------------------------------------------------------------------------------------
@@ -72,13 +74,13 @@ def batch_adjacency(views: Views, batch: Batch, *, knn: int, order: int, cumulat
     in-batch kNN graph of ``Views.extras["features"][0]`` (else the detached first view),
     normalised and raised to ``order``."""
     b = views.batch_size
-    adj = batch.extras.get("adjacency")
+    adj = batch.extras.get(ADJACENCY)
     if adj is not None:
         if not isinstance(adj, Tensor) or tuple(adj.shape) != (b, b):
             shape = list(adj.shape) if isinstance(adj, Tensor) else type(adj).__name__
             raise ShapeError(f"Batch.extras['adjacency']: expected shape [{b}, {b}], got {shape}")
         return adj
-    features = views.extras.get("features")
+    features = views.extras.get(FEATURES)
     x = features[0] if features is not None else views.embeddings[0]
     return graph_power(normalized_adjacency(knn_graph(x, knn)), order, cumulative)
 
@@ -196,10 +198,10 @@ class GraphClusteringObjective(Objective):
                     logs={"contrast": torch.stack(cons).mean().detach(),
                           "kl": torch.stack(kls).mean().detach()})
 
-    def on_fit_start(self, trainer: Any) -> None:
+    def on_fit_start(self, state: State) -> None:
         """Initialise the cluster centres by k-means over the training set (once; kept on resume)."""
         if not bool(self.clustering.initialised):
-            self.clustering.refresh(trainer.embed(trainer.train_loader))
+            self.clustering.refresh(state.trainer.embed(state.trainer.train_loader))
 
 
 def similarity_logits(z: Tensor, tau: float) -> Tensor:

@@ -2,7 +2,9 @@
 
 A plugin module implements ``paperplug_register(registry)`` with the ``@sdk.hookimpl``
 marker and is listed under the ``paperplug`` entry-point group of its package. Engine event
-hooks (``paperplug_on_epoch_end(trainer)`` ...) let a plugin module act on every run.
+hooks ``paperplug_<event>(state)`` (``paperplug_on_epoch_end(state)`` ...) let a plugin module
+act on every run; they are generated from :class:`sdk.events.Event` and receive the run's
+:class:`sdk.events.State`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from typing import Any
 
 import pluggy
 
+from sdk.events import Event
+
 PROJECT = "paperplug"
+PREFIX = f"{PROJECT}_"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
@@ -21,51 +26,20 @@ def paperplug_register(registry: Any) -> None:
     """Add this module's plugins: ``registry.add(factory, card=Card(...))``."""
 
 
-@hookspec
-def paperplug_on_fit_start(trainer: Any) -> None:
-    """Training is about to start."""
+def hook_name(event: Event | str) -> str:
+    """The pluggy hook of an event: ``paperplug_<event>``."""
+    return PREFIX + Event(event).value
 
 
-@hookspec
-def paperplug_on_epoch_start(trainer: Any) -> None:
-    """An epoch is about to start."""
+def _event_spec(event: Event) -> Any:
+    def spec(state: Any) -> None:
+        pass
+
+    spec.__name__ = spec.__qualname__ = hook_name(event)
+    spec.__doc__ = event.doc
+    return hookspec(spec)
 
 
-@hookspec
-def paperplug_on_epoch_end(trainer: Any) -> None:
-    """An epoch ended (whole-dataset refreshes go here, through ``trainer.embed``)."""
-
-
-@hookspec
-def paperplug_after_forward(trainer: Any) -> None:
-    """The model ran on a batch (``trainer.views``, ``trainer.batch``)."""
-
-
-@hookspec
-def paperplug_after_loss(trainer: Any) -> None:
-    """The objective ran (``trainer.loss``; replacing it changes what is minimised)."""
-
-
-@hookspec
-def paperplug_before_backward(trainer: Any) -> None:
-    """The loss is about to be back-propagated."""
-
-
-@hookspec
-def paperplug_before_optimizer_step(trainer: Any) -> None:
-    """Gradients are ready; the optimizer has not stepped yet."""
-
-
-@hookspec
-def paperplug_after_optimizer_step(trainer: Any) -> None:
-    """The optimizer stepped."""
-
-
-@hookspec
-def paperplug_on_validation_end(trainer: Any) -> None:
-    """Validation ran at an epoch end (``trainer.val_metrics``)."""
-
-
-@hookspec
-def paperplug_on_fit_end(trainer: Any) -> None:
-    """Training ended."""
+for _event in Event:  # one hook per event, derived from the one list of events
+    globals()[hook_name(_event)] = _event_spec(_event)
+del _event

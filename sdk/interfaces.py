@@ -1,8 +1,10 @@
 """The plugin interfaces. Each is small; stateful ones are ``torch.nn.Module`` subclasses.
 
 Five core kinds (Encoder, Objective, Sampler, Calibrator, Reweighter) and the extra kinds
-the seed methods need (Teacher, Schedule, Metric, Transform, Callback, Detector, Adapter). Every
-one checks the parameter constraints declared in a subclass's ``__init__`` signature when it is
+the seed methods need (Teacher, Schedule, Metric, Transform, Callback, Detector, Adapter,
+DataSampler). Every capability the engine uses is a method or attribute declared here, with a
+default that does nothing, so the engine never probes an object for what it can do; every one
+checks the parameter constraints declared in a subclass's ``__init__`` signature when it is
 instantiated (:class:`sdk.constraints.Constrained`).
 """
 
@@ -14,6 +16,7 @@ import enum
 import functools
 import re
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +24,8 @@ from torch import Tensor, nn
 
 from sdk.constraints import Constrained
 from sdk.errors import NotFittedError, RequirementError, ShapeError
+from sdk.events import EVENTS as EVENTS  # re-exported: the events' method names
+from sdk.events import Event, State
 from sdk.types import Batch, Loss, Pairs, TypedScores, Views
 
 _REQUIREMENT_KEYS = {"views", "targets", "logits", "index", "domain", "weight", "extras"}
@@ -73,12 +78,29 @@ def _scores(plugin: str, declared: str, x: Any, argument: str) -> Tensor:
 
 
 class Encoder(nn.Module, Constrained, abc.ABC):
-    """Maps inputs to embeddings: ``forward(x) -> Tensor[B, out_dim]``."""
+    """Maps inputs to embeddings: ``forward(x) -> Tensor[B, out_dim]``.
+
+    An encoder made of a backbone and a projection head (``forward(x) == head(features(x))``)
+    overrides :meth:`features` and holds the head as a submodule named ``head``: the engine
+    then runs the backbone once per view, applies ``head`` to its output and publishes the
+    features as ``Views.extras[keys.FEATURES]``.
+    """
 
     out_dim: int
 
     @abc.abstractmethod
     def forward(self, x: Tensor) -> Tensor: ...
+
+    def features(self, x: Tensor) -> Tensor:
+        """The representation before the projection head, ``[B, F]``; an encoder without a head:
+        its output."""
+        return self(x)
+
+    @property
+    def head(self) -> nn.Module | None:
+        """The projection head (the submodule named ``head``) when ``forward(x) ==
+        head(features(x))``, else ``None``."""
+        return self._modules.get("head")
 
 
 class Objective(nn.Module, Constrained, abc.ABC):
@@ -100,6 +122,22 @@ class Objective(nn.Module, Constrained, abc.ABC):
     requires: ClassVar[Mapping[str, Any]] = {}
     consumes: ClassVar[frozenset[Input]] = frozenset()
     batch_coupled: ClassVar[bool | None] = None
+    accepts_sampler: ClassVar[bool] = False
+    """Whether the objective has a pair-sampler slot (:attr:`sampler`): a Trainer given a pair
+    Sampler fills every empty slot of the objective's terms."""
+
+    @property
+    def sampler(self) -> Sampler | None:
+        """The pair Sampler choosing which pairs count (``None``: the objective's default);
+        meaningful only when :attr:`accepts_sampler`."""
+        return self._modules.get("sampler")
+
+    @sampler.setter
+    def sampler(self, value: Sampler | None) -> None:  # a Sampler module goes to _modules directly
+        if value is not None:
+            raise TypeError(f"objective {self.name!r}: sampler must be an sdk Sampler or None, "
+                            f"got {type(value).__name__}")
+        self._modules["sampler"] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -188,7 +226,7 @@ class Sampler(nn.Module, Constrained, abc.ABC):
 
     Rows and columns index ``torch.cat(views.embeddings)`` (view-major: row ``v*B + i`` is
     view ``v`` of sample ``i``). Data-level samplers (what enters a batch) subclass
-    ``torch.utils.data.Sampler`` instead and are registered under the same kind.
+    :class:`DataSampler` instead and are registered under the same kind.
     ``produces``: the :class:`Input` s its ``Pairs`` carry (the objective must consume them all).
     """
 
@@ -293,17 +331,47 @@ class Calibrator(_Named, nn.Module, Constrained, abc.ABC):
 class Teacher(nn.Module, Constrained, abc.ABC):
     """Target networks, memory banks and queues, updated by the engine after each step.
 
-    ``update`` receives keyword context; each teacher uses what it needs. With gradient
-    accumulation an optimizer step spans several micro-batches: the engine calls ``observe``
-    after every micro-batch's backward, then ``update`` once per optimizer step. A teacher that
-    records data (queue keys, memory entries) overrides ``observe``; the engine then calls its
-    ``update`` with ``views=None, batch=None`` (they were observed), and ``update`` called
-    directly with views observes them first. A teacher that does not override ``observe``
-    receives the last micro-batch's views and batch in ``update``.
+    What the engine does with a teacher, each through a declared member:
+
+    * :meth:`attach` once, when the first ``fit`` starts (a target network copies the student);
+    * when :attr:`encodes_views`, ``teacher(x_v)`` per view becomes
+      ``Views.extras[keys.TEACHER]`` (a tuple, one entry per view);
+    * :meth:`memory` is merged into ``Views.extras`` before every objective call, in training
+      and in ``Trainer.evaluate`` alike (queues and memory banks publish negatives this way);
+    * ``observe`` after every micro-batch's backward, then ``update`` once per optimizer step.
+
+    ``update`` receives keyword context; each teacher uses what it needs. A teacher that
+    records data (queue keys, memory entries) overrides ``observe`` (:attr:`observes` is then
+    true); the engine then calls its ``update`` with ``views=None, batch=None`` (they were
+    observed), and ``update`` called directly with views observes them first. A teacher that
+    does not override ``observe`` receives the last micro-batch's views and batch in ``update``.
     ``produces``: the :class:`Input` s it gives the objective (e.g. a queue's negatives).
     """
 
     produces: ClassVar[frozenset[Input]] = frozenset()
+
+    memory_keys: ClassVar[tuple[str, ...]] = ()
+    """The ``Views.extras`` keys :meth:`memory` publishes (see :mod:`sdk.keys`)."""
+
+    @property
+    def encodes_views(self) -> bool:
+        """Whether ``forward(x)`` is a network the engine runs on every view: by default, whether
+        the class defines ``forward``; a class may set ``encodes_views = False``."""
+        return type(self).forward is not nn.Module.forward
+
+    @property
+    def observes(self) -> bool:
+        """Whether :meth:`observe` records data: by default, whether the class overrides it."""
+        return type(self).observe is not Teacher.observe
+
+    def attach(self, student: nn.Module) -> Any:
+        """Told the encoder being trained when the first ``fit`` starts; target networks copy it."""
+        return self
+
+    def memory(self) -> Mapping[str, Tensor]:
+        """Entries merged into ``Views.extras`` before the objective runs, in training and in
+        validation (e.g. ``keys.NEGATIVES``); none by default."""
+        return _NO_MEMORY
 
     @abc.abstractmethod
     def update(self, *, student: nn.Module | None = None, views: Views | None = None,
@@ -312,6 +380,32 @@ class Teacher(nn.Module, Constrained, abc.ABC):
     def observe(self, *, views: Views, batch: Batch, step: int = 0,
                 max_steps: int | None = None) -> None:
         """Told after every micro-batch's backward; data-recording teachers override it."""
+
+
+class DataSampler(torch.utils.data.Sampler, Constrained):
+    """A data-level sampler (which items enter a batch, in which order) the Trainer drives.
+
+    The Trainer calls :meth:`bind` with the training set before the first epoch and
+    :meth:`set_epoch` before every epoch's batches are drawn; under DDP it gives each rank every
+    ``world``-th index of the order unless :attr:`shards_ranks`. Plain ``torch.utils.data``
+    samplers work too (``DistributedSampler``'s ``set_epoch`` is called).
+    """
+
+    shards_ranks: ClassVar[bool] = False
+    """True when the sampler splits its order over the ranks itself (the Trainer then uses it
+    as it is)."""
+
+    def bind(self, dataset: Any) -> None:
+        """Told the training set before the first epoch (e.g. to learn its size)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Told the epoch about to start (seeded per-epoch orders)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Stateless samplers have nothing to restore."""
 
 
 class Transform(nn.Module, Constrained, abc.ABC):
@@ -358,18 +452,8 @@ class Metric(Constrained, abc.ABC):
 
 
 class Callback(Constrained):
-    """Reacts to engine events; override any subset. Each event receives the trainer."""
-
-    def on_fit_start(self, trainer: Any) -> None: ...
-    def on_epoch_start(self, trainer: Any) -> None: ...
-    def after_forward(self, trainer: Any) -> None: ...
-    def after_loss(self, trainer: Any) -> None: ...
-    def before_backward(self, trainer: Any) -> None: ...
-    def before_optimizer_step(self, trainer: Any) -> None: ...
-    def after_optimizer_step(self, trainer: Any) -> None: ...
-    def on_epoch_end(self, trainer: Any) -> None: ...
-    def on_validation_end(self, trainer: Any) -> None: ...
-    def on_fit_end(self, trainer: Any) -> None: ...
+    """Reacts to engine events: override any subset of the methods named after the
+    :class:`sdk.events.Event` members; each receives the run's :class:`sdk.events.State`."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -563,7 +647,22 @@ def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
             for k, v in state.items()}
 
 
-EVENTS = tuple(name for name in vars(Callback) if name.startswith(("on_", "after_", "before_")))
+
+def _listener(event: Event) -> Any:
+    def listener(self: Any, state: State) -> None:
+        pass
+
+    listener.__name__ = event.value
+    listener.__qualname__ = f"Callback.{event.value}"
+    listener.__doc__ = event.doc
+    return listener
+
+
+for _event in Event:  # the Callback base is derived from the one list of events
+    setattr(Callback, _event.value, _listener(_event))
+del _event
+
+_NO_MEMORY: Mapping[str, Tensor] = MappingProxyType({})
 
 INTERFACES: dict[str, type] = {
     "encoder": Encoder, "objective": Objective, "sampler": Sampler, "calibrator": Calibrator,

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from sdk.errors import NotFittedError, RequirementError, ShapeError
+from sdk.events import State
 from sdk.interfaces import (
     Adapter,
     Calibrator,
@@ -531,8 +532,8 @@ class _Kill(Callback):
     def __init__(self, at: int):
         self.at = at
 
-    def after_optimizer_step(self, trainer: Any) -> None:
-        if trainer.step == self.at:
+    def after_optimizer_step(self, state: State) -> None:
+        if state.step == self.at:
             raise _Killed
 
 

@@ -43,13 +43,30 @@ def _embeddings(value: Any) -> tuple[Tensor, ...]:
     return tuple(value)
 
 
+_LAYOUTS: dict[type, tuple[tuple[str, Any, Any], ...]] = {}
+
+
+def unchecked(cls: type, **fields: Any) -> Any:
+    """A record of class ``cls`` built from ``fields`` (converted, not validated): for the
+    engine's own records once the first micro-batch's passed validation; users and plugins
+    build records through the validating constructors."""
+    layout = _LAYOUTS.get(cls)
+    if layout is None:
+        layout = _LAYOUTS[cls] = tuple((f.name, f.default, f.converter) for f in attrs.fields(cls))
+    record = object.__new__(cls)
+    for name, default, convert in layout:
+        value = fields.get(name, default)
+        object.__setattr__(record, name, value if convert is None else convert(value))
+    return record
+
+
 @attrs.frozen(kw_only=True)
 class Views:
     """Model outputs for one batch.
 
     ``embeddings``: one ``[B, D]`` tensor per view; ``logits``: ``[B, C]`` class scores;
-    ``extras``: further named outputs (e.g. ``"teacher"``: the teacher's embeddings per view,
-    ``"features"``: backbone features before the projection head).
+    ``extras``: further named outputs (e.g. :data:`sdk.keys.TEACHER`: the teacher's embeddings
+    per view, :data:`sdk.keys.FEATURES`: backbone features before the projection head).
     """
 
     embeddings: tuple[Tensor, ...] = attrs.field(default=(), converter=_embeddings)

@@ -102,6 +102,7 @@ class AdaptiveMultiheadContrastive(Objective):
     requires = {"views": 2}
     consumes = frozenset({Input.PAIRS})
     batch_coupled = True
+    accepts_sampler = True
 
     def __init__(self, in_dim: Annotated[int, Ge(1)] = 512, hidden_dim: Annotated[int, Ge(1)] = 512,
                  out_dim: Annotated[int, Ge(1)] = 128, num_heads: Annotated[int, Ge(1)] = 3,

@@ -66,6 +66,7 @@ class CACR(Objective):
     requires = {"views": 2}
     consumes = frozenset({Input.PAIRS, Input.PAIR_WEIGHTS})
     batch_coupled = True
+    accepts_sampler = True
 
     def __init__(self, alpha: Annotated[float, Ge(0)] = 1.0, beta: Annotated[float, Ge(0)] = 1.0,
                  tau_pos: Annotated[float, Ge(0)] = 1.0, tau_neg: Annotated[float, Ge(0)] = 1.0,

@@ -7,7 +7,7 @@ github.com/jackwilkie/CLAN).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from sdk.card import Card
 from sdk.distributed import Gather, gather_with_grad, rank, resolve_gather
+from sdk.events import State
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
 from sdk.state import ResizableBuffers
@@ -112,8 +113,8 @@ class CLANAugmentedNegatives(ResizableBuffers, Objective):
                                "with the benign training embeddings first")
         return anomaly_score(z, self.centroid)
 
-    def on_fit_end(self, trainer: Any) -> None:
-        self.fit_centroid(trainer.embed(trainer.train_loader))
+    def on_fit_end(self, state: State) -> None:
+        self.fit_centroid(state.trainer.embed(state.trainer.train_loader))
 
 
 CARD = Card(

@@ -65,6 +65,7 @@ class DecoupledContrastive(Objective):
     requires = {"views": 2}
     consumes = frozenset({Input.PAIRS, Input.PAIR_WEIGHTS, Input.EXTRA_NEGATIVES})
     batch_coupled = True
+    accepts_sampler = True
 
     def __init__(self, temperature: Annotated[float, Gt(0)] = 0.1,
                  sigma: Annotated[float, Gt(0)] | None = None,

@@ -8,7 +8,7 @@ Metric Learning", ICCV 2023.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +16,10 @@ from annotated_types import Ge, Interval, Le
 from torch import Tensor, nn
 
 from sdk.card import Card
-from sdk.constraints import Constrained
 from sdk.errors import ConfigError, RequirementError, ShapeError
+from sdk.events import State
 from sdk.hookspecs import hookimpl
+from sdk.interfaces import DataSampler
 from sdk.state import ResizableBuffers
 
 
@@ -67,7 +68,7 @@ def diverse_anchors(embeddings: Tensor, num_anchors: int, *, similar_exclude: fl
     return torch.stack(picks)
 
 
-class DiverseAnchorMining(ResizableBuffers, torch.utils.data.Sampler, Constrained):
+class DiverseAnchorMining(ResizableBuffers, DataSampler):
     """Data-level sampler yielding this epoch's diverse anchors (dataset positions).
 
     At ``on_epoch_start`` it embeds the training set (``trainer.embed``), draws a random pool
@@ -109,8 +110,8 @@ class DiverseAnchorMining(ResizableBuffers, torch.utils.data.Sampler, Constraine
         self.anchors = pool.to(self.anchors.device)[picks.to(self.anchors.device)]
         return self.anchors
 
-    def on_epoch_start(self, trainer: Any) -> None:
-        self.select(trainer.embed(trainer.train_loader), epoch=trainer.epoch)
+    def on_epoch_start(self, state: State) -> None:
+        self.select(state.trainer.embed(state.trainer.train_loader), epoch=state.epoch)
 
     def __iter__(self) -> Iterator[int]:
         if self.anchors.numel() == 0:

@@ -120,6 +120,7 @@ class GroCo(Objective):
     requires = {"views": 2}
     consumes = frozenset({Input.PAIRS})
     batch_coupled = True
+    accepts_sampler = True
 
     def __init__(self, steepness: Annotated[float, Gt(0)] = 1.0,
                  topk_negatives: Annotated[int, Ge(1)] = 10,

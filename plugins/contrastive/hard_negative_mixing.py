@@ -18,6 +18,7 @@ from sdk.card import Card
 from sdk.constraints import one_of
 from sdk.contrastive import sample_ids
 from sdk.errors import ConfigError, ShapeError
+from sdk.events import State
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Sampler
 from sdk.types import Batch, Pairs, Views
@@ -209,9 +210,10 @@ class HardNegativeMixing(Sampler):
     def set_extra_state(self, state: Any) -> None:
         self._generator, self._pending_state = None, state.get("rng")
 
-    def on_fit_start(self, trainer: Any) -> None:
+    def on_fit_start(self, state: State) -> None:
         """A memory pool needs a teacher that publishes one (queue, memory_bank)."""
-        if self.pool != "batch" and not callable(getattr(trainer.teacher, "memory", None)):
+        teacher = state.trainer.teacher
+        if self.pool != "batch" and (teacher is None or contrastive.NEGATIVES not in teacher.memory_keys):
             raise ConfigError(f"hard_negative_mixing: pool={self.pool!r} mixes the negatives of a "
                               "queue or memory_bank teacher, but the trainer has none; add one or "
                               "use pool='batch'", param="pool")

@@ -8,7 +8,7 @@ authors' unimodal code (``SogCLR_DRO_Loss``) and LibAUC's ``GCLoss_v1``.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated
 
 import attrs
 import torch
@@ -19,6 +19,7 @@ from sdk import contrastive
 from sdk.card import Card
 from sdk.distributed import Gather, gather_no_grad, resolve_gather
 from sdk.errors import ConfigError
+from sdk.events import State
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective, Sampler
 from sdk.types import Batch, Loss, Views
@@ -111,6 +112,7 @@ class ISogCLR(Objective):
     requires = {"views": 2, "index": True}
     consumes = frozenset({Input.PAIRS, Input.PAIR_WEIGHTS, Input.EXTRA_NEGATIVES})
     batch_coupled = True
+    accepts_sampler = True
 
     def __init__(self, num_samples: Annotated[int, Ge(1)] = 65536, temperature: float = 0.1,
                  gamma: Annotated[float, Interval(gt=0, le=1)] = 0.9, rho: Annotated[float, Ge(0)] = 0.3,
@@ -134,8 +136,8 @@ class ISogCLR(Objective):
         self.register_buffer("u", torch.zeros(num_samples))
         self.register_buffer("seen", torch.zeros(num_samples, dtype=torch.bool))
 
-    def on_fit_start(self, trainer: Any) -> None:
-        dataset = getattr(getattr(trainer, "train_loader", None), "dataset", None)
+    def on_fit_start(self, state: State) -> None:
+        dataset = getattr(state.trainer.train_loader, "dataset", None)
         if dataset is not None and hasattr(dataset, "__len__") and len(dataset) > self.num_samples:
             raise ConfigError(f"isogclr: num_samples={self.num_samples} is smaller than the training "
                               f"set ({len(dataset)} samples)", param="num_samples")

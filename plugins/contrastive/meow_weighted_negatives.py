@@ -8,7 +8,7 @@ Adaptively Weighted Negative Samples" (arXiv:2212.13847; MEOW first appeared at 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 from annotated_types import Ge, MinLen
@@ -18,6 +18,7 @@ from sdk.card import Card
 from sdk.cluster import dataset_index, kmeans
 from sdk.contrastive import sample_ids
 from sdk.errors import ConfigError, RequirementError, ShapeError
+from sdk.events import State
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Sampler
 from sdk.state import ResizableBuffers
@@ -85,9 +86,9 @@ class MEOWWeightedNegatives(ResizableBuffers, Sampler):
         self.clusters = clusters
         self.refreshes += 1
 
-    def on_epoch_start(self, trainer: Any) -> None:
-        loader = trainer.train_loader
-        self.refresh(trainer.embed(loader), dataset_index(loader.dataset))
+    def on_epoch_start(self, state: State) -> None:
+        loader = state.trainer.train_loader
+        self.refresh(state.trainer.embed(loader), dataset_index(loader.dataset))
 
     def pairs(self, views: Views, batch: Batch) -> Pairs:
         if batch.index is None:

@@ -19,6 +19,7 @@ from sdk.card import Card
 from sdk.cluster import dataset_index, kmeans
 from sdk.distributed import Gather, broadcast_from_main, gather_no_grad, resolve_gather
 from sdk.errors import ConfigError
+from sdk.events import State
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
 from sdk.state import ResizableBuffers
@@ -124,13 +125,13 @@ class MultilabelClusterDiscrimination(ResizableBuffers, Objective):
         loader = trainer.train_loader
         self.cluster(trainer.embed(loader), dataset_index(loader.dataset))
 
-    def on_fit_start(self, trainer: Any) -> None:
+    def on_fit_start(self, state: State) -> None:
         if not bool(self.initialised):
-            self._refresh(trainer)
+            self._refresh(state.trainer)
 
-    def on_epoch_end(self, trainer: Any) -> None:
+    def on_epoch_end(self, state: State) -> None:
         if self.recluster:
-            self._refresh(trainer)
+            self._refresh(state.trainer)
 
     def positives(self, cos: Tensor, batch: Batch) -> Tensor:
         """Stored labels of the batch's samples where known, else the current nearest centres."""

@@ -8,7 +8,7 @@ Contrastive Learning", ECCV 2024 (arXiv:2402.11816; code github.com/MajorDavidZh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 from annotated_types import Ge, MinLen
@@ -18,6 +18,7 @@ from sdk.card import Card
 from sdk.cluster import dataset_index, kmeans
 from sdk.contrastive import sample_ids
 from sdk.errors import ConfigError, RequirementError, ShapeError
+from sdk.events import State
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Sampler
 from sdk.state import ResizableBuffers
@@ -86,12 +87,12 @@ class MultistageContrastive(ResizableBuffers, Sampler):
         self.labels = torch.cat([old, row])
         self.stage += 1
 
-    def on_epoch_start(self, trainer: Any) -> None:
+    def on_epoch_start(self, state: State) -> None:
         """Close every stage whose boundary epoch has been reached (once each)."""
         stages = self.stage_epochs
-        while int(self.stage) < len(stages) and trainer.epoch >= stages[int(self.stage)]:
-            loader = trainer.train_loader
-            self.finish_stage(trainer.embed(loader, features=self.features),
+        while int(self.stage) < len(stages) and state.epoch >= stages[int(self.stage)]:
+            loader = state.trainer.train_loader
+            self.finish_stage(state.trainer.embed(loader, features=self.features),
                               dataset_index(loader.dataset))
 
     def pairs(self, views: Views, batch: Batch) -> Pairs:

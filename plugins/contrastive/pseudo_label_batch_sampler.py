@@ -16,9 +16,10 @@ from torch import Tensor
 from sdk import distributed
 from sdk.card import Card
 from sdk.cluster import kmeans
-from sdk.constraints import Constrained
 from sdk.errors import ConfigError, ShapeError
+from sdk.events import State
 from sdk.hookspecs import hookimpl
+from sdk.interfaces import DataSampler
 
 
 def pseudo_label_batches(labels: Tensor, batch_size: int, *,
@@ -69,7 +70,7 @@ def pseudo_label_batches(labels: Tensor, batch_size: int, *,
     return batches + ([order[partial]] if r else [])
 
 
-class PseudoLabelBatchSampler(torch.utils.data.Sampler[int], Constrained):
+class PseudoLabelBatchSampler(DataSampler):
     """A data-level sampler (``Trainer(sampler=...)``, used with the loader's ``batch_size``)
     that yields every training position once per epoch, in consecutive chunks of ``batch_size``
     that repeat a pseudo-label only as often as the cluster sizes force (never, when no cluster
@@ -122,14 +123,14 @@ class PseudoLabelBatchSampler(torch.utils.data.Sampler[int], Constrained):
                            seed=self.seed + self.epoch, normalize=self.normalize)
         self.labels = labels.cpu()
 
-    def on_epoch_start(self, trainer: Any) -> None:
-        loader = trainer.train_loader
+    def on_epoch_start(self, state: State) -> None:
+        loader = state.trainer.train_loader
         size = getattr(loader, "batch_size", None)
         if size != self.batch_size:
             raise ConfigError(f"pseudo_label_batch_sampler: batch_size={self.batch_size} but the "
                               f"training loader's batch_size is {size}; they must agree",
                               param="batch_size")
-        self.refresh(trainer.embed(loader, features=self.features))
+        self.refresh(state.trainer.embed(loader, features=self.features))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -25,8 +25,10 @@ from sdk.card import Card
 from sdk.contrastive import NTXent
 from sdk.distributed import Gather
 from sdk.errors import RequirementError, ShapeError
+from sdk.events import State
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective, Sampler
+from sdk.keys import FEATURES
 from sdk.types import Batch, Loss, Views
 
 TRANSFORM_KEY = "transform_id"
@@ -97,7 +99,7 @@ class ScatSimCLRPretext(Objective):
     ``on_epoch_start`` event and checkpointed); outside a trainer it is ``pretext_weight``.
     """
 
-    requires = {"views": 2, "extras": ("features",)}
+    requires = {"views": 2, "extras": (FEATURES,)}
     consumes = NTXent.consumes | {Input.FEATURES}
     batch_coupled = True
 
@@ -115,8 +117,8 @@ class ScatSimCLRPretext(Objective):
         self.head = PretextHead(feature_dim, num_transforms, hidden, dropout, tiles)
         self.epoch: int | None = None  # the trainer's epoch; None outside a trainer
 
-    def on_epoch_start(self, trainer: Any) -> None:
-        self.epoch = int(trainer.epoch)
+    def on_epoch_start(self, state: State) -> None:
+        self.epoch = int(state.epoch)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch}
@@ -138,7 +140,7 @@ class ScatSimCLRPretext(Objective):
         if TRANSFORM_KEY not in batch.extras:
             raise RequirementError(f"objective {self.name!r} needs Batch.extras[{TRANSFORM_KEY!r}] "
                                    "(the id of the transformation applied to each view)")
-        features = views.extras["features"]
+        features = views.extras[FEATURES]
         if len(features) != views.n_views:
             raise ShapeError(f"Views.extras['features']: {len(features)} tensors for "
                              f"{views.n_views} views")
@@ -157,7 +159,7 @@ class ScatSimCLRPretext(Objective):
         shape = (batch_size, dim) if tiles == 1 else (batch_size, tiles, dim)
         views = Views(embeddings=tuple(torch.randn(batch_size, 16, generator=generator)
                                        .requires_grad_() for _ in range(2)),
-                      extras={"features": tuple(torch.randn(*shape, generator=generator)
+                      extras={FEATURES: tuple(torch.randn(*shape, generator=generator)
                                                 .requires_grad_() for _ in range(2))})
         ids = torch.randint(self.head.out.out_features, (2, batch_size), generator=generator)
         return views, Batch(index=torch.arange(batch_size), extras={TRANSFORM_KEY: ids})

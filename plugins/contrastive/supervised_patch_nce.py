@@ -24,9 +24,9 @@ from sdk.constraints import one_of
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
+from sdk.keys import PATCHES
 from sdk.types import Batch, Loss, Views
 
-PATCHES = "patches"
 SCHEDULES = ("lambda", "linear", "sigmoid", "zero")
 LOOKUPS = ("linear", "top", "uniform")
 

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from annotated_types import Ge, Interval
 from torch import Tensor, nn
 
-from sdk import contrastive
+from sdk import keys
 from sdk.card import Card
 from sdk.distributed import gather_no_grad
 from sdk.errors import ConfigError, RequirementError
+from sdk.events import State
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Teacher
 from sdk.state import ResizableBuffers
@@ -38,15 +39,17 @@ class MemoryBank(ResizableBuffers, Teacher):
 
     After each micro-batch (``observe``: with gradient accumulation, every micro-batch of a
     step), ``v_i <- normalize(m v_i + (1 - m) z_i)`` with ``z_i`` the normalised mean
-    of the sample's normalised view embeddings (detached; gathered across ranks). Before the
-    loss, ``num_negatives`` entries drawn uniformly (with replacement) among the filled ones —
-    the whole bank when ``num_negatives >= num_samples`` — are published as
-    ``Views.extras["negatives"]``; an anchor never counts its own sample's entry.
+    of the sample's normalised view embeddings (detached; gathered across ranks). Its
+    ``memory()``, merged by the engine into ``Views.extras`` before every objective call, holds
+    ``num_negatives`` entries drawn uniformly (with replacement) among the filled ones — the
+    whole bank when ``num_negatives >= num_samples`` — as ``keys.NEGATIVES``; an anchor never
+    counts its own sample's entry.
     """
 
     produces = frozenset({Input.EXTRA_NEGATIVES})
 
     resizable_buffers = ("bank",)
+    memory_keys = (keys.NEGATIVES, keys.NEGATIVES_MASK, keys.NEGATIVES_INDEX)
 
     def __init__(self, num_samples: Annotated[int, Ge(1)] = 65536,
                  momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.5,
@@ -57,8 +60,8 @@ class MemoryBank(ResizableBuffers, Teacher):
         self.register_buffer("filled", torch.zeros(num_samples, dtype=torch.bool))
 
 
-    def on_fit_start(self, trainer: Any) -> None:
-        dataset = getattr(getattr(trainer, "train_loader", None), "dataset", None)
+    def on_fit_start(self, state: State) -> None:
+        dataset = getattr(state.trainer.train_loader, "dataset", None)
         if dataset is not None and hasattr(dataset, "__len__") and len(dataset) > self.num_samples:
             raise ConfigError(f"memory_bank: num_samples={self.num_samples} is smaller than the "
                               f"training set ({len(dataset)} samples)", param="num_samples")
@@ -78,7 +81,8 @@ class MemoryBank(ResizableBuffers, Teacher):
         memory_update(self.bank, self.filled, index, z, self.momentum)
 
     def memory(self) -> dict[str, Tensor]:
-        """Drawn entries as ``Views.extras`` (empty before the first push)."""
+        """Drawn entries as ``Views.extras``, merged by the engine before every objective call in
+        training and validation (empty before the first push)."""
         if self.bank.shape[1] == 0:
             return {}
         if self.num_negatives >= self.num_samples:
@@ -86,13 +90,8 @@ class MemoryBank(ResizableBuffers, Teacher):
         else:
             weights = self.filled.float() + torch.finfo(torch.float32).tiny
             chosen = torch.multinomial(weights, self.num_negatives, replacement=True)
-        return {contrastive.NEGATIVES: self.bank[chosen],
-                contrastive.NEGATIVES_MASK: self.filled[chosen],
-                contrastive.NEGATIVES_INDEX: chosen}
-
-    def after_forward(self, trainer: Any) -> None:
-        """Publish drawn entries in the views the objective is about to see."""
-        trainer.views = trainer.views.evolve(extras={**trainer.views.extras, **self.memory()})
+        return {keys.NEGATIVES: self.bank[chosen], keys.NEGATIVES_MASK: self.filled[chosen],
+                keys.NEGATIVES_INDEX: chosen}
 
     @torch.no_grad()
     def observe(self, *, views: Views, batch: Batch | None = None, step: int = 0,

@@ -7,18 +7,18 @@ He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from annotated_types import Ge, Interval
 from torch import Tensor, nn
 
-from sdk import contrastive
 from sdk.card import Card
 from sdk.distributed import gather_no_grad
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input
+from sdk.keys import NEGATIVES, NEGATIVES_INDEX, NEGATIVES_MASK, TEACHER
 from sdk.momentum import EMATeacher
 from sdk.state import ResizableBuffers
 from sdk.types import Batch, Views
@@ -45,16 +45,18 @@ class QueueTeacher(ResizableBuffers, EMATeacher):
     After each micro-batch (``observe``; with gradient accumulation every micro-batch of a step,
     while the momentum update runs once per optimizer step) the keys of the last view
     (``Views.extras["teacher"][-1]``, MoCo's ``k``; the student's embeddings if no teacher output
-    is present) are enqueued, gathered from every rank so all ranks hold the same queue. Before
-    the loss, the filled entries are published as ``Views.extras["negatives"]`` (with their
-    validity mask and dataset indices: an anchor never counts its own sample's older keys), so
-    every contrastive objective adds them to its denominator. Queue, pointer and fill level are
+    is present) are enqueued, gathered from every rank so all ranks hold the same queue. The
+    filled entries are its ``memory()``, which the engine merges into ``Views.extras`` before
+    every objective call, in training and validation (``sdk.keys.NEGATIVES``, with their validity
+    mask and dataset indices: an anchor never counts its own sample's older keys), so every
+    contrastive objective adds them to its denominator. Queue, pointer and fill level are
     buffers: checkpoints carry them.
     """
 
     produces = frozenset({Input.EXTRA_NEGATIVES})
 
     resizable_buffers = ("keys",)
+    memory_keys = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX)
 
     def __init__(self, student: nn.Module | None = None, size: Annotated[int, Ge(1)] = 65536,
                  momentum: Annotated[float, Interval(ge=0, le=1)] = 0.999,
@@ -82,23 +84,19 @@ class QueueTeacher(ResizableBuffers, EMATeacher):
         enqueue(self.keys, self.key_index, self.ptr, self.filled, keys, index)
 
     def memory(self) -> dict[str, Tensor]:
-        """The queue as ``Views.extras`` entries (empty before the first push)."""
+        """The queue as ``Views.extras`` entries, merged by the engine before every objective
+        call in training and validation (empty before the first push)."""
         if self.keys.shape[1] == 0:
             return {}
         valid = torch.arange(self.size, device=self.keys.device) < self.filled
-        return {contrastive.NEGATIVES: self.keys, contrastive.NEGATIVES_MASK: valid,
-                contrastive.NEGATIVES_INDEX: self.key_index}
-
-    def after_forward(self, trainer: Any) -> None:
-        """Publish the queue in the views the objective is about to see."""
-        trainer.views = trainer.views.evolve(extras={**trainer.views.extras, **self.memory()})
+        return {NEGATIVES: self.keys, NEGATIVES_MASK: valid, NEGATIVES_INDEX: self.key_index}
 
     @torch.no_grad()
     def observe(self, *, views: Views, batch: Batch | None = None, step: int = 0,
                 max_steps: int | None = None) -> None:
         """Enqueue the keys of one micro-batch (every micro-batch of an accumulated step)."""
-        keys = views.extras.get("teacher", views.embeddings)[-1]
-        self.push(keys, None if batch is None else batch.index)
+        new = views.extras.get(TEACHER, views.embeddings)[-1]
+        self.push(new, None if batch is None else batch.index)
 
     @torch.no_grad()
     def update(self, *, student: nn.Module | None = None, views: Views | None = None,

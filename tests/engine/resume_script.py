@@ -61,9 +61,9 @@ class Hang(Callback):
     def __init__(self, run_dir: Path, active: bool) -> None:
         self.run_dir, self.active = run_dir, active
 
-    def after_forward(self, trainer) -> None:
-        if self.active and trainer.step == HANG_AT_STEP:
-            (self.run_dir / "hanging").write_text(str(trainer.step))
+    def after_forward(self, state) -> None:
+        if self.active and state.step == HANG_AT_STEP:
+            (self.run_dir / "hanging").write_text(str(state.step))
             time.sleep(600)
 
 

@@ -20,8 +20,8 @@ def test_bf16_mixed_runs_under_autocast_and_learns(data, make_mlp):
     dtypes = []
 
     class Probe(Callback):
-        def after_forward(self, trainer):
-            dtypes.append(trainer.views.logits.dtype)
+        def after_forward(self, state):
+            dtypes.append(state.views.logits.dtype)
 
     loader = DataLoader(data, batch_size=16, shuffle=True)
     enc = make_mlp()

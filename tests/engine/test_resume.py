@@ -124,7 +124,8 @@ def test_checkpoint_holds_everything_a_resume_needs(data, make_mlp, tmp_path):
     assert state["scheduler"]["last_epoch"] == 4
     assert state["scaler"] is None
     assert set(state["rng"][0]) >= {"python", "numpy", "torch"}
-    assert state["running"]["epoch_count"] == 4 and state["running"]["sums"].shape == (2,)
+    assert state["running"]["epoch_count"] == 4 and state["running"]["epoch_sum"].shape == ()
+    assert state["running"]["window"].shape == (4,)  # 4 losses since the last log point
     assert trainer.checkpoint_path == tmp_path / "checkpoints" / "step-000004.pt"
 
 
@@ -166,8 +167,8 @@ class _EpochEnds(Callback):
     def __init__(self) -> None:
         self.ends: list[int] = []
 
-    def on_epoch_end(self, trainer) -> None:
-        self.ends.append(trainer.epoch)
+    def on_epoch_end(self, state) -> None:
+        self.ends.append(state.epoch)
 
 
 def _fit_steps(data, make_mlp, run_dir, *, max_steps, resume=False):

@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 
 import sdk
 from sdk.data import GaussianNoise
+from sdk.events import EVENTS, State
 from sdk.hookspecs import hookimpl
-from sdk.interfaces import EVENTS, Callback, Objective, Teacher
+from sdk.interfaces import Callback, DataSampler, Objective, Teacher
 from sdk.registry import get_registry
 from sdk.types import Batch, Loss, Views
 
@@ -60,9 +61,9 @@ class PullTo3(nn.Module, Callback):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(()))
 
-    def after_loss(self, trainer) -> None:
-        loss = trainer.loss
-        trainer.loss = Loss(value=loss.value + (self.w - 3).pow(2), logs=loss.logs)
+    def after_loss(self, state) -> None:
+        loss = state.loss
+        state.loss = Loss(value=loss.value + (self.w - 3).pow(2), logs=loss.logs)
 
 
 def _snapshot(*modules: nn.Module) -> list[torch.Tensor]:
@@ -99,8 +100,9 @@ class Recorder(Callback):
     def __init__(self) -> None:
         self.events: list[tuple[str, int, int, int]] = []
 
-    def _rec(self, name, trainer):
-        self.events.append((name, trainer.epoch, trainer.step, trainer.batch_idx))
+    def _rec(self, name, state):
+        assert isinstance(state, State)
+        self.events.append((name, state.epoch, state.step, state.trainer.batch_idx))
 
 
 for _name in EVENTS:
@@ -129,7 +131,8 @@ class HookModule:
 
 
 for _name in EVENTS:
-    def _hook(self, trainer, _name=_name):
+    def _hook(self, state, _name=_name):
+        assert isinstance(state, State)
         self.calls.append(_name)
 
     _hook.__name__ = f"paperplug_{_name}"
@@ -166,27 +169,28 @@ def test_events_see_the_loop_state(loader, make_mlp):
     seen: dict[str, object] = {}
 
     class Probe(Callback):
-        def after_forward(self, trainer):
-            seen["views"] = trainer.views
-            seen["batch"] = trainer.batch
+        def after_forward(self, state):
+            seen["views"] = state.views
+            seen["batch"] = state.batch
+            seen["x"] = state.x
 
-        def after_loss(self, trainer):
-            seen["loss"] = trainer.loss
+        def after_loss(self, state):
+            seen["loss"] = state.loss
 
-        def before_optimizer_step(self, trainer):
-            seen["grad"] = trainer.model[0].weight.grad.clone()
-            seen["step_before"] = trainer.step
+        def before_optimizer_step(self, state):
+            seen["grad"] = state.model[0].weight.grad.clone()
+            seen["step_before"] = state.step
 
-        def after_optimizer_step(self, trainer):
-            seen["step_after"] = trainer.step
-            seen["optimizer"] = trainer.optimizer
+        def after_optimizer_step(self, state):
+            seen["step_after"] = state.step
+            seen["optimizer"] = state.optimizer
 
-        def on_epoch_end(self, trainer):
-            seen["logs"] = dict(trainer.logs)
-            seen["epoch"] = trainer.epoch
+        def on_epoch_end(self, state):
+            seen["logs"] = dict(state.trainer.logs)
+            seen["epoch"] = state.epoch
 
-        def on_validation_end(self, trainer):
-            seen["val"] = dict(trainer.val_metrics)
+        def on_validation_end(self, state):
+            seen["val"] = dict(state.trainer.val_metrics)
 
     trainer = sdk.Trainer(enc, TemperedCE(), SGD, callbacks=[Probe()], max_epochs=1,
                           log_every=1, progress=False)
@@ -194,6 +198,7 @@ def test_events_see_the_loop_state(loader, make_mlp):
     assert trainer.model is enc
     assert isinstance(seen["views"], Views) and seen["views"].logits.shape == (16, 3)
     assert isinstance(seen["batch"], Batch) and seen["batch"].targets.shape == (16,)
+    assert seen["x"].shape == (16, 8)
     assert seen["batch"].index is not None
     assert isinstance(seen["loss"], Loss) and seen["loss"].value.requires_grad
     assert seen["grad"].abs().sum() > 0
@@ -210,8 +215,8 @@ def test_before_optimizer_step_can_transform_gradients(loader, make_mlp):
     bias = enc[0].bias.detach().clone()
 
     class ZeroFirstLayer(Callback):
-        def before_optimizer_step(self, trainer):
-            trainer.model[0].weight.grad.zero_()
+        def before_optimizer_step(self, state):
+            state.model[0].weight.grad.zero_()
 
     sdk.Trainer(enc, TemperedCE(), SGD, callbacks=[ZeroFirstLayer()], max_steps=8,
                 progress=False).fit(loader)
@@ -224,8 +229,8 @@ def test_epoch_end_can_embed_the_whole_dataset(data, loader, make_mlp):
     got = []
 
     class Refresh(Callback):
-        def on_epoch_end(self, trainer):
-            got.append((trainer.embed(trainer.train_loader), trainer.model.training))
+        def on_epoch_end(self, state):
+            got.append((state.trainer.embed(state.trainer.train_loader), state.model.training))
 
     trainer = sdk.Trainer(enc, TemperedCE(), SGD, callbacks=[Refresh()], max_epochs=2,
                           progress=False)
@@ -290,14 +295,14 @@ def test_no_host_sync_between_log_points(loader, make_mlp, monkeypatch):
     spans: list[tuple[int, int]] = []
 
     class Mark(Callback):  # from an epoch's first forward to its last optimizer step
-        def on_epoch_start(self, trainer):
+        def on_epoch_start(self, state):
             spans.append((-1, -1))
 
-        def after_forward(self, trainer):
+        def after_forward(self, state):
             if spans[-1][0] < 0:
                 spans[-1] = (len(calls), -1)
 
-        def after_optimizer_step(self, trainer):
+        def after_optimizer_step(self, state):
             spans[-1] = (spans[-1][0], len(calls))
 
     enc = make_mlp()
@@ -364,7 +369,7 @@ def test_accumulation_teachers_observe_every_micro_batch_and_update_once_per_ste
         assert bool(teacher.filled.all())
 
 
-class EvenPositions(torch.utils.data.Sampler):
+class EvenPositions(DataSampler):
     """A data sampler that learns the training set's size from the Trainer (``bind``) and
     yields its even positions."""
 
@@ -384,10 +389,11 @@ class EvenPositions(torch.utils.data.Sampler):
 class EvenPositionsAtFitStart(EvenPositions):
     """The same, sized by its ``on_fit_start`` event instead of ``bind``."""
 
-    bind = None
+    def bind(self, dataset) -> None:
+        pass
 
-    def on_fit_start(self, trainer) -> None:
-        self.size = len(trainer.train_loader.dataset)
+    def on_fit_start(self, state) -> None:
+        self.size = len(state.trainer.train_loader.dataset)
 
 
 @pytest.mark.parametrize("kind", [EvenPositions, EvenPositionsAtFitStart])
@@ -449,13 +455,14 @@ class Recompute(Callback):
     def __init__(self):
         self.seen = []
 
-    def before_optimizer_step(self, trainer):
+    def before_optimizer_step(self, state):
+        trainer = state.trainer
         grads = [p.grad.clone() for p in trainer.params]
-        records = (trainer.views, trainer.batch, trainer.loss)
+        records = (state.views, state.batch, state.loss)
         buffers = [b.clone() for b in trainer.objective.buffers()]
         value = trainer.recompute_gradients()
         self.seen.append((grads, [p.grad for p in trainer.params], records,
-                          (trainer.views, trainer.batch, trainer.loss), value, buffers,
+                          (state.views, state.batch, state.loss), value, buffers,
                           [b.clone() for b in trainer.objective.buffers()]))
 
 

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import sdk
 from plugins.contrastive.diverse_anchor_mining import diverse_anchors
+from sdk.events import State
 
 
 def slow_diverse(z, q, exclude, include, u=None):
@@ -105,7 +106,7 @@ def test_sampler_in_a_loader_deterministic_and_state_round_trip():
     sampler = make()
     with pytest.raises(sdk.RequirementError, match="anchors"):
         iter(sampler)
-    sampler.on_epoch_start(_Trainer(x, epoch=0))
+    sampler.on_epoch_start(State(trainer=_Trainer(x, epoch=0), epoch=0))
     first = list(sampler)
     assert len(first) == len(sampler) == 30 and len(set(first)) == 30
     g = torch.Generator().manual_seed(5)
@@ -115,7 +116,7 @@ def test_sampler_in_a_loader_deterministic_and_state_round_trip():
     batches = list(DataLoader(TensorDataset(torch.arange(300)), batch_size=10, sampler=sampler))
     assert torch.cat([b[0] for b in batches]).tolist() == first
     other = make()
-    other.on_epoch_start(_Trainer(x, epoch=1))
+    other.on_epoch_start(State(trainer=_Trainer(x, epoch=1), epoch=1))
     assert list(other) != first
     restored = make()
     restored.load_state_dict(sampler.state_dict())

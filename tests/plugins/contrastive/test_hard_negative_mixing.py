@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import sdk
 from plugins.contrastive import hard_negative_mixing as hnm
 from plugins.contrastive.hard_negative_mixing import hard_negative_mixing, mochi_negatives
+from sdk.events import State
 
 
 def unit(*shape, seed=0):
@@ -222,9 +223,9 @@ def test_bad_parameters_and_a_missing_memory_teacher_are_named():
         teacher = None
 
     with pytest.raises(sdk.ConfigError) as err:
-        sdk.create("sampler", "hard_negative_mixing").on_fit_start(NoTeacher())
+        sdk.create("sampler", "hard_negative_mixing").on_fit_start(State(trainer=NoTeacher()))
     assert err.value.param == "pool"
-    sdk.create("sampler", "hard_negative_mixing", pool="batch").on_fit_start(NoTeacher())
+    sdk.create("sampler", "hard_negative_mixing", pool="batch").on_fit_start(State(trainer=NoTeacher()))
 
 
 def test_empty_queue_masks_every_synthetic_negative():

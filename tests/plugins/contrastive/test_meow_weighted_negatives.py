@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import sdk
 from plugins.contrastive.meow_weighted_negatives import meow_negative_weights
 from sdk.data import IndexedDataset
+from sdk.events import State
 
 
 def slow_weights(clusters):
@@ -39,7 +40,7 @@ class FakeTrainer:
 
 def clustered_sampler(clusterings, x, index, **params):
     sampler = sdk.create("sampler", "meow_weighted_negatives", n_clusters=clusterings, **params)
-    sampler.on_epoch_start(FakeTrainer(x, index))
+    sampler.on_epoch_start(State(trainer=FakeTrainer(x, index)))
     return sampler
 
 

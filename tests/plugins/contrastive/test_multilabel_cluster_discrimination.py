@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import sdk
 from plugins.contrastive.multilabel_cluster_discrimination import multilabel_cluster_loss, sample_classes
+from sdk.events import State
 
 
 def slow_mlcd(cos, positives, s, m, keep=None):
@@ -91,13 +92,13 @@ def test_fit_start_clusters_the_training_set_once_and_recluster_refreshes():
 
     trainer = SimpleNamespace(embed=embed, train_loader=SimpleNamespace(dataset=list(range(20))))
     obj = sdk.create("objective", "multilabel_cluster_discrimination", n_clusters=4, num_positives=2)
-    obj.on_fit_start(trainer)
-    obj.on_fit_start(trainer)  # resumed: already initialised
-    obj.on_epoch_end(trainer)  # recluster=False
+    obj.on_fit_start(State(trainer=trainer))
+    obj.on_fit_start(State(trainer=trainer))  # resumed: already initialised
+    obj.on_epoch_end(State(trainer=trainer))  # recluster=False
     assert len(calls) == 1 and obj.assignments.shape == (20, 2)
     again = sdk.create("objective", "multilabel_cluster_discrimination", n_clusters=4, num_positives=2,
                        recluster=True)
-    again.on_epoch_end(trainer)
+    again.on_epoch_end(State(trainer=trainer))
     assert len(calls) == 2 and bool(again.initialised)
 
 

@@ -8,6 +8,7 @@ import torch
 import sdk
 from plugins.contrastive.multistage_contrastive import stage_negatives
 from sdk.data import IndexedDataset
+from sdk.events import State
 
 
 class FakeTrainer:
@@ -34,13 +35,13 @@ def test_stages_close_at_their_epochs_once():
     stages = []
     for epoch in range(6):
         trainer.epoch = epoch
-        sampler.on_epoch_start(trainer)
+        sampler.on_epoch_start(State(trainer=trainer, epoch=trainer.epoch))
         stages.append(int(sampler.stage))
     assert stages == [0, 0, 1, 1, 2, 2]
     assert trainer.embeds == 2 and sampler.labels.shape == (2, 24)
     late = sdk.create("sampler", "multistage_contrastive", stage_epochs=(2, 4), n_clusters=4)
     trainer.epoch = 5  # resumed past both boundaries without their clusters: both close now
-    late.on_epoch_start(trainer)
+    late.on_epoch_start(State(trainer=trainer, epoch=trainer.epoch))
     assert int(late.stage) == 2
 
 
@@ -70,11 +71,11 @@ def test_one_cluster_reduces_to_plain_infonce_and_clusters_restrict_it():
     trainer = FakeTrainer(x)
     trainer.epoch = 1
     one = sdk.create("sampler", "multistage_contrastive", stage_epochs=(1,), n_clusters=1)
-    one.on_epoch_start(trainer)
+    one.on_epoch_start(State(trainer=trainer, epoch=trainer.epoch))
     staged = sdk.create("objective", "nt_xent", temperature=0.1, sampler=one)(views, batch).value
     assert torch.allclose(staged, plain, atol=1e-6)
     four = sdk.create("sampler", "multistage_contrastive", stage_epochs=(1,), n_clusters=4)
-    four.on_epoch_start(trainer)
+    four.on_epoch_start(State(trainer=trainer, epoch=trainer.epoch))
     got = four.labels[0]
     assert torch.equal(got[:, None] == got[None, :], truth[:, None] == truth[None, :])
     pairs = four.pairs(views, batch)

@@ -11,6 +11,7 @@ from plugins.contrastive.neighbor_contrastive_clustering import (
     influence_contrastive_loss,
     neighbor_contrastive_clustering_loss,
 )
+from sdk.events import State
 from sdk.graph import (
     dec_kl,
     graph_power,
@@ -145,14 +146,14 @@ def test_on_fit_start_initialises_centres_by_kmeans_once():
             return data
 
     obj = sdk.create("objective", "neighbor_contrastive_clustering", n_clusters=2)
-    obj.on_fit_start(FakeTrainer())
+    obj.on_fit_start(State(trainer=FakeTrainer()))
     centres = obj.clustering.centers.detach()
     assert sorted(centres[:, 0].round().tolist()) == pytest.approx([-6, 6], abs=1)
     assert bool(obj.clustering.initialised)
     restored = sdk.create("objective", "neighbor_contrastive_clustering", n_clusters=2)
     restored.load_state_dict(obj.state_dict())
     data = data + 100  # a resumed run keeps its centres
-    restored.on_fit_start(FakeTrainer())
+    restored.on_fit_start(State(trainer=FakeTrainer()))
     assert torch.equal(restored.clustering.centers, obj.clustering.centers)
 
 

@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 import sdk
 from plugins.contrastive.pseudo_label_batch_sampler import pseudo_label_batches
 from sdk.data import IndexedDataset
+from sdk.events import State
 
 
 def blobs(n_clusters, per, d=6, seed=0):
@@ -169,7 +170,7 @@ def test_refresh_from_trainer_embeddings_and_loader_batches():
                          n_clusters=12, features=True, seed=3)
     trainer = FakeTrainer(data, 8)
     sampler.set_epoch(0)
-    sampler.on_epoch_start(trainer)
+    sampler.on_epoch_start(State(trainer=trainer))
     assert trainer.calls == [True]
     same = (sampler.labels[:, None] == sampler.labels[None, :])
     assert torch.equal(same, truth[:, None] == truth[None, :])  # k-means found the blobs
@@ -178,7 +179,7 @@ def test_refresh_from_trainer_embeddings_and_loader_batches():
     for x in seen:
         assert truth[x].unique().numel() == len(x)
     with pytest.raises(sdk.ConfigError) as err:
-        sampler.on_epoch_start(FakeTrainer(data, 16))
+        sampler.on_epoch_start(State(trainer=FakeTrainer(data, 16)))
     assert err.value.param == "batch_size"
 
 
@@ -189,7 +190,7 @@ def test_deterministic_per_seed_and_epoch_and_state_round_trips():
         s = sdk.create("sampler", "pseudo_label_batch_sampler", num_samples=100, batch_size=10,
                        seed=seed)
         s.set_epoch(epoch)
-        s.on_epoch_start(FakeTrainer(data, 10))
+        s.on_epoch_start(State(trainer=FakeTrainer(data, 10)))
         return list(s), s
 
     a, s = order(0, 0)
@@ -206,8 +207,8 @@ def test_trainer_feeds_batches_of_distinct_pseudo_labels():
     seen = []
 
     class Record(sdk.interfaces.Callback):
-        def after_forward(self, trainer):
-            seen.append(trainer.batch.index.cpu())
+        def after_forward(self, state):
+            seen.append(state.batch.index.cpu())
 
     sampler = sdk.create("sampler", "pseudo_label_batch_sampler", num_samples=48, batch_size=8)
     trainer = sdk.Trainer(torch.nn.Linear(5, 8), sdk.create("objective", "cross_entropy"),
@@ -235,7 +236,7 @@ def test_fewer_same_class_pairs_than_random_batches_on_digits():
     x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
     sampler = sdk.create("sampler", "pseudo_label_batch_sampler", num_samples=len(x), batch_size=10,
                          n_clusters=10)  # as many clusters as classes, batches of one per cluster
-    sampler.on_epoch_start(FakeTrainer(x, 10))
+    sampler.on_epoch_start(State(trainer=FakeTrainer(x, 10)))
 
     def same_class_pairs_per_sample(batches):
         pairs = sum(int((y[b][:, None] == y[b][None, :]).sum() - len(b)) for b in batches) / 2

@@ -2,14 +2,14 @@
 cross-entropy of the head's logits; warm-up, per-view ids and the jigsaw head."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import sdk
-from plugins.contrastive.nt_xent import nt_xent_loss
 from plugins.contrastive.scat_simclr_pretext import scat_simclr_pretext_loss
+from sdk.contrastive import nt_xent_loss
+from sdk.events import State
 
 
 def inputs(seed=0, b=6, dim=12, tiles=1, n_views=2, classes=4):
@@ -78,9 +78,9 @@ def test_warmup_epochs_switch_the_pretext_term_off():
     obj = make(warmup_epochs=2)
     views, batch = sdk.Views(embeddings=z, extras={"features": h}), sdk.Batch(extras={"transform_id": ids})
     plain = nt_xent_loss(*z, temperature=0.5)
-    obj.on_epoch_start(SimpleNamespace(epoch=1))
+    obj.on_epoch_start(State(epoch=1))
     assert torch.equal(obj(views, batch).value, plain)
-    obj.on_epoch_start(SimpleNamespace(epoch=2))
+    obj.on_epoch_start(State(epoch=2))
     assert obj(views, batch).value.item() > plain.item()
     fresh = make(warmup_epochs=2)
     fresh.load_state_dict(obj.state_dict())

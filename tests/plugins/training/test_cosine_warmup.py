@@ -53,8 +53,8 @@ class LearningRates(Callback):
     def __init__(self):
         self.lrs = []
 
-    def before_optimizer_step(self, trainer):
-        self.lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    def before_optimizer_step(self, state):
+        self.lrs.append(state.optimizer.param_groups[0]["lr"])
 
 
 def test_the_trainer_steps_with_base_rate_times_schedule():

@@ -1,0 +1,35 @@
+"""Names of the ``Views.extras`` / ``Batch.extras`` entries that more than one component shares.
+
+Use these constants instead of string literals; each documents the shape of its value
+(``B``: batch size, ``V``: number of views, ``M``: memory entries).
+"""
+
+from __future__ import annotations
+
+NEGATIVES = "negatives"
+"""``Views.extras``: a shared memory of extra negatives ``[M, D]`` (detached), published by a
+teacher's ``memory()`` (queue, memory bank); contrastive objectives add them to every anchor's
+denominator."""
+
+NEGATIVES_MASK = "negatives_mask"
+"""``Views.extras``: which entries of :data:`NEGATIVES` are valid, bool ``[M]`` (all when absent)."""
+
+NEGATIVES_INDEX = "negatives_index"
+"""``Views.extras``: the dataset index of each entry of :data:`NEGATIVES`, long ``[M]`` (``-1``:
+unknown); an anchor never counts its own sample's entries."""
+
+TEACHER = "teacher"
+"""``Views.extras``: the teacher network's output on each view, a tuple of ``V`` tensors ``[B, D]``."""
+
+FEATURES = "features"
+"""``Views.extras``: the encoder's backbone features (before the projection head) of each view,
+a tuple of ``V`` tensors ``[B, F]``."""
+
+PATCHES = "patches"
+"""``Views.extras``: patch features as a pair ``(output, target)`` of ``[B, P, D]`` tensors."""
+
+ADJACENCY = "adjacency"
+"""``Batch.extras``: the graph among the batch's samples, ``[B, B]`` (dense or sparse COO; a
+nonzero entry links two samples)."""
+
+SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY)

@@ -69,6 +69,18 @@ def _scores(plugin: str, declared: str, x: Any, argument: str) -> Tensor:
     return x
 
 
+class _Named:
+    """``name``: the class name in snake case unless set (a registry name)."""
+
+    @property
+    def name(self) -> str:
+        return getattr(self, "_plugin_name", None) or _snake(type(self).__name__)
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._plugin_name = value
+
+
 class Encoder(nn.Module, abc.ABC):
     """Maps inputs to embeddings: ``forward(x) -> Tensor[B, out_dim]``."""
 
@@ -129,10 +141,20 @@ class Objective(nn.Module, abc.ABC):
         for key in req.get("extras", ()):
             if key not in views.extras and key not in batch.extras:
                 raise RequirementError(f"objective {self.name!r} needs extras[{key!r}] in Views or Batch")
+        for i, z in enumerate(views.embeddings):
+            if not z.is_floating_point():
+                raise ShapeError(f"objective {self.name!r}: Views.embeddings[{i}] must be floating "
+                                 f"point, got {z.dtype}")
+        if views.logits is not None and not views.logits.is_floating_point():
+            raise ShapeError(f"objective {self.name!r}: Views.logits must be floating point, got "
+                             f"{views.logits.dtype}")
+        if (views.embeddings or views.logits is not None) and views.batch_size == 0:
+            raise ShapeError(f"objective {self.name!r}: empty batch (Views hold 0 samples)")
         bs = batch.batch_size
         if bs is not None and views.batch_size != bs:
-            raise ShapeError(f"objective {self.name!r}: Views batch size {views.batch_size} "
-                             f"does not match Batch batch size {bs}")
+            field = next(f for f in ("targets", "index", "domain", "weight") if getattr(batch, f) is not None)
+            raise ShapeError(f"objective {self.name!r}: Batch.{field} has {bs} rows, but Views hold "
+                             f"{views.batch_size} samples")
 
     def __call__(self, views: Views, batch: Batch | None = None) -> Loss:
         if not isinstance(views, Views):
@@ -180,16 +202,43 @@ class Objective(nn.Module, abc.ABC):
         return NotImplemented
 
 
-class Sampler(nn.Module, abc.ABC):
+class Sampler(_Named, nn.Module, abc.ABC):
     """Chooses which pairs count: ``pairs(views, batch) -> Pairs``.
 
     Rows and columns index ``torch.cat(views.embeddings)`` (view-major: row ``v*B + i`` is
     view ``v`` of sample ``i``). Data-level samplers (what enters a batch) subclass
     ``torch.utils.data.Sampler`` instead and are registered under the same kind.
     ``produces``: the :class:`Input` s its ``Pairs`` carry (the objective must consume them all).
+    ``pairs`` first checks (metadata only) that the views are floating, not empty, and of the
+    batch's size, raising :class:`sdk.ShapeError` naming the sampler.
     """
 
     produces: ClassVar[frozenset[Input]] = frozenset({Input.PAIRS})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        pairs = vars(cls).get("pairs")
+        if pairs is not None and not getattr(pairs, "__isabstractmethod__", False):
+            @functools.wraps(pairs)
+            def checked_pairs(self: Sampler, views: Views, batch: Batch) -> Pairs:
+                self._check(views, batch)
+                return pairs(self, views, batch)
+
+            cls.pairs = checked_pairs
+
+    def _check(self, views: Views, batch: Batch) -> None:
+        owner = f"sampler {self.name!r}"
+        if not views.embeddings:
+            raise RequirementError(f"{owner} needs Views.embeddings, got none")
+        for i, z in enumerate(views.embeddings):
+            if not z.is_floating_point():
+                raise ShapeError(f"{owner}: Views.embeddings[{i}] must be floating point, got {z.dtype}")
+        if views.batch_size == 0:
+            raise ShapeError(f"{owner}: empty batch (Views hold 0 samples)")
+        if batch.batch_size is not None and batch.batch_size != views.batch_size:
+            field = next(f for f in ("targets", "index", "domain", "weight") if getattr(batch, f) is not None)
+            raise ShapeError(f"{owner}: Batch.{field} has {batch.batch_size} rows, but Views hold "
+                             f"{views.batch_size} samples")
 
     @abc.abstractmethod
     def pairs(self, views: Views, batch: Batch) -> Pairs: ...
@@ -225,18 +274,6 @@ class Reweighter(nn.Module, abc.ABC):
         logs = dict(loss.logs)
         logs["unweighted"] = loss.value.detach()
         return Loss(value=value, per_sample=loss.per_sample, logs=logs)
-
-
-class _Named:
-    """``name``: the class name in snake case unless set (a registry name)."""
-
-    @property
-    def name(self) -> str:
-        return getattr(self, "_plugin_name", None) or _snake(type(self).__name__)
-
-    @name.setter
-    def name(self, value: str) -> None:
-        self._plugin_name = value
 
 
 class Calibrator(_Named, nn.Module, abc.ABC):
@@ -311,12 +348,27 @@ class Teacher(nn.Module, abc.ABC):
         """Told after every micro-batch's backward; data-recording teachers override it."""
 
 
-class Transform(nn.Module, abc.ABC):
+class Transform(_Named, nn.Module, abc.ABC):
     """Tensor-level view generation or input transformation: ``forward(x, batch) -> (x, batch)``.
 
-    ``produces``: the :class:`Input` s it writes into the batch for the objective."""
+    ``produces``: the :class:`Input` s it writes into the batch for the objective. Calling it
+    first checks (metadata only) that ``x`` is a non-empty batch ``[B, ...]`` of the batch's
+    size, raising :class:`sdk.ShapeError` naming the transform."""
 
     produces: ClassVar[frozenset[Input]] = frozenset()
+
+    def __call__(self, x: Tensor, batch: Batch, *args: Any, **kwargs: Any) -> tuple[Tensor, Batch]:
+        owner = f"transform {self.name!r}"
+        if not isinstance(x, Tensor) or x.dim() == 0:
+            shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ShapeError(f"{owner}: x must be a batch tensor [B, ...], got {shape}")
+        if x.shape[0] == 0:
+            raise ShapeError(f"{owner}: empty batch (x has 0 rows)")
+        if batch.batch_size is not None and batch.batch_size != x.shape[0]:
+            field = next(f for f in ("targets", "index", "domain", "weight") if getattr(batch, f) is not None)
+            raise ShapeError(f"{owner}: Batch.{field} has {batch.batch_size} rows, but x has "
+                             f"{x.shape[0]}")
+        return super().__call__(x, batch, *args, **kwargs)
 
     @abc.abstractmethod
     def forward(self, x: Tensor, batch: Batch) -> tuple[Tensor, Batch]: ...

@@ -101,15 +101,21 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 
 # synthetic inputs ---------------------------------------------------------------------------
-def objective_inputs(obj: Objective, g: torch.Generator, batch_size: int = BATCH) -> tuple[Views, Batch]:
+def objective_inputs(obj: Objective, g: torch.Generator, batch_size: int = BATCH, *,
+                     n_views: int | None = None, dim: int = DIM,
+                     classes: int = CLASSES) -> tuple[Views, Batch]:
+    """Synthetic ``(views, batch)`` for what ``obj`` requires: ``n_views`` (default: as many as
+    it requires, else 2 unless it takes only logits) Gaussian ``[batch_size, dim]`` embeddings,
+    logits ``[batch_size, classes]``, class ids ``i % classes`` and the other fields it needs."""
     req = obj.requires
     b = batch_size
-    n_views = int(req.get("views", 0)) or (0 if req.get("logits") else 2)
-    embeddings = tuple(torch.randn(b, DIM, generator=g).requires_grad_() for _ in range(n_views))
-    logits = torch.randn(b, CLASSES, generator=g).requires_grad_() if req.get("logits") else None
+    if n_views is None:
+        n_views = int(req.get("views", 0)) or (0 if req.get("logits") else 2)
+    embeddings = tuple(torch.randn(b, dim, generator=g).requires_grad_() for _ in range(n_views))
+    logits = torch.randn(b, classes, generator=g).requires_grad_() if req.get("logits") else None
     views = Views(embeddings=embeddings, logits=logits)
     batch = Batch(
-        targets=torch.arange(b) % CLASSES,
+        targets=torch.arange(b) % classes,
         index=torch.randperm(b, generator=g),
         domain=torch.arange(b) % 2 if req.get("domain") else None,
         weight=torch.rand(b, generator=g) + 0.5 if req.get("weight") else None,

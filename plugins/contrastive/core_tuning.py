@@ -15,10 +15,10 @@ from torch import Tensor
 from sdk import contrastive
 from sdk.card import Card
 from sdk.distributed import Gather, gather_no_grad, gather_with_grad, rank, resolve_gather
-from sdk.errors import ConfigError, ShapeError
+from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective
-from sdk.types import Batch, Loss, Views
+from sdk.types import Batch, Loss, Views, check_ids
 
 
 def focal_supcon(z: Tensor, labels: Tensor, temperature: float = 0.07) -> tuple[Tensor, Tensor]:
@@ -134,9 +134,7 @@ class CoreTuning(Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         targets = batch.targets
-        if targets.dim() != 1 or targets.is_floating_point():
-            raise ShapeError(f"core_tuning: Batch.targets must be class ids [B], got "
-                             f"{targets.dtype} of shape {list(targets.shape)}")
+        check_ids(f"objective {self.name!r}", "Batch.targets", targets, views.logits.shape[1])
         z, logits, targets = views.embeddings[0], views.logits, targets.long()
         b = z.shape[0]
         gathered = resolve_gather(self.gather)

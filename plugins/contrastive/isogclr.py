@@ -20,7 +20,7 @@ from sdk.distributed import Gather, gather_no_grad, resolve_gather
 from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective, Sampler
-from sdk.types import Batch, Loss, Views
+from sdk.types import Batch, Loss, Views, check_ids
 
 
 @attrs.frozen(kw_only=True)
@@ -104,7 +104,9 @@ class ISogCLR(Objective):
     ``s_i = g_i``), the loss's gradient is the paper's ``G(w)`` for the engine's optimizer, then
     ``u_i <- (1 - beta) u_i + beta clip(d tau_i)`` and ``tau_i <- clamp(tau_i - eta u_i, tau_min,
     tau_max)``. Sampler masks, synthetic and memory negatives, and ``gather`` work as in
-    ``nt_xent``. ``num_samples`` must exceed every dataset index.
+    ``nt_xent``. ``num_samples`` must exceed every dataset index (on CPU an index outside
+    ``[0, num_samples)`` raises :class:`sdk.ShapeError`). A batch of one sample has no
+    negatives (no ``g_i`` to estimate): it raises :class:`sdk.ShapeError`.
     """
 
     requires = {"views": 2, "index": True}
@@ -142,6 +144,8 @@ class ISogCLR(Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         c = contrastive.contrast(views, batch, gather=self.gather)
+        contrastive.require_negatives(c, self.name)
+        check_ids(f"objective {self.name!r}", "Batch.index", batch.index, self.num_samples)
         if self.sampler is None:
             positive, negative = contrastive.same_index_masks(c)
             pairs, weight = None, None

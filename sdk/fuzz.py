@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from sdk.errors import ConfigError, RequirementError, ShapeError
+from sdk.testing import CLASSES, DIM
 from sdk.interfaces import Calibrator, Encoder, Objective, Reweighter, Sampler, Transform
 from sdk.types import Batch, Loss, Pairs, Views
 
@@ -544,7 +545,7 @@ def fuzz_plugin(kind: str, name: str, *, max_examples: int = 30, registry: Any =
 
     Needs hypothesis (``pip install paperplug[test]``), imported here rather than by ``sdk``.
     """
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
 
     from sdk import testing
@@ -565,7 +566,23 @@ def fuzz_plugin(kind: str, name: str, *, max_examples: int = 30, registry: Any =
     valid, invalid = checks
     p = _Plugin(f"{kind} {name}", (name, type(plugin).__name__), make)
     config = settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck), print_blob=False)
+                      suppress_health_check=list(HealthCheck), print_blob=False,
+                      report_multiple_bugs=False)
     cases = _cases(plugin)
-    config(given(cases)(lambda case: valid(p, case)))()
-    config(given(cases, st.integers(0, 63))(lambda case, choice: invalid(p, case, choice)))()
+    views = max(2, int(getattr(plugin, "requires", {}).get("views", 0)))
+    if isinstance(plugin, Objective) and not plugin.requires.get("views") and plugin.requires.get("logits"):
+        views = 0
+    ordinary = [Case(8, views, DIM, CLASSES, dtype, "gaussian", 0) for dtype in DTYPES]
+
+    def valid_property(case: Case) -> None:
+        valid(p, case)
+
+    for case in ordinary:  # always tried, whatever hypothesis draws
+        valid_property = example(case)(valid_property)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add contention
+    try:
+        config(given(cases)(valid_property))()
+        config(given(cases, st.integers(0, 63))(lambda case, choice: invalid(p, case, choice)))()
+    finally:
+        torch.set_num_threads(threads)

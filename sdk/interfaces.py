@@ -284,8 +284,10 @@ class Calibrator(_Named, nn.Module, abc.ABC):
     output is calibrated logits) or ``"probabilities"`` (the output is calibrated
     probabilities). Scores wrapped as :class:`sdk.Logits` / :class:`sdk.Probabilities` are
     checked against it, so probabilities given to a logit calibrator raise ``TypeError`` naming
-    the calibrator; plain tensors are taken to be what the calibrator declares. Subclasses
-    implement ``fit`` and ``forward`` on plain tensors (the checks wrap them).
+    the calibrator; plain tensors are taken to be what the calibrator declares. Scores must be
+    floating ``[N, C]``, not empty, and ``fit``'s labels class ids ``[N]`` in ``[0, C)``, else
+    :class:`sdk.ShapeError` names the calibrator and the argument. Subclasses implement ``fit``
+    and ``forward`` on plain tensors (the checks wrap them).
     """
 
     inputs: ClassVar[str] = "logits"
@@ -297,13 +299,35 @@ class Calibrator(_Named, nn.Module, abc.ABC):
         fit = vars(cls).get("fit")
         if fit is not None and not getattr(fit, "__isabstractmethod__", False):
             @functools.wraps(fit)
-            def checked_fit(self: Calibrator, scores: Tensor, *args: Any, **kwargs: Any) -> Any:
-                return fit(self, self._scores(scores, "fit's scores"), *args, **kwargs)
+            def checked_fit(self: Calibrator, scores: Tensor, labels: Tensor, *args: Any,
+                            **kwargs: Any) -> Any:
+                scores = self._scores(scores, "fit's scores")
+                self._check_labels(scores, labels)
+                return fit(self, scores, labels, *args, **kwargs)
 
             cls.fit = checked_fit
 
     def _scores(self, x: Any, argument: str) -> Tensor:
-        return _scores(f"calibrator {self.name!r}", self.inputs, x, argument)
+        x = _scores(f"calibrator {self.name!r}", self.inputs, x, argument)
+        if x.dim() != 2 or not x.is_floating_point():
+            raise ShapeError(f"calibrator {self.name!r}: {argument} must be floating {self.inputs} "
+                             f"[N, C], got {x.dtype} {list(x.shape)}")
+        if x.shape[0] == 0:
+            raise ShapeError(f"calibrator {self.name!r}: {argument} are empty (0 rows)")
+        return x
+
+    def _check_labels(self, scores: Tensor, labels: Any) -> None:
+        """``labels`` must be class ids ``[N]`` in ``[0, C)`` (fit is offline: values are read)."""
+        owner = f"calibrator {self.name!r}"
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"{owner}: labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.shape != (scores.shape[0],) or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ShapeError(f"{owner}: labels must be integer class ids [{scores.shape[0]}], got "
+                             f"{labels.dtype} {list(labels.shape)}")
+        low, high = (int(v) for v in torch.aminmax(labels))
+        if low < 0 or high >= scores.shape[1]:
+            raise ShapeError(f"{owner}: labels must lie in [0, {scores.shape[1]}), got class ids in "
+                             f"[{low}, {high}]")
 
     def __call__(self, scores: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         return super().__call__(self._scores(scores, "its input"), *args, **kwargs)

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from sdk.errors import ConfigError, RequirementError, ShapeError
-from sdk.testing import CLASSES, DIM
 from sdk.interfaces import Calibrator, Encoder, Objective, Reweighter, Sampler, Transform
+from sdk.testing import CLASSES, DIM
 from sdk.types import Batch, Loss, Pairs, Views
 
 ERRORS = (ShapeError, RequirementError, ConfigError)

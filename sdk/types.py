@@ -48,11 +48,11 @@ def check_ids(owner: str, field: str, ids: Tensor, high: int | None = None) -> N
     dataset indices, group ids) are an integer tensor ``[B]``, in ``[0, high)`` when ``high``
     is given.
 
-    The range is checked on CPU tensors only: on an accelerator the check would cost a host
-    sync on every call, so there an id out of range is left to the device's own assertion."""
+    The range check reads the values (a host sync): hot paths check the dtype and rank only
+    (``high=None``) and call it with ``high`` once torch failed on the ids, to say why."""
     if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
         raise ShapeError(f"{owner}: {field} must be integer ids [B], got {ids.dtype} {_shape(ids)}")
-    if high is not None and ids.device.type == "cpu" and ids.numel():
+    if high is not None and ids.numel():
         low, top = (int(v) for v in torch.aminmax(ids))
         if low < 0 or top >= high:
             raise ShapeError(f"{owner}: {field} must lie in [0, {high}), got ids in [{low}, {top}]")

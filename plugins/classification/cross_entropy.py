@@ -21,18 +21,22 @@ def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor,
     """Per-sample ``-sum_c q_c log softmax(logits)_c``, ``q = (1 - e) y + e / C``.
 
     ``targets`` are class ids [B] or probabilities [B, C] (soft labels, e.g. from mixup);
-    anything else raises :class:`sdk.ShapeError` (ids out of range: on CPU tensors, see
-    :func:`sdk.types.check_ids`).
+    anything else raises :class:`sdk.ShapeError`, as do ids out of range on CPU (found when
+    torch fails on them, so the hot path reads no values; on CUDA the device asserts).
     """
     if targets.dim() == 1:
-        check_ids("cross_entropy", "targets", targets, logits.shape[1])
+        check_ids("cross_entropy", "targets", targets)
     elif targets.shape != logits.shape:
         raise ShapeError(f"cross_entropy: targets must be class ids [B] or soft labels "
                          f"{list(logits.shape)} matching the logits, got {list(targets.shape)}")
     if targets.dim() == 2:
         targets = targets.to(logits.dtype)
-    return F.cross_entropy(logits.float(), targets if targets.dim() == 1 else targets.float(),
-                           label_smoothing=label_smoothing, reduction="none")
+    try:
+        return F.cross_entropy(logits.float(), targets if targets.dim() == 1 else targets.float(),
+                               label_smoothing=label_smoothing, reduction="none")
+    except (IndexError, RuntimeError):  # ids out of range (on CPU; CUDA asserts on the device)
+        check_ids("cross_entropy", "targets", targets, logits.shape[1])
+        raise
 
 
 class CrossEntropy(Objective):

@@ -13,7 +13,9 @@ transforms, reweighters, calibrators):
   not be refused.
 * **invalid inputs** (batch sizes that disagree, labels out of range, an empty batch, integer
   embeddings or logits, targets of the wrong rank, a missing required field) must raise a
-  paperplug error naming the plugin and the field; never an error from inside torch.
+  paperplug error naming the plugin and the field; never an error from inside torch. Ids out
+  of range in a training step are tried on CPU only (on CUDA the device asserts; checking
+  first would cost a host sync per call).
 * **non-finite inputs** (NaN or inf in embeddings or logits) are not checked by plugins (that
   would cost a host sync per call): an objective's loss must come out non-finite, so the
   engine's guard sees it, or it raises a paperplug error.
@@ -233,8 +235,13 @@ def _valid_objective(p: _Plugin, case: Case) -> None:
 def _objective_mutations(obj: Objective, views: Views, batch: Batch, g: torch.Generator
                          ) -> list[tuple[str, tuple[str, ...], bool, Views, Batch]]:
     """``(what, fields the error must name, strict, views, batch)`` for each invalid input
-    that applies to ``obj`` (``strict=False``: the input may also be accepted)."""
+    that applies to ``obj`` (``strict=False``: the input may also be accepted). Ids out of
+    range are tried on CPU only: on CUDA torch asserts on the device, which plugins leave be
+    (catching it would cost a host sync per call)."""
     req = obj.requires
+    from sdk import testing
+
+    cpu = testing._DEVICE.type == "cpu"
     b = views.batch_size
     out: list[tuple[str, tuple[str, ...], bool, Views, Batch]] = []
     for field in ("targets", "index", "domain", "weight"):
@@ -264,14 +271,14 @@ def _objective_mutations(obj: Objective, views: Views, batch: Batch, g: torch.Ge
         out.append(("targets of rank 3", ("targets",), True, views,
                     batch.evolve(targets=targets[:, None, None])))
         out.append(("float class ids", ("targets",), False, views, batch.evolve(targets=targets.float())))
-        if views.logits is not None and not targets.is_floating_point():
+        if views.logits is not None and not targets.is_floating_point() and cpu:
             c = views.logits.shape[1]
             for bad in (c, -1):
                 t = targets.clone()
                 t[0] = bad
                 out.append((f"class id {bad} for {c} classes", ("targets",), True, views,
                             batch.evolve(targets=t)))
-    if req.get("index") and batch.index is not None:
+    if req.get("index") and batch.index is not None and cpu:
         t = batch.index.clone()
         t[0] = -1
         out.append(("index -1", ("index",), True, views, batch.evolve(index=t)))

@@ -95,7 +95,11 @@ class Objective(nn.Module, abc.ABC):
 
     Subclasses declare ``requires`` (keys: ``views`` (count), ``targets``, ``logits``,
     ``index``, ``domain``, ``weight``: bool; ``extras``: tuple of keys). Calling an objective
-    checks them before any math, so a recipe that cannot feed it fails with a clear message.
+    checks them before any math, so a recipe that cannot feed it fails with a clear message,
+    and checks the metadata of what it got (floating embeddings and logits, a non-empty batch,
+    Batch fields of the Views' batch size), raising :class:`sdk.ShapeError` naming the
+    objective and the field. Values are not checked (that would cost a host sync per call):
+    NaN or inf in the inputs must come out as a non-finite loss, which the engine's guard sees.
     Objectives compose: ``0.5 * a + b`` is a :class:`sdk.compose.WeightedSum`.
 
     ``consumes``: the :class:`Input` s the loss uses when a Sampler, Teacher or Transform

@@ -82,6 +82,9 @@ def _check_embeddings(name: str, z: Tensor, labels: Tensor | None = None, what: 
                              f"got {list(labels.shape)}")
         if labels.is_floating_point() or labels.dtype == torch.bool:
             raise ShapeError(f"{name}: labels must be integer class ids, got dtype {labels.dtype}")
+        if labels.numel() and bool((labels < 0).any()):
+            raise ShapeError(f"{name}: labels of {what} must be class ids >= 0, got "
+                             f"{int(labels.min())}")
 
 
 def _ratio(num: Tensor, den: Tensor) -> float:
@@ -534,6 +537,8 @@ class RankMe(_Sums):
         if s is None:
             return math.nan
         gram, count = s
+        if int(count) == 0:  # only empty batches were seen: nothing measured
+            return math.nan
         r = min(int(count), gram.shape[0])
         eig = torch.linalg.eigvalsh(gram).flip(0)[:r]  # the r largest, descending
         return _rankme_from_singular_values(eig.clamp_min(0).sqrt(), self.eps)
@@ -654,6 +659,9 @@ class LinearProbe(_Mean):
         if self.probe is None:
             raise RuntimeError("linear_probe: call fit(train_emb, train_y) before update()")
         _check_embeddings("linear_probe", test_emb, test_y, "test_emb")
+        if test_emb.shape[1] != self.probe.weight.shape[0]:
+            raise ShapeError(f"linear_probe: test_emb {list(test_emb.shape)} differs in dimension "
+                             f"from the train_emb the probe was fitted on ({self.probe.weight.shape[0]})")
         pred = self.probe.predict(test_emb)
         self._add({"correct": (pred == test_y.to(pred.device)).to(_STAT).sum(),
                    "total": torch.tensor(float(test_y.numel()), dtype=_STAT, device=pred.device)})

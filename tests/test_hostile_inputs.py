@@ -2,6 +2,8 @@
 in an error from inside torch, a NaN, or a silent wrong index; now a paperplug error names the
 plugin and the field."""
 
+import math
+
 import pytest
 import torch
 
@@ -136,3 +138,22 @@ def test_group_dro_raises_a_shape_error_naming_itself():
 def test_calibrators_check_scores_and_labels_before_fitting(scores, labels, match):
     with pytest.raises(sdk.ShapeError, match=rf"calibrator 'temperature_scaling': {match}"):
         sdk.create("calibrator", "temperature_scaling").fit(scores, labels)
+
+
+@pytest.mark.parametrize("name", ["knn_accuracy", "linear_probe"])
+def test_probes_refuse_negative_class_ids(name):
+    z = torch.randn(6, 4)
+    with pytest.raises(sdk.ShapeError, match=rf"{name}: labels of train_emb must be class ids >= 0, got -1"):
+        sdk.create("metric", name).fit(z, torch.tensor([0, 1, -1, 0, 1, 0]))
+
+
+def test_linear_probe_refuses_test_embeddings_of_another_width():
+    probe = sdk.create("metric", "linear_probe").fit(torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 0, 1]))
+    with pytest.raises(sdk.ShapeError, match=r"linear_probe: test_emb \[6, 3\] differs in dimension"):
+        probe.update(torch.randn(6, 3), torch.zeros(6, dtype=torch.long))
+
+
+def test_rankme_of_only_empty_batches_is_nan_like_no_batch():
+    metric = sdk.create("metric", "rankme")
+    metric.update(torch.randn(0, 4))
+    assert math.isnan(metric.compute())

@@ -2,7 +2,7 @@
 
 :func:`fuzz_plugin` draws inputs with hypothesis (a test extra, imported only when a fuzz runs)
 for a plugin of the kinds whose inputs the kit builds (objectives, pair samplers, encoders,
-transforms, reweighters, calibrators):
+transforms, reweighters, calibrators, and metrics that give ``example_inputs``):
 
 * **valid inputs** over shapes (batch 1, 2, odd and large; 1-4 views as the plugin requires;
   widths D and classes C from 1 up), dtypes (float32, bfloat16, float64) and values (large
@@ -25,6 +25,8 @@ Every run is derandomized (no example database, no deadline), so CI sees the sam
 
 from __future__ import annotations
 
+import inspect
+import math
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -33,7 +35,7 @@ import torch
 from torch import Tensor
 
 from sdk.errors import ConfigError, RequirementError, ShapeError
-from sdk.interfaces import Calibrator, Encoder, Objective, Reweighter, Sampler, Transform
+from sdk.interfaces import Calibrator, Encoder, Metric, Objective, Reweighter, Sampler, Transform
 from sdk.testing import CLASSES, DIM
 from sdk.types import Batch, Loss, Pairs, Views
 
@@ -514,17 +516,61 @@ def _invalid_calibrator(p: _Plugin, case: Case, choice: int) -> None:
     _expect_error(p, what, fields, lambda: cal.fit(bad_scores, bad_labels))
 
 
+# metrics -----------------------------------------------------------------------------------------
+def _metric_args(metric: Metric, case: Case) -> tuple[Tensor, ...]:
+    g = torch.Generator().manual_seed(case.seed)
+    args = metric.example_inputs(case.batch, g)
+    return _device_inputs(tuple(a.to(case.dtype) if a.is_floating_point() else a for a in args))
+
+
+def _valid_metric(p: _Plugin, case: Case) -> None:
+    metric = p.make()
+    args = _metric_args(metric, case)
+
+    def run() -> Any:
+        metric.update(*args)
+        return metric.compute()
+
+    out = _try(p, repr(case), run, refuse=not case.ordinary)
+    if out is None:
+        return
+    values = list(out.values()) if isinstance(out, dict) else [out]
+    if not all(isinstance(v, float) for v in values):
+        raise _fail(p, "valid input", f"{case}: compute() returned {out!r}, expected floats")
+    if case.ordinary and not all(math.isfinite(v) for v in values):
+        raise _fail(p, "valid input", f"{case}: compute() returned {out!r} for an ordinary input")
+
+
+def _invalid_metric(p: _Plugin, case: Case, choice: int) -> None:
+    metric = p.make()
+    args = _metric_args(metric, case._replace(batch=max(case.batch, 2), dtype=torch.float32))
+    fields = tuple(inspect.signature(metric.update).parameters) + ("scores",)
+    mutations = []
+    for i, a in enumerate(args):
+        other = a[0] if a.dim() == 2 else a[:, None]
+        mutations.append((f"argument {i} of rank {other.dim()}", (*args[:i], other, *args[i + 1:])))
+        if not a.is_floating_point():
+            mutations.append((f"argument {i} as floats", (*args[:i], a.float(), *args[i + 1:])))
+    if len(args) > 1:
+        mutations.append(("a last argument one row short", (*args[:-1], args[-1][:-1])))
+    what, bad = mutations[choice % len(mutations)]
+    _expect_error(p, what, fields, lambda: metric.update(*bad))
+
+
 # driver ------------------------------------------------------------------------------------------
 _KINDS: dict[type, tuple[Callable[[_Plugin, Case], None], Callable[[_Plugin, Case, int], None]]] = {
     Objective: (_valid_objective, _invalid_objective), Sampler: (_valid_sampler, _invalid_sampler),
     Encoder: (_valid_encoder, _invalid_encoder), Transform: (_valid_transform, _invalid_transform),
     Reweighter: (_valid_reweighter, _invalid_reweighter),
-    Calibrator: (_valid_calibrator, _invalid_calibrator),
+    Calibrator: (_valid_calibrator, _invalid_calibrator), Metric: (_valid_metric, _invalid_metric),
 }
 
 
 def fuzzable(plugin: Any) -> bool:
-    """Whether :func:`fuzz_plugin` has inputs for ``plugin``'s kind."""
+    """Whether :func:`fuzz_plugin` has inputs for ``plugin``: of a kind it fuzzes, and for a
+    metric, an ``example_inputs(batch_size, generator)`` giving ``update``'s arguments."""
+    if isinstance(plugin, Metric):
+        return callable(getattr(plugin, "example_inputs", None))
     return any(isinstance(plugin, base) for base in _KINDS)
 
 
@@ -546,8 +592,9 @@ def _cases(plugin: Any) -> Any:
 def fuzz_plugin(kind: str, name: str, *, max_examples: int = 30, registry: Any = None,
                 device: str | torch.device = "cpu", **params: Any) -> None:
     """Fuzz plugin ``name`` of ``kind`` (built with ``params``): ``max_examples`` drawn valid
-    inputs and as many invalid ones (see the module docstring). Plugins of kinds without fuzzed
-    inputs (schedules, metrics, callbacks, teachers, data-level samplers) are skipped.
+    inputs and as many invalid ones (see the module docstring). Plugins without fuzzed inputs
+    (schedules, callbacks, teachers, data-level samplers, metrics without ``example_inputs``)
+    are skipped.
     Failures raise ``AssertionError`` naming the plugin, the input and what went wrong.
 
     Needs hypothesis (``pip install paperplug[test]``), imported here rather than by ``sdk``.
@@ -567,10 +614,9 @@ def fuzz_plugin(kind: str, name: str, *, max_examples: int = 30, registry: Any =
         return plugin.to(testing._DEVICE) if isinstance(plugin, torch.nn.Module) else plugin
 
     plugin = make()
-    checks = next((c for base, c in _KINDS.items() if isinstance(plugin, base)), None)
-    if checks is None:
+    if not fuzzable(plugin):
         return
-    valid, invalid = checks
+    valid, invalid = next(c for base, c in _KINDS.items() if isinstance(plugin, base))
     p = _Plugin(f"{kind} {name}", (name, type(plugin).__name__), make)
     config = settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
                       suppress_health_check=list(HealthCheck), print_blob=False,

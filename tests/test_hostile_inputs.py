@@ -157,3 +157,10 @@ def test_rankme_of_only_empty_batches_is_nan_like_no_batch():
     metric = sdk.create("metric", "rankme")
     metric.update(torch.randn(0, 4))
     assert math.isnan(metric.compute())
+
+
+@pytest.mark.parametrize("name", ["ece", "mce", "classwise_ece"])
+def test_binned_metrics_name_themselves_in_errors(name):
+    probs = torch.softmax(torch.randn(6, 3), dim=1)
+    with pytest.raises(sdk.ShapeError, match=rf"^{name}: labels must be \[6\] class ids, got \[5\]"):
+        sdk.create("metric", name).update(probs, torch.zeros(5, dtype=torch.long))

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from sdk import testing
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.interfaces import Calibrator, Encoder, Metric, Objective, Reweighter, Sampler, Transform
 from sdk.testing import CLASSES, DIM
@@ -93,15 +94,11 @@ def _leaf(t: Tensor, case: Case, g: torch.Generator) -> Tensor:
 
 
 def _device_inputs(obj: Any) -> Any:
-    from sdk import testing
-
     return testing._to(obj, testing._DEVICE)
 
 
 # what each kind is fed -----------------------------------------------------------------------
 def _objective_inputs(obj: Objective, case: Case) -> tuple[Views, Batch]:
-    from sdk import testing
-
     g = torch.Generator().manual_seed(case.seed)
     own = getattr(obj, "example_inputs", None)
     if callable(own):
@@ -145,8 +142,6 @@ def _first_field(batch: Batch) -> str:
 
 def _rows(obj: Any, b: int, keep: int) -> Any:
     """``obj`` (records, tuples, dicts) with every tensor of ``b`` rows cut to its first ``keep``."""
-    from sdk import testing
-
     return testing._map(obj, lambda t: (t.detach()[:keep].requires_grad_(t.requires_grad)
                                         if t.dim() and t.shape[0] == b else t))
 
@@ -203,8 +198,6 @@ def _expect_error(p: _Plugin, what: str, fields: tuple[str, ...], call: Callable
 
 def _finite_grads(p: _Plugin, what: str, inputs: Any, value: Tensor, plugin: Any = None) -> None:
     """The gradients of ``value`` with respect to the inputs and ``plugin``'s parameters are finite."""
-    from sdk import testing
-
     leaves = [t for t in testing._tensors(inputs) if t.requires_grad]
     if isinstance(plugin, torch.nn.Module):
         leaves += [q for q in plugin.parameters() if q.requires_grad]
@@ -241,8 +234,6 @@ def _objective_mutations(obj: Objective, views: Views, batch: Batch, g: torch.Ge
     range are tried on CPU only: on CUDA torch asserts on the device, which plugins leave be
     (catching it would cost a host sync per call)."""
     req = obj.requires
-    from sdk import testing
-
     cpu = testing._DEVICE.type == "cpu"
     b = views.batch_size
     out: list[tuple[str, tuple[str, ...], bool, Views, Batch]] = []
@@ -289,8 +280,6 @@ def _objective_mutations(obj: Objective, views: Views, batch: Batch, g: torch.Ge
 
 def _with_value(obj: Any, value: float) -> Any:
     """``obj`` with the first entry of every tensor that requires grad set to ``value``."""
-    from sdk import testing
-
     def put(t: Tensor) -> Tensor:
         if not t.requires_grad:
             return t
@@ -362,8 +351,6 @@ def _encoder_input(enc: Encoder, case: Case) -> Tensor:
 
 
 def _valid_encoder(p: _Plugin, case: Case) -> None:
-    from sdk import testing
-
     enc = p.make()
     if case.dtype == torch.float64:
         enc = enc.double()
@@ -397,8 +384,6 @@ def _invalid_encoder(p: _Plugin, case: Case, choice: int) -> None:
 
 # transforms --------------------------------------------------------------------------------------
 def _transform_inputs(tf: Transform, case: Case) -> tuple[Tensor, Batch]:
-    from sdk import testing
-
     g = torch.Generator().manual_seed(case.seed)
     own = getattr(tf, "example_inputs", None)
     if callable(own):
@@ -602,7 +587,6 @@ def fuzz_plugin(kind: str, name: str, *, max_examples: int = 30, registry: Any =
     from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
 
-    from sdk import testing
     from sdk.registry import get_registry
 
     testing._DEVICE = torch.device(device)

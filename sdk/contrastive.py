@@ -209,6 +209,14 @@ def contrast(views: Views, batch: Batch, *, gather: Gather = False, normalize: b
                     batch=g_batch, n_views=v, batch_size=b, world=world)
 
 
+def require_negatives(c: Contrast, objective: str) -> None:
+    """Raise :class:`~sdk.errors.ShapeError` naming ``objective`` when the (gathered) batch has a
+    single sample: its views are then each other's positives and nothing is a negative."""
+    if c.candidates.shape[0] // c.n_views < 2:
+        raise ShapeError(f"objective {objective!r} needs negatives: a batch of at least 2 samples "
+                         f"(over all ranks when gathering), got {c.candidates.shape[0] // c.n_views}")
+
+
 def same_index_masks(c: Contrast) -> tuple[Tensor, Tensor]:
     """Positives: other views of the same sample; negatives: views of every other sample."""
     n = c.candidates.shape[0]

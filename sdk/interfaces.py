@@ -77,6 +77,18 @@ def _scores(plugin: str, declared: str, x: Any, argument: str) -> Tensor:
     return x
 
 
+class _Named:
+    """``name``: the class name in snake case unless set (a registry name)."""
+
+    @property
+    def name(self) -> str:
+        return getattr(self, "_plugin_name", None) or _snake(type(self).__name__)
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._plugin_name = value
+
+
 class Encoder(nn.Module, Constrained, abc.ABC):
     """Maps inputs to embeddings: ``forward(x) -> Tensor[B, out_dim]``.
 
@@ -108,7 +120,11 @@ class Objective(nn.Module, Constrained, abc.ABC):
 
     Subclasses declare ``requires`` (keys: ``views`` (count), ``targets``, ``logits``,
     ``index``, ``domain``, ``weight``: bool; ``extras``: tuple of keys). Calling an objective
-    checks them before any math, so a recipe that cannot feed it fails with a clear message.
+    checks them before any math, so a recipe that cannot feed it fails with a clear message,
+    and checks the metadata of what it got (floating embeddings and logits, a non-empty batch,
+    Batch fields of the Views' batch size), raising :class:`sdk.ShapeError` naming the
+    objective and the field. Values are not checked (that would cost a host sync per call):
+    NaN or inf in the inputs must come out as a non-finite loss, which the engine's guard sees.
     Objectives compose: ``0.5 * a + b`` is a :class:`sdk.compose.WeightedSum`.
 
     ``consumes``: the :class:`Input` s the loss uses when a Sampler, Teacher or Transform
@@ -170,10 +186,20 @@ class Objective(nn.Module, Constrained, abc.ABC):
         for key in req.get("extras", ()):
             if key not in views.extras and key not in batch.extras:
                 raise RequirementError(f"objective {self.name!r} needs extras[{key!r}] in Views or Batch")
+        for i, z in enumerate(views.embeddings):
+            if not z.is_floating_point():
+                raise ShapeError(f"objective {self.name!r}: Views.embeddings[{i}] must be floating "
+                                 f"point, got {z.dtype}")
+        if views.logits is not None and not views.logits.is_floating_point():
+            raise ShapeError(f"objective {self.name!r}: Views.logits must be floating point, got "
+                             f"{views.logits.dtype}")
+        if (views.embeddings or views.logits is not None) and views.batch_size == 0:
+            raise ShapeError(f"objective {self.name!r}: empty batch (Views hold 0 samples)")
         bs = batch.batch_size
         if bs is not None and views.batch_size != bs:
-            raise ShapeError(f"objective {self.name!r}: Views batch size {views.batch_size} "
-                             f"does not match Batch batch size {bs}")
+            field = next(f for f in ("targets", "index", "domain", "weight") if getattr(batch, f) is not None)
+            raise ShapeError(f"objective {self.name!r}: Batch.{field} has {bs} rows, but Views hold "
+                             f"{views.batch_size} samples")
 
     def __call__(self, views: Views, batch: Batch | None = None) -> Loss:
         if not isinstance(views, Views):
@@ -221,16 +247,43 @@ class Objective(nn.Module, Constrained, abc.ABC):
         return NotImplemented
 
 
-class Sampler(nn.Module, Constrained, abc.ABC):
+class Sampler(_Named, nn.Module, Constrained, abc.ABC):
     """Chooses which pairs count: ``pairs(views, batch) -> Pairs``.
 
     Rows and columns index ``torch.cat(views.embeddings)`` (view-major: row ``v*B + i`` is
     view ``v`` of sample ``i``). Data-level samplers (what enters a batch) subclass
     :class:`DataSampler` instead and are registered under the same kind.
     ``produces``: the :class:`Input` s its ``Pairs`` carry (the objective must consume them all).
+    ``pairs`` first checks (metadata only) that the views are floating, not empty, and of the
+    batch's size, raising :class:`sdk.ShapeError` naming the sampler.
     """
 
     produces: ClassVar[frozenset[Input]] = frozenset({Input.PAIRS})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        pairs = vars(cls).get("pairs")
+        if pairs is not None and not getattr(pairs, "__isabstractmethod__", False):
+            @functools.wraps(pairs)
+            def checked_pairs(self: Sampler, views: Views, batch: Batch) -> Pairs:
+                self._check(views, batch)
+                return pairs(self, views, batch)
+
+            cls.pairs = checked_pairs
+
+    def _check(self, views: Views, batch: Batch) -> None:
+        owner = f"sampler {self.name!r}"
+        if not views.embeddings:
+            raise RequirementError(f"{owner} needs Views.embeddings, got none")
+        for i, z in enumerate(views.embeddings):
+            if not z.is_floating_point():
+                raise ShapeError(f"{owner}: Views.embeddings[{i}] must be floating point, got {z.dtype}")
+        if views.batch_size == 0:
+            raise ShapeError(f"{owner}: empty batch (Views hold 0 samples)")
+        if batch.batch_size is not None and batch.batch_size != views.batch_size:
+            field = next(f for f in ("targets", "index", "domain", "weight") if getattr(batch, f) is not None)
+            raise ShapeError(f"{owner}: Batch.{field} has {batch.batch_size} rows, but Views hold "
+                             f"{views.batch_size} samples")
 
     @abc.abstractmethod
     def pairs(self, views: Views, batch: Batch) -> Pairs: ...
@@ -268,18 +321,6 @@ class Reweighter(nn.Module, Constrained, abc.ABC):
         return Loss(value=value, per_sample=loss.per_sample, logs=logs)
 
 
-class _Named:
-    """``name``: the class name in snake case unless set (a registry name)."""
-
-    @property
-    def name(self) -> str:
-        return getattr(self, "_plugin_name", None) or _snake(type(self).__name__)
-
-    @name.setter
-    def name(self, value: str) -> None:
-        self._plugin_name = value
-
-
 class Calibrator(_Named, nn.Module, Constrained, abc.ABC):
     """Post-hoc calibration: ``fit(scores, labels, **extra) -> self``; ``calibrator(scores)``
     returns calibrated scores of the same kind.
@@ -288,8 +329,10 @@ class Calibrator(_Named, nn.Module, Constrained, abc.ABC):
     output is calibrated logits) or ``"probabilities"`` (the output is calibrated
     probabilities). Scores wrapped as :class:`sdk.Logits` / :class:`sdk.Probabilities` are
     checked against it, so probabilities given to a logit calibrator raise ``TypeError`` naming
-    the calibrator; plain tensors are taken to be what the calibrator declares. Subclasses
-    implement ``fit`` and ``forward`` on plain tensors (the checks wrap them).
+    the calibrator; plain tensors are taken to be what the calibrator declares. Scores must be
+    floating ``[N, C]``, not empty, and ``fit``'s labels class ids ``[N]`` in ``[0, C)``, else
+    :class:`sdk.ShapeError` names the calibrator and the argument. Subclasses implement ``fit``
+    and ``forward`` on plain tensors (the checks wrap them).
     """
 
     inputs: ClassVar[str] = "logits"
@@ -301,13 +344,35 @@ class Calibrator(_Named, nn.Module, Constrained, abc.ABC):
         fit = vars(cls).get("fit")
         if fit is not None and not getattr(fit, "__isabstractmethod__", False):
             @functools.wraps(fit)
-            def checked_fit(self: Calibrator, scores: Tensor, *args: Any, **kwargs: Any) -> Any:
-                return fit(self, self._scores(scores, "fit's scores"), *args, **kwargs)
+            def checked_fit(self: Calibrator, scores: Tensor, labels: Tensor, *args: Any,
+                            **kwargs: Any) -> Any:
+                scores = self._scores(scores, "fit's scores")
+                self._check_labels(scores, labels)
+                return fit(self, scores, labels, *args, **kwargs)
 
             cls.fit = checked_fit
 
     def _scores(self, x: Any, argument: str) -> Tensor:
-        return _scores(f"calibrator {self.name!r}", self.inputs, x, argument)
+        x = _scores(f"calibrator {self.name!r}", self.inputs, x, argument)
+        if x.dim() != 2 or not x.is_floating_point():
+            raise ShapeError(f"calibrator {self.name!r}: {argument} must be floating {self.inputs} "
+                             f"[N, C], got {x.dtype} {list(x.shape)}")
+        if x.shape[0] == 0:
+            raise ShapeError(f"calibrator {self.name!r}: {argument} are empty (0 rows)")
+        return x
+
+    def _check_labels(self, scores: Tensor, labels: Any) -> None:
+        """``labels`` must be class ids ``[N]`` in ``[0, C)`` (fit is offline: values are read)."""
+        owner = f"calibrator {self.name!r}"
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"{owner}: labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.shape != (scores.shape[0],) or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ShapeError(f"{owner}: labels must be integer class ids [{scores.shape[0]}], got "
+                             f"{labels.dtype} {list(labels.shape)}")
+        low, high = (int(v) for v in torch.aminmax(labels))
+        if low < 0 or high >= scores.shape[1]:
+            raise ShapeError(f"{owner}: labels must lie in [0, {scores.shape[1]}), got class ids in "
+                             f"[{low}, {high}]")
 
     def __call__(self, scores: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         return super().__call__(self._scores(scores, "its input"), *args, **kwargs)
@@ -408,12 +473,27 @@ class DataSampler(torch.utils.data.Sampler, Constrained):
         """Stateless samplers have nothing to restore."""
 
 
-class Transform(nn.Module, Constrained, abc.ABC):
+class Transform(_Named, nn.Module, Constrained, abc.ABC):
     """Tensor-level view generation or input transformation: ``forward(x, batch) -> (x, batch)``.
 
-    ``produces``: the :class:`Input` s it writes into the batch for the objective."""
+    ``produces``: the :class:`Input` s it writes into the batch for the objective. Calling it
+    first checks (metadata only) that ``x`` is a non-empty batch ``[B, ...]`` of the batch's
+    size, raising :class:`sdk.ShapeError` naming the transform."""
 
     produces: ClassVar[frozenset[Input]] = frozenset()
+
+    def __call__(self, x: Tensor, batch: Batch, *args: Any, **kwargs: Any) -> tuple[Tensor, Batch]:
+        owner = f"transform {self.name!r}"
+        if not isinstance(x, Tensor) or x.dim() == 0:
+            shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ShapeError(f"{owner}: x must be a batch tensor [B, ...], got {shape}")
+        if x.shape[0] == 0:
+            raise ShapeError(f"{owner}: empty batch (x has 0 rows)")
+        if batch.batch_size is not None and batch.batch_size != x.shape[0]:
+            field = next(f for f in ("targets", "index", "domain", "weight") if getattr(batch, f) is not None)
+            raise ShapeError(f"{owner}: Batch.{field} has {batch.batch_size} rows, but x has "
+                             f"{x.shape[0]}")
+        return super().__call__(x, batch, *args, **kwargs)
 
     @abc.abstractmethod
     def forward(self, x: Tensor, batch: Batch) -> tuple[Tensor, Batch]: ...

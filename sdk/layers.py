@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+from sdk.errors import ShapeError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -24,3 +27,21 @@ def mlp_layers(dims: list[int], *, activation: str = "relu", batch_norm: bool = 
         elif last_norm:
             layers.append(nn.BatchNorm1d(b, affine=False))
     return nn.Sequential(*layers)
+
+
+def check_features(owner: str, field: str, x: Tensor, width: int, *, module: nn.Module,
+                   batch_norm: bool) -> None:
+    """Raise :class:`sdk.ShapeError` naming ``owner`` and ``field`` unless ``x`` is a floating
+    ``[B, width]`` batch that ``module`` (layers from :func:`mlp_layers`) can take: of its
+    parameters' dtype outside autocast, and of more than one row when batch norm trains (one
+    row has no batch statistics). Metadata only: no values are read."""
+    if x.dim() != 2 or x.shape[1] != width or not x.is_floating_point():
+        raise ShapeError(f"{owner}: {field} must be floating [B, {width}], got {x.dtype} "
+                         f"{list(x.shape)}")
+    dtype = next(module.parameters()).dtype
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ShapeError(f"{owner}: {field} is {x.dtype} but the parameters are {dtype} (cast one "
+                         "to the other, or run under torch.autocast)")
+    if batch_norm and module.training and x.shape[0] < 2:
+        raise ShapeError(f"{owner}: {field} has {x.shape[0]} row, but batch norm in training "
+                         "mode needs a batch of at least 2")

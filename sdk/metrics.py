@@ -82,6 +82,9 @@ def _check_embeddings(name: str, z: Tensor, labels: Tensor | None = None, what: 
                              f"got {list(labels.shape)}")
         if labels.is_floating_point() or labels.dtype == torch.bool:
             raise ShapeError(f"{name}: labels must be integer class ids, got dtype {labels.dtype}")
+        if labels.numel() and bool((labels < 0).any()):
+            raise ShapeError(f"{name}: labels of {what} must be class ids >= 0, got "
+                             f"{int(labels.min())}")
 
 
 def _ratio(num: Tensor, den: Tensor) -> float:
@@ -151,12 +154,13 @@ def _bin_index(values: Tensor, n_bins: int) -> Tensor:
     return torch.bucketize(values, inner, right=False)
 
 
-def calibration_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
+def calibration_bins(probs: Tensor, labels: Tensor, n_bins: int = 15, *,
+                     name: str = "calibration_bins") -> tuple[Tensor, Tensor, Tensor]:
     """Per-bin statistics of the top-label confidence, float64 tensors ``[n_bins]``:
     ``(count, sum of confidences, number correct)``. Reliability diagrams plot
-    ``correct / count`` against ``confidence / count``."""
+    ``correct / count`` against ``confidence / count``. ``name``: the metric its errors name."""
     _at_least("calibration_bins", "n_bins", n_bins)
-    _check_scores("calibration_bins", probs, labels)
+    _check_scores(name, probs, labels)
     conf, pred = _real(probs).max(dim=1)
     b = _bin_index(conf, n_bins)
     zeros = torch.zeros(n_bins, dtype=_STAT, device=probs.device)
@@ -181,20 +185,21 @@ def ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
     """Expected calibration error of the top label (Guo et al. 2017):
     ``sum_b |B_b|/N * |acc(B_b) - conf(B_b)|`` over ``n_bins`` equal-width confidence bins
     (right-closed, see the module docstring)."""
-    return _ece_from_bins(*calibration_bins(probs, labels, n_bins))
+    return _ece_from_bins(*calibration_bins(probs, labels, n_bins, name="ece"))
 
 
 def mce(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
     """Maximum calibration error (Guo et al. 2017): ``max_b |acc(B_b) - conf(B_b)|`` over the
     non-empty bins of :func:`ece`."""
-    return _mce_from_bins(*calibration_bins(probs, labels, n_bins))
+    return _mce_from_bins(*calibration_bins(probs, labels, n_bins, name="mce"))
 
 
-def classwise_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
+def classwise_bins(probs: Tensor, labels: Tensor, n_bins: int = 15, *,
+                   name: str = "classwise_bins") -> tuple[Tensor, Tensor, Tensor]:
     """Per-class, per-bin statistics of every class probability, float64 ``[C, n_bins]``:
-    ``(count, sum of p_c, number of samples of class c)``."""
+    ``(count, sum of p_c, number of samples of class c)``. ``name``: the metric its errors name."""
     _at_least("classwise_bins", "n_bins", n_bins)
-    _check_scores("classwise_bins", probs, labels)
+    _check_scores(name, probs, labels)
     probs = _real(probs)
     n_classes = probs.shape[1]
     flat = (_bin_index(probs, n_bins) + n_bins * torch.arange(n_classes, device=probs.device)).reshape(-1)
@@ -222,7 +227,7 @@ def classwise_ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
     i.e. ``n_bins - 1`` left-closed bins plus one bin for ``p = 1``; here every class uses the
     same ``n_bins`` bins as :func:`ece`.
     """
-    return _classwise_from_bins(*classwise_bins(probs, labels, n_bins))
+    return _classwise_from_bins(*classwise_bins(probs, labels, n_bins, name="classwise_ece"))
 
 
 # kNN and linear probe ---------------------------------------------------------------------------
@@ -394,6 +399,19 @@ def rankme(z: Tensor, eps: float = 1e-7) -> float:
 
 
 # streaming metrics ------------------------------------------------------------------------------
+def _probs_and_labels(batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``update`` arguments of the prediction metrics for the conformance kit: probabilities
+    ``[B, 3]`` peaked on the label (most rows) and the labels ``[B]``."""
+    labels = torch.arange(batch_size) % 3
+    logits = 2 * F.one_hot(labels, 3) + torch.randn(batch_size, 3, generator=generator)
+    return logits.softmax(dim=1), labels
+
+
+def _embeddings(batch_size: int, generator: torch.Generator) -> tuple[Tensor]:
+    """``update`` argument of the embedding metrics for the conformance kit: ``z [B, 8]``."""
+    return (torch.randn(batch_size, 8, generator=generator),)
+
+
 class _Sums(Metric):
     """Adds float64 statistics on the device of the first update; ``state_dict`` carries them."""
 
@@ -438,6 +456,8 @@ class _Mean(_Sums):
 class Accuracy(_Mean):
     """Streaming :func:`accuracy`: ``update(logits_or_probs, labels)`` counts correct rows."""
 
+    example_inputs = staticmethod(_probs_and_labels)
+
     ratio_of = ("correct", "total")
 
     def update(self, logits_or_probs: Tensor, labels: Tensor) -> None:
@@ -447,12 +467,16 @@ class Accuracy(_Mean):
 class NLL(_Mean):
     """Streaming :func:`nll`: ``update(probs, labels)`` sums ``-log p_y``."""
 
+    example_inputs = staticmethod(_probs_and_labels)
+
     def update(self, probs: Tensor, labels: Tensor) -> None:
         self._add(_nll_stats(probs, labels))
 
 
 class Brier(_Mean):
     """Streaming :func:`brier`: ``update(probs, labels)`` sums ``sum_c (p_c - y_c)^2``."""
+
+    example_inputs = staticmethod(_probs_and_labels)
 
     def update(self, probs: Tensor, labels: Tensor) -> None:
         self._add(_brier_stats(probs, labels))
@@ -468,8 +492,12 @@ class _Binned(_Sums):
 class ECE(_Binned):
     """Streaming :func:`ece`: per-bin counts, confidence sums and correct counts (``[n_bins]``)."""
 
+    example_inputs = staticmethod(_probs_and_labels)
+
+    name = "ece"
+
     def update(self, probs: Tensor, labels: Tensor) -> None:
-        count, conf, correct = calibration_bins(probs, labels, self.n_bins)
+        count, conf, correct = calibration_bins(probs, labels, self.n_bins, name=self.name)
         self._add({"count": count, "confidence": conf, "correct": correct})
 
     def bins(self) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -484,6 +512,8 @@ class ECE(_Binned):
 class MCE(ECE):
     """Streaming :func:`mce` from the same per-bin statistics as :class:`ECE`."""
 
+    name = "mce"
+
     def compute(self) -> float:
         s = self.bins()
         return math.nan if s is None else _mce_from_bins(*s)
@@ -492,8 +522,12 @@ class MCE(ECE):
 class ClasswiseECE(_Binned):
     """Streaming :func:`classwise_ece`: per-class, per-bin sums (``[C, n_bins]``)."""
 
+    example_inputs = staticmethod(_probs_and_labels)
+
+    name = "classwise_ece"
+
     def update(self, probs: Tensor, labels: Tensor) -> None:
-        count, prob_sum, label_sum = classwise_bins(probs, labels, self.n_bins)
+        count, prob_sum, label_sum = classwise_bins(probs, labels, self.n_bins, name=self.name)
         self._add({"count": count, "prob_sum": prob_sum, "label_sum": label_sum})
 
     def compute(self) -> float:
@@ -512,10 +546,18 @@ class Alignment(_Mean):
     def update(self, z1: Tensor, z2: Tensor) -> None:
         self._add(_alignment_stats(z1, z2, self.alpha))
 
+    @staticmethod
+    def example_inputs(batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Two views ``[B, 8]`` of each sample, for the conformance kit."""
+        (z,) = _embeddings(batch_size, generator)
+        return z, z + 0.1 * torch.randn(z.shape, generator=generator)
+
 
 class RankMe(_Sums):
     """Streaming :func:`rankme`: accumulates the Gram matrix ``Z^T Z`` (``[D, D]``, float64), whose
     eigenvalues are the squared singular values of ``Z``, so memory does not grow with ``N``."""
+
+    example_inputs = staticmethod(_embeddings)
 
     def __init__(self, eps: float = 1e-7):
         super().__init__()
@@ -534,6 +576,8 @@ class RankMe(_Sums):
         if s is None:
             return math.nan
         gram, count = s
+        if int(count) == 0:  # only empty batches were seen: nothing measured
+            return math.nan
         r = min(int(count), gram.shape[0])
         eig = torch.linalg.eigvalsh(gram).flip(0)[:r]  # the r largest, descending
         return _rankme_from_singular_values(eig.clamp_min(0).sqrt(), self.eps)
@@ -558,6 +602,8 @@ class _Stored(Metric):
 class Uniformity(_Stored):
     """:func:`uniformity` over every row passed to ``update(z)``; it needs all pairs, so it keeps
     the L2-normalised rows (memory ``O(N * D)``)."""
+
+    example_inputs = staticmethod(_embeddings)
 
     def __init__(self, t: float = 2.0, chunk_size: int = 1024):
         super().__init__()
@@ -654,6 +700,9 @@ class LinearProbe(_Mean):
         if self.probe is None:
             raise RuntimeError("linear_probe: call fit(train_emb, train_y) before update()")
         _check_embeddings("linear_probe", test_emb, test_y, "test_emb")
+        if test_emb.shape[1] != self.probe.weight.shape[0]:
+            raise ShapeError(f"linear_probe: test_emb {list(test_emb.shape)} differs in dimension "
+                             f"from the train_emb the probe was fitted on ({self.probe.weight.shape[0]})")
         pred = self.probe.predict(test_emb)
         self._add({"correct": (pred == test_y.to(pred.device)).to(_STAT).sum(),
                    "total": torch.tensor(float(test_y.numel()), dtype=_STAT, device=pred.device)})

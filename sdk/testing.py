@@ -4,7 +4,8 @@
 synthetic inputs (or the plugin's own ``example_inputs(batch_size, generator)``) and asserts:
 the card is complete, outputs have the documented form, gradients reach every input that
 requires grad, bfloat16 inputs work, bad inputs raise clear errors, and ``state_dict``
-round-trips. Failures raise ``AssertionError`` naming the plugin and the check.
+round-trips; then it fuzzes the plugin's inputs (:mod:`sdk.fuzz`, hypothesis). Failures raise
+``AssertionError`` naming the plugin and the check.
 
 ``check_distributed(cases)`` runs batch-coupled objectives in 2 gloo processes and asserts that
 they give the loss and gradients of one process on the concatenated batch.
@@ -102,15 +103,21 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 
 # synthetic inputs ---------------------------------------------------------------------------
-def objective_inputs(obj: Objective, g: torch.Generator, batch_size: int = BATCH) -> tuple[Views, Batch]:
+def objective_inputs(obj: Objective, g: torch.Generator, batch_size: int = BATCH, *,
+                     n_views: int | None = None, dim: int = DIM,
+                     classes: int = CLASSES) -> tuple[Views, Batch]:
+    """Synthetic ``(views, batch)`` for what ``obj`` requires: ``n_views`` (default: as many as
+    it requires, else 2 unless it takes only logits) Gaussian ``[batch_size, dim]`` embeddings,
+    logits ``[batch_size, classes]``, class ids ``i % classes`` and the other fields it needs."""
     req = obj.requires
     b = batch_size
-    n_views = int(req.get("views", 0)) or (0 if req.get("logits") else 2)
-    embeddings = tuple(torch.randn(b, DIM, generator=g).requires_grad_() for _ in range(n_views))
-    logits = torch.randn(b, CLASSES, generator=g).requires_grad_() if req.get("logits") else None
+    if n_views is None:
+        n_views = int(req.get("views", 0)) or (0 if req.get("logits") else 2)
+    embeddings = tuple(torch.randn(b, dim, generator=g).requires_grad_() for _ in range(n_views))
+    logits = torch.randn(b, classes, generator=g).requires_grad_() if req.get("logits") else None
     views = Views(embeddings=embeddings, logits=logits)
     batch = Batch(
-        targets=torch.arange(b) % CLASSES,
+        targets=torch.arange(b) % classes,
         index=torch.randperm(b, generator=g),
         domain=torch.arange(b) % 2 if req.get("domain") else None,
         weight=torch.rand(b, generator=g) + 0.5 if req.get("weight") else None,
@@ -477,11 +484,13 @@ _CHECKS: dict[type, Callable[[str, Callable[[], Any]], None]] = {
 
 
 def check_plugin(kind: str, name: str, *, builtin: bool = False, registry: Any = None,
-                 device: str | torch.device = "cpu", **params: Any) -> None:
+                 device: str | torch.device = "cpu", fuzz: int = 30, **params: Any) -> None:
     """Run the conformance checks on plugin ``name`` of ``kind`` built with ``params``.
 
     ``device`` selects where plugin and inputs live (``"cuda"`` on a GPU machine);
-    ``builtin=True`` also requires the card's ``paper`` and ``formula``.
+    ``builtin=True`` also requires the card's ``paper`` and ``formula``. Then
+    :func:`sdk.fuzz.fuzz_plugin` draws ``fuzz`` valid and as many invalid inputs (0: none);
+    it needs hypothesis, a test extra, imported only then.
     """
     global _DEVICE
     _DEVICE = torch.device(device)
@@ -499,6 +508,10 @@ def check_plugin(kind: str, name: str, *, builtin: bool = False, registry: Any =
     for base, check in _CHECKS.items():
         if isinstance(plugin, base):
             check(label, make)
+            if fuzz:
+                from sdk.fuzz import fuzz_plugin
+
+                fuzz_plugin(kind, name, max_examples=fuzz, registry=reg, device=_DEVICE, **params)
             return
     if kind == "sampler" and isinstance(plugin, torch.utils.data.Sampler):
         _check_sampler(label, make)

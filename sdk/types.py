@@ -60,6 +60,21 @@ def unchecked(cls: type, **fields: Any) -> Any:
     return record
 
 
+def check_ids(owner: str, field: str, ids: Tensor, high: int | None = None) -> None:
+    """Raise :class:`sdk.ShapeError` naming ``owner`` and ``field`` unless ``ids`` (class ids,
+    dataset indices, group ids) are an integer tensor ``[B]``, in ``[0, high)`` when ``high``
+    is given.
+
+    The range check reads the values (a host sync): hot paths check the dtype and rank only
+    (``high=None``) and call it with ``high`` once torch failed on the ids, to say why."""
+    if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ShapeError(f"{owner}: {field} must be integer ids [B], got {ids.dtype} {_shape(ids)}")
+    if high is not None and ids.numel():
+        low, top = (int(v) for v in torch.aminmax(ids))
+        if low < 0 or top >= high:
+            raise ShapeError(f"{owner}: {field} must lie in [0, {high}), got ids in [{low}, {top}]")
+
+
 @attrs.frozen(kw_only=True)
 class Views:
     """Model outputs for one batch.

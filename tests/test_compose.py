@@ -110,7 +110,7 @@ def test_objective_call_checks_argument_types():
     nt = sdk.create("objective", "nt_xent")
     with pytest.raises(TypeError, match="expected sdk.Views as first argument, got Tensor"):
         nt(torch.zeros(3, 3))
-    with pytest.raises(sdk.ShapeError, match="Views batch size 8 does not match Batch batch size 4"):
+    with pytest.raises(sdk.ShapeError, match=r"Batch.index has 4 rows, but Views hold 8 samples"):
         nt(_views(), sdk.Batch(index=torch.arange(4)))
 
 

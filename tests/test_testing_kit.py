@@ -21,7 +21,7 @@ class RunningWeight(Objective):
         self.register_buffer("avg", torch.zeros(40), persistent=persistent)
 
     def forward(self, views, batch):
-        z1, z2 = views.embeddings
+        z1, z2 = views.embeddings[:2]
         per = (z1 - z2).pow(2).sum(1) - 0.1 * z1.norm(dim=1)
         weighted = (1 + self.avg[batch.index]) * per
         with torch.no_grad():
@@ -55,7 +55,7 @@ class Undeclared(Objective):
     requires = {"views": 2}
 
     def forward(self, views, batch):
-        z1, z2 = views.embeddings
+        z1, z2 = views.embeddings[:2]
         per = (z1 - z2).pow(2).sum(1)
         return Loss(value=per.mean(), per_sample=per)
 

@@ -12,17 +12,8 @@ import torch.nn.functional as F
 from annotated_types import Ge, Gt
 
 from sdk.card import Card
-from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Calibrator
-
-
-def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
-    if logits.dim() != 2:
-        raise ShapeError(f"temperature_scaling: logits must be [N, C], got {list(logits.shape)}")
-    if labels.shape != (logits.shape[0],):
-        raise ShapeError(f"temperature_scaling: labels must be [{logits.shape[0]}], "
-                         f"got {list(labels.shape)}")
 
 
 class TemperatureScaling(Calibrator):
@@ -40,7 +31,6 @@ class TemperatureScaling(Calibrator):
         return float(self.log_t.exp())
 
     def fit(self, logits: torch.Tensor, labels: torch.Tensor, **extra) -> TemperatureScaling:
-        _check(logits, labels)
         logits = logits.detach().float()
         log_t = torch.zeros((), device=logits.device, requires_grad=True)
         opt = torch.optim.LBFGS([log_t], lr=self.lr, max_iter=self.max_iter,

@@ -16,22 +16,30 @@ from sdk.card import Card
 from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective
-from sdk.types import Batch, Loss, Views
+from sdk.types import Batch, Loss, Views, check_ids
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor,
                        label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-sample ``-sum_c q_c log softmax(logits)_c``, ``q = (1 - e) y + e / C``.
 
-    ``targets`` are class ids [B] or probabilities [B, C] (soft labels, e.g. from mixup).
+    ``targets`` are class ids [B] or probabilities [B, C] (soft labels, e.g. from mixup);
+    anything else raises :class:`sdk.ShapeError`, as do ids out of range on CPU (found when
+    torch fails on them, so the hot path reads no values; on CUDA the device asserts).
     """
-    if targets.dim() == 2 and targets.shape != logits.shape:
-        raise ShapeError(f"cross_entropy: soft targets {list(targets.shape)} must match logits "
-                         f"{list(logits.shape)}")
+    if targets.dim() == 1:
+        check_ids("cross_entropy", "targets", targets)
+    elif targets.shape != logits.shape:
+        raise ShapeError(f"cross_entropy: targets must be class ids [B] or soft labels "
+                         f"{list(logits.shape)} matching the logits, got {list(targets.shape)}")
     if targets.dim() == 2:
         targets = targets.to(logits.dtype)
-    return F.cross_entropy(logits.float(), targets if targets.dim() == 1 else targets.float(),
-                           label_smoothing=label_smoothing, reduction="none")
+    try:
+        return F.cross_entropy(logits.float(), targets if targets.dim() == 1 else targets.float(),
+                               label_smoothing=label_smoothing, reduction="none")
+    except (IndexError, RuntimeError):  # ids out of range (on CPU; CUDA asserts on the device)
+        check_ids("cross_entropy", "targets", targets, logits.shape[1])
+        raise
 
 
 class CrossEntropy(Objective):

@@ -37,7 +37,7 @@ from sdk.distributed import Gather
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective, Sampler
-from sdk.layers import mlp_layers
+from sdk.layers import check_features, mlp_layers
 from sdk.types import Batch, Loss, Views
 
 
@@ -96,7 +96,8 @@ class AdaptiveMultiheadContrastive(Objective):
     sees the first head's embeddings; only its masks are consumed (no pair weights, no extra
     negatives). ``gather`` ("auto": under DDP) contrasts against every rank; the heads'
     BatchNorm layers normalise with each rank's own batch unless converted with
-    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``.
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``; in training mode they need a batch of
+    at least 2 (a batch of one raises :class:`sdk.ShapeError`).
     """
 
     requires = {"views": 2}
@@ -128,14 +129,13 @@ class AdaptiveMultiheadContrastive(Objective):
         return self.tau_min + (self.tau_max - self.tau_min) * torch.sigmoid(-score)
 
     def forward(self, views: Views, batch: Batch) -> Loss:
-        feats = views.embeddings
-        if feats[0].shape[1] != self.in_dim:
-            raise ShapeError(f"adaptive_multihead_contrastive: expected features [B, {self.in_dim}], "
-                             f"got {list(feats[0].shape)}")
         dtype = self.heads[0][0].weight.dtype
+        feats = tuple(h.to(dtype) for h in views.embeddings)
+        check_features(f"objective {self.name!r}", "Views.embeddings", feats[0], self.in_dim,
+                       module=self.heads[0], batch_norm=True)
         sims, taus, first = [], [], None
         for head in self.heads:
-            projected = Views(embeddings=tuple(head(h.to(dtype)) for h in feats))
+            projected = Views(embeddings=tuple(head(h) for h in feats))
             c = contrastive.contrast(projected, batch, gather=self.gather)
             if first is None:
                 first = c

@@ -18,10 +18,9 @@ from torch import Tensor
 from sdk import contrastive
 from sdk.card import Card
 from sdk.distributed import Gather, gather_no_grad, gather_with_grad, rank, resolve_gather
-from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective
-from sdk.types import Batch, Loss, Views
+from sdk.types import Batch, Loss, Views, check_ids
 
 
 def focal_supcon(z: Tensor, labels: Tensor, temperature: float = 0.07) -> tuple[Tensor, Tensor]:
@@ -134,18 +133,20 @@ class CoreTuning(Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         targets = batch.targets
-        if targets.dim() != 1 or targets.is_floating_point():
-            raise ShapeError(f"core_tuning: Batch.targets must be class ids [B], got "
-                             f"{targets.dtype} of shape {list(targets.shape)}")
+        check_ids(f"objective {self.name!r}", "Batch.targets", targets)
         z, logits, targets = views.embeddings[0], views.logits, targets.long()
         b = z.shape[0]
         gathered = resolve_gather(self.gather)
         if gathered:
             z, logits, targets = gather_with_grad(z), gather_with_grad(logits), gather_no_grad(targets)
-        value, per_sample, logs = core_tuning_loss(
-            z, logits, targets, eta=self.eta,
-            temperature=self.temperature, mixup=self.mixup and self.training,
-            mixup_alpha=self.mixup_alpha, min_lambda=self.min_lambda)
+        try:
+            value, per_sample, logs = core_tuning_loss(
+                z, logits, targets, eta=self.eta,
+                temperature=self.temperature, mixup=self.mixup and self.training,
+                mixup_alpha=self.mixup_alpha, min_lambda=self.min_lambda)
+        except (IndexError, RuntimeError):  # ids out of range (on CPU; CUDA asserts on the device)
+            check_ids(f"objective {self.name!r}", "Batch.targets", targets, logits.shape[1])
+            raise
         if gathered:
             per_sample = per_sample[rank() * b:(rank() + 1) * b]
         return Loss(value=value, per_sample=per_sample, logs=logs)

@@ -59,7 +59,8 @@ class DecoupledContrastive(Objective):
     (DCL) unless ``sigma`` is set (DCLW: ``w_ip = 2 - exp(s_ip/sigma) / mean_pairs
     exp(s/sigma)``, a constant; the paper uses sigma = 0.5). Mean over all anchors of all views;
     Sampler masks, synthetic and memory negatives work as in ``nt_xent``; ``gather`` ("auto":
-    under DDP) contrasts across ranks.
+    under DDP) contrasts across ranks. A batch of one sample has no negatives (the denominator
+    would be empty): it raises :class:`sdk.ShapeError`.
     """
 
     requires = {"views": 2}
@@ -76,6 +77,7 @@ class DecoupledContrastive(Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         c = contrastive.contrast(views, batch, gather=self.gather)
+        contrastive.require_negatives(c, self.name)
         pairs = None if self.sampler is None else contrastive.sampler_pairs(c, self.sampler)
         extra, extra_mask = contrastive.extra_negatives(c, pairs)
         extra = None if extra is None else extra / self.temperature

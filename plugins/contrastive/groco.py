@@ -115,6 +115,7 @@ class GroCo(Objective):
     least ``k + 1``). Anchors short of positives or negatives are skipped. Only a Sampler's
     masks are consumed: the sort ranks in-batch candidates, so pair weights and extra
     negatives have no place in it. ``gather`` ("auto": under DDP) contrasts across ranks.
+    A batch of one sample has no negatives to order: it raises :class:`sdk.ShapeError`.
     """
 
     requires = {"views": 2}
@@ -136,6 +137,7 @@ class GroCo(Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         c = contrastive.contrast(views, batch, gather=self.gather)
+        contrastive.require_negatives(c, self.name)
         cand = c.candidates.detach() if self.stop_gradient else c.candidates
         sims = c.anchors @ cand.T
         sims = sims.to(torch.promote_types(sims.dtype, torch.float32))

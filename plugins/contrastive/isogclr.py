@@ -22,7 +22,7 @@ from sdk.errors import ConfigError
 from sdk.events import State
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective, Sampler
-from sdk.types import Batch, Loss, Views
+from sdk.types import Batch, Loss, Views, check_ids
 
 
 @attrs.frozen(kw_only=True)
@@ -106,7 +106,9 @@ class ISogCLR(Objective):
     ``s_i = g_i``), the loss's gradient is the paper's ``G(w)`` for the engine's optimizer, then
     ``u_i <- (1 - beta) u_i + beta clip(d tau_i)`` and ``tau_i <- clamp(tau_i - eta u_i, tau_min,
     tau_max)``. Sampler masks, synthetic and memory negatives, and ``gather`` work as in
-    ``nt_xent``. ``num_samples`` must exceed every dataset index.
+    ``nt_xent``. ``num_samples`` must exceed every dataset index (on CPU an index outside
+    ``[0, num_samples)`` raises :class:`sdk.ShapeError`). A batch of one sample has no
+    negatives (no ``g_i`` to estimate): it raises :class:`sdk.ShapeError`.
     """
 
     requires = {"views": 2, "index": True}
@@ -144,6 +146,7 @@ class ISogCLR(Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         c = contrastive.contrast(views, batch, gather=self.gather)
+        contrastive.require_negatives(c, self.name)
         if self.sampler is None:
             positive, negative = contrastive.same_index_masks(c)
             pairs, weight = None, None
@@ -152,15 +155,20 @@ class ISogCLR(Objective):
             positive, negative, weight = pairs.positive, pairs.negative, pairs.weight
         extra, extra_mask = contrastive.extra_negatives(c, pairs)
         index = contrastive.anchor_index(c)
-        step = isogclr_loss(c.anchors @ c.candidates.T, positive, negative, self.tau[index],
-                            log_s_prev=self.log_s[index], seen=self.seen[index], gamma=self.gamma,
+        try:  # index_select, unlike indexing, refuses negative ids (on CPU; CUDA asserts)
+            tau, log_s, seen = (t.index_select(0, index) for t in (self.tau, self.log_s, self.seen))
+        except (IndexError, RuntimeError):
+            check_ids(f"objective {self.name!r}", "Batch.index", batch.index, self.num_samples)
+            raise
+        step = isogclr_loss(c.anchors @ c.candidates.T, positive, negative, tau,
+                            log_s_prev=log_s, seen=seen, gamma=self.gamma,
                             rho=self.rho, weight=weight,
                             extra_sims=extra, extra_mask=extra_mask)
         if self.training and torch.is_grad_enabled():
             self._update(c, batch.index, step)
         return Loss(value=contrastive.masked_mean(step.loss, step.valid, c),
                     per_sample=contrastive.per_sample(step.loss, c),
-                    logs={"tau": self.tau[index].mean().detach()})
+                    logs={"tau": tau.mean().detach()})
 
     @torch.no_grad()
     def _update(self, c: contrastive.Contrast, index: Tensor, step: ISogCLRStep) -> None:

@@ -15,7 +15,7 @@ from sdk.context import FromData
 from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Encoder
-from sdk.layers import mlp_layers
+from sdk.layers import check_features, mlp_layers
 
 
 class ProjectionHead(Encoder):
@@ -24,7 +24,9 @@ class ProjectionHead(Encoder):
     The contrastive loss is applied to ``z``; :meth:`features` returns ``f(x)``, the
     representation used downstream (the paper's finding: it transfers better than ``z``).
     Without a backbone the head maps ``in_dim`` features directly (default 128, the ``mlp``
-    encoder's default output size).
+    encoder's default output size). The head's input must be floating ``[B, in_dim]`` of its
+    parameters' dtype (outside autocast); with batch norm in training mode, a batch of one
+    raises :class:`sdk.ShapeError`.
     """
 
     def __init__(self, backbone: Encoder | None = None,
@@ -37,7 +39,7 @@ class ProjectionHead(Encoder):
                               f"out_dim={backbone.out_dim}", param="in_dim")
         self.backbone = backbone
         self.in_dim = backbone.out_dim if backbone is not None else (in_dim or 128)
-        self.out_dim = out_dim
+        self.out_dim, self.batch_norm = out_dim, batch_norm
         self.head = mlp_layers([self.in_dim, *[hidden_dim] * (layers - 1), out_dim],
                                batch_norm=batch_norm)
 
@@ -45,7 +47,10 @@ class ProjectionHead(Encoder):
         return self.backbone(x) if self.backbone is not None else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        h = self.features(x)
+        check_features("encoder 'projection_head'", "x" if self.backbone is None else "the backbone's "
+                       "output", h, self.in_dim, module=self.head, batch_norm=self.batch_norm)
+        return self.head(h)
 
 
 CARD = Card(

@@ -49,11 +49,11 @@ class GroupDRO(Reweighter):
         if groups is None:
             raise RequirementError("reweighter 'group_dro' needs Batch.domain (group ids), got None")
         if groups.shape != per_sample.shape:
-            raise ShapeError(f"group_dro: Batch.domain {list(groups.shape)} does not match the "
+            raise ShapeError(f"reweighter 'group_dro': Batch.domain {list(groups.shape)} does not match the "
                              f"per-sample losses {list(per_sample.shape)}")
         low, high = (int(v) for v in torch.aminmax(groups))
         if low < 0 or high >= self.num_groups:
-            raise ValueError(f"group_dro: Batch.domain holds group ids in [{low}, {high}], but "
+            raise ShapeError(f"reweighter 'group_dro': Batch.domain holds group ids in [{low}, {high}], but "
                              f"num_groups={self.num_groups} allows 0 .. {self.num_groups - 1}")
         with torch.no_grad():
             losses, counts = group_losses(per_sample.detach(), groups, self.num_groups)

@@ -47,5 +47,5 @@ def test_reduces_ece_of_overconfident_model_on_digits():
 
 def test_bad_shapes():
     cal = sdk.create("calibrator", "temperature_scaling")
-    with pytest.raises(sdk.ShapeError, match=r"labels must be \[5\], got \[4\]"):
+    with pytest.raises(sdk.ShapeError, match=r"labels must be integer class ids \[5\], got torch.int64 \[4\]"):
         cal.fit(torch.zeros(5, 3), torch.zeros(4, dtype=torch.long))

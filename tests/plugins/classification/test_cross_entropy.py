@@ -44,7 +44,7 @@ def test_soft_targets_are_linear():
 def test_errors():
     with pytest.raises(sdk.ConfigError, match="label_smoothing must be in"):
         sdk.create("objective", "cross_entropy", label_smoothing=1.0)
-    with pytest.raises(sdk.ShapeError, match=r"soft targets \[4, 2\] must match logits \[4, 3\]"):
+    with pytest.raises(sdk.ShapeError, match=r"soft labels \[4, 3\] matching the logits, got \[4, 2\]"):
         sdk.create("objective", "cross_entropy")(sdk.Views(logits=torch.zeros(4, 3)),
                                                   sdk.Batch(targets=torch.zeros(4, 2)))
     with pytest.raises(sdk.RequirementError, match="needs Views.logits"):

@@ -26,7 +26,7 @@ def test_without_batch_norm_is_plain_composition():
 
 def test_errors():
     enc = sdk.create("encoder", "mlp", in_dim=8)
-    with pytest.raises(sdk.ShapeError, match=r"expected inputs with 8 features, got \[2, 9\]"):
+    with pytest.raises(sdk.ShapeError, match=r"x \(flattened\) must be floating \[B, 8\], got torch.float32 \[2, 9\]"):
         enc(torch.zeros(2, 9))
     with pytest.raises(sdk.ConfigError, match="activation must be one of"):
         sdk.create("encoder", "mlp", activation="swish")

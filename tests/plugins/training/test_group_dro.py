@@ -70,7 +70,7 @@ def test_bad_inputs_and_parameters_raise():
     rw = sdk.create("reweighter", "group_dro", num_groups=2)
     with pytest.raises(sdk.RequirementError, match="'group_dro' needs Batch.domain"):
         rw.weights(torch.ones(3), Batch(targets=torch.zeros(3, dtype=torch.long)))
-    with pytest.raises(ValueError, match=r"group ids in \[0, 2\], but num_groups=2 allows 0 .. 1"):
+    with pytest.raises(sdk.ShapeError, match=r"group ids in \[0, 2\], but num_groups=2 allows 0 .. 1"):
         rw.weights(torch.ones(3), Batch(domain=torch.tensor([0, 1, 2])))
     with pytest.raises(sdk.ConfigError, match="eta must be > 0, got 0.0"):
         sdk.create("reweighter", "group_dro", eta=0.0)

@@ -11,7 +11,9 @@ by an objective term of ``0.5 * a + b`` is named rather than the sum. What is no
   :class:`~sdk.errors.ShapeError`, :class:`~sdk.errors.RequirementError`,
   :class:`~sdk.errors.CheckpointError`, :class:`~sdk.errors.PluginError`): they keep their
   type, and their messages already name the plugin and the value at fault;
-* a :class:`~sdk.errors.PluginFailure` (never wrapped twice).
+* a :class:`~sdk.errors.PluginFailure` (never wrapped twice);
+* an error raised inside ``torch.distributed`` (a collective whose peer died or timed out):
+  the plugin that called the collective is not at fault.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ _KINDS = ((Objective, "objective"), (Sampler, "sampler"), (Teacher, "teacher"),
           (Transform, "transform"), (Reweighter, "reweighter"), (DataSampler, "sampler"),
           (Callback, "callback"), (Schedule, "schedule"), (Encoder, "encoder"))
 _TORCH = os.path.dirname(torch.__file__) + os.sep
+_DISTRIBUTED = os.path.join(_TORCH, "distributed") + os.sep
 
 
 def kind_of(plugin: Any) -> str:
@@ -109,6 +112,8 @@ def blame(exc: BaseException, plugins: Iterable[Any],
     while tb is not None:
         frame, tb = tb.tb_frame, tb.tb_next
         code = frame.f_code
+        if tb is None and code.co_filename.startswith(_DISTRIBUTED):
+            return None  # a collective failed: a peer, not this plugin
         if code in hooks:
             culprit = hooks[code]
             where = culprit[1]

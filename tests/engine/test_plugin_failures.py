@@ -242,3 +242,17 @@ def test_the_last_checkpoint_survives_a_failure_and_resumes_exactly(tmp_path, ma
     assert resumed.step == reference.step == 8
     for p, q in zip(resumed.encoder.parameters(), reference.encoder.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_failed_collective_is_not_blamed_on_the_plugin_that_called_it(loader, make_mlp):
+    """A collective raises when a peer died; the plugin calling it is not at fault (here: no
+    process group, which torch.distributed reports the same way)."""
+
+    class Gathering(Callback):
+        def after_loss(self, state):
+            torch.distributed.all_reduce(torch.zeros(1))
+
+    with pytest.raises(Exception) as err:
+        _fit(make_mlp, loader, callbacks=[Gathering()])
+    assert not isinstance(err.value, PluginFailure)
+    assert "process group" in str(err.value)

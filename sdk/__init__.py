@@ -14,6 +14,7 @@ from sdk.errors import (
     NotFittedError,
     PluginConflictError,
     PluginError,
+    PluginFailure,
     PluginNotFoundError,
     RequirementError,
     ShapeError,
@@ -43,12 +44,12 @@ _LAZY: dict[str, str] = {
 _SUBMODULES = {
     "interfaces", "types", "card", "hookspecs", "registry", "compose", "config", "contrastive",
     "distributed", "testing", "engine", "metrics", "data", "checkpoint", "plots", "cli", "cluster",
-    "state", "context", "constraints", "events", "keys",
+    "state", "context", "constraints", "events", "keys", "faults",
 }
 
 __all__ = [
-    "ConfigError", "NotFittedError", "PluginConflictError", "PluginError", "PluginNotFoundError",
-    "RequirementError", "ShapeError", *_LAZY,
+    "ConfigError", "NotFittedError", "PluginConflictError", "PluginError", "PluginFailure",
+    "PluginNotFoundError", "RequirementError", "ShapeError", *_LAZY,
 ]
 
 

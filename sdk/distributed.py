@@ -94,7 +94,10 @@ def init(backend: str | None = None) -> bool:
     """Join the process group torchrun describes (``env://``); no-op for a single process.
 
     ``backend`` defaults to NCCL when CUDA is available, gloo otherwise. Returns whether the
-    process is part of a multi-process group.
+    process is part of a multi-process group. Under torchrun's elastic agent the group's keys
+    are prefixed by the restart count (``TORCHELASTIC_RESTART_COUNT``): the agent keeps one
+    store across restarts, and without the prefix a restarted rank could read the address a
+    killed rank published and fail to connect.
     """
     if is_distributed():
         return world_size() > 1
@@ -104,7 +107,13 @@ def init(backend: str | None = None) -> bool:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend=backend)
+        return True
+    store, rank_, world = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"attempt_{attempt}/", store),
+                            rank=rank_, world_size=world)
     return True
 
 

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from sdk import checkpoint as ckpt
-from sdk import distributed, keys
+from sdk import distributed, faults, keys
 from sdk.compose import check_composition, check_parts
 from sdk.config import trainer_config, with_trainer_settings
 from sdk.errors import CheckpointError, ConfigError, RequirementError
@@ -398,6 +398,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.should_stop = False
         self.grad_norm: Tensor | None = None
+        self._listeners: dict[str, tuple[Callable[[State], Any], ...]] = {}
         self._attached = False
         self._checked = False  # the first micro-batch's records are validated, later ones trusted
         # the log window's micro-batch losses (detached, on the device: summed at log points, so
@@ -835,7 +836,25 @@ class Trainer:
     def fit(self, train_loader: Any, val_loader: Any = None, *,
             resume: bool | str | os.PathLike = False) -> Trainer:
         """Train; ``resume=True`` continues from ``run_dir``'s checkpoint when there is one,
-        ``resume=PATH`` from that checkpoint (file or run directory)."""
+        ``resume=PATH`` from that checkpoint (file or run directory).
+
+        An exception raised inside a plugin (an event listener, the objective or one of its
+        terms, a pair sampler, the teacher, a transform, a reweighter, a plugin module's hook)
+        is re-raised as a :class:`~sdk.errors.PluginFailure` naming it and the event or call
+        (see :mod:`sdk.faults`); the checkpoints written before it are intact."""
+        try:
+            return self._fit(train_loader, val_loader, resume)
+        except Exception as exc:
+            from sdk.registry import get_registry
+
+            failure = faults.blame(exc, faults.plugin_objects(self._listening(), self.encoder),
+                                   faults.hook_code(get_registry().plugin_manager),
+                                   faults.listener_code(self._listeners))
+            if failure is None:
+                raise
+            raise failure from exc
+
+    def _fit(self, train_loader: Any, val_loader: Any, resume: bool | str | os.PathLike) -> Trainer:
         fresh = not self._setup_done
         self._setup()
         if fresh:

@@ -46,3 +46,15 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped on resume (the message names the file and why)."""
+
+
+class PluginFailure(RuntimeError):
+    """A plugin raised during ``Trainer.fit``: ``plugin`` (its registry name, else its class
+    name), ``kind`` (``objective``, ``sampler``, ``teacher``, ``transform``, ``callback``,
+    ``hook`` for a plugin module's pluggy hook, ...) and ``where`` (the event, e.g.
+    ``"on_epoch_end"``, or the call, e.g. ``"pairs"``, ``"update"``) it failed in. The original
+    exception is chained as ``__cause__``; the run's checkpoints are those written before it."""
+
+    def __init__(self, message: str, *, plugin: str, kind: str, where: str):
+        super().__init__(message)
+        self.plugin, self.kind, self.where = plugin, kind, where

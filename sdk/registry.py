@@ -225,8 +225,8 @@ class Registry:
         instance = self.get(kind, name).factory(**params)
         if kind == "objective":
             instance.name = name
-        elif kind in ("sampler", "teacher", "transform") and hasattr(instance, "__dict__"):
-            instance._plugin_name = name  # names it in composition errors
+        elif hasattr(instance, "__dict__"):
+            instance._plugin_name = name  # names it in composition errors and PluginFailure
         if kind == "objective":
             from sdk.compose import check_composition
             from sdk.interfaces import Sampler, Teacher, Transform

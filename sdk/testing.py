@@ -534,8 +534,9 @@ class ResumeRuns(NamedTuple):
     resumed: Any
 
 
-class _Killed(Exception):
-    pass
+class _Killed(BaseException):
+    """A simulated kill: not an ``Exception``, so ``fit`` does not report it as the callback's
+    failure (:class:`~sdk.errors.PluginFailure`)."""
 
 
 class _Kill(Callback):

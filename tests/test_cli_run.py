@@ -223,7 +223,8 @@ def test_a_run_that_fails_exits_1_with_one_line_and_the_traceback_on_request(tmp
     argv = ("run", str(recipe), "--run-dir", str(tmp_path / "run"), "--set", "trainer.max_steps=1")
     done = shell(*argv, script=EXPLODING)
     assert done.returncode == 1, done
-    assert one_line(done) == ("paperplug: error: RuntimeError: exploded at the first step "
+    assert one_line(done) == ("paperplug: error: PluginFailure: objective 'exploding' failed in "
+                              "forward(): RuntimeError: exploded at the first step "
                               "(second line of the message)\n")
     for debug in ({"env": {"PAPERPLUG_DEBUG": "1"}}, {}):
         done = shell(*(argv if debug else ("--debug", *argv)), script=EXPLODING, **debug)

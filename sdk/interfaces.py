@@ -262,14 +262,14 @@ class Sampler(_Named, nn.Module, Constrained, abc.ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        pairs = vars(cls).get("pairs")
-        if pairs is not None and not getattr(pairs, "__isabstractmethod__", False):
-            @functools.wraps(pairs)
-            def checked_pairs(self: Sampler, views: Views, batch: Batch) -> Pairs:
+        impl = vars(cls).get("pairs")
+        if impl is not None and not getattr(impl, "__isabstractmethod__", False):
+            @functools.wraps(impl)  # named as the method, so a failure inside reads "pairs()"
+            def pairs(self: Sampler, views: Views, batch: Batch) -> Pairs:
                 self._check(views, batch)
-                return pairs(self, views, batch)
+                return impl(self, views, batch)
 
-            cls.pairs = checked_pairs
+            cls.pairs = pairs
 
     def _check(self, views: Views, batch: Batch) -> None:
         owner = f"sampler {self.name!r}"
@@ -341,16 +341,16 @@ class Calibrator(_Named, nn.Module, Constrained, abc.ABC):
         super().__init_subclass__(**kwargs)
         if cls.inputs not in SCORE_KINDS:
             raise TypeError(f"{cls.__name__}.inputs: {cls.inputs!r} is not one of {SCORE_KINDS}")
-        fit = vars(cls).get("fit")
-        if fit is not None and not getattr(fit, "__isabstractmethod__", False):
-            @functools.wraps(fit)
-            def checked_fit(self: Calibrator, scores: Tensor, labels: Tensor, *args: Any,
-                            **kwargs: Any) -> Any:
+        impl = vars(cls).get("fit")
+        if impl is not None and not getattr(impl, "__isabstractmethod__", False):
+            @functools.wraps(impl)  # named as the method, so a failure inside reads "fit()"
+            def fit(self: Calibrator, scores: Tensor, labels: Tensor, *args: Any,
+                    **kwargs: Any) -> Any:
                 scores = self._scores(scores, "fit's scores")
                 self._check_labels(scores, labels)
-                return fit(self, scores, labels, *args, **kwargs)
+                return impl(self, scores, labels, *args, **kwargs)
 
-            cls.fit = checked_fit
+            cls.fit = fit
 
     def _scores(self, x: Any, argument: str) -> Tensor:
         x = _scores(f"calibrator {self.name!r}", self.inputs, x, argument)

@@ -343,14 +343,16 @@ def print_summary(summary: dict[str, Any], console: Console, run_dir: Path) -> N
 
 def trainer_settings_help() -> str:
     """The ``[trainer]`` settings, one line each (name, type, default, constraints, doc)."""
+    import annotated_types
     import attrs
 
-    from sdk.config import TrainerConfig, constraint_text
+    from sdk.config import TrainerConfig
+    from sdk.constraints import describe
 
     rows = []
     for f in attrs.fields(TrainerConfig):
-        bounds = ", ".join(constraint_text(c) for c in f.metadata["constraints"]
-                           if not isinstance(c, tuple))
+        bounds = ", ".join(describe(c) for c in f.metadata["constraints"]
+                           if not isinstance(c, annotated_types.Predicate))
         type_name = f.type.__name__ if isinstance(f.type, type) else str(f.type)
         kind = f"{type_name}{f' ({bounds})' if bounds else ''}, default {f.default!r}"
         rows.append((f"trainer.{f.name}", kind, f.metadata["doc"]))

@@ -52,7 +52,6 @@ import difflib
 import inspect
 import json
 import math
-import operator
 import re
 import sys
 import typing
@@ -72,6 +71,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+from sdk import constraints
 from sdk.card import KINDS
 from sdk.context import BuildContext, data_params
 from sdk.errors import ConfigError, PluginError
@@ -105,44 +105,31 @@ class _SettingError(ConfigError):
         self.reason = reason
 
 
-_BOUNDS = {annotated_types.Gt: ("gt", ">", operator.gt), annotated_types.Ge: ("ge", ">=", operator.ge),
-           annotated_types.Lt: ("lt", "<", operator.lt), annotated_types.Le: ("le", "<=", operator.le)}
-
-
-def constraint_text(constraint: Any) -> str:
-    """``Ge(1)`` -> ``">= 1"``; a tuple of choices -> ``"one of '32', 'bf16-mixed'"``."""
-    if isinstance(constraint, tuple):
-        return "one of " + ", ".join(repr(c) for c in constraint)
-    attr, symbol, _ = _BOUNDS[type(constraint)]
-    return f"{symbol} {getattr(constraint, attr)}"
-
-
-def _satisfies(value: Any, constraint: Any) -> bool:
-    if isinstance(constraint, tuple):
-        return value in constraint
-    attr, _, compare = _BOUNDS[type(constraint)]
-    return compare(value, getattr(constraint, attr))
-
-
 def _check_setting(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     for constraint in attribute.metadata["constraints"]:
-        if value is not None and not _satisfies(value, constraint):
-            raise _SettingError(attribute.name, f"must be {constraint_text(constraint)}, got "
-                                                f"{_show(value)}")
+        if value is not None and not constraints.holds(constraint, value):
+            raise _SettingError(attribute.name, f"must be {constraints.describe(constraint)}, "
+                                                f"got {_show(value)}")
 
 
-def setting(default: Any, doc: str, *constraints: Any) -> Any:
+def _declared(given: tuple[Any, ...]) -> tuple[Any, ...]:
+    """annotated-types constraints, a tuple of allowed values becoming ``one_of`` it."""
+    return tuple(constraints.one_of(c) if isinstance(c, tuple) else c for c in given)
+
+
+def setting(default: Any, doc: str, *given: Any) -> Any:
     """A :class:`TrainerConfig` field: default, one-line doc and constraints, each an
-    annotated-types bound (``Ge(1)``, ``Gt(0)``, ...) or a tuple of allowed values."""
+    annotated-types bound (``Ge(1)``, ``Gt(0)``, ...) or a tuple of allowed values; checked
+    and described by :mod:`sdk.constraints`, as plugin parameters are."""
     return attrs.field(default=default, validator=_check_setting,
-                       metadata={"doc": doc, "constraints": constraints})
+                       metadata={"doc": doc, "constraints": _declared(given)})
 
 
-def checked(default: Any, *constraints: Any) -> Any:
-    """A recipe field whose value must satisfy ``constraints`` (as in :func:`setting`);
-    NaN satisfies no bound."""
+def checked(default: Any, *given: Any) -> Any:
+    """A recipe field whose value must satisfy the constraints ``given`` (as in
+    :func:`setting`); NaN satisfies no bound."""
     return attrs.field(default=default, validator=_check_setting,
-                       metadata={"constraints": constraints})
+                       metadata={"constraints": _declared(given)})
 
 
 _Ge, _Gt, _Lt = annotated_types.Ge, annotated_types.Gt, annotated_types.Lt

@@ -42,8 +42,8 @@ class Rule:
         if value is None:
             return True
         try:
-            return (all(_holds(c, value) for c in self.value)
-                    and all(_holds(c, v) for c in self.each for v in value))
+            return (all(holds(c, value) for c in self.value)
+                    and all(holds(c, v) for c in self.each for v in value))
         except TypeError:  # a value of the wrong type cannot satisfy the constraint
             return False
 
@@ -78,7 +78,8 @@ def one_of(choices: Iterable[Any]) -> at.Predicate:
     return at.Predicate(_OneOf(choices))
 
 
-def _holds(c: at.BaseMetadata, v: Any) -> bool:
+def holds(c: at.BaseMetadata, v: Any) -> bool:
+    """Whether ``v`` satisfies the one constraint ``c``."""
     if isinstance(c, at.Gt):
         return v > c.gt
     if isinstance(c, at.Ge):
@@ -125,6 +126,11 @@ def _describe(constraints: tuple[at.BaseMetadata, ...]) -> str:
             parts.append(getattr(c.func, "description", None)
                          or f"satisfying {getattr(c.func, '__name__', repr(c.func))}")
     return " and ".join(parts)
+
+
+def describe(constraint: at.BaseMetadata) -> str:
+    """Readable form of one constraint: ``>= 1``, ``one of 'a', 'b'``."""
+    return _describe((constraint,))
 
 
 def _metadata(hint: Any) -> tuple[at.BaseMetadata, ...]:

@@ -115,7 +115,7 @@ class Encoder(nn.Module, Constrained, abc.ABC):
         return self._modules.get("head")
 
 
-class Objective(nn.Module, Constrained, abc.ABC):
+class Objective(_Named, nn.Module, Constrained, abc.ABC):
     """A loss: ``obj(views, batch) -> Loss``.
 
     Subclasses declare ``requires`` (keys: ``views`` (count), ``targets``, ``logits``,
@@ -163,14 +163,6 @@ class Objective(nn.Module, Constrained, abc.ABC):
         if unknown:
             raise TypeError(f"{cls.__name__}.requires: unknown keys {sorted(unknown)}; "
                             f"allowed: {sorted(_REQUIREMENT_KEYS)}")
-
-    @property
-    def name(self) -> str:
-        return getattr(self, "_plugin_name", None) or _snake(type(self).__name__)
-
-    @name.setter
-    def name(self, value: str) -> None:
-        self._plugin_name = value
 
     def check_requirements(self, views: Views, batch: Batch) -> None:
         req = self.requires

@@ -62,7 +62,6 @@ class PamCMetaNodeContrastive(GraphClusteringObjective):
     adjacency nothing of size [B, B] is built.
     """
 
-
     def __init__(self, n_clusters: Annotated[int, Ge(1)] = 10, alpha: Annotated[float, Ge(0)] = 2.0,
                  beta: Annotated[float, Ge(0)] = 2.0, tau: Annotated[float, Gt(0)] = 0.5,
                  order: Annotated[int, Ge(1)] = 4, cumulative: bool = True,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdk.errors import (
     ConfigError,
+    NonFiniteError,
     NotFittedError,
     PluginConflictError,
     PluginError,
@@ -48,7 +49,7 @@ _SUBMODULES = {
 }
 
 __all__ = [
-    "ConfigError", "NotFittedError", "PluginConflictError", "PluginError", "PluginFailure",
+    "ConfigError", "NonFiniteError", "NotFittedError", "PluginConflictError", "PluginError", "PluginFailure",
     "PluginNotFoundError", "RequirementError", "ShapeError", *_LAZY,
 ]
 

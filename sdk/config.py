@@ -168,6 +168,7 @@ class OptimizerConfig:
 
 
 PRECISIONS = ("32", "bf16-mixed", "fp16-mixed")
+NONFINITE = ("raise", "skip")
 
 
 @attrs.define(kw_only=True)
@@ -190,6 +191,10 @@ class TrainerConfig:
     checkpoint_every: int | None = setting(
         None, "optimizer steps between checkpoints (a checkpoint is also written at every "
               "epoch end)", annotated_types.Ge(1))
+    on_nonfinite: str = setting(
+        "raise", '"raise" (stop at the next log point or checkpoint, naming the step, the '
+                 'objective terms and the last good checkpoint) or "skip" (drop an update whose '
+                 'loss or gradient is not finite, and count it)', NONFINITE)
     keep_checkpoints: int = setting(
         3, "checkpoints kept in run_dir/checkpoints (the newest; a resume falls back to an "
            "older one when the newest is damaged)", annotated_types.Ge(1))

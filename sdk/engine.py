@@ -59,7 +59,7 @@ from sdk import checkpoint as ckpt
 from sdk import distributed, faults, keys
 from sdk.compose import check_composition, check_parts
 from sdk.config import trainer_config, with_trainer_settings
-from sdk.errors import CheckpointError, ConfigError, RequirementError
+from sdk.errors import CheckpointError, ConfigError, NonFiniteError, RequirementError
 from sdk.events import EVENTS, Event, State, closest, is_listener_name
 from sdk.hookspecs import PREFIX, hook_name
 from sdk.interfaces import (
@@ -375,6 +375,7 @@ class Trainer:
         for name, value in attrs.asdict(self.config, recurse=False).items():
             setattr(self, name, value)
         self.device = resolve_device(self.config.device)
+        self._skip_nonfinite = self.on_nonfinite == "skip"
         if self.precision == "fp16-mixed" and self.device.type != "cuda":
             raise ConfigError(f"precision 'fp16-mixed' (float16 with a GradScaler) needs a CUDA "
                               f"device, got {self.device}; use 'bf16-mixed' on the CPU",
@@ -404,8 +405,15 @@ class Trainer:
         # the log window's micro-batch losses (detached, on the device: summed at log points, so
         # a step costs no device op for logging) and the epoch's sum of the logged windows
         self._window: list[Tensor] = []
+        self._window_at: list[tuple[int, Mapping[str, Tensor]]] = []  # (step, term logs) of each
         self._epoch_sum = torch.zeros(())
         self._log_count = self._epoch_count = 0
+        # the non-finite guard: the newest checkpoint written (each written after the guard
+        # passed), updates dropped by on_nonfinite="skip", and the step's finite flag (skip only)
+        self._last_good: Path | None = None
+        self.skipped_steps = 0
+        self._step_ok: Tensor | None = None
+        self._step_micro = 0
         self._start_step = 0
         self._setup_done = False
         self._ddp: nn.Module | None = None
@@ -905,7 +913,7 @@ class Trainer:
             if skip == 0:
                 self.batch_idx = 0
                 self.emit(Event.ON_EPOCH_START)
-                self._window, self._epoch_sum = [], zero.new_zeros(())
+                self._window, self._window_at, self._epoch_sum = [], [], zero.new_zeros(())
                 self._log_count = self._epoch_count = 0
             n_batches = len(loader) if isinstance(loader, Sized) else None
             it = iter(loader)
@@ -964,7 +972,13 @@ class Trainer:
         if self._teacher_observes:
             self.teacher.observe(views=state.views, batch=state.batch, step=state.step,
                                  max_steps=self.total_steps)
-        self._window.append(state.loss.value.detach())  # no host sync
+        value = state.loss.value.detach()
+        self._window.append(value)  # no host sync: the guard reads the window at log points
+        self._window_at.append((state.step + 1, state.loss.logs))  # the step it is part of
+        if self._skip_nonfinite:
+            ok = torch.isfinite(value)
+            self._step_ok = ok if self._step_ok is None else self._step_ok & ok
+        self._step_micro += 1
         self._checked = True
         self._log_count += 1
         self._epoch_count += 1
@@ -983,6 +997,10 @@ class Trainer:
         if self.clip_grad_norm is not None:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm,
                                                             foreach=True)
+        micro, self._step_micro = self._step_micro, 0
+        if self._skip_nonfinite and not self._update_is_finite():
+            self._drop_update(micro)
+            return
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -1001,6 +1019,64 @@ class Trainer:
                                 max_steps=self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _update_is_finite(self) -> bool:
+        """Whether this step's losses and gradients are all finite (``on_nonfinite="skip"``):
+        one flag computed on the device and read once per step (agreed across ranks)."""
+        ok, self._step_ok = self._step_ok, None
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = self.grad_norm if self.clip_grad_norm is not None else (
+            torch.stack(torch._foreach_norm(grads)).float().sum() if grads else None)
+        if norm is not None:
+            ok = torch.isfinite(norm) if ok is None else ok & torch.isfinite(norm)
+        if ok is None:
+            return True
+        flag = ok.float()
+        if self._ddp is not None:
+            distributed.all_reduce_mean_([flag])
+        return bool(flag == 1)
+
+    def _drop_update(self, micro: int) -> None:
+        """Skip this step's update (``on_nonfinite="skip"``): no optimizer step, no
+        ``after_optimizer_step``, no teacher update; its losses leave the logged means; the
+        step counter and the LR schedule advance."""
+        self.skipped_steps += 1
+        del self._window[-micro:], self._window_at[-micro:]
+        self._log_count -= micro
+        self._epoch_count -= micro
+        if self.scaler is not None:
+            self.scaler.update()  # lowers the scale after an fp16 overflow
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.state.step += 1
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _guard(self) -> None:
+        """``on_nonfinite="raise"``: raise :class:`~sdk.errors.NonFiniteError` when a loss of
+        the log window is not finite (a host read; called where the loop reads anyway: log
+        points, epoch ends, before each checkpoint, so no checkpoint holds a diverged run)."""
+        if not self._window or self._skip_nonfinite:
+            return
+        values = torch.stack(self._window).float()
+        if bool(torch.isfinite(values).all()):
+            return
+        first = int((~torch.isfinite(values)).nonzero()[0, 0])
+        step, logs = self._window_at[first]
+        terms = {name: float(v) for name, v in logs.items()}
+        shown = ", ".join(f"{k} = {v:.4g}" for k, v in terms.items()) or "(no per-term logs)"
+        good = str(self._last_good) if self._last_good is not None else None
+        where = (f"the last good checkpoint is {good} (resume from it, e.g. with a lower "
+                 f"learning rate)" if good else "no checkpoint was written before it")
+        raise NonFiniteError(
+            f"the loss of objective {self.objective.name!r} is {float(values[first])} at step "
+            f"{step}; terms: {shown}; {where}. Set on_nonfinite='skip' to "
+            f"drop such updates instead", step=step, terms=terms, checkpoint=good)
+
+    def _save_guarded(self) -> None:
+        self._guard()
+        written = self.save_checkpoint()
+        if written is not None:
+            self._last_good = written
+
     def _after_step(self, progress: _Progress) -> None:
         step = self.state.step
         if progress.bar is not None:
@@ -1009,7 +1085,7 @@ class Trainer:
             self._log_train(progress)
         if (self.checkpoint_every is not None and step % self.checkpoint_every == 0
                 and self.run_dir is not None):
-            self.save_checkpoint()
+            self._save_guarded()
 
     def _end_epoch(self, progress: _Progress) -> None:
         self.emit(Event.ON_EPOCH_END)
@@ -1017,7 +1093,7 @@ class Trainer:
         self.epoch += 1
         self.batch_idx = 0
         if self.run_dir is not None:
-            self.save_checkpoint()
+            self._save_guarded()
 
     def _stop_mid_epoch(self, progress: _Progress) -> None:
         """Stopped inside an epoch (``max_steps`` or ``should_stop``): the epoch is not over, so
@@ -1027,7 +1103,7 @@ class Trainer:
         batches seen is logged as an epoch record marked ``partial``."""
         if self.run_dir is not None and not (self.checkpoint_every is not None
                                              and self.step % self.checkpoint_every == 0):
-            self.save_checkpoint()
+            self._save_guarded()
         self._validate_and_log_epoch(progress, partial=True)
 
     def _epoch_line_due(self, partial: bool) -> bool:
@@ -1043,6 +1119,7 @@ class Trainer:
         record: dict[str, Any] = {"kind": "epoch", "epoch": self.epoch, "step": self.step}
         if partial:
             record["partial"] = True
+        self._guard()
         if self._epoch_count:
             total = self._epoch_sum + self._window_sum() if self._window else self._epoch_sum
             record["loss"] = float(total) / self._epoch_count
@@ -1092,9 +1169,11 @@ class Trainer:
         if self._log_count == 0:
             return
         window = self._window_sum()
-        self._epoch_sum.add_(window)
-        self._window = []
         loss = float(window) / self._log_count  # the host sync of this log point
+        if not math.isfinite(loss):
+            self._guard()
+        self._epoch_sum.add_(window)
+        self._window, self._window_at = [], []
         now = time.perf_counter()
         rate = self._samples_since_log * self.world / max(now - self._t_log, 1e-9)
         self._t_log, self._samples_since_log = now, 0
@@ -1105,6 +1184,8 @@ class Trainer:
                   "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate, **logs}
         if self.grad_norm is not None:
             record["grad_norm"] = float(self.grad_norm)
+        if self._skip_nonfinite:
+            record["skipped_steps"] = self.skipped_steps
         self._record(record)
         eta = None
         if self.total_steps:
@@ -1122,6 +1203,8 @@ class Trainer:
             summary["final_loss"] = epochs[-1]["loss"]
         if train:
             summary["samples_per_s"] = train[-1]["samples_per_s"]
+        if self._skip_nonfinite:
+            summary["skipped_steps"] = self.skipped_steps
         summary.update({f"val/{k}": v for k, v in self.val_metrics.items()})
         self.summary = summary
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -1220,6 +1303,9 @@ class Trainer:
         self._log_count, self._epoch_count = run["log_count"], run["epoch_count"]
         self._epoch_sum = run["epoch_sum"].to(self.device)
         self._window = list(run["window"].to(self.device).unbind())
+        self._window_at = [(self.step, {})] * len(self._window)  # checked before it was written
+        self.skipped_steps = run.get("skipped_steps", 0)
+        self._last_good = path
         return self.batch_idx
 
     def _check_fits(self, path: Path, state: dict[str, Any]) -> None:
@@ -1249,7 +1335,8 @@ class Trainer:
         resumed run logs the same, bit for bit)."""
         window = torch.stack(self._window).float() if self._window else torch.zeros(0)
         return {"epoch_sum": self._epoch_sum.cpu(), "window": window.cpu(),
-                "log_count": self._log_count, "epoch_count": self._epoch_count}
+                "log_count": self._log_count, "epoch_count": self._epoch_count,
+                "skipped_steps": self.skipped_steps}
 
     # inference ---------------------------------------------------------------------------
     @contextlib.contextmanager

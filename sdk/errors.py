@@ -58,3 +58,15 @@ class PluginFailure(RuntimeError):
     def __init__(self, message: str, *, plugin: str, kind: str, where: str):
         super().__init__(message)
         self.plugin, self.kind, self.where = plugin, kind, where
+
+
+class NonFiniteError(FloatingPointError):
+    """The training loss went NaN or infinite (``on_nonfinite="raise"``): ``step`` is the first
+    optimizer step whose loss was not finite (counted from 1, as the logs count steps),
+    ``terms`` the objective's per-term logs at that step (name -> value) and ``checkpoint`` the
+    newest checkpoint written before it (``None`` when there is none)."""
+
+    def __init__(self, message: str, *, step: int, terms: dict[str, float],
+                 checkpoint: str | None):
+        super().__init__(message)
+        self.step, self.terms, self.checkpoint = step, terms, checkpoint

@@ -187,6 +187,11 @@ class WeightedSum(Objective):
         for term in self.terms:
             term.set_progress(step, max_steps)
 
+    def request_per_sample(self, wanted: bool) -> None:
+        super().request_per_sample(wanted)
+        for term in self.terms:
+            term.request_per_sample(wanted)
+
     def current_weights(self) -> list[float]:
         return [w(self.step, self.max_steps) if isinstance(w, Schedule) else w for w in self.weights]
 
@@ -202,7 +207,7 @@ class WeightedSum(Objective):
             logs[name] = loss.value.detach()
             for key, value in loss.logs.items():
                 logs[f"{name}/{key}"] = value
-            if loss.per_sample is None:
+            if loss.per_sample is None or not self.per_sample_requested:
                 per_sample_ok = False
             elif per_sample_ok:
                 ps = w * loss.per_sample

@@ -72,10 +72,12 @@ from sdk.interfaces import (
     Transform,
 )
 from sdk.interfaces import Sampler as PairSampler
-from sdk.types import Batch, Loss, Views, unchecked
+from sdk.types import Batch, Loss, Views, unchecked_builder
 
 _NULL = contextlib.nullcontext()
-_unchecked_batch = functools.partial(unchecked, Batch)
+_unchecked_batch = unchecked_builder(Batch)
+_unchecked_views = unchecked_builder(Views)
+_ITEM_FIELDS = ("targets", "index", "domain")
 _STATEFUL = (nn.Module, Callback, DataSampler, Schedule)  # the kinds that declare state_dict
 _BATCH_FIELDS = ("targets", "index", "domain", "weight")
 
@@ -375,6 +377,7 @@ class Trainer:
         for name, value in attrs.asdict(self.config, recurse=False).items():
             setattr(self, name, value)
         self.device = resolve_device(self.config.device)
+        self._on_cpu = self.device.type == "cpu"
         self._skip_nonfinite = self.on_nonfinite == "skip"
         if self.precision == "fp16-mixed" and self.device.type != "cuda":
             raise ConfigError(f"precision 'fp16-mixed' (float16 with a GradScaler) needs a CUDA "
@@ -560,6 +563,7 @@ class Trainer:
                 comp.to(self.device)
         self._plan()
         self._encode = torch.compile(self._encode_impl) if self.compile else self._encode_impl
+        self._encode_z = torch.compile(self.encoder) if self.compile else self.encoder
 
         params = self.trainable_parameters()
         if not params:
@@ -583,6 +587,8 @@ class Trainer:
         self.state.optimizer = self.optimizer
         if self.distributed:
             self._wrap_ddp(params)
+        self._bare = self._ddp is None and not self._amp
+        self._checked_update = self.clip_grad_norm is not None or self._skip_nonfinite
         self._setup_done = True
 
     def _plan(self) -> None:
@@ -598,6 +604,8 @@ class Trainer:
         self._memory = teacher.memory if teacher is not None else None
         enc = self.encoder
         self._split = isinstance(enc, Encoder) and enc.head is not None
+        self.objective.request_per_sample(self.reweighter is not None or any(
+            isinstance(c, Callback) and c.reads_per_sample_loss for c in self.callbacks))
         needs = self.objective.requires
         self._needs_logits = bool(needs.get("logits"))
         self._needs_features = keys.FEATURES in tuple(needs.get("extras", ()))
@@ -605,6 +613,8 @@ class Trainer:
             raise RequirementError(f"objective {self.objective.name!r} needs "
                                    f"extras[{keys.FEATURES!r}] but the encoder "
                                    f"({type(enc).__name__}) is not an sdk Encoder with features(x)")
+        self._plain = not (self._teacher_forward or self._split or self._needs_features)
+        self._untransformed = all(t is None for t in self.view_transforms)
 
     def _wrap_ddp(self, params: list[nn.Parameter]) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -745,7 +755,6 @@ class Trainer:
         """The input and the Batch of a loader item, on the device; ``check=False`` builds the
         Batch without validating it (training after the first micro-batch)."""
         make = Batch if check else _unchecked_batch
-        nb = self.device.type == "cuda"
         fields: dict[str, Any] = {}
         if isinstance(item, (tuple, list)):
             x = item[0]
@@ -754,7 +763,7 @@ class Trainer:
                 fields = {"targets": batch.targets, "index": batch.index, "domain": batch.domain,
                           "weight": batch.weight, "extras": batch.extras}
             else:
-                fields = dict(zip(("targets", "index", "domain"), item[1:4]))
+                fields = dict(zip(_ITEM_FIELDS, item[1:4]))
         elif isinstance(item, Mapping):
             x = item["x"]
             fields = {k: v for k, v in item.items() if k in _BATCH_FIELDS}
@@ -763,9 +772,10 @@ class Trainer:
                 fields["extras"] = extras
         else:
             x = item
-        dev = self.device
-        if dev.type == "cpu" and x.device.type == "cpu" and "extras" not in fields:
+        if self._on_cpu and x.is_cpu and "extras" not in fields:
             return x, make(**fields)  # a CPU loader's tensors are already where they belong
+        dev = self.device
+        nb = dev.type == "cuda"
 
         def move(t: Tensor) -> Tensor:
             return t if t.device == dev else t.to(dev, non_blocking=nb)
@@ -792,18 +802,24 @@ class Trainer:
         """The objective's loss on one micro-batch; with ``events`` (training) the
         ``after_forward`` and ``after_loss`` listeners run and what they put in the state is
         used."""
-        xs = []
-        for t in self.view_transforms:
-            if t is None:
-                xs.append(x)
-            else:
-                xv, batch = t(x, batch)
-                xs.append(xv)
+        if self._untransformed:
+            xs = [x] * len(self.view_transforms)
+        else:
+            xs = []
+            for t in self.view_transforms:
+                if t is None:
+                    xs.append(x)
+                else:
+                    xv, batch = t(x, batch)
+                    xs.append(xv)
         self._view_inputs = (xs, batch)  # what recompute_gradients runs again
         self.state.x = x
         return self._views_and_loss(xs, batch, events)
 
-    def _views_and_loss(self, xs: list[Tensor], batch: Batch, events: bool) -> Tensor:
+    def _encode_views(self, xs: list[Tensor]) -> tuple[tuple[Tensor, ...], dict[str, Any]]:
+        """The embeddings of every view and the extras beside them (features, teacher outputs)."""
+        if self._plain:  # the encoder's output per view, nothing else
+            return tuple(map(self._encode_z, xs)), {}
         embeddings, features, teacher = [], [], []
         for xv in xs:
             z, h = self._encode(xv)
@@ -817,15 +833,19 @@ class Trainer:
             extras[keys.FEATURES] = tuple(features)
         if teacher:
             extras[keys.TEACHER] = tuple(teacher)
+        return tuple(embeddings), extras
+
+    def _views_and_loss(self, xs: list[Tensor], batch: Batch, events: bool) -> Tensor:
+        embeddings, extras = self._encode_views(xs)
         if self._memory is not None:
             extras.update(self._memory())
-        fields = {"embeddings": tuple(embeddings), "extras": extras,
-                  "logits": embeddings[0] if self._needs_logits else None}
+        logits = embeddings[0] if self._needs_logits else None
         trusted = events and self._checked  # training after the first, validated micro-batch
-        views = unchecked(Views, **fields) if trusted else Views(**fields)
+        views = (_unchecked_views if trusted else Views)(embeddings=embeddings, extras=extras,
+                                                          logits=logits)
         state = self.state
         state.batch, state.views = batch, views
-        if events:
+        if events and self._after_forward:
             for listener in self._after_forward:
                 listener(state)
             views, batch = state.views, state.batch  # as listeners left them
@@ -835,7 +855,7 @@ class Trainer:
         if self.reweighter is not None:
             loss = self.reweighter.reduce(loss, batch)
         state.loss = loss
-        if events:
+        if events and self._after_loss:
             for listener in self._after_loss:  # may replace state.loss (e.g. add a term)
                 listener(state)
         return state.loss.value
@@ -898,7 +918,8 @@ class Trainer:
         return self
 
     def _done(self) -> bool:
-        return self.should_stop or (self.total_steps is not None and self.step >= self.total_steps)
+        total = self.total_steps
+        return self.should_stop or (total is not None and self.state.step >= total)
 
     def _loop(self, loader: Any, skip: int, progress: _Progress) -> None:
         zero = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -943,32 +964,24 @@ class Trainer:
             else:
                 self._stop_mid_epoch(progress)
 
-    def _forward_backward(self, x: Tensor, batch: Batch, state: State) -> None:
-        if self._amp:
-            with self._autocast():
-                value = self._ddp(x, batch) if self._ddp is not None else self._compute(x, batch)
-        else:
-            value = self._ddp(x, batch) if self._ddp is not None else self._compute(x, batch)
-        if self.accumulate > 1:
-            value = value / self.accumulate
-        for listener in self._before_backward:
-            listener(state)
-        if self.scaler is not None:
-            self.scaler.scale(value).backward()
-        else:
-            value.backward()
+    def _forward(self, x: Tensor, batch: Batch, *, boundary: bool) -> Tensor:
+        """The loss under autocast and DDP (no gradient all-reduce before the ``boundary``)."""
+        ddp = self._ddp
+        with self._autocast(), ddp.no_sync() if ddp is not None and not boundary else _NULL:
+            return ddp(x, batch) if ddp is not None else self._compute(x, batch)
 
     def _micro_step(self, item: Any, *, boundary: bool) -> None:
         state = self.state
         state.views = state.loss = None  # free the last step's activations before this forward
         x, batch = self._to_device(item, check=not self._checked)
         self.objective.set_progress(state.step, self.total_steps)
-        ddp = self._ddp
-        if ddp is None and not self._amp:  # the common case, without context managers
-            self._forward_backward(x, batch, state)
-        else:
-            with ddp.no_sync() if ddp is not None and not boundary else _NULL:
-                self._forward_backward(x, batch, state)
+        # the common case (neither DDP nor autocast) without context managers
+        value = self._compute(x, batch) if self._bare else self._forward(x, batch, boundary=boundary)
+        if self.accumulate > 1:
+            value = value / self.accumulate
+        for listener in self._before_backward:
+            listener(state)
+        (value if self.scaler is None else self.scaler.scale(value)).backward()
         if self._teacher_observes:
             self.teacher.observe(views=state.views, batch=state.batch, step=state.step,
                                  max_steps=self.total_steps)
@@ -987,20 +1000,21 @@ class Trainer:
             self._optimizer_step()
 
     def _optimizer_step(self) -> None:
+        state = self.state
+        micro, self._step_micro = self._step_micro, 0
         if self._ddp is not None:
             distributed.all_reduce_mean_([p.grad for p in self._outside if p.grad is not None])
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        state = self.state
         for listener in self._before_optimizer_step:
             listener(state)
-        if self.clip_grad_norm is not None:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm,
-                                                            foreach=True)
-        micro, self._step_micro = self._step_micro, 0
-        if self._skip_nonfinite and not self._update_is_finite():
-            self._drop_update(micro)
-            return
+        if self._checked_update:  # clipping and the non-finite check of "skip"
+            if self.clip_grad_norm is not None:
+                self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm,
+                                                                foreach=True)
+            if self._skip_nonfinite and not self._update_is_finite():
+                self._drop_update(micro)
+                return
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -1362,6 +1376,7 @@ class Trainer:
                     comp.to(self.device)
             self._plan()
             self._encode = self._encode_impl
+            self._encode_z = self.encoder
 
     def embed(self, loader: Any, *, features: bool = False,
               with_targets: bool = False) -> Tensor | tuple[Tensor, Tensor]:

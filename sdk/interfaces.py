@@ -141,6 +141,15 @@ class Objective(_Named, nn.Module, Constrained, abc.ABC):
     accepts_sampler: ClassVar[bool] = False
     """Whether the objective has a pair-sampler slot (:attr:`sampler`): a Trainer given a pair
     Sampler fills every empty slot of the objective's terms."""
+    per_sample_requested: bool = True
+    """Whether the caller reads ``Loss.per_sample``. The Trainer sets it (through
+    :meth:`request_per_sample`) to whether anything in the run does: a reweighter, or a callback
+    declaring ``reads_per_sample_loss``. When it is false an objective may leave ``per_sample``
+    ``None`` and compute only the mean (cross-entropy then takes torch's fused reduction)."""
+
+    def request_per_sample(self, wanted: bool) -> None:
+        """Set :attr:`per_sample_requested` (a composition sets it on its terms too)."""
+        self.per_sample_requested = wanted
 
     @property
     def sampler(self) -> Sampler | None:
@@ -526,6 +535,10 @@ class Metric(Constrained, abc.ABC):
 class Callback(Constrained):
     """Reacts to engine events: override any subset of the methods named after the
     :class:`sdk.events.Event` members; each receives the run's :class:`sdk.events.State`."""
+
+    reads_per_sample_loss: ClassVar[bool] = False
+    """Whether a listener reads ``state.loss.per_sample`` (the Trainer then has the objective
+    compute it; see :attr:`Objective.per_sample_requested`)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -43,21 +43,46 @@ def _embeddings(value: Any) -> tuple[Tensor, ...]:
     return tuple(value)
 
 
-_LAYOUTS: dict[type, tuple[tuple[str, Any, Any], ...]] = {}
+_BUILDERS: dict[type, Any] = {}
+
+
+def unchecked_builder(cls: type) -> Any:
+    """A keyword-only constructor of the record class ``cls`` that converts its fields but does
+    not validate them: for the engine's own records once the first micro-batch's passed
+    validation (users and plugins build records through the validating constructors).
+
+    Generated once per class from its attrs fields, as attrs generates ``__init__``: one
+    assignment per field, a converter only where a value is given (defaults are stored as they
+    are), so building a record costs no per-field loop."""
+    builder = _BUILDERS.get(cls)
+    if builder is not None:
+        return builder
+    fields = attrs.fields(cls)
+    scope: dict[str, Any] = {"_new": object.__new__, "_set": object.__setattr__, "_cls": cls,
+                             "_missing": object()}
+    params, body = [], ["r = _new(_cls)"]
+    for i, f in enumerate(fields):
+        if isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]
+            raise TypeError(f"unchecked_builder: {cls.__name__}.{f.name} has a factory default")
+        scope[f"_default{i}"] = f.default
+        if f.converter is None:
+            params.append(f"{f.name}=_default{i}")
+            body.append(f"_set(r, {f.name!r}, {f.name})")
+        else:
+            scope[f"_convert{i}"] = f.converter
+            params.append(f"{f.name}=_missing")
+            body.append(f"_set(r, {f.name!r}, _default{i} if {f.name} is _missing "
+                        f"else _convert{i}({f.name}))")
+    source = (f"def build_{cls.__name__}(*, {', '.join(params)}):\n    "
+              + "\n    ".join([*body, "return r"]))
+    exec(compile(source, f"<unchecked {cls.__name__}>", "exec"), scope)  # our own source only
+    builder = _BUILDERS[cls] = scope[f"build_{cls.__name__}"]
+    return builder
 
 
 def unchecked(cls: type, **fields: Any) -> Any:
-    """A record of class ``cls`` built from ``fields`` (converted, not validated): for the
-    engine's own records once the first micro-batch's passed validation; users and plugins
-    build records through the validating constructors."""
-    layout = _LAYOUTS.get(cls)
-    if layout is None:
-        layout = _LAYOUTS[cls] = tuple((f.name, f.default, f.converter) for f in attrs.fields(cls))
-    record = object.__new__(cls)
-    for name, default, convert in layout:
-        value = fields.get(name, default)
-        object.__setattr__(record, name, value if convert is None else convert(value))
-    return record
+    """A record of class ``cls`` built from ``fields`` by :func:`unchecked_builder`."""
+    return unchecked_builder(cls)(**fields)
 
 
 def check_ids(owner: str, field: str, ids: Tensor, high: int | None = None) -> None:

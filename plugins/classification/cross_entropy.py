@@ -20,8 +20,9 @@ from sdk.types import Batch, Loss, Views, check_ids
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor,
-                       label_smoothing: float = 0.0) -> torch.Tensor:
-    """Per-sample ``-sum_c q_c log softmax(logits)_c``, ``q = (1 - e) y + e / C``.
+                       label_smoothing: float = 0.0, reduction: str = "none") -> torch.Tensor:
+    """Per-sample ``-sum_c q_c log softmax(logits)_c``, ``q = (1 - e) y + e / C`` (their mean
+    with ``reduction="mean"``, in torch's fused kernel).
 
     ``targets`` are class ids [B] or probabilities [B, C] (soft labels, e.g. from mixup);
     anything else raises :class:`sdk.ShapeError`, as do ids out of range on CPU (found when
@@ -36,7 +37,7 @@ def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor,
         targets = targets.to(logits.dtype)
     try:
         return F.cross_entropy(logits.float(), targets if targets.dim() == 1 else targets.float(),
-                               label_smoothing=label_smoothing, reduction="none")
+                               label_smoothing=label_smoothing, reduction=reduction)
     except (IndexError, RuntimeError):  # ids out of range (on CPU; CUDA asserts on the device)
         check_ids("cross_entropy", "targets", targets, logits.shape[1])
         raise
@@ -60,6 +61,9 @@ class CrossEntropy(Objective):
                 "are already mixed: the smoothing adds to mixup's own softening"}
 
     def forward(self, views: Views, batch: Batch) -> Loss:
+        if not self.per_sample_requested:
+            return Loss(value=cross_entropy_loss(views.logits, batch.targets, self.label_smoothing,
+                                                 reduction="mean"))
         per_sample = cross_entropy_loss(views.logits, batch.targets, self.label_smoothing)
         return Loss(value=per_sample.mean(), per_sample=per_sample)
 

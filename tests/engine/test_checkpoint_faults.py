@@ -7,6 +7,7 @@ import errno
 import functools
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -110,7 +111,8 @@ DAMAGE = {
     "truncated": (_truncate, "is truncated"),
     "checksum": (_flip_a_weight_byte, "checksum mismatch"),
     "empty": (lambda p: p.write_bytes(b""), "is empty"),
-    "garbage": (lambda p: p.write_bytes(os.urandom(4096)), "is truncated or not a checkpoint"),
+    "garbage": (lambda p: p.write_bytes(random.Random(0).randbytes(4096)),
+                "is truncated or not a checkpoint"),
     "foreign": (lambda p: torch.save({"encoder": torch.ones(3)}, p), "no checksum"),
 }
 
@@ -125,7 +127,8 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_reproduces_the_run(tmp_pat
     spoil(run / "checkpoints" / "step-000012.pt")
     with pytest.warns(CheckpointWarning, match=f"step-000012.pt .*{reason}") as caught:
         resumed = _fit(run, resume=True)
-    assert len(caught) == 1
+    # exactly one file skipped (torch may add its own warnings about the garbage)
+    assert len([w for w in caught if issubclass(w.category, CheckpointWarning)]) == 1
     assert resumed._start_step == 8  # from the newest valid checkpoint
     assert resumed.step == 12 and _same_weights(resumed.encoder, full.encoder)
     ckpt.load(run / "checkpoints" / "step-000012.pt")  # rewritten, valid

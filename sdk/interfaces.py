@@ -394,7 +394,7 @@ class Calibrator(_Named, nn.Module, Constrained, abc.ABC):
         return out.softmax(dim=-1) if self.inputs == "logits" else out
 
 
-class Teacher(nn.Module, Constrained, abc.ABC):
+class Teacher(_Named, nn.Module, Constrained, abc.ABC):
     """Target networks, memory banks and queues, updated by the engine after each step.
 
     What the engine does with a teacher, each through a declared member:
@@ -412,9 +412,39 @@ class Teacher(nn.Module, Constrained, abc.ABC):
     observed), and ``update`` called directly with views observes them first. A teacher that
     does not override ``observe`` receives the last micro-batch's views and batch in ``update``.
     ``produces``: the :class:`Input` s it gives the objective (e.g. a queue's negatives).
+    ``observe`` and ``update`` first check (metadata only) that views they are given are
+    floating, not empty, and of the batch's size, raising :class:`sdk.ShapeError` naming the
+    teacher.
     """
 
     produces: ClassVar[frozenset[Input]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for method in ("observe", "update"):
+            impl = vars(cls).get(method)
+            if impl is None or getattr(impl, "__isabstractmethod__", False):
+                continue
+
+            def checked(self: Teacher, *args: Any, _impl: Any = impl, **kw: Any) -> None:
+                self._check(kw.get("views"), kw.get("batch"))
+                return _impl(self, *args, **kw)
+
+            setattr(cls, method, functools.wraps(impl)(checked))
+
+    def _check(self, views: Views | None, batch: Batch | None) -> None:
+        if views is None:
+            return
+        owner = f"teacher {self.name!r}"
+        for i, z in enumerate(views.embeddings):
+            if not z.is_floating_point():
+                raise ShapeError(f"{owner}: Views.embeddings[{i}] must be floating point, got {z.dtype}")
+        if views.embeddings and views.batch_size == 0:
+            raise ShapeError(f"{owner}: empty batch (Views hold 0 samples)")
+        if batch is not None and batch.batch_size is not None and batch.batch_size != views.batch_size:
+            field = next(f for f in ("targets", "index", "domain", "weight") if getattr(batch, f) is not None)
+            raise ShapeError(f"{owner}: Batch.{field} has {batch.batch_size} rows, but Views hold "
+                             f"{views.batch_size} samples")
 
     memory_keys: ClassVar[tuple[str, ...]] = ()
     """The ``Views.extras`` keys :meth:`memory` publishes (see :mod:`sdk.keys`)."""
@@ -689,6 +719,8 @@ class Adapter(_Named, nn.Module, Constrained, abc.ABC):
         if not isinstance(x, Tensor) or x.dim() == 0:
             raise ShapeError(f"adapter {self.name!r}: x must be a batch tensor [B, ...], got "
                              f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if x.shape[0] == 0:
+            raise ShapeError(f"adapter {self.name!r}: empty batch (x has 0 rows)")
         batch = Batch() if batch is None else batch
         if not isinstance(batch, Batch):
             raise TypeError(f"adapter {self.name!r}: batch must be sdk.Batch, got {type(batch).__name__}")

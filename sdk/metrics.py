@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdk.errors import ConfigError, ShapeError
+from sdk.errors import ConfigError, NotFittedError, ShapeError
 from sdk.interfaces import Metric
 
 _STAT = torch.float64  # dtype of accumulated statistics
@@ -87,6 +87,18 @@ def _check_embeddings(name: str, z: Tensor, labels: Tensor | None = None, what: 
                              f"{int(labels.min())}")
 
 
+def _nan_if_any_nan(x: Tensor) -> Tensor:
+    """0, or NaN when ``x`` holds a NaN (float64, on ``x``'s device, without a host sync): added
+    to a statistic that would otherwise measure a NaN as if it were a number."""
+    return torch.where(x.isnan().any(), math.nan, 0.0).to(_STAT)
+
+
+def _check_finite(name: str, what: str, z: Tensor) -> None:
+    """A fitted metric's training rows must be finite (read once per fit: a host sync)."""
+    if not bool(torch.isfinite(z).all()):
+        raise ShapeError(f"{name}: {what} holds NaN or inf; a fit on them would measure nothing")
+
+
 def _ratio(num: Tensor, den: Tensor) -> float:
     """``num / den`` as a float; NaN when nothing was measured."""
     den = float(den)
@@ -97,6 +109,7 @@ def _ratio(num: Tensor, den: Tensor) -> float:
 def _accuracy_stats(scores: Tensor, labels: Tensor) -> dict[str, Tensor]:
     _check_scores("accuracy", scores, labels)
     correct = (scores.argmax(dim=1) == labels).to(_STAT).sum()
+    correct = correct + _nan_if_any_nan(scores)  # argmax would take a NaN for the largest score
     return {"correct": correct, "total": torch.tensor(float(labels.numel()), dtype=_STAT,
                                                       device=labels.device)}
 
@@ -252,6 +265,7 @@ def knn_predict(train_emb: Tensor, train_y: Tensor, test_emb: Tensor, k: int = 2
                          f"{list(test_emb.shape)} differ in dimension")
     if train_emb.shape[0] == 0:
         raise ShapeError(f"{name}: train_emb is empty")
+    _check_finite(name, "train_emb", train_emb)
     bank = F.normalize(_real(train_emb).detach(), dim=1)
     bank_y = train_y.to(bank.device).long()
     n_classes = int(bank_y.max()) + 1 if num_classes is None else num_classes
@@ -274,7 +288,8 @@ def knn_accuracy(train_emb: Tensor, train_y: Tensor, test_emb: Tensor, test_y: T
     _check_embeddings("knn_accuracy", test_emb, test_y, "test_emb")
     pred = knn_predict(train_emb, train_y, test_emb, k=k, temperature=temperature,
                        chunk_size=chunk_size)
-    return _ratio((pred == test_y.to(pred.device)).sum(), torch.tensor(float(test_y.numel())))
+    return _ratio((pred == test_y.to(pred.device)).sum() + _nan_if_any_nan(test_emb).to(pred.device),
+                  torch.tensor(float(test_y.numel())))
 
 
 class LinearProbeClassifier:
@@ -308,6 +323,7 @@ def fit_linear_probe(train_emb: Tensor, train_y: Tensor, weight_decay: float = 1
     _check_embeddings(name, train_emb, train_y, "train_emb")
     if train_emb.shape[0] == 0:
         raise ShapeError(f"{name}: train_emb is empty")
+    _check_finite(name, "train_emb", train_emb)
     x = _real(train_emb).detach()
     y = train_y.to(x.device).long()
     n_classes = int(y.max()) + 1 if num_classes is None else num_classes
@@ -336,7 +352,8 @@ def linear_probe_accuracy(train_emb: Tensor, train_y: Tensor, test_emb: Tensor, 
     _check_embeddings("linear_probe", test_emb, test_y, "test_emb")
     probe = fit_linear_probe(train_emb, train_y, weight_decay=weight_decay, max_iter=max_iter)
     pred = probe.predict(test_emb)
-    return _ratio((pred == test_y.to(pred.device)).sum(), torch.tensor(float(test_y.numel())))
+    return _ratio((pred == test_y.to(pred.device)).sum() + _nan_if_any_nan(test_emb).to(pred.device),
+                  torch.tensor(float(test_y.numel())))
 
 
 # alignment, uniformity, RankMe ------------------------------------------------------------------
@@ -395,7 +412,10 @@ def rankme(z: Tensor, eps: float = 1e-7) -> float:
     _check_embeddings("rankme", z)
     if z.numel() == 0:
         raise ShapeError(f"rankme: z is empty, got {list(z.shape)}")
-    return _rankme_from_singular_values(torch.linalg.svdvals(z.detach().to(_STAT)), eps)
+    z = z.detach().to(_STAT)
+    if not bool(torch.isfinite(z).all()):  # the SVD does not converge on NaN or inf
+        return math.nan
+    return _rankme_from_singular_values(torch.linalg.svdvals(z), eps)
 
 
 # streaming metrics ------------------------------------------------------------------------------
@@ -405,6 +425,14 @@ def _probs_and_labels(batch_size: int, generator: torch.Generator) -> tuple[Tens
     labels = torch.arange(batch_size) % 3
     logits = 2 * F.one_hot(labels, 3) + torch.randn(batch_size, 3, generator=generator)
     return logits.softmax(dim=1), labels
+
+
+def _labelled_embeddings(batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``fit`` and ``update`` arguments of the kNN and linear-probe metrics for the conformance
+    kit: embeddings ``[B, 8]`` around one mean per class, and their labels ``i % 3``."""
+    labels = torch.arange(batch_size) % 3
+    means = 3 * torch.eye(3, 8)
+    return means[labels] + torch.randn(batch_size, 8, generator=generator), labels
 
 
 def _embeddings(batch_size: int, generator: torch.Generator) -> tuple[Tensor]:
@@ -578,6 +606,8 @@ class RankMe(_Sums):
         gram, count = s
         if int(count) == 0:  # only empty batches were seen: nothing measured
             return math.nan
+        if not bool(torch.isfinite(gram).all()):  # NaN or inf seen: no eigenvalues to measure
+            return math.nan
         r = min(int(count), gram.shape[0])
         eig = torch.linalg.eigvalsh(gram).flip(0)[:r]  # the r largest, descending
         return _rankme_from_singular_values(eig.clamp_min(0).sqrt(), self.eps)
@@ -628,6 +658,7 @@ class KNNAccuracy(_Mean):
     ``update(test_emb, test_y)`` counts correct votes batch by batch."""
 
     ratio_of = ("correct", "total")
+    example_inputs = staticmethod(_labelled_embeddings)
 
     def __init__(self, k: int = 20, temperature: float = 0.07, chunk_size: int = 512):
         super().__init__()
@@ -641,18 +672,19 @@ class KNNAccuracy(_Mean):
         _check_embeddings("knn_accuracy", train_emb, train_y, "train_emb")
         if train_emb.shape[0] == 0:
             raise ShapeError("knn_accuracy: train_emb is empty")
+        _check_finite("knn_accuracy", "train_emb", train_emb)
         self._bank = (F.normalize(_real(train_emb).detach(), dim=1), train_y.detach().long())
         super().reset()
         return self
 
     def update(self, test_emb: Tensor, test_y: Tensor) -> None:
         if self._bank is None:
-            raise RuntimeError("knn_accuracy: call fit(train_emb, train_y) before update()")
+            raise NotFittedError("knn_accuracy: call fit(train_emb, train_y) before update()")
         _check_embeddings("knn_accuracy", test_emb, test_y, "test_emb")
         bank, bank_y = self._bank
         pred = knn_predict(bank, bank_y, test_emb, k=self.k, temperature=self.temperature,
                            chunk_size=self.chunk_size)
-        self._add({"correct": (pred == test_y.to(pred.device)).to(_STAT).sum(),
+        self._add({"correct": (pred == test_y.to(pred.device)).to(_STAT).sum() + _nan_if_any_nan(test_emb),
                    "total": torch.tensor(float(test_y.numel()), dtype=_STAT, device=pred.device)})
 
     def reset(self) -> None:
@@ -678,6 +710,7 @@ class LinearProbe(_Mean):
     ``update(test_emb, test_y)`` counts its correct predictions batch by batch."""
 
     ratio_of = ("correct", "total")
+    example_inputs = staticmethod(_labelled_embeddings)
 
     _PARAMS = ("mean", "std", "weight", "bias")
 
@@ -698,13 +731,13 @@ class LinearProbe(_Mean):
 
     def update(self, test_emb: Tensor, test_y: Tensor) -> None:
         if self.probe is None:
-            raise RuntimeError("linear_probe: call fit(train_emb, train_y) before update()")
+            raise NotFittedError("linear_probe: call fit(train_emb, train_y) before update()")
         _check_embeddings("linear_probe", test_emb, test_y, "test_emb")
         if test_emb.shape[1] != self.probe.weight.shape[0]:
             raise ShapeError(f"linear_probe: test_emb {list(test_emb.shape)} differs in dimension "
                              f"from the train_emb the probe was fitted on ({self.probe.weight.shape[0]})")
         pred = self.probe.predict(test_emb)
-        self._add({"correct": (pred == test_y.to(pred.device)).to(_STAT).sum(),
+        self._add({"correct": (pred == test_y.to(pred.device)).to(_STAT).sum() + _nan_if_any_nan(test_emb),
                    "total": torch.tensor(float(test_y.numel()), dtype=_STAT, device=pred.device)})
 
     def reset(self) -> None:

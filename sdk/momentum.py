@@ -15,6 +15,7 @@ import torch
 from annotated_types import Interval
 from torch import nn
 
+from sdk.errors import RequirementError, ShapeError
 from sdk.interfaces import Teacher
 
 
@@ -50,8 +51,8 @@ class EMATeacher(Teacher):
 
     def _require_target(self) -> nn.Module:
         if self.target is None:
-            raise RuntimeError("ema teacher: no student attached; call teacher.attach(encoder) "
-                               "or pass student=")
+            raise RequirementError(f"teacher {self.name!r}: no student attached; call "
+                                   "teacher.attach(encoder) or pass student=")
         return self.target
 
     @torch.no_grad()
@@ -62,10 +63,27 @@ class EMATeacher(Teacher):
     def update(self, *, student: nn.Module | None = None, views=None, batch=None, step: int = 0,
                max_steps: int | None = None) -> None:
         if student is None:
-            raise RuntimeError("ema teacher: update() needs student=")
+            raise RequirementError(f"teacher {self.name!r}: update() needs student= (the encoder "
+                                   "being trained)")
         target = self._require_target()
         m = cosine_momentum(self.momentum, self.final_momentum, step, max_steps)
         t_params, s_params = list(target.parameters()), list(student.parameters())
-        torch._foreach_lerp_(t_params, s_params, 1.0 - m)
-        for t, s in zip(target.buffers(), student.buffers()):
-            t.copy_(s)
+        t_buffers, s_buffers = list(target.buffers()), list(student.buffers())
+        if len(t_params) != len(s_params) or len(t_buffers) != len(s_buffers):
+            raise ShapeError(f"teacher {self.name!r}: the student has {len(s_params)} parameters and "
+                             f"{len(s_buffers)} buffers, the attached copy {len(t_params)} and "
+                             f"{len(t_buffers)}: update() needs the student it was attached to")
+        try:
+            if t_params:
+                torch._foreach_lerp_(t_params, s_params, 1.0 - m)
+            if t_buffers:
+                torch._foreach_copy_(t_buffers, s_buffers)
+        except RuntimeError:  # say which tensor differs (only once torch failed: no cost per step)
+            for kind, pairs in (("parameter", zip(t_params, s_params)),
+                                ("buffer", zip(t_buffers, s_buffers))):
+                for i, (t, s) in enumerate(pairs):
+                    if t.shape != s.shape:
+                        raise ShapeError(f"teacher {self.name!r}: the student's {kind} #{i} has shape "
+                                         f"{list(s.shape)}, the attached copy's {list(t.shape)}: update() "
+                                         "needs the student it was attached to") from None
+            raise

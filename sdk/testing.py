@@ -505,22 +505,19 @@ def check_plugin(kind: str, name: str, *, builtin: bool = False, registry: Any =
         return plugin.to(_DEVICE) if isinstance(plugin, torch.nn.Module) else plugin
 
     plugin = make()
-    for base, check in _CHECKS.items():
-        if isinstance(plugin, base):
-            check(label, make)
-            if fuzz:
-                from sdk.fuzz import fuzz_plugin
+    check = next((c for base, c in _CHECKS.items() if isinstance(plugin, base)), None)
+    if check is None and kind == "sampler" and isinstance(plugin, torch.utils.data.Sampler):
+        check = _check_sampler
+    elif check is None and kind in ("metric", "callback"):
+        check = _check_plain
+    if check is None:
+        raise _fail(label, "interface", f"{type(plugin).__name__} implements no sdk interface "
+                    f"for kind {kind!r}")
+    check(label, make)
+    if fuzz:
+        from sdk.fuzz import fuzz_plugin
 
-                fuzz_plugin(kind, name, max_examples=fuzz, registry=reg, device=_DEVICE, **params)
-            return
-    if kind == "sampler" and isinstance(plugin, torch.utils.data.Sampler):
-        _check_sampler(label, make)
-        return
-    if kind == "metric" or kind == "callback":
-        _check_plain(label, make)
-        return
-    raise _fail(label, "interface", f"{type(plugin).__name__} implements no sdk interface "
-                f"for kind {kind!r}")
+        fuzz_plugin(kind, name, max_examples=fuzz, registry=reg, device=_DEVICE, **params)
 
 
 # resume -------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class MinMahalanobis(ResizableBuffers, Detector):
             self.register_buffer(name, torch.zeros(0, dtype=torch.float64))
 
     def accumulate(self, x, labels):
+        sdk.types.check_ids(f"detector {self.name!r}", "labels", labels, self.num_classes)
         x = x.double()
         if self.sums.numel() == 0:
             self.sums = x.new_zeros(self.num_classes, x.shape[1])

@@ -74,3 +74,15 @@ def test_check_plugin_runs_the_fuzz_unless_told_not_to():
     with pytest.raises(AssertionError, match=r"fuzz invalid input"):
         sdk.testing.check_plugin("objective", "toy", registry=reg)
     sdk.testing.check_plugin("objective", "toy", registry=reg, fuzz=0)
+
+
+def test_every_interface_and_every_registered_plugin_is_fuzzed():
+    """No kind escapes the fuzz: each interface of sdk.interfaces has fuzzed inputs (so plugins
+    of kinds not registered yet are covered), and every registered plugin is fuzzable."""
+    from sdk.fuzz import FUZZED_INTERFACES, fuzzable
+    from sdk.interfaces import INTERFACES, DataSampler
+
+    assert set(INTERFACES.values()) | {DataSampler} <= set(FUZZED_INTERFACES)
+    reg = sdk.registry.get_registry()
+    missing = [f"{c.kind} {c.name}" for c in sdk.plugins() if not fuzzable(reg.create(c.kind, c.name))]
+    assert missing == []

@@ -8,7 +8,7 @@ Metric Learning", ICCV 2023.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,11 @@ class DiverseAnchorMining(ResizableBuffers, DataSampler):
         self.num_anchors, self.pool_size, self.seed, self.shuffle = num_anchors, pool_size, seed, shuffle
         self.similar_exclude, self.similar_include = similar_exclude, similar_include
         self.register_buffer("anchors", torch.zeros(0, dtype=torch.long))
+        self.dataset_size: int | None = None  # told by bind()
+
+    def bind(self, dataset: Any) -> None:
+        """Remember the training set's size: anchors restored from a checkpoint must index it."""
+        self.dataset_size = len(dataset)
 
     def select(self, embeddings: Tensor, epoch: int = 0) -> Tensor:
         """Choose the anchors among the rows of ``embeddings`` [N, D] (dataset order)."""
@@ -117,7 +122,12 @@ class DiverseAnchorMining(ResizableBuffers, DataSampler):
         if self.anchors.numel() == 0:
             raise RequirementError("sampler 'diverse_anchor_mining' has no anchors yet: run it in a "
                                    "Trainer (it selects at on_epoch_start) or call select(embeddings)")
-        return iter(self.anchors.tolist())
+        order = self.anchors.tolist()
+        if self.dataset_size is not None and max(order) >= self.dataset_size:
+            raise ShapeError(f"sampler 'diverse_anchor_mining': the anchors (restored from a checkpoint "
+                             f"of another dataset?) index up to {max(order)}, but the dataset holds "
+                             f"{self.dataset_size} samples")
+        return iter(order)
 
     def __len__(self) -> int:
         return self.num_anchors

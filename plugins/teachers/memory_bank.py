@@ -16,19 +16,19 @@ from torch import Tensor, nn
 from sdk import keys
 from sdk.card import Card
 from sdk.distributed import gather_no_grad
-from sdk.errors import ConfigError, RequirementError
+from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.events import State
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Teacher
 from sdk.state import ResizableBuffers
-from sdk.types import Batch, Views
+from sdk.types import Batch, Views, check_ids
 
 
 def memory_update(bank: Tensor, filled: Tensor, index: Tensor, z: Tensor, momentum: float) -> None:
     """``v_i <- normalize(m v_i + (1 - m) z_i)`` for the samples ``index``; a sample's first
     vector is ``normalize(z_i)``. In place on ``bank`` [n, D] and ``filled`` [n]."""
     z = F.normalize(z.float(), dim=-1)
-    old = bank[index]
+    old = bank.index_select(0, index)  # unlike bank[index], refuses negative ids
     mixed = F.normalize(momentum * old + (1.0 - momentum) * z, dim=-1)
     bank.index_copy_(0, index, torch.where(filled[index, None], mixed, z).to(bank.dtype))
     filled.index_fill_(0, index, True)
@@ -74,11 +74,20 @@ class MemoryBank(ResizableBuffers, Teacher):
     @torch.no_grad()
     def push(self, z: Tensor, index: Tensor) -> None:
         """Momentum-update the entries ``index`` with embeddings ``z`` [b, D]."""
+        owner = f"teacher {self.name!r}"
+        check_ids(owner, "Batch.index", index)
         z, index = gather_no_grad(z.detach()), gather_no_grad(index.to(z.device))
-        if self.bank.shape[1] != z.shape[1]:
+        if self.bank.shape[1] == 0:  # the width is learnt from the first embeddings
             self.bank = z.new_zeros(self.num_samples, z.shape[1], dtype=torch.float32)
             self.filled.zero_()
-        memory_update(self.bank, self.filled, index, z, self.momentum)
+        elif self.bank.shape[1] != z.shape[1]:
+            raise ShapeError(f"{owner}: embeddings of width {z.shape[1]}, but the bank holds vectors "
+                             f"of width {self.bank.shape[1]}")
+        try:
+            memory_update(self.bank, self.filled, index, z, self.momentum)
+        except (IndexError, RuntimeError):  # ids out of range (on CPU; CUDA asserts on the device)
+            check_ids(owner, "Batch.index", index, self.num_samples)
+            raise
 
     def memory(self) -> dict[str, Tensor]:
         """Drawn entries as ``Views.extras``, merged by the engine before every objective call in
@@ -98,7 +107,7 @@ class MemoryBank(ResizableBuffers, Teacher):
                 max_steps: int | None = None) -> None:
         """Update the entries of one micro-batch's samples (every micro-batch of a step)."""
         if batch is None or batch.index is None:
-            raise RequirementError("teacher 'memory_bank' needs Batch.index")
+            raise RequirementError(f"teacher {self.name!r} needs Batch.index")
         z = torch.stack([F.normalize(v.detach().float(), dim=-1) for v in views.embeddings]).sum(0)
         self.push(z, batch.index)
 

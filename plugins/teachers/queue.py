@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from sdk.card import Card
 from sdk.distributed import gather_no_grad
+from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input
 from sdk.keys import NEGATIVES, NEGATIVES_INDEX, NEGATIVES_MASK, TEACHER
@@ -76,7 +77,10 @@ class QueueTeacher(ResizableBuffers, EMATeacher):
         index = (torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
                  if index is None else index.to(keys.device))
         keys, index = gather_no_grad(keys), gather_no_grad(index)
-        if self.keys.shape[1] != keys.shape[1]:
+        if self.keys.shape[1] != 0 and self.keys.shape[1] != keys.shape[1]:
+            raise ShapeError(f"teacher {self.name!r}: keys of width {keys.shape[1]}, but the queue "
+                             f"holds keys of width {self.keys.shape[1]}")
+        if self.keys.shape[1] == 0:  # the width is learnt from the first keys
             self.keys = keys.new_zeros(self.size, keys.shape[1])
             self.key_index.fill_(-1)
             self.ptr.zero_()

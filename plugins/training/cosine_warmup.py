@@ -14,6 +14,7 @@ from typing import Annotated
 import annotated_types
 
 from sdk.card import Card
+from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Schedule
 
@@ -24,14 +25,23 @@ def cosine_warmup(step: int, max_steps: int | None, *, warmup_steps: int = 0,
                   min_lr: float = 0.0, start_factor: float = 0.0) -> float:
     """The multiplier at ``step``: ``start_factor`` rising linearly to 1 over ``warmup_steps``,
     then ``min_lr + (1 - min_lr) (1 + cos(pi p)) / 2`` with ``p`` the fraction of the steps
-    after warm-up done (1 from ``max_steps`` on)."""
+    after warm-up done (1 from ``max_steps`` on). A negative ``step`` or a ``max_steps`` below 1
+    raises :class:`sdk.ConfigError`."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ConfigError(f"cosine_warmup: step must be an integer >= 0 (optimizer steps taken), "
+                          f"got {step!r}", param="step")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                  or max_steps < 1):
+        raise ConfigError(f"cosine_warmup: max_steps must be None or an integer >= 1, got "
+                          f"{max_steps!r}", param="max_steps")
     if step < warmup_steps:
         return start_factor + (1.0 - start_factor) * step / warmup_steps
     if step == warmup_steps:
         return 1.0
     if max_steps is None:
-        raise ValueError(f"cosine_warmup: step {step} is past the warm-up, and the cosine needs the "
-                         "run's length: give the trainer max_steps or max_epochs")
+        raise ConfigError(f"cosine_warmup: step {step} is past the warm-up, and the cosine needs "
+                          "the run's length (max_steps): give the trainer max_steps or max_epochs",
+                          param="max_steps")
     done = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_lr + (1.0 - min_lr) * 0.5 * (1.0 + math.cos(math.pi * done))
 

@@ -12,6 +12,7 @@ import annotated_types
 import torch
 
 from sdk.card import Card
+from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Callback
 
@@ -26,6 +27,16 @@ class SAM(Callback):
 
     def __init__(self, rho: Annotated[float, annotated_types.Ge(0)] = 0.05):
         self.rho = rho
+
+    def on_fit_start(self, state: Any) -> None:
+        """Refuse, before any step, a run whose gradient SAM cannot recompute."""
+        trainer = state.trainer
+        if trainer.accumulate != 1:
+            raise ConfigError(f"callback 'sam' needs accumulate=1 (it recomputes one micro-batch's "
+                              f"gradient), got accumulate={trainer.accumulate}", param="accumulate")
+        if trainer.precision == "fp16-mixed":
+            raise ConfigError("callback 'sam' does not support precision 'fp16-mixed' (its "
+                              "GradScaler unscales once per step); use 'bf16-mixed'", param="precision")
 
     def before_optimizer_step(self, state: Any) -> None:
         params = [p for group in state.optimizer.param_groups for p in group["params"]

@@ -35,5 +35,15 @@ def test_cosine_schedule_values():
 
 
 def test_needs_student():
-    with pytest.raises(RuntimeError, match="no student attached"):
+    with pytest.raises(sdk.RequirementError, match="teacher 'ema': no student attached"):
         sdk.create("teacher", "ema")(torch.zeros(2, 64))
+    with pytest.raises(sdk.RequirementError, match="teacher 'queue': update.. needs student="):
+        sdk.create("teacher", "queue", student=torch.nn.Linear(3, 2)).update(student=None)
+
+
+def test_another_student_is_named_not_blended():
+    teacher = sdk.create("teacher", "ema", student=torch.nn.Linear(3, 2))
+    with pytest.raises(sdk.ShapeError, match=r"teacher 'ema': the student's parameter #0 has shape \[4, 3\]"):
+        teacher.update(student=torch.nn.Linear(3, 4))
+    with pytest.raises(sdk.ShapeError, match="teacher 'ema': the student has 4 parameters"):
+        teacher.update(student=torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)))

@@ -35,7 +35,7 @@ def test_rises_during_warm_up_and_falls_after():
 def test_without_warm_up_it_starts_at_one_and_needs_the_length_only_after():
     f = sdk.create("schedule", "cosine_warmup")
     assert f(0, None) == 1.0  # what an LR scheduler asks before the run's length is known
-    with pytest.raises(ValueError, match="cosine needs the run's length"):
+    with pytest.raises(sdk.ConfigError, match="cosine needs the run's length"):
         f(1, None)
 
 
@@ -68,3 +68,14 @@ def test_the_trainer_steps_with_base_rate_times_schedule():
                 max_steps=10, progress=False, device="cpu").fit(torch.utils.data.DataLoader(data, batch_size=4))
     assert seen.lrs == pytest.approx([0.5 * schedule(t, 10) for t in range(10)])
     assert seen.lrs[0] == 0.0 and seen.lrs[3] == 0.5 and seen.lrs[-1] > 0.5 * 0.2
+
+
+@pytest.mark.parametrize(("step", "max_steps", "message"), [
+    (-1, 10, "step must be an integer >= 0"),  # warmup_steps=0: was a ZeroDivisionError
+    (0.5, 10, "step must be an integer >= 0"),
+    (3, 0, "max_steps must be None or an integer >= 1"),
+    (3, -10, "max_steps must be None or an integer >= 1"),
+])
+def test_bad_progress_is_named(step, max_steps, message):
+    with pytest.raises(sdk.ConfigError, match=f"cosine_warmup: {message}"):
+        sdk.create("schedule", "cosine_warmup")(step, max_steps)

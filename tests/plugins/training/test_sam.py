@@ -74,5 +74,5 @@ def test_rho_zero_is_plain_training_bitwise_with_random_views_and_batch_norm():
 def test_bad_rho_and_gradient_accumulation_raise():
     with pytest.raises(sdk.ConfigError, match="sam: rho must be >= 0, got -0.1"):
         sdk.create("callback", "sam", rho=-0.1)
-    with pytest.raises(sdk.RequirementError, match="recompute_gradients needs accumulate=1"):
+    with pytest.raises(sdk.ConfigError, match="callback .sam. needs accumulate=1"):
         train(model(), [sdk.create("callback", "sam")], accumulate=2)

@@ -50,3 +50,18 @@ def test_errors():
     with pytest.raises(sdk.RequirementError, match="needs Views.logits"):
         sdk.create("objective", "cross_entropy")(sdk.Views(embeddings=(torch.zeros(4, 3),)),
                                                   sdk.Batch(targets=torch.zeros(4, dtype=torch.long)))
+
+
+def test_class_weights_and_ignore_index_reduce_as_torch():
+    g = torch.Generator().manual_seed(3)
+    logits, y = torch.randn(8, 3, generator=g), torch.tensor([0, 2, -1, 1, 1, -1, 2, 0])
+    w = (0.5, 2.0, 1.0)
+    loss = sdk.create("objective", "cross_entropy", class_weights=w, ignore_index=-1)(
+        sdk.Views(logits=logits), sdk.Batch(targets=y))
+    want = torch.nn.functional.cross_entropy(logits, y, weight=torch.tensor(w), ignore_index=-1)
+    assert loss.value.item() == pytest.approx(want.item(), rel=1e-6)
+    assert loss.per_sample[2] == 0 and loss.per_sample[5] == 0
+    plain = sdk.create("objective", "cross_entropy", ignore_index=-1)(sdk.Views(logits=logits),
+                                                                        sdk.Batch(targets=y))
+    assert plain.value.item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, y, ignore_index=-1).item(), rel=1e-6)

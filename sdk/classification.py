@@ -9,8 +9,9 @@
   and per-class weights, as :func:`torch.nn.functional.cross_entropy` reduces them:
   ``value = sum_i w_{y_i} l_i / sum_i w_{y_i}``; ``Loss.per_sample`` is ``w_{y_i} l_i`` (0 for
   an ignored sample), for reweighters.
-* **Numerics** (:func:`log_probs`): half-precision logits (bf16 autocast) are upcast to float32
-  before the log-softmax; float64 stays float64.
+* **Numerics** (:func:`log_probs`, :func:`target_log_prob`): half-precision logits (bf16
+  autocast) are upcast to float32 before the log-softmax; float64 stays float64. Losses of id
+  targets that need only ``log p_y`` take it from torch's fused cross-entropy.
 * **Distillation** (:func:`teacher_logits`, :func:`distillation_kl`): a teacher's logits are
   ``Views.extras[keys.TEACHER][0]``, the output of an encoding :class:`sdk.interfaces.Teacher`
   on the first view (the view whose output are the logits): the ``ema`` teacher or a
@@ -118,6 +119,15 @@ def targets(owner: str, logits: Tensor, target: Tensor, *, soft: bool = True,
                 raise ShapeError(f"{owner}: Batch.targets as soft labels must sum to 1 per row, got "
                                  f"row sums in [{float(sums.min()):.6g}, {float(sums.max()):.6g}]")
     return Targets("multilabel" if multilabel else "soft", dense=dense)
+
+
+def target_log_prob(logits: Tensor, t: Targets) -> Tensor:
+    """``log softmax(z)_y`` [B] for id targets (torch's fused cross-entropy kernels: no ``[B, C]``
+    log-probabilities kept beyond theirs), ``sum_c q_c log softmax(z)_c`` for dense ones."""
+    z = upcast(logits)
+    if t.ids is not None:
+        return -torch.nn.functional.cross_entropy(z, t.ids, reduction="none")
+    return (t.dense.to(z.dtype) * z.log_softmax(-1)).sum(-1)
 
 
 def pick(values: Tensor, t: Targets) -> Tensor:

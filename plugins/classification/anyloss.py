@@ -26,13 +26,23 @@ METRICS = ("f1", "fbeta", "accuracy", "balanced_accuracy", "gmean")
 
 def amplify(p: torch.Tensor, amplifier: float = 73.0) -> torch.Tensor:
     """``A(p) = sigmoid(L (p - 1/2))``: probabilities pushed towards 0 and 1."""
-    return torch.sigmoid(amplifier * (p - 0.5))
+    return torch.sigmoid((amplifier * p).sub_(amplifier / 2))
 
 
 def confusion(y_hat: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Soft ``(TP, FN, FP, TN)`` per class [C] from amplified predictions and 0/1 targets [N, C]."""
     return ((y * y_hat).sum(0), (y * (1 - y_hat)).sum(0), ((1 - y) * y_hat).sum(0),
             ((1 - y) * (1 - y_hat)).sum(0))
+
+
+def confusion_of_ids(y_hat: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`confusion` for class-id targets [N], without their one-hot matrix: ``TP_c`` sums
+    ``y~_ic`` over the samples of class ``c``, the rest follows from counts and column sums."""
+    n, c = y_hat.shape
+    tp = y_hat.new_zeros(c).index_add(0, ids, y_hat.gather(1, ids[:, None]).squeeze(1))
+    count = y_hat.new_zeros(c).index_add(0, ids, y_hat.new_ones(n))
+    fp = y_hat.sum(0) - tp
+    return tp, count - tp, fp, n - count - fp
 
 
 def metric_value(metric: str, tp, fn, fp, tn, beta: float = 1.0) -> torch.Tensor:
@@ -72,16 +82,17 @@ class AnyLoss(Objective):
                 raise ShapeError(f"anyloss: with one logit Batch.targets must be class ids 0/1 "
                                  f"[{z.shape[0]}], got {list(y.shape)}")
             check_ids("anyloss", "Batch.targets", y, 2 if y.device.type == "cpu" else None)
-            p, onehot = torch.sigmoid(cls.upcast(z)), y[:, None].to(cls.compute_dtype(z))
+            p, target = torch.sigmoid(cls.upcast(z)), y[:, None].to(cls.compute_dtype(z))
         else:
             t = cls.targets("anyloss", z, y, multilabel=y.dim() == 2)
             zf = cls.upcast(z)
             p = zf.softmax(-1) if t.ids is not None else torch.sigmoid(zf)
-            onehot = t.one_hot(z.shape[1], zf.dtype)
+            target = t.ids if t.ids is not None else t.dense
         y_hat = amplify(p, self.amplifier)
         if resolve_gather(self.gather):
-            y_hat, onehot = gather_with_grad(y_hat), gather_no_grad(onehot)
-        value = 1 - metric_value(self.metric, *confusion(y_hat, onehot), beta=self.beta).mean()
+            y_hat, target = gather_with_grad(y_hat), gather_no_grad(target)
+        counts = confusion_of_ids(y_hat, target) if target.dim() == 1 else confusion(y_hat, target)
+        value = 1 - metric_value(self.metric, *counts, beta=self.beta).mean()
         return Loss(value=value)
 
 

@@ -29,6 +29,9 @@ def softmax_focal(logits: torch.Tensor, t: cls.Targets, gamma: float,
                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample ``-sum_c q_c (1 - p_c)^gamma log p_c``, ``p = softmax(z)`` (ids: ``q`` one-hot;
     soft labels with class ``weights``: ``w_c q_c``; ids are weighted in the reduction)."""
+    if t.ids is not None:  # only log p_y is needed
+        logp_y = cls.target_log_prob(logits, t)
+        return -_modulator(-torch.expm1(logp_y), gamma) * logp_y
     logp = cls.log_probs(logits)
     focal = _modulator(-torch.expm1(logp), gamma) * logp
     if weights is not None and t.ids is None:

@@ -26,7 +26,7 @@ def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, t: cls.Target
     soft = cls.distillation_kl(logits, teacher, temperature)
     if t is None:
         return alpha * soft
-    return alpha * soft - (1 - alpha) * cls.pick(cls.log_probs(logits), t)
+    return alpha * soft - (1 - alpha) * cls.target_log_prob(logits, t)
 
 
 class KnowledgeDistillation(Objective):

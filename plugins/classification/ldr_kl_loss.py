@@ -31,11 +31,16 @@ def normalized_scores(logits: torch.Tensor) -> torch.Tensor:
 def ldr_kl_loss(scores: torch.Tensor, t: cls.Targets, lam: float = 10.0,
                 margin: float = 0.1) -> torch.Tensor:
     """Per-sample ``max_{p in simplex} sum_k p_k (c [k != y] + f_k - f_y) - lam KL(p || 1/K)``
-    ``= lam log((1/K) sum_k exp((c [k != y] + f_k - f_y) / lam))``."""
-    f = scores
-    onehot = t.one_hot(f.shape[1], f.dtype)
-    gaps = margin * (1 - onehot) + f - cls.pick(f, t)[:, None]
-    return lam * (torch.logsumexp(gaps / lam, -1) - math.log(f.shape[1]))
+    ``= lam log((1/K) sum_k exp((c [k != y] + f_k - f_y) / lam))``, computed as
+    ``lam (logaddexp(lse_{k != y}(f_k / lam) + c / lam, f_y / lam) - f_y / lam - log K)``
+    (no ``[B, C]`` margin matrix; exact for small lam)."""
+    k = scores.shape[1]
+    f = scores / lam
+    f_y = cls.pick(f, t)
+    if k == 1:  # the target is the only class: no margin to pay
+        return 0 * f_y
+    others = torch.logsumexp(f.scatter(-1, t.ids[:, None], float("-inf")), -1)
+    return lam * (torch.logaddexp(others + margin / lam, f_y) - f_y - math.log(k))
 
 
 class LDRKLLoss(Objective):

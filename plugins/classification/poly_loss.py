@@ -22,6 +22,9 @@ def poly1_loss(logits: torch.Tensor, t: cls.Targets, epsilon: float = 1.0) -> to
     """Per-sample ``-log p_t + epsilon (1 - p_t)``, ``p_t = sum_c q_c softmax(z)_c`` (ids: ``q``
     one-hot, so ``p_t = p_y``; soft labels as in the paper's code, ``-log p_t`` then the soft
     cross-entropy ``-sum_c q_c log p_c``)."""
+    if t.ids is not None:
+        logp_y = cls.target_log_prob(logits, t)
+        return -logp_y + epsilon * (1 - logp_y.exp())
     logp = cls.log_probs(logits)
     return -cls.pick(logp, t) + epsilon * (1 - cls.pick(logp.exp(), t))
 

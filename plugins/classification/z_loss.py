@@ -23,17 +23,18 @@ EPS = 1e-12
 """Added to the standard deviation (as the authors' code does), so a row of equal logits gives 0."""
 
 
-def z_normalize(logits: torch.Tensor) -> torch.Tensor:
-    """``(o - mean(o)) / (std(o) + eps)`` per row, with the population standard deviation."""
+def target_z(logits: torch.Tensor, t: cls.Targets) -> torch.Tensor:
+    """``z_y = (o_y - mean(o)) / (std(o) + eps)`` [B], the population standard deviation (one
+    fused pass over the logits; no ``[B, C]`` normalised copy)."""
     o = cls.upcast(logits)
-    centred = o - o.mean(-1, keepdim=True)
-    sigma = centred.pow(2).mean(-1, keepdim=True).clamp_min(torch.finfo(o.dtype).tiny).sqrt()
-    return centred / (sigma + EPS)
+    var, mu = torch.var_mean(o, -1, correction=0)
+    sigma = var.clamp_min(torch.finfo(o.dtype).tiny).sqrt()
+    return (cls.pick(o, t) - mu) / (sigma + EPS)
 
 
 def z_loss(logits: torch.Tensor, t: cls.Targets, a: float = 1.0, b: float = 0.0) -> torch.Tensor:
     """Per-sample ``softplus(a (b - z_y)) / a``, ``z`` the z-normalised logits."""
-    return F.softplus(a * (b - cls.pick(z_normalize(logits), t))) / a
+    return F.softplus(a * (b - target_z(logits, t))) / a
 
 
 class ZLoss(Objective):

@@ -12,47 +12,52 @@ import torch
 import torch.nn.functional as F
 from annotated_types import Interval
 
+from sdk import classification as cls
 from sdk.card import Card
-from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective
 from sdk.types import Batch, Loss, Views, check_ids
 
 
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor,
-                       label_smoothing: float = 0.0, reduction: str = "none") -> torch.Tensor:
-    """Per-sample ``-sum_c q_c log softmax(logits)_c``, ``q = (1 - e) y + e / C`` (their mean
-    with ``reduction="mean"``, in torch's fused kernel).
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+                       weight: torch.Tensor | None = None,
+                       ignore_index: int | None = None, reduction: str = "none") -> torch.Tensor:
+    """Per-sample ``-sum_c w_c q_c log softmax(logits)_c``, ``q = (1 - e) y + e / C`` (``w``: class
+    weights, 1 without; an id target's sample is weighted ``w_y``, an ignored one gives 0);
+    ``reduction="mean"``: their weighted mean, in torch's fused kernel.
 
-    ``targets`` are class ids [B] or probabilities [B, C] (soft labels, e.g. from mixup);
-    anything else raises :class:`sdk.ShapeError`, as do ids out of range on CPU (found when
-    torch fails on them, so the hot path reads no values; on CUDA the device asserts).
+    ``targets`` are class ids [B] or probabilities [B, C] (soft labels, e.g. from mixup),
+    checked by :func:`sdk.classification.targets` (soft labels' values on CPU); ids out of
+    range on CPU are found when torch fails on them, so the hot path reads no values (on CUDA
+    the device asserts).
     """
     if targets.dim() == 1:
         check_ids("cross_entropy", "targets", targets)
-    elif targets.shape != logits.shape:
-        raise ShapeError(f"cross_entropy: targets must be class ids [B] or soft labels "
-                         f"{list(logits.shape)} matching the logits, got {list(targets.shape)}")
-    if targets.dim() == 2:
-        targets = targets.to(logits.dtype)
+    else:
+        cls.targets("cross_entropy", logits, targets)
+        targets = targets.float()
     try:
-        return F.cross_entropy(logits.float(), targets if targets.dim() == 1 else targets.float(),
-                               label_smoothing=label_smoothing, reduction=reduction)
+        return F.cross_entropy(logits.float(), targets, weight=weight, label_smoothing=label_smoothing,
+                               ignore_index=-100 if ignore_index is None else ignore_index,
+                               reduction=reduction)
     except (IndexError, RuntimeError):  # ids out of range (on CPU; CUDA asserts on the device)
-        check_ids("cross_entropy", "targets", targets, logits.shape[1])
+        cls.targets("cross_entropy", logits, targets, ignore_index=ignore_index)
         raise
 
 
 class CrossEntropy(Objective):
-    """Mean cross-entropy of ``Views.logits`` against ``Batch.targets`` (ids or soft labels)."""
+    """Cross-entropy of ``Views.logits`` against ``Batch.targets`` (ids or soft labels), reduced
+    as :func:`sdk.classification.reduce` (class weights, ignored ids)."""
 
     requires = {"logits": True, "targets": True}
     consumes = frozenset({Input.LOGITS, Input.LABELS, Input.SOFT_LABELS})
     batch_coupled = False
 
-    def __init__(self, label_smoothing: Annotated[float, Interval(ge=0, lt=1)] = 0.0):
+    def __init__(self, label_smoothing: Annotated[float, Interval(ge=0, lt=1)] = 0.0,
+                 class_weights: tuple[float, ...] | None = None, ignore_index: int | None = None):
         super().__init__()
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
+        self.register_buffer("class_weights", cls.weight_buffer("cross_entropy", class_weights))
 
     def caveats(self) -> dict[Input, str]:
         if not self.label_smoothing:
@@ -61,11 +66,21 @@ class CrossEntropy(Objective):
                 "are already mixed: the smoothing adds to mixup's own softening"}
 
     def forward(self, views: Views, batch: Batch) -> Loss:
-        if not self.per_sample_requested:
+        w = self.class_weights
+        cls.class_weights("cross_entropy", w, views.logits.shape[1])
+        if not self.per_sample_requested:  # torch's fused mean reduces the same way
             return Loss(value=cross_entropy_loss(views.logits, batch.targets, self.label_smoothing,
-                                                 reduction="mean"))
-        per_sample = cross_entropy_loss(views.logits, batch.targets, self.label_smoothing)
-        return Loss(value=per_sample.mean(), per_sample=per_sample)
+                                                 w, self.ignore_index, reduction="mean"))
+        per_sample = cross_entropy_loss(views.logits, batch.targets, self.label_smoothing, w,
+                                        self.ignore_index)
+        if batch.targets.dim() == 2 or (w is None and self.ignore_index is None):
+            return Loss(value=per_sample.mean(), per_sample=per_sample)
+        y = batch.targets.long()
+        count = (torch.ones_like(per_sample) if w is None else w[y.clamp(0, len(w) - 1)])
+        if self.ignore_index is not None:
+            count = count * (y != self.ignore_index)
+        return Loss(value=per_sample.sum() / count.sum().clamp_min(torch.finfo(count.dtype).tiny),
+                    per_sample=per_sample)
 
 
 CARD = Card(
@@ -73,7 +88,10 @@ CARD = Card(
     title="Rethinking the Inception Architecture for Computer Vision (label smoothing)",
     paper="arXiv:1512.00567",
     summary="Softmax cross-entropy on logits, with optional label smoothing and soft targets.",
-    formula="l_i = -sum_c q_ic log softmax(z_i)_c, q_i = (1 - eps) y_i + eps / C",
+    formula="l_i = -sum_c w_c q_ic log softmax(z_i)_c, q_i = (1 - eps) y_i + eps / C; "
+            "L = sum_i l_i / sum_i w_{y_i} (ids; ignored ids count 0), mean over i (soft labels)",
+    left_out="Class weights and ignore_index follow torch.nn.functional.cross_entropy; the paper "
+             "has neither.",
 )
 
 

@@ -50,3 +50,39 @@ def test_errors():
     with pytest.raises(sdk.RequirementError, match="needs Views.logits"):
         sdk.create("objective", "cross_entropy")(sdk.Views(embeddings=(torch.zeros(4, 3),)),
                                                   sdk.Batch(targets=torch.zeros(4, dtype=torch.long)))
+
+
+def test_class_weights_and_ignore_index_reduce_as_torch():
+    g = torch.Generator().manual_seed(3)
+    logits, y = torch.randn(8, 3, generator=g), torch.tensor([0, 2, -1, 1, 1, -1, 2, 0])
+    w = (0.5, 2.0, 1.0)
+    loss = sdk.create("objective", "cross_entropy", class_weights=w, ignore_index=-1)(
+        sdk.Views(logits=logits), sdk.Batch(targets=y))
+    want = torch.nn.functional.cross_entropy(logits, y, weight=torch.tensor(w), ignore_index=-1)
+    assert loss.value.item() == pytest.approx(want.item(), rel=1e-6)
+    assert loss.per_sample[2] == 0 and loss.per_sample[5] == 0
+    plain = sdk.create("objective", "cross_entropy", ignore_index=-1)(sdk.Views(logits=logits),
+                                                                        sdk.Batch(targets=y))
+    assert plain.value.item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, y, ignore_index=-1).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"class_weights": (1.0, 2.0, 0.5, 1.0, 3.0)},
+                                    {"ignore_index": 2, "label_smoothing": 0.1},
+                                    {"class_weights": (1.0, 2.0, 0.5, 1.0, 3.0), "ignore_index": 2}])
+def test_fused_mean_equals_the_mean_of_per_sample_losses(kwargs):
+    """Without a reader of per-sample losses (the Trainer's request) the value is torch's fused
+    mean, equal in value and gradient to the reduced per-sample losses."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 5, (16,), generator=g)
+    y[3] = 2
+    obj = sdk.create("objective", "cross_entropy", **kwargs)
+    full = obj(sdk.Views(logits=z, embeddings=(z,)), sdk.Batch(targets=y))
+    obj.request_per_sample(False)
+    fused = obj(sdk.Views(logits=z, embeddings=(z,)), sdk.Batch(targets=y))
+    assert full.per_sample is not None and fused.per_sample is None
+    torch.testing.assert_close(fused.value.double(), full.value.double(), rtol=1e-6, atol=1e-7)
+    g_full, = torch.autograd.grad(full.value, z)
+    g_fused, = torch.autograd.grad(fused.value, z)
+    torch.testing.assert_close(g_fused.double(), g_full.double(), rtol=1e-5, atol=1e-7)

@@ -1,0 +1,82 @@
+"""sdk.classification: target checks name plugin and field, reductions as torch's, stable
+log-softmax in bfloat16, distillation KL."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdk import classification as cls
+from sdk import keys
+from sdk.errors import ConfigError, ShapeError
+from sdk.types import Views
+
+
+def test_ids_are_checked_on_cpu_and_ignored_ids_are_masked():
+    z = torch.zeros(3, 4)
+    t = cls.targets("toy", z, torch.tensor([0, 3, 1]))
+    assert t.kind == "ids" and t.valid is None and t.ids.tolist() == [0, 3, 1]
+    with pytest.raises(ShapeError, match=r"toy: Batch.targets must lie in \[0, 4\), got ids in \[0, 4\]"):
+        cls.targets("toy", z, torch.tensor([0, 4, 1]))
+    with pytest.raises(ShapeError, match=r"toy: Batch.targets must lie in \[0, 4\), got ids in \[-1, 1\]"):
+        cls.targets("toy", z, torch.tensor([0, -1, 1]))
+    t = cls.targets("toy", z, torch.tensor([0, -100, 1]), ignore_index=-100)
+    assert t.ids.tolist() == [0, 0, 1] and t.valid.tolist() == [True, False, True]
+    with pytest.raises(ShapeError, match=r"toy: Batch.targets must be integer ids \[B\], got torch.float32"):
+        cls.targets("toy", z, torch.tensor([0.0, 1.0, 2.0]))
+
+
+def test_dense_targets():
+    z = torch.zeros(2, 3, dtype=torch.bfloat16)
+    soft = torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    t = cls.targets("toy", z, soft)
+    assert t.kind == "soft" and t.dense.dtype == torch.float32  # bf16 rows sum to 1 within its eps
+    with pytest.raises(ShapeError, match="toy: Batch.targets as soft labels must sum to 1 per row, "
+                       "got row sums in \\[0.9, 1\\]"):
+        cls.targets("toy", z.float(), torch.tensor([[0.2, 0.2, 0.5], [1.0, 0.0, 0.0]]))
+    with pytest.raises(ShapeError, match=r"soft labels must lie in \[0, 1\], got values in \[-0.5"):
+        cls.targets("toy", z.float(), torch.tensor([[-0.5, 0.5, 1.0], [1.0, 0.0, 0.0]]))
+    with pytest.raises(ShapeError, match=r"soft labels \[2, 3\] matching the logits, got \[2, 4\]"):
+        cls.targets("toy", z, torch.zeros(2, 4))
+    with pytest.raises(ShapeError, match=r"toy: Batch.targets must be class ids \[2\]"):
+        cls.targets("toy", z, soft, soft=False)
+    sets = cls.targets("toy", z, torch.tensor([[1, 1, 0], [0, 0, 0]]), multilabel=True)
+    assert sets.kind == "multilabel" and sets.dense.sum().item() == 2
+    with pytest.raises(ConfigError, match="toy: ignore_index applies to class-id targets"):
+        cls.targets("toy", z, soft, ignore_index=-1)
+
+
+def test_reduce_is_torch_cross_entropy_reduction():
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.tensor([0, 2, 5, 1, 1, 5, 2])
+    w = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)
+    t = cls.targets("toy", z, y, ignore_index=5)
+    loss = cls.reduce(-cls.pick(cls.log_probs(z), t), t, w)
+    assert loss.value.item() == pytest.approx(F.cross_entropy(z, y, weight=w, ignore_index=5).item(), rel=1e-12)
+    assert torch.allclose(loss.per_sample, F.cross_entropy(z, y, weight=w, ignore_index=5, reduction="none"))
+    everything_ignored = cls.targets("toy", z, torch.full((7,), 5), ignore_index=5)
+    assert cls.reduce(torch.full((7,), math.inf), everything_ignored).value.item() == 0.0
+    with pytest.raises(ShapeError, match="toy: class_weights has 3 entries, but the logits have 4"):
+        cls.class_weights("toy", w, 4)
+
+
+def test_log_probs_in_bfloat16_are_float32_and_stable():
+    z = torch.tensor([[3e4, 0.0, -3e4], [1.0, 2.0, 3.0]], dtype=torch.bfloat16)
+    out = cls.log_probs(z)
+    want = torch.log_softmax(z.double(), -1)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert torch.allclose(out.double(), want, rtol=1e-6)
+    assert cls.log_probs(z.double()).dtype == torch.float64
+
+
+def test_distillation_kl_and_teacher_logits():
+    g = torch.Generator().manual_seed(1)
+    z, v = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    want = 9 * F.kl_div(torch.log_softmax(z / 3, 1), torch.log_softmax(v / 3, 1), log_target=True,
+                        reduction="none").sum(1)
+    assert torch.allclose(cls.distillation_kl(z, v, 3.0), want, rtol=1e-12)
+    views = Views(logits=z, extras={keys.TEACHER: (v.requires_grad_(),)})
+    assert not cls.teacher_logits("toy", views).requires_grad
+    with pytest.raises(ShapeError, match=r"toy: Views.extras\['teacher'\] must hold floating teacher logits"):
+        cls.teacher_logits("toy", Views(logits=z, extras={keys.TEACHER: ("x",)}))

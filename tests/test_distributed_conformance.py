@@ -37,10 +37,10 @@ CASES = [
 groco leaves the anchors of frequent classes short of negatives, so the ranks hold different
 numbers of valid anchors."""
 
-TRAINING = {"isogclr", "isogclr(sampler=meow_weighted_negatives)"}
+TRAINING = {"isogclr", "isogclr(sampler=meow_weighted_negatives)", "dec_relative_entropy"}
 """Cases run in training mode, whose state updated in the forward (iSogCLR's per-sample
-temperatures, averages and momenta) must come out the same on every rank as in one process.
-The others run in eval mode: adaptive_multihead_contrastive's heads hold BatchNorm layers,
+temperatures, averages and momenta; DEPICT's recorded predictions) must come out the same on
+every rank as in one process. The others run in eval mode: adaptive_multihead_contrastive's heads hold BatchNorm layers,
 which normalise with each rank's own batch in training."""
 
 CONTROL = Plugin("objective", "nt_xent", {"gather": False})

@@ -32,6 +32,8 @@ CASES = [
                                   "sampler": Plugin("sampler", "label_positives")}),
     Plugin("objective", "symmetry_enhanced_contrastive", {"hinge_weight": 1.0}),
     Plugin("objective", "core_tuning", {"eta": 1.0}),
+    Plugin("objective", "learned_positive_pairs", {"num_classes": 5, "pairing": "distinct",
+                                                   "alpha": 0.5}),
 ]
 """Compositions (samplers over the gathered batch, memory negatives) and variants; the second
 groco leaves the anchors of frequent classes short of negatives, so the ranks hold different

@@ -92,7 +92,7 @@ def test_batch_coupled_objectives_gather_by_default(name):
 
 def test_per_sample_objectives_are_declared_so():
     per_sample = {c.name for c in sdk.plugins("objective")} - set(coupled())
-    assert per_sample == {"cross_entropy", "supervised_patch_nce"}
+    assert per_sample == {"cross_entropy", "supervised_patch_nce", "representation_alignment"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

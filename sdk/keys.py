@@ -32,4 +32,10 @@ ADJACENCY = "adjacency"
 """``Batch.extras``: the graph among the batch's samples, ``[B, B]`` (dense or sparse COO; a
 nonzero entry links two samples)."""
 
-SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY)
+TARGET_FEATURES = "target_features"
+"""``Batch.extras``: features of the batch's samples from a frozen pretrained encoder, ``[B, Dz]``
+(precomputed, e.g. by the dataset), which an alignment objective (REPA) projects the model's
+representation onto."""
+
+SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
+          TARGET_FEATURES)

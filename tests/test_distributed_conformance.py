@@ -32,15 +32,17 @@ CASES = [
                                   "sampler": Plugin("sampler", "label_positives")}),
     Plugin("objective", "symmetry_enhanced_contrastive", {"hinge_weight": 1.0}),
     Plugin("objective", "core_tuning", {"eta": 1.0}),
+    Plugin("objective", "learned_positive_pairs", {"num_classes": 5, "pairing": "distinct",
+                                                   "alpha": 0.5}),
 ]
 """Compositions (samplers over the gathered batch, memory negatives) and variants; the second
 groco leaves the anchors of frequent classes short of negatives, so the ranks hold different
 numbers of valid anchors."""
 
-TRAINING = {"isogclr", "isogclr(sampler=meow_weighted_negatives)"}
+TRAINING = {"isogclr", "isogclr(sampler=meow_weighted_negatives)", "dec_relative_entropy"}
 """Cases run in training mode, whose state updated in the forward (iSogCLR's per-sample
-temperatures, averages and momenta) must come out the same on every rank as in one process.
-The others run in eval mode: adaptive_multihead_contrastive's heads hold BatchNorm layers,
+temperatures, averages and momenta; DEPICT's recorded predictions) must come out the same on
+every rank as in one process. The others run in eval mode: adaptive_multihead_contrastive's heads hold BatchNorm layers,
 which normalise with each rank's own batch in training."""
 
 CONTROL = Plugin("objective", "nt_xent", {"gather": False})
@@ -90,7 +92,7 @@ def test_batch_coupled_objectives_gather_by_default(name):
 
 def test_per_sample_objectives_are_declared_so():
     per_sample = {c.name for c in sdk.plugins("objective")} - set(coupled())
-    assert per_sample == {"cross_entropy", "supervised_patch_nce"}
+    assert per_sample == {"cross_entropy", "supervised_patch_nce", "representation_alignment"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

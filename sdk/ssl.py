@@ -7,7 +7,8 @@
 * **Optimal-transport codes** (SwAV): :func:`sinkhorn`, equipartition over the global batch.
 * **Self-distillation** (DINO): :class:`Center` (the teacher's output centre, an EMA buffer)
   and :func:`teacher_temperature` (the teacher temperature's linear warm-up).
-* **Predictive stop-gradient losses** (BYOL, SimSiam): :func:`negative_cosine`.
+* **Predictive stop-gradient losses** (BYOL, SimSiam): :class:`Predictor` (the MLP on the
+  online branch, owned by the objective) and :func:`negative_cosine`.
 
 Everything is computed in at least float32 (:func:`at_least_float32`: bfloat16 / float16
 inputs are upcast, float64 stays float64), so low-precision embeddings do not lose the
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from sdk.distributed import gather_no_grad, rank, sum_over_ranks, world_size
 from sdk.errors import ShapeError
+from sdk.layers import mlp_layers
 from sdk.state import ResizableBuffers
 
 
@@ -187,3 +189,32 @@ def negative_cosine(prediction: Tensor, target: Tensor, *, stop_gradient: bool =
         target = target.detach()
     p, z = at_least_float32(prediction), at_least_float32(target)
     return -F.cosine_similarity(p, z.to(p.dtype), dim=-1, eps=1e-8)
+
+
+class Predictor(nn.Module):
+    """The prediction MLP ``q`` of BYOL and SimSiam: ``Linear(dim, hidden_dim) -> BN -> ReLU ->
+    Linear(hidden_dim, dim)``, no batch norm at its output (BYOL: 256 -> 4096 -> 256; SimSiam:
+    2048 -> 512 -> 2048, its bottleneck). Owned by the objective, so the Trainer optimises it
+    and the EMA teacher, a copy of the encoder, has none (BYOL's target network has no
+    predictor).
+
+    ``z`` must be floating ``[B, dim]`` and of more than one row in training mode (batch norm),
+    else :class:`sdk.ShapeError` names ``owner``; it is cast to the parameters' dtype (outside
+    autocast), so bfloat16 or float64 embeddings go through a float32 predictor."""
+
+    def __init__(self, dim: int, hidden_dim: int, owner: str = "predictor"):
+        super().__init__()
+        self.dim, self.owner = dim, owner
+        self.net = mlp_layers([dim, hidden_dim, dim])
+
+    def forward(self, z: Tensor, field: str = "embeddings") -> Tensor:
+        if z.dim() != 2 or z.shape[1] != self.dim or not z.is_floating_point():
+            raise ShapeError(f"{self.owner}: {field} must be floating [B, {self.dim}] (the "
+                             f"predictor's dim), got {z.dtype} {list(z.shape)}")
+        if self.training and z.shape[0] < 2:
+            raise ShapeError(f"{self.owner}: {field} has {z.shape[0]} row, but the predictor's "
+                             "batch norm in training mode needs a batch of at least 2")
+        dtype = self.net[0].weight.dtype
+        if not torch.is_autocast_enabled(z.device.type):
+            z = z.to(dtype)
+        return self.net(z)

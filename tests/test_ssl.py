@@ -8,6 +8,7 @@ import torch
 from sdk.errors import ShapeError
 from sdk.ssl import (
     Center,
+    Predictor,
     at_least_float32,
     batch_standardize,
     covariance_term,
@@ -153,3 +154,18 @@ def test_negative_cosine_value_and_stop_gradient():
 def test_low_precision_is_upcast():
     assert at_least_float32(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
     assert at_least_float32(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_predictor_has_no_norm_at_its_output_and_names_its_owner():
+    q = Predictor(6, 10, owner="objective 'byol'")
+    kinds = [type(m).__name__ for m in q.net]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert (q.net[0].in_features, q.net[0].out_features, q.net[-1].out_features) == (6, 10, 6)
+    out = q(torch.randn(4, 6, dtype=torch.float64))  # cast to the parameters' dtype
+    assert out.dtype == torch.float32 and out.shape == (4, 6)
+    with pytest.raises(ShapeError, match="'byol'.*\\[B, 6\\].*\\[4, 5\\]"):
+        q(torch.randn(4, 5))
+    with pytest.raises(ShapeError, match="'byol'.*1 row"):
+        q(torch.randn(1, 6))
+    q.eval()
+    assert q(torch.randn(1, 6)).shape == (1, 6)

@@ -76,9 +76,10 @@ CARD = Card(
     formula="z = W_last(u / ||u||), u = mlp(f(x)); W_last,k = g_k v_k / ||v_k|| "
             "(g_k = 1 when norm_last_layer)",
     left_out="DINO's freezing of the last layer during the first epoch (the authors cancel its "
-             "gradients; a callback zeroing them in before_optimizer_step does it). Defaults are "
-             "the paper's ViT sizes (hidden 2048, bottleneck 256, out_dim 65536); small data "
-             "wants a much smaller out_dim.",
+             "gradients; a callback zeroing them in before_optimizer_step does it). Deviation: "
+             "out_dim defaults to 4096, not the paper's 65536 (set it for the published head; "
+             "small data wants a much smaller one); hidden 2048 and bottleneck 256 are the "
+             "paper's.",
 )
 
 

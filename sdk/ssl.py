@@ -7,6 +7,7 @@
 * **Optimal-transport codes** (SwAV): :func:`sinkhorn`, equipartition over the global batch.
 * **Self-distillation** (DINO): :class:`Center` (the teacher's output centre, an EMA buffer)
   and :func:`teacher_temperature` (the teacher temperature's linear warm-up).
+* **Teachers' outputs** (BYOL, DINO): :func:`check_teacher` reads ``Views.extras["teacher"]``.
 * **Predictive stop-gradient losses** (BYOL, SimSiam): :class:`Predictor` (the MLP on the
   online branch, owned by the objective) and :func:`negative_cosine`.
 
@@ -30,10 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdk import keys
 from sdk.distributed import gather_no_grad, rank, sum_over_ranks, world_size
 from sdk.errors import ShapeError
 from sdk.layers import mlp_layers
 from sdk.state import ResizableBuffers
+from sdk.types import Views
 
 
 def at_least_float32(z: Tensor) -> Tensor:
@@ -126,7 +129,7 @@ def sinkhorn(scores: Tensor, iterations: int = 3, eps: float = 0.05, *,
 class Center(ResizableBuffers, nn.Module):
     """The centre ``c`` ``[K]`` subtracted from a teacher's outputs (DINO, eq. 4):
     ``c <- m c + (1 - m) mean(t)`` after every training step, over the teacher's outputs of the
-    global batch (under DDP the mean is all-reduced unless the outputs were gathered already).
+    global batch (under DDP the mean is all-reduced, as the authors do).
 
     The buffer ``center`` starts empty and takes the width of the first outputs it sees (zeros,
     as in the paper), so the owner need not know the head's width; it is checkpointed with the
@@ -152,13 +155,14 @@ class Center(ResizableBuffers, nn.Module):
         return t - self.center.to(t.dtype) if self.center.numel() else t
 
     @torch.no_grad()
-    def update(self, t: Tensor, *, gathered: bool = False) -> None:
+    def update(self, t: Tensor, *, all_reduce: bool = True) -> None:
         """One EMA step towards the mean of ``t`` ``[..., K]`` (all leading dimensions are
-        averaged); ``gathered``: ``t`` holds the global batch already."""
+        averaged); ``all_reduce``: over every rank's ``t`` under DDP (False: this rank's only,
+        e.g. when ``t`` was gathered already)."""
         t = at_least_float32(t.detach()).reshape(-1, t.shape[-1])
         self.check(t.shape[-1])
         total, count = t.sum(dim=0), t.new_tensor(float(t.shape[0]))
-        if not gathered and world_size() > 1:
+        if all_reduce and world_size() > 1:
             total, count = sum_over_ranks(total), sum_over_ranks(count)
         mean = total / count
         if not self.center.numel():
@@ -177,6 +181,28 @@ def teacher_temperature(step: int, warmup_steps: int, warmup_temp: float | None,
     if warmup_temp is None or warmup_steps <= 0 or step >= warmup_steps:
         return temp
     return warmup_temp + (temp - warmup_temp) * step / warmup_steps
+
+
+# teachers' outputs (BYOL, DINO) -------------------------------------------------------------
+
+
+def check_teacher(owner: str, views: Views, count: int | None = None) -> tuple[torch.Tensor, ...]:
+    """The teacher's outputs ``Views.extras[keys.TEACHER]``: a tuple of at least ``count`` (all
+    views by default) floating ``[B, D]`` tensors of the embeddings' batch size and width, else
+    :class:`sdk.ShapeError` naming ``owner``."""
+    teacher = views.extras[keys.TEACHER]
+    need = views.n_views if count is None else count
+    if not isinstance(teacher, (tuple, list)) or len(teacher) < need:
+        got = len(teacher) if isinstance(teacher, (tuple, list)) else type(teacher).__name__
+        raise ShapeError(f"{owner}: extras[{keys.TEACHER!r}] must hold the teacher's output on each "
+                         f"of {need} views, got {got}")
+    want = tuple(views.embeddings[0].shape)
+    for i, t in enumerate(teacher[:need]):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != want:
+            shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ShapeError(f"{owner}: extras[{keys.TEACHER!r}][{i}] must be floating {list(want)} "
+                             f"(as the embeddings), got {shape}")
+    return tuple(teacher[:need])
 
 
 # predictive stop-gradient losses (BYOL, SimSiam) ----------------------------------------------

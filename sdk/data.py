@@ -9,11 +9,14 @@ The augmentations are plain tensor transforms (they act on a whole batch, on its
 draw from torch's global generator, so a seeded run is reproducible and resumable):
 :class:`RandomShift` (integer translations of images), :class:`GaussianNoise`,
 :class:`RandomMask` (each input feature zeroed with probability p), :class:`RandomScale`
-(per-sample intensity scaling), chained by :class:`Compose`.
+(per-sample intensity scaling), :class:`RandomResizedCrop` (a random box per sample, resized),
+chained by :class:`Compose`; :func:`multi_crop` gives the global and local crops of SwAV and
+DINO, one transform per view.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import attrs
@@ -213,6 +216,90 @@ class RandomScale(Transform):
         shape = (x.shape[0],) + (1,) * (x.dim() - 1)
         factor = 1 + self.amount * (2 * torch.rand(shape, device=x.device, dtype=x.dtype) - 1)
         return x * factor, batch
+
+
+class RandomResizedCrop(Transform):
+    """A box per sample covering a fraction of the image's area drawn uniformly from ``scale``,
+    of aspect ratio log-uniform in ``ratio``, at a uniform position, resized bilinearly to
+    ``size`` (default: the input's size); torchvision's ``RandomResizedCrop`` at tensor level,
+    one batched ``grid_sample``.
+
+    Images are ``[B, H*W]`` (flattened, of ``shape``), ``[B, H, W]`` or ``[B, C, H, W]``; the output
+    keeps the layout (flattened inputs give flattened outputs of ``size``). Unlike torchvision,
+    which retries a draw whose box does not fit, a box is clipped to the image (the area drawn
+    is then an upper bound)."""
+
+    def __init__(self, shape: tuple[int, int] = (8, 8), scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), size: tuple[int, int] | None = None):
+        super().__init__()
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ConfigError(f"scale must satisfy 0 < low <= high <= 1, got {tuple(scale)}",
+                              param="scale")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ConfigError(f"ratio must satisfy 0 < low <= high, got {tuple(ratio)}", param="ratio")
+        if size is not None and min(size) < 1:
+            raise ConfigError(f"size must be positive, got {tuple(size)}", param="size")
+        self.shape, self.scale, self.ratio = tuple(shape), tuple(scale), tuple(ratio)
+        self.size = tuple(size) if size is not None else tuple(shape)
+
+    def forward(self, x: Tensor, batch: Batch) -> tuple[Tensor, Batch]:
+        h, w = self.shape
+        b = x.shape[0]
+        if x.dim() == 2 and x.shape[1] == h * w:
+            img = x.reshape(b, 1, h, w)
+        elif x.dim() == 3 and x.shape[1:] == (h, w):
+            img = x[:, None]
+        elif x.dim() == 4 and x.shape[2:] == (h, w):
+            img = x
+        else:
+            raise ShapeError(f"RandomResizedCrop: expected images [B, {h * w}], [B, {h}, {w}] or "
+                             f"[B, C, {h}, {w}], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise ShapeError(f"RandomResizedCrop: images must be floating point, got {x.dtype}")
+        u = torch.rand(4, b, device=x.device, dtype=torch.float32)
+        area = self.scale[0] + (self.scale[1] - self.scale[0]) * u[0]
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(lo + (hi - lo) * u[1])
+        cw = torch.sqrt(area * aspect).clamp(max=1.0)  # box width / image width
+        ch = torch.sqrt(area / aspect).clamp(max=1.0)
+        cx = (1 - cw) * (2 * u[2] - 1)  # box centre in [-1, 1] image coordinates
+        cy = (1 - ch) * (2 * u[3] - 1)
+        zero = torch.zeros_like(cw)
+        theta = torch.stack([torch.stack([cw, zero, cx], 1), torch.stack([zero, ch, cy], 1)], 1)
+        out_h, out_w = self.size
+        grid = torch.nn.functional.affine_grid(theta.to(img.dtype), [b, img.shape[1], out_h, out_w],
+                                               align_corners=False)
+        out = torch.nn.functional.grid_sample(img, grid, mode="bilinear", padding_mode="border",
+                                              align_corners=False)
+        if x.dim() == 2:
+            return out.reshape(b, -1), batch
+        return (out[:, 0] if x.dim() == 3 else out), batch
+
+
+def multi_crop(shape: tuple[int, int], *, n_global: int = 2, n_local: int = 6,
+               global_scale: tuple[float, float] = (0.14, 1.0),
+               local_scale: tuple[float, float] = (0.05, 0.14),
+               local_size: tuple[int, int] | None = None,
+               then: Transform | None = None) -> list[Transform]:
+    """SwAV's and DINO's multi-crop: ``n_global`` crops of ``global_scale`` of the area at full
+    size, then ``n_local`` crops of ``local_scale`` resized to ``local_size`` (default: the
+    full size, since every view goes through one encoder), each followed by ``then`` (e.g. the
+    recipes' noise). One transform per view, global views first, for ``Trainer(transforms=...)``.
+    Scales are SwAV's defaults (DINO: 0.4-1 and 0.05-0.4).
+
+    A local size below the image size needs an encoder that takes inputs of either size (the
+    embeddings of all views must share one width, not the inputs); the ``mlp`` encoder takes
+    one input size only."""
+    if n_global < 1 or n_local < 0:
+        raise ConfigError(f"multi_crop needs n_global >= 1 and n_local >= 0, got {n_global} and "
+                          f"{n_local}", param="n_global")
+
+    def view(scale: tuple[float, float], size: tuple[int, int] | None) -> Transform:
+        crop = RandomResizedCrop(shape, scale=scale, size=size)
+        return crop if then is None else Compose([crop, then])
+
+    return ([view(global_scale, None) for _ in range(n_global)]
+            + [view(local_scale, local_size) for _ in range(n_local)])
 
 
 def augmentation(*, image_shape: tuple[int, int] | None = None, shift: int = 0,

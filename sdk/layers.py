@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -45,3 +47,30 @@ def check_features(owner: str, field: str, x: Tensor, width: int, *, module: nn.
     if batch_norm and module.training and x.shape[0] < 2:
         raise ShapeError(f"{owner}: {field} has {x.shape[0]} row, but batch norm in training "
                          "mode needs a batch of at least 2")
+
+
+class L2Normalize(nn.Module):
+    """``x / ||x||_2`` along the last dimension (``F.normalize``, eps 1e-12)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.normalize(x, dim=-1)
+
+
+class WeightNormLinear(nn.Module):
+    """A linear layer without bias whose rows are weight-normalised (Salimans & Kingma, 2016):
+    ``W_k = g_k v_k / ||v_k||``. ``fixed_norm`` (DINO's ``norm_last_layer``): ``g = 1``, not
+    learned, so every output is the cosine of a unit input with a direction ``v_k``; else ``g``
+    is learned, starting at 1 (as DINO initialises it). ``v`` starts as ``nn.Linear``'s weight."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, fixed_norm: bool = True):
+        super().__init__()
+        self.v = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.kaiming_uniform_(self.v, a=math.sqrt(5))  # nn.Linear's initialisation
+        self.g = None if fixed_norm else nn.Parameter(torch.ones(out_dim, 1))
+
+    def weight(self) -> Tensor:
+        w = self.v / self.v.norm(dim=1, keepdim=True)
+        return w if self.g is None else self.g * w
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, self.weight())

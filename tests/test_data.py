@@ -124,3 +124,57 @@ def test_mask_noise_and_scale_statistics():
 def test_bad_augmentation_parameters(make, message):
     with pytest.raises(ConfigError, match=message):
         make()
+
+
+def _ramp(b, h=8, w=8):
+    """Images whose value is the column's centre in [-1, 1] coordinates (a linear ramp)."""
+    cols = (torch.arange(w, dtype=torch.float64) + 0.5) / w * 2 - 1
+    return cols.expand(b, h, w).clone()
+
+
+def test_random_resized_crop_of_the_whole_image_is_the_identity():
+    x = torch.rand(5, 64)
+    out, _ = data.RandomResizedCrop((8, 8), scale=(1.0, 1.0), ratio=(1.0, 1.0))(x, Batch())
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-6)
+
+
+def test_random_resized_crop_takes_boxes_of_the_drawn_area_at_random_positions():
+    torch.manual_seed(0)
+    x = _ramp(200)
+    out, _ = data.RandomResizedCrop((8, 8), scale=(0.25, 0.25), ratio=(1.0, 1.0))(x, Batch())
+    # a box of half the width maps the ramp onto half its range wherever it lies (away from the
+    # outermost half pixel, where bilinear sampling holds the border value)
+    centres = out.mean(dim=(1, 2))
+    inner = centres.abs() < 0.5 - 1 / 16
+    span = out[inner, 0, -1] - out[inner, 0, 0]
+    torch.testing.assert_close(span, torch.full_like(span, 0.5 * float(x[0, 0, -1] - x[0, 0, 0])))
+    assert inner.sum() > 100
+    assert centres.abs().max() <= 0.5 + 1e-9 and centres.std() > 0.2  # inside, and spread out
+    assert centres.min() < -0.4 and centres.max() > 0.4
+
+
+def test_multi_crop_gives_global_then_local_views():
+    views = data.multi_crop((8, 8), n_global=2, n_local=3, local_size=(4, 4), then=data.GaussianNoise(0.0))
+    assert len(views) == 5
+    crops = [v.transforms[0] for v in views]
+    assert all(isinstance(c, data.RandomResizedCrop) for c in crops)
+    assert [c.scale for c in crops] == [(0.14, 1.0)] * 2 + [(0.05, 0.14)] * 3
+    x = torch.rand(6, 64)
+    assert [v(x, Batch())[0].shape[1] for v in views] == [64, 64, 16, 16, 16]
+    with pytest.raises(ShapeError, match="RandomResizedCrop.*\\[B, 64\\]"):
+        crops[0](torch.rand(6, 10), Batch())
+    with pytest.raises(ConfigError, match="scale"):
+        data.RandomResizedCrop((8, 8), scale=(0.5, 0.2))
+
+
+def test_random_resized_crop_aspect_ratio_is_width_over_height():
+    torch.manual_seed(1)
+    x = _ramp(100)
+    crop = data.RandomResizedCrop((8, 8), scale=(0.25, 0.25), ratio=(4.0, 4.0))
+    wide, _ = crop(x, Batch())  # box: the full width, a quarter of the height
+    torch.testing.assert_close(wide, x, rtol=0, atol=1e-9)
+    tall, _ = crop(x.transpose(1, 2).contiguous(), Batch())
+    centres = tall.mean(dim=(1, 2))
+    inner = centres.abs() < 0.875 - 0.25 * 0.875
+    span = tall[inner, -1, 0] - tall[inner, 0, 0]
+    torch.testing.assert_close(span, torch.full_like(span, 0.25 * 1.75))

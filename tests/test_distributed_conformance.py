@@ -34,19 +34,25 @@ CASES = [
     Plugin("objective", "core_tuning", {"eta": 1.0}),
     Plugin("objective", "learned_positive_pairs", {"num_classes": 5, "pairing": "distinct",
                                                    "alpha": 0.5}),
+    Plugin("objective", "swav", {"queue_length": 4}),
 ]
 """Compositions (samplers over the gathered batch, memory negatives) and variants; the second
 groco leaves the anchors of frequent classes short of negatives, so the ranks hold different
-numbers of valid anchors."""
+numbers of valid anchors; swav's queue is filled from the global batch."""
 
-TRAINING = {"isogclr", "isogclr(sampler=meow_weighted_negatives)", "dec_relative_entropy"}
+TRAINING = {"isogclr", "isogclr(sampler=meow_weighted_negatives)", "dec_relative_entropy", "dino",
+            "swav(queue_length=4)", "dino(gather=False)"}
 """Cases run in training mode, whose state updated in the forward (iSogCLR's per-sample
-temperatures, averages and momenta; DEPICT's recorded predictions) must come out the same on
-every rank as in one process. The others run in eval mode: adaptive_multihead_contrastive's heads hold BatchNorm layers,
+temperatures, averages and momenta; DEPICT's recorded predictions; DINO's centre; SwAV's
+queue) must come out the same on every rank as in one process.
+The others run in eval mode: adaptive_multihead_contrastive's heads hold BatchNorm layers,
 which normalise with each rank's own batch in training."""
 
 CONTROL = Plugin("objective", "nt_xent", {"gather": False})
 """Gathering switched off: the check must see the difference."""
+
+CENTER_CONTROL = Plugin("objective", "dino", {"gather": False})
+"""DINO without the centre's all-reduce: the ranks' centres must be seen to differ."""
 
 
 def coupled() -> list[str]:
@@ -60,7 +66,7 @@ CHECKED = coupled()
 
 @pytest.fixture(scope="module")
 def failures():
-    cases = [Plugin("objective", n) for n in CHECKED] + CASES + [CONTROL]
+    cases = [Plugin("objective", n) for n in CHECKED] + CASES + [CONTROL, CENTER_CONTROL]
     return distributed_failures(cases, training=TRAINING)
 
 
@@ -76,12 +82,13 @@ def test_compositions_on_two_ranks_equal_one_process(failures, case):
 
 def test_training_cases_exist():
     labels = {Plugin("objective", n).label for n in CHECKED} | {c.label for c in CASES}
-    assert labels >= TRAINING
+    assert labels | {CENTER_CONTROL.label} >= TRAINING
 
 
 def test_the_check_sees_a_missing_gather(failures):
     assert failures.get(CONTROL.label, "").startswith("loss: max |difference|")
-    assert set(failures) == {CONTROL.label}
+    assert failures.get(CENTER_CONTROL.label, "").startswith("buffer 'center.center'")
+    assert set(failures) == {CONTROL.label, CENTER_CONTROL.label}
 
 
 @pytest.mark.parametrize("name", CHECKED)
@@ -92,7 +99,9 @@ def test_batch_coupled_objectives_gather_by_default(name):
 
 def test_per_sample_objectives_are_declared_so():
     per_sample = {c.name for c in sdk.plugins("objective")} - set(coupled())
-    assert per_sample == {"cross_entropy", "supervised_patch_nce", "representation_alignment"}
+    assert per_sample == {"cross_entropy", "supervised_patch_nce", "representation_alignment",
+                          "byol", "simsiam", "focal_loss", "poly_loss", "knowledge_distillation",
+                          "z_loss", "ldr_kl_loss", "comp_sum_losses"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

@@ -15,26 +15,17 @@ from sdk.card import Card
 from sdk.distributed import Gather, gather_with_grad, resolve_gather
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
+from sdk.ssl import cross_correlation, off_diagonal_sq_sum
 from sdk.types import Batch, Loss, Views
-
-
-def _batch_normalize(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """(z - mean) / sqrt(var + eps) along the batch, biased variance (BatchNorm1d, affine=False)."""
-    z = z.float()
-    mean = z.mean(dim=0)
-    var = z.var(dim=0, unbiased=False)
-    return (z - mean) / torch.sqrt(var + eps)
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 5e-3,
                       eps: float = 1e-5) -> torch.Tensor:
-    """``sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2`` with ``C = z1n^T z2n / N``."""
-    n = z1.shape[0]
-    c = _batch_normalize(z1, eps).T @ _batch_normalize(z2, eps) / n
-    diag = torch.diagonal(c)
-    on_diag = (diag - 1).pow(2).sum()
-    off_diag = c.pow(2).sum() - diag.pow(2).sum()
-    return on_diag + lambd * off_diag
+    """``sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2`` with ``C = z1n^T z2n / N``
+    (:func:`sdk.ssl.cross_correlation`)."""
+    c = cross_correlation(z1, z2, eps)
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    return on_diag + lambd * off_diagonal_sq_sum(c)
 
 
 class BarlowTwins(Objective):

@@ -856,7 +856,8 @@ def _dataset(case: Case, n: int, bad: float | None = None) -> Any:
 def _fit(case: Case, dataset: Any, *, sampler: Any = None, callbacks: tuple[Any, ...] = (),
          accumulate: int = 1, batch_size: int | None = None) -> Any:
     """A two-step ``Trainer.fit`` of a tiny encoder on ``dataset`` with the plugin under test
-    (bfloat16: ``bf16-mixed``; float64: a float64 encoder)."""
+    (bfloat16: ``bf16-mixed``; float64: a float64 encoder), dropping non-finite updates
+    (``on_nonfinite="skip"``: a plugin must come through a run fed NaN or inf data)."""
     from sdk.engine import Trainer
 
     torch.manual_seed(case.seed)
@@ -865,6 +866,7 @@ def _fit(case: Case, dataset: Any, *, sampler: Any = None, callbacks: tuple[Any,
         enc = enc.double()
     trainer = Trainer(enc, _SquaredNorm(), sampler=sampler, callbacks=list(callbacks), max_steps=2,
                       accumulate=accumulate, progress=False, device=str(testing._DEVICE),
+                      on_nonfinite="skip",
                       precision="bf16-mixed" if case.dtype == torch.bfloat16 else "32", seed=case.seed)
     size = batch_size or max(case.views, 1)
     return trainer.fit(torch.utils.data.DataLoader(dataset, batch_size=size))

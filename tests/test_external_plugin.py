@@ -47,7 +47,7 @@ raise ImportError("paperplug_broken_example needs the package 'not_installed_any
 """
 
 CLONE_MODULE = '''\
-"""Registers an objective under the template's name "vicreg", to provoke a conflict."""
+"""Registers an objective under the template's name "template_vicreg", to provoke a conflict."""
 import torch
 
 import sdk
@@ -63,7 +63,7 @@ class Zero(Objective):
 
 @sdk.hookimpl
 def paperplug_register(registry):
-    card = sdk.Card(name="vicreg", kind="objective", title="A clone", summary="Zero loss.")
+    card = sdk.Card(name="template_vicreg", kind="objective", title="A clone", summary="Zero loss.")
     registry.add(Zero, card=card)
 '''
 
@@ -118,7 +118,7 @@ PROBE = textwrap.dedent("""\
     import json, torch, sdk
     g = torch.Generator().manual_seed(0)
     views = sdk.Views(embeddings=(torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)))
-    theirs, ours = sdk.create("objective", "vicreg"), sdk.create("objective", "nt_xent")
+    theirs, ours = sdk.create("objective", "template_vicreg"), sdk.create("objective", "nt_xent")
     combined = 0.3 * theirs + ours
     loss = combined(views)
     a, b = theirs(views).value, ours(views).value
@@ -138,15 +138,16 @@ def test_template_is_discovered_composed_and_broken_package_isolated(sites):
 
     # (a) discovered, from the installed copy, with its distribution named on the card
     plugins = {(kind, name): package for kind, name, package in out["plugins"]}
-    assert plugins[("objective", "vicreg")] == TEMPLATE_DIST
+    assert plugins[("objective", "template_vicreg")] == TEMPLATE_DIST
     assert Path(out["module_file"]).is_relative_to(sites["main"])
 
     # (b) composes with a built-in: value is the weighted sum, logs hold every term
     assert out["total"] == pytest.approx(out["expected"], rel=1e-6)
     assert out["total"] == pytest.approx(0.3 * out["a"] + out["b"], rel=1e-6)
-    assert out["logs"]["vicreg"] == pytest.approx(out["a"], rel=1e-6)
+    assert out["logs"]["template_vicreg"] == pytest.approx(out["a"], rel=1e-6)
     assert out["logs"]["nt_xent"] == pytest.approx(out["b"], rel=1e-6)
-    assert {"vicreg/invariance", "vicreg/variance", "vicreg/covariance"} <= set(out["logs"])
+    assert {"template_vicreg/invariance", "template_vicreg/variance",
+            "template_vicreg/covariance"} <= set(out["logs"])
 
     # (c) the broken package is reported with its name and error; every built-in survives
     broken = {name: (package, error) for name, package, error in out["broken"]}
@@ -154,7 +155,7 @@ def test_template_is_discovered_composed_and_broken_package_isolated(sites):
         BROKEN_DIST,
         "ImportError: paperplug_broken_example needs the package 'not_installed_anywhere'")
     builtins = {(c.kind, c.name) for c in sdk.plugins()}  # this process: no extra packages
-    assert builtins and set(plugins) == builtins | {("objective", "vicreg")}
+    assert builtins and set(plugins) == builtins | {("objective", "template_vicreg")}
 
 
 def test_cli_lists_the_external_and_the_broken_package(sites):
@@ -169,7 +170,7 @@ def test_two_packages_registering_one_name_conflict(sites, tmp_path):
     probe = textwrap.dedent("""\
         import json, sdk
         try:
-            sdk.create("objective", "vicreg")
+            sdk.create("objective", "template_vicreg")
         except sdk.PluginConflictError as exc:
             print(json.dumps({"error": str(exc)}))
         else:
@@ -184,7 +185,7 @@ def test_two_packages_registering_one_name_conflict(sites, tmp_path):
         assert TEMPLATE_DIST in out["error"] and CLONE_DIST in out["error"]
         assert "vicreg" in out["error"]
         errors = json.loads(_run(["-c", listing], sites["main"], sites["clone"], cache=tmp_path))
-        assert [e for e in errors if e.startswith("PluginConflictError") and "'vicreg'" in e
+        assert [e for e in errors if e.startswith("PluginConflictError") and "'template_vicreg'" in e
                 and TEMPLATE_DIST in e and CLONE_DIST in e]
     assert list(tmp_path.glob("cards-*.json"))
 

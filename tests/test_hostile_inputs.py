@@ -48,9 +48,9 @@ def test_isogclr_refuses_an_index_outside_its_buffers(bad):
 
 
 @pytest.mark.parametrize(("targets", "match"), [
-    (torch.tensor([0, 1, 5, 2]), r"cross_entropy: targets must lie in \[0, 5\), got ids in \[0, 5\]"),
-    (torch.tensor([0, 1, -1, 2]), r"cross_entropy: targets must lie in \[0, 5\)"),
-    (torch.zeros(4, 1, 1, dtype=torch.long), r"cross_entropy: targets must be class ids \[B\] or soft labels"),
+    (torch.tensor([0, 1, 5, 2]), r"cross_entropy: Batch.targets must lie in \[0, 5\), got ids in \[0, 5\]"),
+    (torch.tensor([0, 1, -1, 2]), r"cross_entropy: Batch.targets must lie in \[0, 5\)"),
+    (torch.zeros(4, 1, 1, dtype=torch.long), r"cross_entropy: Batch.targets must be class ids \[B\] or soft labels"),
 ])
 def test_cross_entropy_checks_its_targets(targets, match):
     views = Views(logits=torch.randn(4, 5))

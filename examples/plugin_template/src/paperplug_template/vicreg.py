@@ -55,11 +55,11 @@ def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, *, gamma: float = 1.0, eps:
     stays local.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
-        raise ShapeError(f"vicreg: expected two [n, d] embeddings of one shape, got "
+        raise ShapeError(f"template_vicreg: expected two [n, d] embeddings of one shape, got "
                          f"{list(z1.shape)} and {list(z2.shape)}")
     if z1.shape[0] < 2:
-        raise ShapeError(f"vicreg: variance and covariance need a batch of at least 2 samples, "
-                         f"got shape {list(z1.shape)}")
+        raise ShapeError(f"template_vicreg: variance and covariance need a batch of at least 2 "
+                         f"samples, got shape {list(z1.shape)}")
     s = invariance(z1, z2)
     if resolve_gather(gather):
         z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
@@ -103,7 +103,7 @@ class VICReg(Objective):
 
 
 CARD = Card(
-    name="vicreg", kind="objective",
+    name="template_vicreg", kind="objective",
     title="VICReg: Variance-Invariance-Covariance Regularization for Self-Supervised Learning",
     paper="arXiv:2105.04906",
     summary="Keeps every embedding dimension's standard deviation above gamma, decorrelates "

@@ -188,6 +188,18 @@ def _fresh(code: str, cache: object = "") -> str:
 
 
 IMPORTED = "print(sorted(m for m in sys.modules if m.startswith('plugins')))"
+
+
+@pytest.fixture(name="source_tree")
+def source_tree_fixture(tmp_path_factory):
+    """Exclusive use of the plugins' source files across test processes: one test here changes a
+    module's modification time, which makes every card index look stale for that moment."""
+    import fcntl
+
+    with open(tmp_path_factory.getbasetemp().parent / "paperplug-source-tree.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+        fcntl.flock(lock, fcntl.LOCK_UN)
 CARDS = ("import sys, sdk; cards = sdk.plugins(); "
          "print(repr([(c, [p.default for p in c.params]) for c in cards]), sdk.broken_plugins())")
 
@@ -198,7 +210,7 @@ def _n_entry_points() -> int:
     return len(metadata.entry_points(group="paperplug"))
 
 
-def test_create_imports_only_the_module_it_needs(tmp_path):
+def test_create_imports_only_the_module_it_needs(tmp_path, source_tree):
     _fresh("import sdk; sdk.plugins()", tmp_path)  # writes the card index
     out = _fresh(f"import sys, sdk; sdk.create('objective', 'nt_xent', temperature=0.2); {IMPORTED}",
                  tmp_path)
@@ -213,14 +225,14 @@ def test_without_an_index_create_imports_every_module():
     assert int(out) == _n_entry_points()
 
 
-def test_cards_from_the_index_equal_imported_cards(tmp_path):
+def test_cards_from_the_index_equal_imported_cards(tmp_path, source_tree):
     imported = _fresh(CARDS)
     assert _fresh(CARDS, tmp_path) == imported  # first run: imports and writes the index
     indexed = _fresh(f"{CARDS}; {IMPORTED}", tmp_path)
     assert indexed == f"{imported}\n[]"  # same cards, no plugin module imported
 
 
-def test_a_changed_module_is_imported_again(tmp_path):
+def test_a_changed_module_is_imported_again(tmp_path, source_tree):
     import os
 
     import plugins.ssl.barlow_twins as changed

@@ -80,11 +80,6 @@ def unchecked_builder(cls: type) -> Any:
     return builder
 
 
-def unchecked(cls: type, **fields: Any) -> Any:
-    """A record of class ``cls`` built from ``fields`` by :func:`unchecked_builder`."""
-    return unchecked_builder(cls)(**fields)
-
-
 def check_ids(owner: str, field: str, ids: Tensor, high: int | None = None) -> None:
     """Raise :class:`sdk.ShapeError` naming ``owner`` and ``field`` unless ``ids`` (class ids,
     dataset indices, group ids) are an integer tensor ``[B]``, in ``[0, high)`` when ``high``

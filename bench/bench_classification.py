@@ -13,11 +13,10 @@ process with glibc's mmap threshold at 64 KiB. ``peak_x_BC`` is that peak in uni
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from bench.measure import child_peak_memory, peak_bytes, sync
 
 B = 4096
 CLASSES = (10, 1000, 32768)
@@ -66,10 +67,6 @@ def step(fn: Step, z: torch.Tensor, y: torch.Tensor) -> None:
     fn(z, y).backward()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def time_cases(c: int, device: torch.device) -> dict[str, float]:
     z, y = inputs(c, device)
@@ -81,22 +78,13 @@ def time_cases(c: int, device: torch.device) -> dict[str, float]:
         k = r % len(listed)
         for name, fn in listed[k:] + listed[:k]:
             gc.collect()
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             step(fn, z, y)
-            _sync(device)
+            sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(v) for name, v in times.items()}
 
-
-def _rss() -> dict[str, int]:
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                values[key] = int(rest.split()[0]) * 1024
-    return values
 
 
 def peak_memory(c: int, device: torch.device) -> dict[str, int]:
@@ -106,28 +94,9 @@ def peak_memory(c: int, device: torch.device) -> dict[str, int]:
         step(fn, z, y)
         z.grad = None
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            step(fn, z, y)
-            torch.cuda.synchronize(device)
-            peaks[name] = torch.cuda.max_memory_allocated(device) - before
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            before = _rss()["VmRSS"]
-            step(fn, z, y)
-            peaks[name] = _rss()["VmHWM"] - before
+        peaks[name] = peak_bytes(functools.partial(step, fn, z, y), device)
     return peaks
 
-
-def _child_peak_memory(c: int) -> dict[str, int]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-m", "bench.bench_classification", "--memory", str(c)],
-                         cwd=Path(__file__).resolve().parents[1], env=env, check=True,
-                         capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def run(report, classes: tuple[int, ...] = CLASSES) -> None:
@@ -135,7 +104,8 @@ def run(report, classes: tuple[int, ...] = CLASSES) -> None:
     where = "cuda max_memory_allocated" if device.type == "cuda" else "CPU peak RSS growth"
     for c in classes:
         times = time_cases(c, device)
-        memory = peak_memory(c, device) if device.type == "cuda" else _child_peak_memory(c)
+        memory = (peak_memory(c, device) if device.type == "cuda"
+                  else child_peak_memory("bench.bench_classification", c))
         reference, bc = times[REFERENCE], B * c * 4
         for name, t in times.items():
             report.add(SECTION, name, device=device.type, B=B, C=c, median_ms=1000 * t,

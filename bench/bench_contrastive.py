@@ -21,11 +21,10 @@ at B = 256 only (see its row).
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -34,6 +33,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from bench.measure import child_peak_memory, peak_bytes, sync
 
 SIZES = (256, 1024, 4096)
 DIM = 128
@@ -108,10 +109,6 @@ def step(fn: Step, z1: torch.Tensor, z2: torch.Tensor) -> None:
     fn(z1, z2).backward()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def time_cases(b: int, device: torch.device) -> dict[tuple[str, str], float | str]:
     """Median seconds per forward + backward (or the reason a case is skipped)."""
@@ -127,23 +124,14 @@ def time_cases(b: int, device: torch.device) -> dict[tuple[str, str], float | st
         k = r % len(runnable)
         for grp, name, fn in runnable[k:] + runnable[:k]:
             gc.collect()
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             step(fn, z1, z2)
-            _sync(device)
+            sync(device)
             times[(grp, name)].append(time.perf_counter() - start)
     result.update({key: statistics.median(v) for key, v in times.items()})
     return result
 
-
-def _rss() -> dict[str, int]:
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                values[key] = int(rest.split()[0]) * 1024
-    return values
 
 
 def peak_memory(b: int, device: torch.device) -> dict[str, int]:
@@ -156,28 +144,9 @@ def peak_memory(b: int, device: torch.device) -> dict[str, int]:
         step(fn, z1, z2)  # warm-up: lazily built state is not counted
         z1.grad = z2.grad = None
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            step(fn, z1, z2)
-            torch.cuda.synchronize(device)
-            peaks[f"{grp}|{name}"] = torch.cuda.max_memory_allocated(device) - before
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            before = _rss()["VmRSS"]
-            step(fn, z1, z2)
-            peaks[f"{grp}|{name}"] = _rss()["VmHWM"] - before
+        peaks[f"{grp}|{name}"] = peak_bytes(functools.partial(step, fn, z1, z2), device)
     return peaks
 
-
-def _child_peak_memory(b: int) -> dict[str, int]:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    out = subprocess.run([sys.executable, "-m", "bench.bench_contrastive", "--memory", str(b)],
-                         cwd=Path(__file__).resolve().parents[1], env=env, check=True,
-                         capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def run(report, sizes: tuple[int, ...] = SIZES) -> None:
@@ -187,7 +156,8 @@ def run(report, sizes: tuple[int, ...] = SIZES) -> None:
     where = "cuda max_memory_allocated" if device.type == "cuda" else "CPU peak RSS growth"
     for b in sizes:
         times = time_cases(b, device)
-        memory = (peak_memory(b, device) if device.type == "cuda" else _child_peak_memory(b))
+        memory = (peak_memory(b, device) if device.type == "cuda"
+                  else child_peak_memory("bench.bench_contrastive", b))
         groups = list(dict.fromkeys(grp for grp, _ in times))
         for grp in groups:
             ours = times.get((grp, "paperplug"))

@@ -405,18 +405,17 @@ class Trainer:
         self._listeners: dict[str, tuple[Callable[[State], Any], ...]] = {}
         self._attached = False
         self._checked = False  # the first micro-batch's records are validated, later ones trusted
-        # the log window's micro-batch losses (detached, on the device: summed at log points, so
-        # a step costs no device op for logging) and the epoch's sum of the logged windows
-        self._window: list[Tensor] = []
-        self._window_at: list[tuple[int, Mapping[str, Tensor]]] = []  # (step, term logs) of each
+        # the log window, one entry per micro-batch: its loss (detached, on the device: summed
+        # at log points, so a step costs no device op for logging), the step it is part of, its
+        # term logs and its number of samples; and the epoch's sum and count of logged losses
+        self._window: list[tuple[Tensor, int, Mapping[str, Tensor], int]] = []
         self._epoch_sum = torch.zeros(())
-        self._log_count = self._epoch_count = 0
+        self._epoch_count = 0
         # the non-finite guard: the newest checkpoint written (each written after the guard
         # passed), updates dropped by on_nonfinite="skip", and the step's finite flag (skip only)
         self._last_good: Path | None = None
         self.skipped_steps = 0
         self._step_ok: Tensor | None = None
-        self._step_micro = 0
         self._start_step = 0
         self._setup_done = False
         self._ddp: nn.Module | None = None
@@ -615,6 +614,8 @@ class Trainer:
                                    f"({type(enc).__name__}) is not an sdk Encoder with features(x)")
         self._plain = not (self._teacher_forward or self._split or self._needs_features)
         self._untransformed = all(t is None for t in self.view_transforms)
+        # set_progress is told only to objectives that override it (schedules, compositions)
+        self._tells_progress = type(self.objective).set_progress is not Objective.set_progress
 
     def _wrap_ddp(self, params: list[nn.Parameter]) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -890,6 +891,12 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         self._collect_listeners()
         self._checked = False  # validate this fit's first micro-batch (its loader may differ)
+        per_step = (self._after_forward, self._after_loss, self._before_backward,
+                    self._before_optimizer_step, self._after_optimizer_step)
+        self._plain_loop = (self._bare and self._plain and self._untransformed
+                            and self.accumulate == 1 and not self._checked_update
+                            and self.teacher is None and self.reweighter is None
+                            and not any(per_step))
         loader = self._prepare_train_loader(train_loader)
         if self.max_steps is None and not isinstance(loader, Sized):
             raise ConfigError("the training loader has no length: give max_steps",
@@ -907,7 +914,6 @@ class Trainer:
         progress.start(self.step)
         self._start_step = self.step
         self._t_start = self._t_log = time.perf_counter()
-        self._samples_since_log = 0
         try:
             self._loop(loader, skip, progress)
         finally:
@@ -934,35 +940,82 @@ class Trainer:
             if skip == 0:
                 self.batch_idx = 0
                 self.emit(Event.ON_EPOCH_START)
-                self._window, self._window_at, self._epoch_sum = [], [], zero.new_zeros(())
-                self._log_count = self._epoch_count = 0
+                self._window, self._epoch_sum, self._epoch_count = [], zero.new_zeros(()), 0
             n_batches = len(loader) if isinstance(loader, Sized) else None
             it = iter(loader)
             if self._resumable is None:
                 for _ in range(skip):  # fast-forward a loader whose order the engine does not own
                     next(it)
             skip = 0
-            pending = 0
-            finished = True
-            for item in it:
-                pending += 1
-                # the last batch of an epoch closes a partial accumulation
-                boundary = pending == self.accumulate or self.batch_idx + 1 == n_batches
-                self._micro_step(item, boundary=boundary)
-                self.batch_idx += 1
-                if boundary:
-                    pending = 0
-                    self._after_step(progress)
-                    if self._done():
-                        finished = n_batches is not None and self.batch_idx >= n_batches
-                        break
-            if pending:  # a loader without a length ended inside an accumulation
-                self._optimizer_step()
-                self._after_step(progress)
-            if finished:
+            ended = (self._plain_steps(it, progress) if self._plain_loop
+                     else self._steps(it, n_batches, progress))
+            if ended or n_batches is not None and self.batch_idx >= n_batches:
                 self._end_epoch(progress)
             else:
                 self._stop_mid_epoch(progress)
+
+    def _steps(self, it: Iterator[Any], n_batches: int | None, progress: _Progress) -> bool:
+        """Train on the epoch's batches (``it``, ``n_batches`` of them when known) until it
+        ends (``True``) or the run stops."""
+        pending = 0
+        for item in it:
+            pending += 1
+            # the last batch of an epoch closes a partial accumulation
+            boundary = pending == self.accumulate or self.batch_idx + 1 == n_batches
+            self._micro_step(item, boundary=boundary)
+            if boundary:
+                self._optimizer_step(pending)
+            self.batch_idx += 1
+            if boundary:
+                pending = 0
+                self._after_step(progress)
+                if self._done():
+                    return False
+        if pending:  # a loader without a length ended inside an accumulation
+            self._optimizer_step(pending)
+            self._after_step(progress)
+        return True
+
+    def _plain_steps(self, it: Iterator[Any], progress: _Progress) -> bool:
+        """:meth:`_steps` where nothing sits between the steps' parts (``_plain_loop``: one
+        micro-batch per step, the encoder's outputs straight into the objective; no listener of
+        a per-step event, teacher, reweighter, clipping, non-finite check, autocast or DDP). It
+        computes what :meth:`_steps` does, in the same order, in a fraction of its Python per
+        step (the engine's fixed cost); a test holds the two equal."""
+        state, objective, optimizer = self.state, self.objective, self.optimizer
+        encode, scheduler = self._encode_z, self.scheduler
+        n_views, logits, tells = len(self.view_transforms), self._needs_logits, self._tells_progress
+        for item in it:
+            state.views = state.loss = None
+            x, batch = self._to_device(item, check=not self._checked)
+            if tells:
+                objective.set_progress(state.step, self.total_steps)
+            self._view_inputs = None  # recompute_gradients: only from before_optimizer_step
+            state.x = x
+            embeddings = tuple(map(encode, [x] * n_views))
+            first = embeddings[0] if logits else None
+            if self._checked:
+                state.batch = batch
+                state.views = views = _unchecked_views(embeddings=embeddings, logits=first)
+                state.loss = loss = nn.Module.__call__(objective, views, batch)
+            else:
+                state.batch = batch
+                state.views = views = Views(embeddings=embeddings, logits=first)
+                state.loss = loss = objective(views, batch)
+            value = loss.value
+            value.backward()
+            self._window.append((value.detach(), state.step + 1, loss.logs, x.shape[0]))
+            self._checked = True
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            state.step += 1
+            optimizer.zero_grad(set_to_none=True)
+            self.batch_idx += 1
+            self._after_step(progress)
+            if self._done():
+                return False
+        return True
 
     def _forward(self, x: Tensor, batch: Batch, *, boundary: bool) -> Tensor:
         """The loss under autocast and DDP (no gradient all-reduce before the ``boundary``)."""
@@ -974,7 +1027,8 @@ class Trainer:
         state = self.state
         state.views = state.loss = None  # free the last step's activations before this forward
         x, batch = self._to_device(item, check=not self._checked)
-        self.objective.set_progress(state.step, self.total_steps)
+        if self._tells_progress:
+            self.objective.set_progress(state.step, self.total_steps)
         # the common case (neither DDP nor autocast) without context managers
         value = self._compute(x, batch) if self._bare else self._forward(x, batch, boundary=boundary)
         if self.accumulate > 1:
@@ -985,23 +1039,18 @@ class Trainer:
         if self._teacher_observes:
             self.teacher.observe(views=state.views, batch=state.batch, step=state.step,
                                  max_steps=self.total_steps)
-        value = state.loss.value.detach()
-        self._window.append(value)  # no host sync: the guard reads the window at log points
-        self._window_at.append((state.step + 1, state.loss.logs))  # the step it is part of
+        loss = state.loss
+        value = loss.value.detach()
+        # no host sync: the guard reads the window at log points
+        self._window.append((value, state.step + 1, loss.logs, x.shape[0]))
         if self._skip_nonfinite:
             ok = torch.isfinite(value)
             self._step_ok = ok if self._step_ok is None else self._step_ok & ok
-        self._step_micro += 1
         self._checked = True
-        self._log_count += 1
-        self._epoch_count += 1
-        self._samples_since_log += x.shape[0]
-        if boundary:
-            self._optimizer_step()
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, micro: int) -> None:
+        """The update of the last ``micro`` micro-batches' gradients."""
         state = self.state
-        micro, self._step_micro = self._step_micro, 0
         if self._ddp is not None:
             distributed.all_reduce_mean_([p.grad for p in self._outside if p.grad is not None])
         if self.scaler is not None:
@@ -1054,9 +1103,7 @@ class Trainer:
         ``after_optimizer_step``, no teacher update; its losses leave the logged means; the
         step counter and the LR schedule advance."""
         self.skipped_steps += 1
-        del self._window[-micro:], self._window_at[-micro:]
-        self._log_count -= micro
-        self._epoch_count -= micro
+        del self._window[-micro:]
         if self.scaler is not None:
             self.scaler.update()  # lowers the scale after an fp16 overflow
         if self.scheduler is not None:
@@ -1070,11 +1117,11 @@ class Trainer:
         points, epoch ends, before each checkpoint, so no checkpoint holds a diverged run)."""
         if not self._window or self._skip_nonfinite:
             return
-        values = torch.stack(self._window).float()
+        values = self._window_values()
         if bool(torch.isfinite(values).all()):
             return
         first = int((~torch.isfinite(values)).nonzero()[0, 0])
-        step, logs = self._window_at[first]
+        _, step, logs, _ = self._window[first]
         terms = {name: float(v) for name, v in logs.items()}
         shown = ", ".join(f"{k} = {v:.4g}" for k, v in terms.items()) or "(no per-term logs)"
         good = str(self._last_good) if self._last_good is not None else None
@@ -1134,9 +1181,10 @@ class Trainer:
         if partial:
             record["partial"] = True
         self._guard()
-        if self._epoch_count:
-            total = self._epoch_sum + self._window_sum() if self._window else self._epoch_sum
-            record["loss"] = float(total) / self._epoch_count
+        count = self._epoch_count + len(self._window)
+        if count:
+            total = self._epoch_sum + self._window_values().sum() if self._window else self._epoch_sum
+            record["loss"] = float(total) / count
         if self.val_loader is not None:
             self.val_metrics = self.evaluate(self.val_loader)
             record.update({f"val/{k}": v for k, v in self.val_metrics.items()})
@@ -1175,23 +1223,25 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _window_sum(self) -> Tensor:
-        """The sum of the log window's losses (float32, on the device)."""
-        return torch.stack(self._window).float().sum()  # stack promotes mixed dtypes
+    def _window_values(self) -> Tensor:
+        """The log window's losses [n] (float32, on the device)."""
+        return torch.stack([entry[0] for entry in self._window]).float()  # promotes mixed dtypes
 
     def _log_train(self, progress: _Progress) -> None:
-        if self._log_count == 0:
+        count = len(self._window)
+        if count == 0:
             return
-        window = self._window_sum()
-        loss = float(window) / self._log_count  # the host sync of this log point
+        window = self._window_values().sum()
+        loss = float(window) / count  # the host sync of this log point
         if not math.isfinite(loss):
             self._guard()
         self._epoch_sum.add_(window)
-        self._window, self._window_at = [], []
+        self._epoch_count += count
+        samples = sum(entry[3] for entry in self._window)
+        self._window = []
         now = time.perf_counter()
-        rate = self._samples_since_log * self.world / max(now - self._t_log, 1e-9)
-        self._t_log, self._samples_since_log = now, 0
-        self._log_count = 0
+        rate = samples * self.world / max(now - self._t_log, 1e-9)
+        self._t_log = now
         logs = {k: float(v) for k, v in self.loss.logs.items()} if self.loss is not None else {}
         self.logs = {"loss": loss, **logs}
         record = {"kind": "train", "epoch": self.epoch, "step": self.step, "loss": loss,
@@ -1314,10 +1364,10 @@ class Trainer:
         pos = state["position"]
         self.epoch, self.batch_idx, self.step = pos["epoch"], pos["batch"], pos["step"]
         run = state["running"]
-        self._log_count, self._epoch_count = run["log_count"], run["epoch_count"]
         self._epoch_sum = run["epoch_sum"].to(self.device)
-        self._window = list(run["window"].to(self.device).unbind())
-        self._window_at = [(self.step, {})] * len(self._window)  # checked before it was written
+        # the window's losses were checked before it was written; their samples were counted
+        self._window = [(v, self.step, {}, 0) for v in run["window"].to(self.device).unbind()]
+        self._epoch_count = run["epoch_count"] - len(self._window)
         self.skipped_steps = run.get("skipped_steps", 0)
         self._last_good = path
         return self.batch_idx
@@ -1347,9 +1397,10 @@ class Trainer:
     def _running(self) -> dict[str, Any]:
         """The losses of the current log window and the epoch's sum of the logged ones (so a
         resumed run logs the same, bit for bit)."""
-        window = torch.stack(self._window).float() if self._window else torch.zeros(0)
+        window = self._window_values() if self._window else torch.zeros(0)
         return {"epoch_sum": self._epoch_sum.cpu(), "window": window.cpu(),
-                "log_count": self._log_count, "epoch_count": self._epoch_count,
+                "log_count": len(self._window),
+                "epoch_count": self._epoch_count + len(self._window),
                 "skipped_steps": self.skipped_steps}
 
     # inference ---------------------------------------------------------------------------

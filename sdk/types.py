@@ -200,13 +200,15 @@ class Loss:
     logs: Mapping[str, Tensor] = attrs.field(default=_EMPTY, converter=_frozen_mapping)
 
     def __attrs_post_init__(self) -> None:
-        if not isinstance(self.value, Tensor):
-            raise TypeError(f"Loss.value: expected a scalar torch.Tensor, got {type(self.value).__name__}")
-        if self.value.dim() != 0:
-            raise ShapeError(f"Loss.value: expected a scalar (0-dim) tensor, got {_shape(self.value)}")
-        _tensor_or_none("Loss", "per_sample", self.per_sample)
-        if self.per_sample is not None and self.per_sample.dim() != 1:
-            raise ShapeError(f"Loss.per_sample: expected shape [B], got {_shape(self.per_sample)}")
+        value, per_sample = self.value, self.per_sample
+        if not isinstance(value, Tensor):
+            raise TypeError(f"Loss.value: expected a scalar torch.Tensor, got {type(value).__name__}")
+        if value.dim() != 0:
+            raise ShapeError(f"Loss.value: expected a scalar (0-dim) tensor, got {_shape(value)}")
+        if per_sample is not None:
+            _tensor_or_none("Loss", "per_sample", per_sample)
+            if per_sample.dim() != 1:
+                raise ShapeError(f"Loss.per_sample: expected shape [B], got {_shape(per_sample)}")
 
 
 @attrs.frozen(kw_only=True)

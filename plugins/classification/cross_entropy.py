@@ -37,7 +37,8 @@ def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, label_smooth
         cls.targets("cross_entropy", logits, targets)
         targets = targets.float()
     try:
-        return F.cross_entropy(logits.float(), targets, weight=weight, label_smoothing=label_smoothing,
+        logits = logits if logits.dtype == torch.float32 else logits.float()
+        return F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing,
                                ignore_index=-100 if ignore_index is None else ignore_index,
                                reduction=reduction)
     except (IndexError, RuntimeError):  # ids out of range (on CPU; CUDA asserts on the device)
@@ -58,6 +59,7 @@ class CrossEntropy(Objective):
         super().__init__()
         self.label_smoothing, self.ignore_index = label_smoothing, ignore_index
         self.register_buffer("class_weights", cls.weight_buffer("cross_entropy", class_weights))
+        self._weighted = class_weights is not None  # read the buffer only when there is one
 
     def caveats(self) -> dict[Input, str]:
         if not self.label_smoothing:
@@ -66,8 +68,10 @@ class CrossEntropy(Objective):
                 "are already mixed: the smoothing adds to mixup's own softening"}
 
     def forward(self, views: Views, batch: Batch) -> Loss:
-        w = self.class_weights
-        cls.class_weights("cross_entropy", w, views.logits.shape[1])
+        w = None
+        if self._weighted:
+            w = self.class_weights
+            cls.class_weights("cross_entropy", w, views.logits.shape[1])
         if not self.per_sample_requested:  # torch's fused mean reduces the same way
             return Loss(value=cross_entropy_loss(views.logits, batch.targets, self.label_smoothing,
                                                  w, self.ignore_index, reduction="mean"))

@@ -197,9 +197,11 @@ class Loss:
 
     value: Tensor
     per_sample: Tensor | None = None
-    logs: Mapping[str, Tensor] = attrs.field(default=_EMPTY, converter=_frozen_mapping)
+    logs: Mapping[str, Tensor] = _EMPTY  # frozen below (most losses log nothing: no call then)
 
     def __attrs_post_init__(self) -> None:
+        if self.logs is not _EMPTY:
+            object.__setattr__(self, "logs", _frozen_mapping(self.logs))
         value, per_sample = self.value, self.per_sample
         if not isinstance(value, Tensor):
             raise TypeError(f"Loss.value: expected a scalar torch.Tensor, got {type(value).__name__}")

@@ -71,3 +71,13 @@ def test_adaptation_does_not_hurt_under_gaussian_noise(digits):
     none, _ = stream(model, None, xs, y)
     assert stream(model, sdk.create("adapter", "bn_adapt"), xs, y)[0] >= none - 0.01
     assert stream(model, sdk.create("adapter", "tent"), xs, y)[0] >= none - 0.01
+
+
+def test_a_class_sorted_stream_breaks_batch_statistics(digits):
+    """The failure the i.i.d. assumption hides: batches of one or two classes give BN the
+    statistics of those classes, not of the domain (measured: clean .971 -> .325 for both)."""
+    model, x, y = digits
+    order = torch.argsort(y, stable=True)
+    none, _ = stream(model, None, x[order], y[order])
+    assert stream(model, sdk.create("adapter", "bn_adapt"), x[order], y[order])[0] < none - 0.4
+    assert stream(model, sdk.create("adapter", "tent"), x[order], y[order])[0] < none - 0.4

@@ -14,7 +14,7 @@ Streaming statistics
     (which cancel catastrophically when ``|mu| >> sigma``). Memory is ``C x D + D x D`` whatever
     the number of rows: 1000 classes x 1024 features take 16 MiB. Two partial statistics merge
     exactly (:meth:`ClassMoments.merge_`), so ranks that each saw a shard combine with
-    :meth:`ClassMoments.all_reduce_`.
+    :meth:`ClassMoments.reduced`.
 
 Feature banks
     :class:`FeatureBank` keeps in-distribution rows (L2-normalised when asked) for detectors
@@ -104,22 +104,23 @@ class ClassMoments(ResizableBuffers, nn.Module):
         self.means = mu_a + delta * share
         self.counts = n
 
-    def all_reduce_(self) -> None:
-        """Merge every rank's statistics, in rank order, so all ranks hold the same (a no-op
-        when not distributed)."""
+    def reduced(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(counts, means, scatter)`` of every rank's statistics merged in rank order, the same
+        on all ranks (this rank's own when not distributed); the statistics themselves stay
+        this rank's, so updating and reducing again never counts a row twice."""
         from sdk import distributed
 
         parts = distributed.all_gather_object((self.counts.cpu(), self.means.cpu(), self.scatter.cpu()))
         if len(parts) == 1:
-            return
-        device = self.counts.device
-        self.counts = torch.zeros(0, dtype=_STAT, device=device)
+            return self.counts, self.means, self.scatter
+        total = ClassMoments(self.owner).to(self.counts.device)
         for counts, means, scatter in parts:
             if counts.numel():
-                self.merge_(*(t.to(device) for t in (counts, means, scatter)))
+                total.merge_(*(t.to(self.counts.device) for t in (counts, means, scatter)))
+        return total.counts, total.means, total.scatter
 
     def covariance(self) -> Tensor:
-        """The shared (pooled, maximum-likelihood) covariance ``W / N``."""
+        """The shared (pooled, maximum-likelihood) covariance ``W / N`` of this rank's rows."""
         return self.scatter / self.total.clamp_min(1)
 
 

@@ -36,22 +36,25 @@ class Mahalanobis(ResizableBuffers, Detector):
     pseudo-inverse of the covariance, as the authors' ``sklearn.covariance.EmpiricalCovariance``."""
 
     needs_labels = True
-    resizable_buffers: ClassVar[tuple[str, ...]] = ("precision",)
+    resizable_buffers: ClassVar[tuple[str, ...]] = ("class_means", "present", "precision")
 
     def __init__(self) -> None:
         super().__init__()
         self.moments = ClassMoments(f"detector {self.name!r}")
+        self.register_buffer("class_means", torch.zeros(0, 0, dtype=torch.float64))
+        self.register_buffer("present", torch.zeros(0, dtype=torch.bool))
         self.register_buffer("precision", torch.zeros(0, 0, dtype=torch.float64))
 
     def accumulate(self, x: Tensor, labels: Tensor | None) -> None:
         self.moments.update(x, labels)
 
     def summarize(self) -> None:
-        self.moments.all_reduce_()
-        self.precision = torch.linalg.pinv(self.moments.covariance(), hermitian=True)
+        counts, self.class_means, scatter = self.moments.reduced()  # over every rank's rows
+        self.present = counts > 0
+        self.precision = torch.linalg.pinv(scatter / counts.sum(), hermitian=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return mahalanobis_score(x, self.moments.means, self.precision, self.moments.counts > 0)
+        return mahalanobis_score(x, self.class_means, self.precision, self.present)
 
 
 CARD = Card(

@@ -101,7 +101,8 @@ CARD = Card(
     left_out="Fitting on a subset of the training set (pass the subset to fit). The fitted "
              "rows are kept until finalize() (alpha needs their residuals once the principal "
              "space is known), so memory grows with the fit set; principal_dim defaults to the "
-             "authors' rule (1000 / 512 / D // 2).",
+             "authors' rule (1000 / 512 / D // 2). Under DDP each rank fits on its own rows "
+             "(nothing is merged across ranks).",
 )
 
 

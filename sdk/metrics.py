@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Interval
 from torch import Tensor
 
 from sdk.errors import ConfigError, NotFittedError, ShapeError
@@ -756,3 +757,173 @@ class LinearProbe(_Mean):
         super().load_state_dict(state)
         self.probe = (LinearProbeClassifier(**{k: torch.as_tensor(v).clone() for k, v in probe.items()})
                       if len(probe) == len(self._PARAMS) else None)
+
+
+# out-of-distribution detection ------------------------------------------------------------------
+# Scores are anomaly scores (higher = more anomalous, the convention of sdk.ood); ``is_ood`` is
+# 1 for out-of-distribution rows, 0 for in-distribution ones. Ties are grouped into one
+# threshold, as scikit-learn's roc_curve / precision_recall_curve do.
+__all__ += ["auroc", "aupr_in", "aupr_out", "fpr_at_tpr", "AUROC", "AUPRIn", "AUPROut", "FPRAtTPR"]
+
+
+def _check_ood(name: str, scores: Tensor, is_ood: Tensor) -> None:
+    if scores.dim() != 1 or not scores.is_floating_point():
+        raise ShapeError(f"{name}: scores must be floating anomaly scores [N], got {scores.dtype} "
+                         f"{list(scores.shape)}")
+    if is_ood.shape != scores.shape or is_ood.is_floating_point():
+        raise ShapeError(f"{name}: is_ood must be integer or bool 0/1 flags [{scores.shape[0]}], got "
+                         f"{is_ood.dtype} {list(is_ood.shape)}")
+    if is_ood.numel() and bool(((is_ood != 0) & (is_ood != 1)).any()):
+        raise ShapeError(f"{name}: is_ood must hold 0 (in-distribution) or 1 (out-of-distribution), "
+                         f"got values in [{int(is_ood.min())}, {int(is_ood.max())}]")
+
+
+def _tie_grouped_counts(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
+    """Cumulative true and false positives (float64) when flagging every row scoring at least
+    each distinct threshold, thresholds from the highest score down."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    s, p = scores[order], positive[order].to(_STAT)
+    tp, fp = p.cumsum(0), (1 - p).cumsum(0)
+    last = torch.ones_like(s, dtype=torch.bool)
+    last[:-1] = s[1:] != s[:-1]
+    return tp[last], fp[last]
+
+
+def _undefined(scores: Tensor, is_ood: Tensor) -> bool:
+    """NaN scores, or a single class: the OOD metrics are not defined."""
+    n_out = is_ood.long().sum()
+    return bool(scores.isnan().any() | (n_out == 0) | (n_out == is_ood.numel()))
+
+
+def auroc(scores: Tensor, is_ood: Tensor) -> float:
+    """Area under the ROC curve of out-of-distribution rows against in-distribution ones
+    (trapezoids between distinct thresholds: a tie counts one half), as scikit-learn's
+    ``roc_auc_score(is_ood, scores)``."""
+    _check_ood("auroc", scores, is_ood)
+    if _undefined(scores, is_ood):
+        return math.nan
+    tp, fp = _tie_grouped_counts(_real(scores), is_ood)
+    tpr, fpr = F.pad(tp / tp[-1], (1, 0)), F.pad(fp / fp[-1], (1, 0))
+    return float(torch.trapezoid(tpr, fpr))
+
+
+def _average_precision(scores: Tensor, positive: Tensor) -> float:
+    tp, fp = _tie_grouped_counts(scores, positive)
+    precision, recall = tp / (tp + fp), F.pad(tp / tp[-1], (1, 0))
+    return float(((recall[1:] - recall[:-1]) * precision).sum())
+
+
+def aupr_in(scores: Tensor, is_ood: Tensor) -> float:
+    """Area under the precision-recall curve with in-distribution rows positive and ranked by
+    ``-scores`` (average precision, no interpolation): scikit-learn's
+    ``average_precision_score(1 - is_ood, -scores)``."""
+    _check_ood("aupr_in", scores, is_ood)
+    if _undefined(scores, is_ood):
+        return math.nan
+    return _average_precision(-_real(scores), 1 - is_ood.long())
+
+
+def aupr_out(scores: Tensor, is_ood: Tensor) -> float:
+    """Average precision with out-of-distribution rows positive, ranked by ``scores``:
+    scikit-learn's ``average_precision_score(is_ood, scores)``."""
+    _check_ood("aupr_out", scores, is_ood)
+    if _undefined(scores, is_ood):
+        return math.nan
+    return _average_precision(_real(scores), is_ood.long())
+
+
+def fpr_at_tpr(scores: Tensor, is_ood: Tensor, tpr: float = 0.95) -> float:
+    """The fraction of out-of-distribution rows accepted as in-distribution at the lowest
+    threshold that accepts at least ``tpr`` of the in-distribution rows (in-distribution is the
+    positive class, ranked by ``-scores``; Liang et al. 2018): scikit-learn's
+    ``fpr[searchsorted(tpr_curve, tpr)]`` of ``roc_curve(1 - is_ood, -scores)``."""
+    _check_ood("fpr_at_tpr", scores, is_ood)
+    if not 0 < tpr <= 1:
+        raise ConfigError(f"fpr_at_tpr: tpr must lie in (0, 1], got {tpr}", param="tpr")
+    if _undefined(scores, is_ood):
+        return math.nan
+    tp, fp = _tie_grouped_counts(-_real(scores), 1 - is_ood.long())
+    reached = torch.searchsorted(tp / tp[-1], torch.tensor([tpr], dtype=_STAT, device=tp.device))
+    return float((fp / fp[-1])[reached.clamp_max(tp.shape[0] - 1)])
+
+
+def _ood_scores(batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``update`` arguments of the OOD metrics for the conformance kit: anomaly scores ``[B]``,
+    one higher on average for the out-of-distribution rows (``is_ood = i % 2``)."""
+    is_ood = torch.arange(batch_size) % 2
+    return torch.randn(batch_size, generator=generator) + is_ood, is_ood
+
+
+class _Ranked(Metric):
+    """Keeps every ``(scores, is_ood)`` pair (ranking metrics have no fixed-size sufficient
+    statistic); ``compute`` applies the one-shot function to their concatenation."""
+
+    example_inputs = staticmethod(_ood_scores)
+    name = ""
+    measure = staticmethod(auroc)  # the one-shot function, set by each subclass
+
+    def __init__(self) -> None:
+        self._scores: list[Tensor] = []
+        self._flags: list[Tensor] = []
+
+    def update(self, scores: Tensor, is_ood: Tensor) -> None:
+        _check_ood(self.name, scores, is_ood)
+        self._scores.append(scores.detach())
+        self._flags.append(is_ood.detach().to(scores.device))
+
+    def _all(self) -> tuple[Tensor, Tensor] | None:
+        if not self._scores:
+            return None
+        return torch.cat([_real(s) for s in self._scores]), torch.cat(self._flags)
+
+    def compute(self) -> float:
+        both = self._all()
+        return math.nan if both is None else self.measure(*both)
+
+    def reset(self) -> None:
+        self._scores, self._flags = [], []
+
+    def state_dict(self) -> dict[str, Any]:
+        both = self._all()
+        return {} if both is None else {"scores": both[0].clone(), "is_ood": both[1].clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.reset()
+        if "scores" in state:
+            self._scores = [torch.as_tensor(state["scores"]).clone()]
+            self._flags = [torch.as_tensor(state["is_ood"]).clone()]
+
+
+class AUROC(_Ranked):
+    """Streaming :func:`auroc`."""
+
+    name = "auroc"
+    measure = staticmethod(auroc)
+
+
+class AUPRIn(_Ranked):
+    """Streaming :func:`aupr_in`."""
+
+    name = "aupr_in"
+    measure = staticmethod(aupr_in)
+
+
+class AUPROut(_Ranked):
+    """Streaming :func:`aupr_out`."""
+
+    name = "aupr_out"
+    measure = staticmethod(aupr_out)
+
+
+class FPRAtTPR(_Ranked):
+    """Streaming :func:`fpr_at_tpr` (``tpr = 0.95``: FPR95)."""
+
+    name = "fpr_at_tpr"
+
+    def __init__(self, tpr: Annotated[float, Interval(gt=0, le=1)] = 0.95) -> None:
+        super().__init__()
+        self.tpr = tpr
+
+    def compute(self) -> float:
+        both = self._all()
+        return math.nan if both is None else fpr_at_tpr(*both, self.tpr)

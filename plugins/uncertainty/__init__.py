@@ -1,0 +1,1 @@
+"""Uncertainty under distribution shift: out-of-distribution detectors and test-time adapters."""

@@ -47,6 +47,7 @@ temperatures, averages and momenta; DEPICT's recorded predictions; DINO's centre
 queue) must come out the same on every rank as in one process.
 The others run in eval mode: adaptive_multihead_contrastive's heads hold BatchNorm layers,
 which normalise with each rank's own batch in training."""
+TRAINING |= {"mixed_barlow_twins"}
 
 CONTROL = Plugin("objective", "nt_xent", {"gather": False})
 """Gathering switched off: the check must see the difference."""

@@ -485,6 +485,13 @@ class Trainer:
         return self.state.x
 
     @property
+    def view_inputs(self) -> list[Tensor] | None:
+        """The current micro-batch's input of each view, after the view transforms (what the
+        encoder ran on); for ``after_forward`` listeners that encode more inputs built from
+        them (mixed views)."""
+        return None if self._view_inputs is None else self._view_inputs[0]
+
+    @property
     def batch(self) -> Batch | None:
         """The current micro-batch's Batch (``state.batch``; listeners replace it there)."""
         return self.state.batch

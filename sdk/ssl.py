@@ -244,3 +244,28 @@ class Predictor(nn.Module):
         if not torch.is_autocast_enabled(z.device.type):
             z = z.to(dtype)
         return self.net(z)
+
+
+class LinearPredictor(Predictor):
+    """A linear predictor ``p = W_p z``, ``W_p`` ``[dim, dim]`` without bias or normalisation
+    (Tian, Chen & Ganguli, "Understanding Self-supervised Learning Dynamics without Contrastive
+    Pairs", ICML 2021: the predictor DirectPred sets from the embeddings' correlation instead of
+    training it). The same checks as :class:`Predictor`; any batch size."""
+
+    def __init__(self, dim: int, owner: str = "predictor"):
+        nn.Module.__init__(self)
+        self.dim, self.owner = dim, owner
+        self.net = nn.Sequential(nn.Linear(dim, dim, bias=False))
+
+    @property
+    def weight(self) -> Tensor:
+        """``W_p`` ``[dim, dim]`` (the prediction is ``z @ W_p^T``)."""
+        return self.net[0].weight
+
+    def forward(self, z: Tensor, field: str = "embeddings") -> Tensor:
+        if z.dim() != 2 or z.shape[1] != self.dim or not z.is_floating_point():
+            raise ShapeError(f"{self.owner}: {field} must be floating [B, {self.dim}] (the "
+                             f"predictor's dim), got {z.dtype} {list(z.shape)}")
+        if not torch.is_autocast_enabled(z.device.type):
+            z = z.to(self.weight.dtype)
+        return self.net(z)

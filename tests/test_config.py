@@ -97,7 +97,7 @@ def test_unknown_plugin_parameter_is_reported_with_path_and_accepted_names(split
 def test_unknown_plugin_name_suggests_the_closest(splits):
     err = error_of(SSL, ['objectives[0].name="barlow_twinz"'], splits=splits)
     assert str(err).startswith("objectives[0].name: ")
-    assert "Did you mean 'barlow_twins'?" in str(err)
+    assert "Did you mean 'barlow_twins'" in str(err)  # first of the close names
     err = error_of(SSL, ['calibrator.name="temperature_scalin"'], splits=splits)
     assert str(err).startswith("calibrator.name: ") and "'temperature_scaling'" in str(err)
 

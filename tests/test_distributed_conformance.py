@@ -47,6 +47,7 @@ temperatures, averages and momenta; DEPICT's recorded predictions; DINO's centre
 queue) must come out the same on every rank as in one process.
 The others run in eval mode: adaptive_multihead_contrastive's heads hold BatchNorm layers,
 which normalise with each rank's own batch in training."""
+TRAINING |= {"mixed_barlow_twins"}
 
 CONTROL = Plugin("objective", "nt_xent", {"gather": False})
 """Gathering switched off: the check must see the difference."""
@@ -101,7 +102,7 @@ def test_per_sample_objectives_are_declared_so():
     per_sample = {c.name for c in sdk.plugins("objective")} - set(coupled())
     assert per_sample == {"cross_entropy", "supervised_patch_nce", "representation_alignment",
                           "byol", "simsiam", "focal_loss", "poly_loss", "knowledge_distillation",
-                          "z_loss", "ldr_kl_loss", "comp_sum_losses"}
+                          "z_loss", "ldr_kl_loss", "comp_sum_losses", "directpred"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

@@ -16,7 +16,7 @@ from sdk import keys
 from sdk.card import Card
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
-from sdk.ssl import Predictor, check_teacher, negative_cosine
+from sdk.ssl import LinearPredictor, Predictor, check_teacher, negative_cosine
 from sdk.types import Batch, Loss, Views
 
 
@@ -36,14 +36,18 @@ class BYOL(Objective):
     its cosine schedule 0.996 -> 1). The predictor ``q`` (``dim -> hidden_dim -> dim``, batch
     norm inside, none at its output) belongs to this objective, so the teacher, a copy of the
     encoder, has none. The projector is the encoder's head (``projection_head`` with
-    ``hidden_dim=4096, out_dim=256``: the paper's 2048 -> 4096 -> 256)."""
+    ``hidden_dim=4096, out_dim=256``: the paper's 2048 -> 4096 -> 256). ``hidden_dim=None``: a
+    linear predictor ``W_p z`` without bias (:class:`sdk.ssl.LinearPredictor`), the one the
+    ``directpred`` callback sets from the embeddings' correlation."""
 
     requires = {"views": 2, "extras": (keys.TEACHER,)}
     batch_coupled = False  # per sample given the predictor (whose batch norm is per rank)
 
-    def __init__(self, dim: Annotated[int, Ge(1)] = 256, hidden_dim: Annotated[int, Ge(1)] = 4096):
+    def __init__(self, dim: Annotated[int, Ge(1)] = 256,
+                 hidden_dim: Annotated[int | None, Ge(1)] = 4096):
         super().__init__()
-        self.predictor = Predictor(dim, hidden_dim, owner="objective 'byol'")
+        self.predictor = (Predictor(dim, hidden_dim, owner="objective 'byol'") if hidden_dim is not None
+                          else LinearPredictor(dim, owner="objective 'byol'"))
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         targets = check_teacher("objective 'byol'", views)

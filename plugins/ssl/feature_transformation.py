@@ -47,9 +47,8 @@ def interpolate_negatives(negatives: Tensor, mix: Tensor, perm: Tensor) -> Tenso
 
 def _beta(alpha: float, shape: torch.Size, like: Tensor) -> Tensor:
     """``Beta(alpha, alpha)`` draws of ``shape`` from torch's global RNG (in float32 or better)."""
-    a = torch.full(shape, alpha, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
-    g1, g2 = torch._standard_gamma(a), torch._standard_gamma(a)
-    return g1 / (g1 + g2).clamp_min(torch.finfo(a.dtype).tiny)
+    a = torch.tensor(alpha, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
+    return torch.distributions.Beta(a, a).sample(shape)
 
 
 def _partners(valid: Tensor | None, memory: Tensor) -> Tensor:

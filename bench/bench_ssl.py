@@ -1,0 +1,137 @@
+"""Non-contrastive self-supervised losses against lightly's: forward + backward time on identical
+embeddings of two views ``[B, D]`` (float32 leaves that require grad; the teacher's side
+detached where the method detaches it), for B x D in 256 x 256, 1024 x 2048 (BYOL's projection
+size is 256, Barlow Twins' and VICReg's 8192 at B = 2048 in the papers: 2048 keeps CPU runs
+short).
+
+Pairs: ``barlow_twins`` / ``BarlowTwinsLoss``, ``vicreg`` / ``VICRegLoss``, ``byol`` and
+``simsiam`` (their symmetric negative cosine) / ``NegativeCosineSimilarity`` called per direction,
+``swav`` (3 Sinkhorn iterations, 3000 prototypes' scores) / ``SwaVLoss``, ``dino`` (output 4096, two
+global views) / ``DINOLoss``. Median over interleaved rounds in one process (the order alternates),
+after a warm-up step each; ``ratio`` is ours over lightly's (goal <= 1.0). Rows of a peer that is
+not installed are skipped.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bench import peers
+from bench.measure import sync
+
+SIZES = ((256, 256), (1024, 2048))
+ROUNDS = 7
+SECTION = "SSL losses (forward + backward), against lightly"
+PROTOTYPES, DINO_OUT = 3000, 4096
+
+Step = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def _views(b: int, d: int, device: torch.device, n: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, d, generator=g).to(device).requires_grad_() for _ in range(n)]
+
+
+def pairs(device: torch.device) -> list[tuple[str, Step, Step, int | None]]:
+    """``(name, ours, lightly's, output width or None for D)``: each takes the view tensors
+    (online z1, z2 and targets t1, t2, or prototype/DINO scores) and returns a scalar."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import sdk
+    from plugins.ssl.barlow_twins import barlow_twins_loss
+    from plugins.ssl.byol import byol_loss
+    from plugins.ssl.simsiam import simsiam_loss
+    from plugins.ssl.swav import swav_loss
+    from plugins.ssl.vicreg import vicreg_loss
+    from sdk import keys
+    from sdk.ssl import sinkhorn
+
+    lightly = peers.lightly_losses()
+    if lightly is None:
+        return []
+    cos = lightly.NegativeCosineSimilarity()
+    bt, vic = lightly.BarlowTwinsLoss(lambda_param=5e-3), lightly.VICRegLoss()
+    sw = lightly.SwaVLoss(temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05)
+    dino_ours = sdk.create("objective", "dino").to(device)
+    dino_theirs = lightly.DINOLoss(output_dim=DINO_OUT, warmup_teacher_temp=0.04,
+                                   teacher_temp=0.04, student_temp=0.1).to(device)
+
+    def ours_dino(v):
+        teacher = (v[2].detach(), v[3].detach())
+        views = sdk.Views(embeddings=(v[0], v[1]), extras={keys.TEACHER: teacher})
+        return dino_ours(views).value
+
+    def ours_swav(v):
+        codes = [sinkhorn(s.detach()) for s in v[:2]]
+        return swav_loss(v[:2], codes, temperature=0.1)
+
+    return [
+        ("barlow_twins", lambda v: barlow_twins_loss(v[0], v[1], 5e-3),
+         lambda v: bt(v[0], v[1]), None),
+        ("vicreg", lambda v: vicreg_loss(v[0], v[1]), lambda v: vic(v[0], v[1]), None),
+        ("byol", lambda v: byol_loss([v[0], v[1]], [v[2].detach(), v[3].detach()]).mean(),
+         lambda v: 4 + 2 * (cos(v[0], v[3].detach()) + cos(v[1], v[2].detach())), None),
+        ("simsiam", lambda v: simsiam_loss([v[0], v[1]], [v[2].detach(), v[3].detach()]).mean(),
+         lambda v: (cos(v[0], v[3].detach()) + cos(v[1], v[2].detach())) / 2, None),
+        ("swav", ours_swav, lambda v: sw(v[:2], []), PROTOTYPES),
+        ("dino", ours_dino, lambda v: dino_theirs(teacher_out=[v[2].detach(), v[3].detach()],
+                                                  student_out=[v[0], v[1]]), DINO_OUT),
+    ]
+
+
+def _step(fn: Step, views: list[torch.Tensor]) -> None:
+    for v in views:
+        v.grad = None
+    fn(views).backward()
+
+
+def _time(fn: Step, views: list[torch.Tensor], device: torch.device) -> float:
+    gc.collect()
+    sync(device)
+    start = time.perf_counter()
+    _step(fn, views)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def run(report, sizes: tuple[tuple[int, int], ...] = SIZES) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    listed = pairs(device)
+    if not listed:
+        report.note("ssl: lightly is not installed, no rows (pip install --no-deps lightly tqdm)")
+        return
+    for b, d in sizes:
+        for name, ours, theirs, width in listed:
+            views = _views(b, width or d, device)
+            _step(ours, views), _step(theirs, views)  # warm-up
+            mine, peer = [], []
+            for r in range(ROUNDS):
+                order = ((ours, mine), (theirs, peer)) if r % 2 == 0 else ((theirs, peer), (ours, mine))
+                for fn, into in order:
+                    into.append(_time(fn, views, device))
+            t_ours, t_peer = statistics.median(mine), statistics.median(peer)
+            report.add(SECTION, name, device=device.type, B=b, D=width or d,
+                       median_ms=1000 * t_ours, lightly_ms=1000 * t_peer, ratio=t_ours / t_peer,
+                       goal="<= 1.0")
+
+
+def main(argv: list[str]) -> int:
+    from rich.console import Console
+
+    from bench.__main__ import Report
+
+    report = Report()
+    run(report)
+    report.render(Console())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
+

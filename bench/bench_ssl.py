@@ -34,9 +34,12 @@ PROTOTYPES, DINO_OUT = 3000, 4096
 Step = Callable[[list[torch.Tensor]], torch.Tensor]
 
 
-def _views(b: int, d: int, device: torch.device, n: int = 4, seed: int = 0) -> list[torch.Tensor]:
+def _views(b: int, d: int, device: torch.device, n: int = 4, seed: int = 0,
+           cosines: bool = False) -> list[torch.Tensor]:
+    """``n`` leaves ``[b, d]``; ``cosines``: in [-1, 1], as SwAV's prototype scores are."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, d, generator=g).to(device).requires_grad_() for _ in range(n)]
+    out = [torch.randn(b, d, generator=g) for _ in range(n)]
+    return [(torch.tanh(z) if cosines else z).to(device).requires_grad_() for z in out]
 
 
 def pairs(device: torch.device) -> list[tuple[str, Step, Step, int | None]]:
@@ -68,7 +71,7 @@ def pairs(device: torch.device) -> list[tuple[str, Step, Step, int | None]]:
         return dino_ours(views).value
 
     def ours_swav(v):
-        codes = [sinkhorn(s.detach()) for s in v[:2]]
+        codes = [sinkhorn(s.detach(), bound=1.0) for s in v[:2]]  # cosine scores, as swav has
         return swav_loss(v[:2], codes, temperature=0.1)
 
     return [
@@ -108,7 +111,7 @@ def run(report, sizes: tuple[tuple[int, int], ...] = SIZES) -> None:
         return
     for b, d in sizes:
         for name, ours, theirs, width in listed:
-            views = _views(b, width or d, device)
+            views = _views(b, width or d, device, cosines=name == "swav")
             _step(ours, views), _step(theirs, views)  # warm-up
             mine, peer = [], []
             for r in range(ROUNDS):

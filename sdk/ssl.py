@@ -96,7 +96,7 @@ def covariance_term(z: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sinkhorn(scores: Tensor, iterations: int = 3, eps: float = 0.05, *,
-             gather: bool = False) -> Tensor:
+             gather: bool = False, bound: float | None = None) -> Tensor:
     """Soft codes ``Q`` ``[B, K]`` of ``B`` samples to ``K`` prototypes from their scores
     ``[B, K]`` (SwAV, eq. 3 and its appendix): ``Q = exp(scores / eps)`` normalised in turn so
     that every prototype receives ``1/K`` of the mass and every sample ``1/B``, ``iterations``
@@ -106,10 +106,17 @@ def sinkhorn(scores: Tensor, iterations: int = 3, eps: float = 0.05, *,
     ``log Q``), so no scale of scores overflows or underflows a whole row or column. ``gather``:
     under DDP the equipartition is over the batch of every rank (the global batch): the scores
     are gathered, ``Q`` is computed on them and this rank's rows are returned (every rank must
-    hold the same number of rows)."""
+    hold the same number of rows).
+
+    ``bound``: the caller's promise that ``|scores| <= bound`` (SwAV's scores are cosines:
+    1). When ``2 * bound / eps`` is at most 80, no entry of ``exp((scores - max) / eps)``
+    underflows float32, and the same iterates are computed on ``Q`` itself (sums instead of
+    log-sum-exps: about a third of the work)."""
     local = scores.shape[0]
     if gather and world_size() > 1:
         scores = gather_no_grad(scores)
+    if bound is not None and 2 * bound / eps <= _SAFE_EXPONENT:
+        return _sinkhorn_scaled(at_least_float32(scores.detach()), iterations, eps, local, gather)
     log_q = at_least_float32(scores.detach()) / eps
     log_q = log_q - torch.logsumexp(log_q.flatten(), dim=0)  # Q / sum(Q)
     b = log_q.shape[0]
@@ -118,6 +125,24 @@ def sinkhorn(scores: Tensor, iterations: int = 3, eps: float = 0.05, *,
         log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True)  # prototypes: equal mass
         log_q = log_q - (torch.logsumexp(log_q, dim=1, keepdim=True) + log_b)  # samples: 1/B
     q = torch.exp(log_q + log_b)
+    if gather and world_size() > 1:
+        q = q[rank() * local:(rank() + 1) * local]
+    return q
+
+
+_SAFE_EXPONENT = 80.0  # exp(-80) ~ 1.8e-35 is a normal float32 (the smallest is ~1.2e-38)
+
+
+def _sinkhorn_scaled(scores: Tensor, iterations: int, eps: float, local: int,
+                     gather: bool) -> Tensor:
+    """:func:`sinkhorn`'s iterates on ``Q`` (scores known to be bounded)."""
+    q = torch.exp((scores - scores.max()) / eps)  # a common factor: it cancels below
+    b = q.shape[0]
+    q = q / q.sum()
+    for _ in range(iterations):
+        q = q / q.sum(dim=0, keepdim=True)
+        q = q / (q.sum(dim=1, keepdim=True) * b)
+    q = q * b
     if gather and world_size() > 1:
         q = q[rank() * local:(rank() + 1) * local]
     return q

@@ -100,6 +100,26 @@ def test_sinkhorn_matches_the_published_loop(iterations, eps):
         torch.testing.assert_close(got.sum(1), torch.ones(6, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("iterations", [0, 1, 3])
+@pytest.mark.parametrize("eps", [0.05, 0.03])
+def test_sinkhorn_of_bounded_scores_takes_the_same_iterates_on_q(iterations, eps):
+    scores = torch.nn.functional.normalize(_z(40, 8), dim=1) @ torch.nn.functional.normalize(
+        _z(30, 8, seed=1), dim=1).T
+    want = _sinkhorn_slow(scores, iterations, eps)
+    torch.testing.assert_close(sinkhorn(scores, iterations, eps, bound=1.0), want, rtol=1e-10,
+                               atol=1e-13)
+    torch.testing.assert_close(sinkhorn(scores.float(), iterations, eps, bound=1.0).double(), want,
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_sinkhorn_keeps_the_log_domain_where_a_bounded_q_could_underflow():
+    """|s| <= 1 at eps = 0.02: exponents down to -100 (below float32's range): the log domain."""
+    scores = torch.tanh(_z(16, 8, seed=3) * 5).float()
+    assert torch.equal(sinkhorn(scores, eps=0.02, bound=1.0), sinkhorn(scores, eps=0.02))
+    q = sinkhorn(scores, eps=0.02, bound=1.0)
+    assert torch.isfinite(q).all()
+
+
 def test_sinkhorn_converges_to_equipartition_and_is_safe_in_low_precision():
     scores = torch.tanh(_z(64, 8, seed=4) * 3)
     q = sinkhorn(scores, iterations=200)

@@ -110,7 +110,7 @@ class SwAV(Objective):
             s = scores[i]  # sinkhorn takes no gradient
             if use_queue:
                 s = torch.cat([self.queue[i].to(s.dtype) @ self.prototypes.weight.detach().T, s])
-            codes.append(sinkhorn(s, self.iterations, self.epsilon)[-b:])
+            codes.append(sinkhorn(s, self.iterations, self.epsilon, bound=1.0)[-b:])
         value = swav_loss(scores, codes, self.temperature)
         if self.queue_length and self.training:
             self._enqueue([F.normalize(z.detach(), dim=1) for z in zs[:self.n_global]])

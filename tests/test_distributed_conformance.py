@@ -101,7 +101,8 @@ def test_per_sample_objectives_are_declared_so():
     per_sample = {c.name for c in sdk.plugins("objective")} - set(coupled())
     assert per_sample == {"cross_entropy", "supervised_patch_nce", "representation_alignment",
                           "byol", "simsiam", "focal_loss", "poly_loss", "knowledge_distillation",
-                          "z_loss", "ldr_kl_loss", "comp_sum_losses", "stablemax_perpgrad"}
+                          "z_loss", "ldr_kl_loss", "comp_sum_losses", "stablemax_perpgrad",
+                          "hl_gauss_regression"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

@@ -24,12 +24,10 @@ def decoupled_softmax_loss(scores: torch.Tensor, positive: torch.Tensor,
                            weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-query ``-(1 / |P_i|) sum_{l in P_i} w_il log(e^{s_il} / (e^{s_il} + sum_{l' not in P_i}
     e^{s_il'}))`` [B] (0 for a query without positives); ``positive`` [B, N] booleans."""
-    s = cls.upcast(scores)
-    negatives = torch.logsumexp(s.masked_fill(positive, torch.finfo(s.dtype).min), -1, keepdim=True)
-    log_p = s - torch.logaddexp(negatives, s)
-    log_p = torch.where(positive, log_p if weight is None else weight.to(s.dtype) * log_p, 0.0)
-    count = positive.sum(-1).clamp_min(1)
-    return -log_p.sum(-1) / count
+    log_p = cls.decoupled_log_probs(scores, positive)
+    if weight is not None:
+        log_p = weight.to(log_p.dtype) * log_p
+    return -log_p.sum(-1) / positive.sum(-1).clamp_min(1)
 
 
 class DecoupledSoftmaxXMC(Objective):

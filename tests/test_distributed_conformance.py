@@ -41,7 +41,7 @@ groco leaves the anchors of frequent classes short of negatives, so the ranks ho
 numbers of valid anchors; swav's queue is filled from the global batch."""
 
 TRAINING = {"isogclr", "isogclr(sampler=meow_weighted_negatives)", "dec_relative_entropy", "dino",
-            "swav(queue_length=4)", "dino(gather=False)"}
+            "swav(queue_length=4)", "dino(gather=False)", "compositional_nll"}
 """Cases run in training mode, whose state updated in the forward (iSogCLR's per-sample
 temperatures, averages and momenta; DEPICT's recorded predictions; DINO's centre; SwAV's
 queue) must come out the same on every rank as in one process.

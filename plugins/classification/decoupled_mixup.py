@@ -59,8 +59,10 @@ class DecoupledMixup(Objective):
     def forward(self, views: Views, batch: Batch) -> Loss:
         z = views.logits
         t = cls.targets("decoupled_mixup", z, batch.targets)
-        soft = t.one_hot(z.shape[1], cls.compute_dtype(z))
-        per_sample = decoupled_mixup_loss(z, soft, self.eta, self.mode, self.threshold)
+        if t.ids is not None:  # one class per sample: nothing is mixed, the loss is CE
+            per_sample = -cls.target_log_prob(z, t)
+        else:
+            per_sample = decoupled_mixup_loss(z, t.dense, self.eta, self.mode, self.threshold)
         return Loss(value=per_sample.mean(), per_sample=per_sample)
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:

@@ -47,9 +47,11 @@ class DecoupledSoftmaxXMC(Objective):
     def forward(self, views: Views, batch: Batch) -> Loss:
         z = views.logits
         t = cls.targets("decoupled_softmax_xmc", z, batch.targets, soft=False, multilabel=True)
-        dense = t.one_hot(z.shape[1], cls.compute_dtype(z))
-        weight = dense if self.weighted else None
-        per_sample = decoupled_softmax_loss(z / self.temperature, dense > 0, weight)
+        if t.ids is not None:  # one positive per query: cross-entropy at temperature tau
+            per_sample = -cls.target_log_prob(z / self.temperature, t)
+        else:
+            weight = t.dense if self.weighted else None
+            per_sample = decoupled_softmax_loss(z / self.temperature, t.dense > 0, weight)
         return Loss(value=per_sample.mean(), per_sample=per_sample)
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:

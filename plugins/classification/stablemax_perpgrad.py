@@ -38,8 +38,41 @@ def log_stablemax(logits: torch.Tensor) -> torch.Tensor:
     return s.log() - s.sum(-1, keepdim=True).log()
 
 
+class _StableMaxNLL(torch.autograd.Function):
+    """``-log StableMax(z)_y`` [B] for class ids in a few in-place passes: the backward
+    recomputes ``s`` (``s'(x) = min(s(x), 1)^2``) instead of keeping the graph's temporaries."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        s = _s_inplace(z)
+        total = s.sum(-1)
+        s_y = s.gather(-1, ids[:, None]).squeeze(-1)
+        ctx.save_for_backward(z, ids, total)
+        return total.log() - s_y.log()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        z, ids, total = ctx.saved_tensors
+        s = _s_inplace(z)
+        s_y = s.gather(-1, ids[:, None])
+        d = s.clamp_max_(1).square_()  # s'(z)
+        d_y = d.gather(-1, ids[:, None])
+        d.mul_((grad / total)[:, None])
+        d.scatter_add_(-1, ids[:, None], -grad[:, None] * d_y / s_y)
+        return d, None
+
+
+def _s_inplace(z: torch.Tensor) -> torch.Tensor:
+    """``s(z) = 1 / (1 - min(z, 0)) + max(z, 0)`` in one new tensor (equal to :func:`stablemax_s`)."""
+    s = z.clamp_max(0).neg_().add_(1).reciprocal_()
+    return s.add_(z.clamp_min(0))
+
+
 def stablemax_cross_entropy(logits: torch.Tensor, t: cls.Targets) -> torch.Tensor:
-    """Per-sample ``-sum_c q_c log StableMax(z)_c`` (``-log StableMax(z)_y`` for ids)."""
+    """Per-sample ``-sum_c q_c log StableMax(z)_c`` (``-log StableMax(z)_y`` for ids, by a fused
+    autograd function)."""
+    if t.ids is not None:
+        return _StableMaxNLL.apply(cls.upcast(logits), t.ids)
     return -cls.pick(log_stablemax(logits), t)
 
 

@@ -104,7 +104,8 @@ def test_per_sample_objectives_are_declared_so():
                           "z_loss", "ldr_kl_loss", "comp_sum_losses", "stablemax_perpgrad",
                           "hl_gauss_regression", "decoupled_softmax_xmc",
                           "dual_head_kd", "feature_distillation",
-                          "decoupled_mixup", "margin_preserving_nfr"}
+                          "decoupled_mixup", "margin_preserving_nfr",
+                          "discrete_hazard_survival"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

@@ -45,7 +45,8 @@ def cases(c: int, device: torch.device) -> list[tuple[str, Step]]:
     out: list[tuple[str, Step]] = [(REFERENCE, lambda z, y: F.cross_entropy(z, y))]
     teacher = torch.randn(B, c, generator=torch.Generator().manual_seed(1)).to(device)
     for name in ("cross_entropy", "focal_loss", "poly_loss", "z_loss", "ldr_kl_loss", "anyloss",
-                 "comp_sum_losses", "stablemax_perpgrad", "knowledge_distillation"):
+                 "comp_sum_losses", "stablemax_perpgrad", "decoupled_softmax_xmc", "decoupled_mixup",
+                 "knowledge_distillation"):
         try:
             obj = sdk.create("objective", name).to(device)
         except sdk.PluginNotFoundError:  # not registered in this checkout

@@ -17,6 +17,8 @@
   on the first view (the view whose output are the logits): the ``ema`` teacher or a
   :class:`FrozenTeacher` around a trained model; ``T^2 KL(softmax(t/T) || softmax(z/T))``
   (Hinton et al. 2015, arXiv:1503.02531).
+* **Decoupled softmax** (:func:`decoupled_log_probs`): each positive class against the
+  negatives only (multi-label retrieval, mixed classes of a mixup).
 """
 
 from __future__ import annotations
@@ -217,3 +219,13 @@ class FrozenTeacher(Teacher):
     def update(self, *, student=None, views=None, batch=None, step: int = 0,
                max_steps: int | None = None) -> None:
         """A frozen teacher does not change."""
+
+
+def decoupled_log_probs(scores: Tensor, positive: Tensor) -> Tensor:
+    """``log(e^{s_k} / (e^{s_k} + sum_{j not in P} e^{s_j}))`` [B, C] for the classes ``k`` in
+    ``positive`` [B, C] (booleans; 0 elsewhere): each positive competes with the negatives only,
+    not with the other positives (DEXML's DecoupledSoftmax, ``decoupled_softmax_xmc``; the
+    decoupled regulariser of ``decoupled_mixup``). Computed in float32 or better."""
+    s = upcast(scores)
+    negatives = torch.logsumexp(s.masked_fill(positive, torch.finfo(s.dtype).min), -1, keepdim=True)
+    return torch.where(positive, s - torch.logaddexp(negatives, s), 0.0)

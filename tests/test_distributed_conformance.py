@@ -41,7 +41,7 @@ groco leaves the anchors of frequent classes short of negatives, so the ranks ho
 numbers of valid anchors; swav's queue is filled from the global batch."""
 
 TRAINING = {"isogclr", "isogclr(sampler=meow_weighted_negatives)", "dec_relative_entropy", "dino",
-            "swav(queue_length=4)", "dino(gather=False)"}
+            "swav(queue_length=4)", "dino(gather=False)", "compositional_nll"}
 """Cases run in training mode, whose state updated in the forward (iSogCLR's per-sample
 temperatures, averages and momenta; DEPICT's recorded predictions; DINO's centre; SwAV's
 queue) must come out the same on every rank as in one process.
@@ -103,7 +103,10 @@ def test_per_sample_objectives_are_declared_so():
     assert per_sample == {"cross_entropy", "supervised_patch_nce", "representation_alignment",
                           "byol", "simsiam", "focal_loss", "poly_loss", "knowledge_distillation",
                           "z_loss", "ldr_kl_loss", "comp_sum_losses", "directpred",
-                          "sla_joint_label"}
+                          "sla_joint_label", "stablemax_perpgrad", "hl_gauss_regression",
+                          "decoupled_softmax_xmc", "dual_head_kd", "feature_distillation",
+                          "decoupled_mixup", "margin_preserving_nfr", "discrete_hazard_survival",
+                          "rppg_comprehensive_loss"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

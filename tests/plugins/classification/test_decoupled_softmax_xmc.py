@@ -1,0 +1,81 @@
+"""decoupled_softmax_xmc against a written-out loop (value and gradient), one positive is
+cross-entropy, and a positive's term does not depend on the other positives' scores."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sdk
+
+
+def slow(z, targets, tau, weighted):
+    rows = []
+    for i in range(z.shape[0]):
+        pos = [k for k in range(z.shape[1]) if targets[i, k] > 0]
+        neg = [k for k in range(z.shape[1]) if targets[i, k] == 0]
+        total = torch.zeros((), dtype=z.dtype)
+        for p in pos:
+            num = torch.exp(z[i, p] / tau)
+            den = num + sum((torch.exp(z[i, k] / tau) for k in neg), torch.zeros((), dtype=z.dtype))
+            total = total - (targets[i, p] if weighted else 1.0) * torch.log(num / den)
+        rows.append(total / max(len(pos), 1))
+    return torch.stack(rows)
+
+
+def run(obj, z, y):
+    return obj(sdk.Views(logits=z), sdk.Batch(targets=y))
+
+
+@pytest.mark.parametrize(("tau", "weighted"), [(0.05, False), (1.0, True), (0.3, False)])
+def test_matches_loop_value_and_gradient(tau, weighted):
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand(6, 7, generator=g, dtype=torch.float64).mul(2).sub(1).requires_grad_()
+    y = (torch.rand(6, 7, generator=g) < 0.4).double() * torch.rand(6, 7, generator=g, dtype=torch.float64)
+    y[0] = 0  # no positive: 0
+    y[1] = 1  # no negative: every positive has probability 1
+    y[2, :3] = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)
+    obj = sdk.create("objective", "decoupled_softmax_xmc", temperature=tau, weighted=weighted)
+    got, want = run(obj, z, y), slow(z, y, tau, weighted)
+    assert torch.allclose(got.per_sample, want, rtol=1e-10, atol=1e-14)
+    assert got.per_sample[0].item() == 0 and got.per_sample[1].abs().item() < 1e-12
+    assert got.value.item() == pytest.approx(want.mean().item(), rel=1e-10)
+    g1, g2 = (torch.autograd.grad(t.sum(), z)[0] for t in (got.per_sample, want))
+    assert torch.allclose(g1, g2, rtol=1e-8, atol=1e-12)
+
+
+def test_one_positive_is_cross_entropy_and_ids_are_accepted():
+    g = torch.Generator().manual_seed(1)
+    z, y = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.tensor([0, 3, 1, 1, 2])
+    obj = sdk.create("objective", "decoupled_softmax_xmc", temperature=0.5)
+    ce = F.cross_entropy(z / 0.5, y, reduction="none")
+    assert torch.allclose(run(obj, z, y).per_sample, ce, rtol=1e-12)
+    assert torch.allclose(run(obj, z, F.one_hot(y, 4).double()).per_sample, ce, rtol=1e-12)
+
+
+def test_a_positive_does_not_compete_with_the_other_positives():
+    from plugins.classification.decoupled_softmax_xmc import decoupled_softmax_loss
+
+    positive = torch.tensor([[True, True, False, False]])
+    only_first = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)  # weight: positive 1's term
+    terms, shared = [], []
+    for s2 in (-2.0, 0.0, 3.0):
+        s = torch.tensor([[0.5, s2, 0.1, -0.3]], dtype=torch.float64)
+        terms.append(decoupled_softmax_loss(s, positive, only_first).item())
+        shared.append(-s.log_softmax(1)[0, 0].item())  # the shared-denominator softmax
+    assert terms == pytest.approx([terms[0]] * 3, rel=1e-12)
+    assert shared[0] < shared[1] < shared[2]
+
+
+def test_errors():
+    obj = sdk.create("objective", "decoupled_softmax_xmc")
+    with pytest.raises(sdk.ShapeError, match=r"decoupled_softmax_xmc: Batch.targets"):
+        run(obj, torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(sdk.ShapeError, match=r"decoupled_softmax_xmc: Batch.targets .* \[0, 1\]"):
+        run(obj, torch.zeros(2, 3), torch.full((2, 3), 2.0))
+    with pytest.raises(sdk.ConfigError, match="temperature"):
+        sdk.create("objective", "decoupled_softmax_xmc", temperature=0.0)
+
+
+def test_defaults_are_the_authors():
+    obj = sdk.create("objective", "decoupled_softmax_xmc")
+    assert (obj.temperature, obj.weighted) == (0.05, False)

@@ -1,20 +1,23 @@
 """Non-contrastive self-supervised losses against lightly's: forward + backward time on identical
 embeddings of two views ``[B, D]`` (float32 leaves that require grad; the teacher's side
-detached where the method detaches it), for B x D in 256 x 256, 1024 x 2048 (BYOL's projection
-size is 256, Barlow Twins' and VICReg's 8192 at B = 2048 in the papers: 2048 keeps CPU runs
-short).
+detached where the method detaches it), B in 256, 1024 and D in 128, 2048 (SwAV's scores and
+DINO's outputs have their own widths, 3000 prototypes and 4096: timed once per B), and the peak
+memory of one step (as ``bench_classification`` measures it: CUDA's allocator, or on the CPU
+the resident-set growth in a fresh process).
 
 Pairs: ``barlow_twins`` / ``BarlowTwinsLoss``, ``vicreg`` / ``VICRegLoss``, ``byol`` and
 ``simsiam`` (their symmetric negative cosine) / ``NegativeCosineSimilarity`` called per direction,
 ``swav`` (3 Sinkhorn iterations, 3000 prototypes' scores) / ``SwaVLoss``, ``dino`` (output 4096, two
 global views) / ``DINOLoss``. Median over interleaved rounds in one process (the order alternates),
-after a warm-up step each; ``ratio`` is ours over lightly's (goal <= 1.0). Rows of a peer that is
-not installed are skipped.
+after a warm-up step each; ``ratio`` is ours over lightly's (goal <= 1.0) in time,
+``memory_ratio`` in peak memory. Without lightly there are no rows.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
+import json
 import statistics
 import sys
 import time
@@ -24,9 +27,9 @@ from pathlib import Path
 import torch
 
 from bench import peers
-from bench.measure import sync
+from bench.measure import child_peak_memory, peak_bytes, sync
 
-SIZES = ((256, 256), (1024, 2048))
+BATCHES, DIMS = (256, 1024), (128, 2048)
 ROUNDS = 7
 SECTION = "SSL losses (forward + backward), against lightly"
 PROTOTYPES, DINO_OUT = 3000, 4096
@@ -103,14 +106,33 @@ def _time(fn: Step, views: list[torch.Tensor], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def run(report, sizes: tuple[tuple[int, int], ...] = SIZES) -> None:
+def _cases(device: torch.device, b: int, d: int):
+    """The pairs timed at ``[b, d]``: the fixed-width ones only at the first D."""
+    return [(name, ours, theirs, width) for name, ours, theirs, width in pairs(device)
+            if width is None or d == DIMS[0]]
+
+
+def peak_memory(b: int, d: int, device: torch.device) -> dict[str, int]:
+    """``{"name": bytes, "name/lightly": bytes}``: the peak of one step of each."""
+    peaks = {}
+    for name, ours, theirs, width in _cases(device, b, d):
+        views = _views(b, width or d, device, cosines=name == "swav")
+        for key, fn in ((name, ours), (f"{name}/lightly", theirs)):
+            _step(fn, views)
+            gc.collect()
+            peaks[key] = peak_bytes(functools.partial(_step, fn, views), device)
+    return peaks
+
+
+def run(report, batches: tuple[int, ...] = BATCHES, dims: tuple[int, ...] = DIMS) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    listed = pairs(device)
-    if not listed:
+    if not pairs(device):
         report.note("ssl: lightly is not installed, no rows (pip install --no-deps lightly tqdm)")
         return
-    for b, d in sizes:
-        for name, ours, theirs, width in listed:
+    for b, d in ((b, d) for b in batches for d in dims):
+        memory = (peak_memory(b, d, device) if device.type == "cuda"
+                  else child_peak_memory("bench.bench_ssl", f"{b}x{d}"))
+        for name, ours, theirs, width in _cases(device, b, d):
             views = _views(b, width or d, device, cosines=name == "swav")
             _step(ours, views), _step(theirs, views)  # warm-up
             mine, peer = [], []
@@ -119,12 +141,19 @@ def run(report, sizes: tuple[tuple[int, int], ...] = SIZES) -> None:
                 for fn, into in order:
                     into.append(_time(fn, views, device))
             t_ours, t_peer = statistics.median(mine), statistics.median(peer)
+            m_ours, m_peer = memory[name], memory[f"{name}/lightly"]
             report.add(SECTION, name, device=device.type, B=b, D=width or d,
                        median_ms=1000 * t_ours, lightly_ms=1000 * t_peer, ratio=t_ours / t_peer,
-                       goal="<= 1.0")
+                       peak_MiB=m_ours / 2**20, lightly_peak_MiB=m_peer / 2**20,
+                       memory_ratio=m_ours / max(m_peer, 1), goal="<= 1.0")
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--memory"]:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        b, d = (int(v) for v in argv[1].split("x"))
+        print(json.dumps(peak_memory(b, d, device)))
+        return 0
     from rich.console import Console
 
     from bench.__main__ import Report

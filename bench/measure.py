@@ -45,7 +45,7 @@ def peak_bytes(call: Callable[[], None], device: torch.device) -> int:
     return _rss()["VmHWM"] - before
 
 
-def child_peak_memory(module: str, size: int) -> dict[str, int]:
+def child_peak_memory(module: str, size: int | str) -> dict[str, int]:
     """``python -m <module> --memory <size>`` in a fresh process (its allocator returns freed
     memory promptly, so one case's peak does not hide the next's); the JSON it prints last."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")

@@ -845,16 +845,35 @@ def aurc(probs: Tensor, labels: Tensor, fine_bins: int = FINE_BINS) -> float:
 
 
 def _check_sets(name: str, sets: Tensor, labels: Tensor) -> None:
-    if sets.dim() != 2 or sets.dtype != torch.bool:
-        raise ShapeError(f"{name}: sets must be a boolean mask [N, C], got {sets.dtype} {list(sets.shape)}")
+    """``sets`` ``[N, C]``: boolean, or numbers that are all 0 or 1 (NaN passes, to be measured
+    as NaN)."""
+    if sets.dim() != 2:
+        raise ShapeError(f"{name}: sets must be a membership mask [N, C], got {sets.dtype} "
+                         f"{list(sets.shape)}")
+    if sets.dtype != torch.bool:
+        bad = (sets != 0) & (sets != 1)
+        if sets.is_floating_point():
+            bad &= ~sets.isnan()
+        if bool(bad.any()):
+            raise ShapeError(f"{name}: sets must hold only 0 and 1 (a membership mask), got "
+                             f"{sets[bad][0].item()!r} in {sets.dtype} {list(sets.shape)}")
     _check_scores(name, sets, labels)
 
 
 def _set_stats(name: str, sets: Tensor, labels: Tensor) -> dict[str, Tensor]:
     _check_sets(name, sets, labels)
-    covered = sets.gather(1, labels.long()[:, None]).squeeze(1)
-    return {"covered": covered.to(_STAT).sum(), "size": sets.to(_STAT).sum(),
+    flags = sets.to(_STAT)
+    poison = _nan_if_any_nan(flags)  # a NaN anywhere in the mask is measured as NaN
+    covered = flags.gather(1, labels.long()[:, None]).sum()
+    return {"covered": covered + poison, "size": flags.sum() + poison,
             "count": torch.tensor(float(labels.numel()), dtype=_STAT, device=labels.device)}
+
+
+def _sets_and_labels(batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``update`` arguments of the set metrics for the conformance kit: the sets ``p > 0.2`` of
+    :func:`_probs_and_labels` as a 0/1 float mask ``[B, 3]``, and the labels."""
+    probs, labels = _probs_and_labels(batch_size, generator)
+    return (probs > 0.2).float(), labels
 
 
 def set_coverage(sets: Tensor, labels: Tensor) -> float:
@@ -926,9 +945,10 @@ class AURC(_Sums):
 
 
 class SetCoverage(_Mean):
-    """Streaming :func:`set_coverage`: ``update(sets, labels)`` with sets a boolean ``[N, C]``."""
+    """Streaming :func:`set_coverage`: ``update(sets, labels)``, sets a boolean or 0/1 ``[N, C]``."""
 
     ratio_of = ("covered", "count")
+    example_inputs = staticmethod(_sets_and_labels)
 
     def update(self, sets: Tensor, labels: Tensor) -> None:
         self._add(_set_stats("set_coverage", sets, labels))
@@ -938,6 +958,7 @@ class SetSize(_Mean):
     """Streaming :func:`set_size`: ``update(sets, labels)`` sums the set sizes."""
 
     ratio_of = ("size", "count")
+    example_inputs = staticmethod(_sets_and_labels)
 
     def update(self, sets: Tensor, labels: Tensor) -> None:
         self._add(_set_stats("set_size", sets, labels))

@@ -29,7 +29,10 @@ def test_measures_conformal_sets():
 
 
 def test_errors_name_the_metric():
-    with pytest.raises(sdk.ShapeError, match=r"set_size: sets must be a boolean mask \[N, C\], got torch.float32"):
-        set_size(torch.ones(3, 2), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(sdk.ShapeError, match=r"set_size: sets must hold only 0 and 1 \(a membership mask\), got 0.5"):
+        set_size(torch.full((3, 2), 0.5), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(sdk.ShapeError, match=r"set_size: sets must be a membership mask \[N, C\]"):
+        set_size(torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.long))
+    assert set_size(torch.ones(3, 2), torch.zeros(3, dtype=torch.long)) == 2.0  # 0/1 numbers are a mask
     with pytest.raises(sdk.ShapeError, match=r"set_coverage: labels must lie in \[0, 2\)"):
         set_coverage(torch.ones(3, 2, dtype=torch.bool), torch.tensor([0, 1, 2]))

@@ -40,6 +40,7 @@ __all__ = [
     "linear_probe_accuracy", "alignment", "uniformity", "rankme",
     "Accuracy", "NLL", "Brier", "ECE", "MCE", "ClasswiseECE", "KNNAccuracy", "LinearProbe",
     "Alignment", "Uniformity", "RankMe",
+    "adaptive_ece", "aurc", "set_size", "set_coverage", "AdaptiveECE", "AURC", "SetSize", "SetCoverage",
 ]
 
 
@@ -458,9 +459,13 @@ class _Sums(Metric):
             self._stats[key] = value.clone() if current is None else current + value.to(current.device)
 
     def _get(self, *keys: str) -> tuple[Tensor, ...] | None:
+        """The accumulated statistics, summed over the ranks under ``torch.distributed`` (so
+        ``compute`` is then a collective: every rank must call it, each having updated)."""
         if not self._stats:
             return None
-        return tuple(self._stats[k] for k in keys)
+        from sdk.distributed import sum_over_ranks
+
+        return tuple(sum_over_ranks(self._stats[k]) for k in keys)
 
     def reset(self) -> None:
         self._stats = {}
@@ -927,3 +932,204 @@ class FPRAtTPR(_Ranked):
     def compute(self) -> float:
         both = self._all()
         return math.nan if both is None else fpr_at_tpr(*both, self.tpr)
+
+
+# equal-mass ECE, risk-coverage, prediction sets --------------------------------------------------
+FINE_BINS = 10_000
+"""Equal-width confidence bins the streaming equal-mass ECE and AURC accumulate (``O(FINE_BINS)``
+state): the resolution at which they order confidences."""
+
+
+def _equal_mass_edges(total: Tensor, n_bins: int) -> Tensor:
+    """Interior rank boundaries ``[n_bins - 1]`` of ``numpy.array_split`` of ``total`` sorted
+    samples into ``n_bins`` (the first ``total mod n_bins`` bins one sample larger)."""
+    k = torch.arange(1, n_bins, dtype=_STAT, device=total.device)
+    base, extra = torch.div(total, n_bins, rounding_mode="floor"), torch.remainder(total, n_bins)
+    return k * base + torch.minimum(k, extra)
+
+
+def _adaptive_from_fine(count: Tensor, conf_sum: Tensor, correct: Tensor, n_bins: int
+                        ) -> tuple[float, float]:
+    """``(equal-mass ECE, bound)`` from fine-bin sums. Each fine bin joins the equal-mass bin of
+    its middle rank; only samples of a fine bin that an equal-mass boundary cuts can sit in
+    another bin than the exact sorted split puts them in, and moving one changes
+    ``N * ECE = sum_b |sum_{i in b} (correct_i - conf_i)|`` by at most 2, so
+    ``|approx - exact| <= 2 * (samples in cut fine bins) / N`` (the returned bound)."""
+    total = count.sum()
+    if not bool(total > 0):
+        return math.nan, math.nan
+    after = count.cumsum(0)
+    before = after - count
+    edges = _equal_mass_edges(total, n_bins)
+    k = torch.searchsorted(edges, (before + after) / 2, right=True)
+    gap = torch.zeros(n_bins, dtype=_STAT, device=count.device).index_add(0, k, correct - conf_sum)
+    cut = ((edges[None, :] > before[:, None]) & (edges[None, :] < after[:, None])).any(1)
+    return float(gap.abs().sum() / total), float(2 * count[cut].sum() / total)
+
+
+def adaptive_ece(probs: Tensor, labels: Tensor, n_bins: int = 15, fine_bins: int = FINE_BINS) -> float:
+    """Equal-mass (adaptive) ECE (Nixon et al. 2019; AdaECE of Mukhoti et al. 2020): top-label
+    confidences sorted and split into ``n_bins`` bins of equal count (``numpy.array_split``),
+    ``sum_b |B_b|/N |acc(B_b) - conf(B_b)|``; computed from ``fine_bins`` equal-width bins,
+    exact up to the bound of :class:`AdaptiveECE`."""
+    _at_least("adaptive_ece", "n_bins", n_bins)
+    return _adaptive_from_fine(*calibration_bins(probs, labels, fine_bins, name="adaptive_ece"), n_bins)[0]
+
+
+def _harmonic(n: Tensor) -> Tensor:
+    """``H(n) = sum_{k=1}^n 1/k`` for real ``n >= 0`` (digamma(n + 1) + Euler's gamma)."""
+    return torch.special.digamma(n + 1) + 0.5772156649015329
+
+
+def _aurc_from_fine(count: Tensor, errors: Tensor) -> tuple[float, float]:
+    """``(AURC, bound)`` from per-fine-bin counts and errors. Samples are taken in decreasing
+    confidence, those of one fine bin in random order: with ``a`` samples before a bin of
+    ``c`` holding ``e`` errors, ``E_a`` errors before it, its terms sum in expectation to
+    ``E_a (H(a+c) - H(a)) + e/c (c - a (H(a+c) - H(a)))``. Any order within the bin moves each
+    ``E_k`` by at most ``min(e, c - e)``, so ``|approx - exact| <= 1/N sum_bins min(e, c - e)
+    (H(a+c) - H(a))``."""
+    count, errors = count.flip(0), errors.flip(0)  # decreasing confidence
+    total = count.sum()
+    if not bool(total > 0):
+        return math.nan, math.nan
+    a = count.cumsum(0) - count
+    e_before = errors.cumsum(0) - errors
+    dh = _harmonic(a + count) - _harmonic(a)
+    share = torch.where(count > 0, errors / count.clamp_min(1), 0.0)
+    value = (e_before * dh + share * (count - a * dh)).sum() / total
+    bound = (torch.minimum(errors, count - errors) * dh).sum() / total
+    return float(value), float(bound)
+
+
+def _aurc_stats(probs: Tensor, labels: Tensor, fine_bins: int) -> dict[str, Tensor]:
+    count, _, correct = calibration_bins(probs, labels, fine_bins, name="aurc")
+    return {"count": count, "errors": count - correct + _nan_if_any_nan(probs)}
+
+
+def aurc(probs: Tensor, labels: Tensor, fine_bins: int = FINE_BINS) -> float:
+    """Area under the risk-coverage curve (Geifman et al. 2019): rows by decreasing top-label
+    confidence, ``1/N sum_k risk(k)``, ``risk(k)`` the error rate of the ``k`` most confident;
+    ties (rows of one of ``fine_bins`` confidence bins) in random order (the expectation)."""
+    _at_least("aurc", "fine_bins", fine_bins)
+    s = _aurc_stats(probs, labels, fine_bins)
+    return _aurc_from_fine(s["count"], s["errors"])[0]
+
+
+def _check_sets(name: str, sets: Tensor, labels: Tensor) -> None:
+    """``sets`` ``[N, C]``: boolean, or numbers that are all 0 or 1 (NaN passes, to be measured
+    as NaN)."""
+    if sets.dim() != 2:
+        raise ShapeError(f"{name}: sets must be a membership mask [N, C], got {sets.dtype} "
+                         f"{list(sets.shape)}")
+    if sets.dtype != torch.bool:
+        bad = (sets != 0) & (sets != 1)
+        if sets.is_floating_point():
+            bad &= ~sets.isnan()
+        if bool(bad.any()):
+            raise ShapeError(f"{name}: sets must hold only 0 and 1 (a membership mask), got "
+                             f"{sets[bad][0].item()!r} in {sets.dtype} {list(sets.shape)}")
+    _check_scores(name, sets, labels)
+
+
+def _set_stats(name: str, sets: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    _check_sets(name, sets, labels)
+    flags = sets.to(_STAT)
+    poison = _nan_if_any_nan(flags)  # a NaN anywhere in the mask is measured as NaN
+    covered = flags.gather(1, labels.long()[:, None]).sum()
+    return {"covered": covered + poison, "size": flags.sum() + poison,
+            "count": torch.tensor(float(labels.numel()), dtype=_STAT, device=labels.device)}
+
+
+def _sets_and_labels(batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``update`` arguments of the set metrics for the conformance kit: the sets ``p > 0.2`` of
+    :func:`_probs_and_labels` as a 0/1 float mask ``[B, 3]``, and the labels."""
+    probs, labels = _probs_and_labels(batch_size, generator)
+    return (probs > 0.2).float(), labels
+
+
+def set_coverage(sets: Tensor, labels: Tensor) -> float:
+    """Fraction of rows whose prediction set holds the label: ``mean_i [y_i in C(x_i)]``."""
+    s = _set_stats("set_coverage", sets, labels)
+    return _ratio(s["covered"], s["count"])
+
+
+def set_size(sets: Tensor, labels: Tensor) -> float:
+    """Mean number of classes in a prediction set: ``mean_i |C(x_i)|`` (``labels`` are checked
+    only, so the metric streams beside :func:`set_coverage`)."""
+    s = _set_stats("set_size", sets, labels)
+    return _ratio(s["size"], s["count"])
+
+
+class AdaptiveECE(_Binned):
+    """Streaming :func:`adaptive_ece`: fine-bin sums ``[fine_bins]`` (count, confidence,
+    correct), merged into ``n_bins`` equal-mass bins at ``compute``; :meth:`error_bound` is the
+    largest possible distance to the exact equal-mass ECE of the rows seen."""
+
+    example_inputs = staticmethod(_probs_and_labels)
+
+    name = "adaptive_ece"
+
+    def __init__(self, n_bins: int = 15, fine_bins: int = FINE_BINS):
+        super().__init__(n_bins)
+        _at_least("adaptive_ece", "fine_bins", fine_bins)
+        self.fine_bins = fine_bins
+
+    def update(self, probs: Tensor, labels: Tensor) -> None:
+        count, conf, correct = calibration_bins(probs, labels, self.fine_bins, name=self.name)
+        self._add({"count": count, "confidence": conf, "correct": correct})
+
+    def _both(self) -> tuple[float, float]:
+        s = self._get("count", "confidence", "correct")
+        return (math.nan, math.nan) if s is None else _adaptive_from_fine(*s, self.n_bins)
+
+    def compute(self) -> float:
+        return self._both()[0]
+
+    def error_bound(self) -> float:
+        """``2 * (rows in fine bins an equal-mass boundary cuts) / N``."""
+        return self._both()[1]
+
+
+class AURC(_Sums):
+    """Streaming :func:`aurc`: per fine confidence bin, rows and errors (``[fine_bins]``);
+    :meth:`error_bound` bounds the distance to the exact AURC of any order of tied rows."""
+
+    example_inputs = staticmethod(_probs_and_labels)
+
+    def __init__(self, fine_bins: int = FINE_BINS):
+        super().__init__()
+        _at_least("aurc", "fine_bins", fine_bins)
+        self.fine_bins = fine_bins
+
+    def update(self, probs: Tensor, labels: Tensor) -> None:
+        self._add(_aurc_stats(probs, labels, self.fine_bins))
+
+    def _both(self) -> tuple[float, float]:
+        s = self._get("count", "errors")
+        return (math.nan, math.nan) if s is None else _aurc_from_fine(*s)
+
+    def compute(self) -> float:
+        return self._both()[0]
+
+    def error_bound(self) -> float:
+        return self._both()[1]
+
+
+class SetCoverage(_Mean):
+    """Streaming :func:`set_coverage`: ``update(sets, labels)``, sets a boolean or 0/1 ``[N, C]``."""
+
+    ratio_of = ("covered", "count")
+    example_inputs = staticmethod(_sets_and_labels)
+
+    def update(self, sets: Tensor, labels: Tensor) -> None:
+        self._add(_set_stats("set_coverage", sets, labels))
+
+
+class SetSize(_Mean):
+    """Streaming :func:`set_size`: ``update(sets, labels)`` sums the set sizes."""
+
+    ratio_of = ("size", "count")
+    example_inputs = staticmethod(_sets_and_labels)
+
+    def update(self, sets: Tensor, labels: Tensor) -> None:
+        self._add(_set_stats("set_size", sets, labels))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from annotated_types import Ge, Gt
 
+from sdk.calibration import check_fit_inputs
 from sdk.card import Card
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Calibrator
@@ -31,6 +32,7 @@ class TemperatureScaling(Calibrator):
         return float(self.log_t.exp())
 
     def fit(self, logits: torch.Tensor, labels: torch.Tensor, **extra) -> TemperatureScaling:
+        check_fit_inputs(self, logits, labels)
         logits = logits.detach().float()
         log_t = torch.zeros((), device=logits.device, requires_grad=True)
         opt = torch.optim.LBFGS([log_t], lr=self.lr, max_iter=self.max_iter,

@@ -49,3 +49,13 @@ def test_bad_shapes():
     cal = sdk.create("calibrator", "temperature_scaling")
     with pytest.raises(sdk.ShapeError, match=r"labels must be integer class ids \[5\], got torch.int64 \[4\]"):
         cal.fit(torch.zeros(5, 3), torch.zeros(4, dtype=torch.long))
+
+
+def test_nan_and_one_class_are_refused_before_the_fit():
+    cal = sdk.create("calibrator", "temperature_scaling")
+    z = torch.randn(6, 3)
+    with pytest.raises(sdk.ShapeError, match="'temperature_scaling': labels hold one class only"):
+        cal.fit(z, torch.full((6,), 2))
+    z[1, 1] = float("-inf")
+    with pytest.raises(sdk.ShapeError, match="'temperature_scaling': fit's scores hold NaN or inf"):
+        cal.fit(z, torch.arange(6) % 3)

@@ -41,11 +41,12 @@ _LAZY: dict[str, str] = {
     "broken_plugins": "sdk.registry",
     "WeightedSum": "sdk.compose",
     "Trainer": "sdk.engine",
+    "encoder": "sdk.backbone",
 }
 _SUBMODULES = {
     "interfaces", "types", "card", "hookspecs", "registry", "compose", "config", "contrastive",
     "distributed", "testing", "engine", "metrics", "data", "checkpoint", "plots", "cli", "cluster",
-    "state", "context", "constraints", "events", "keys", "faults",
+    "state", "context", "constraints", "events", "keys", "faults", "backbone",
 }
 
 __all__ = [
@@ -69,6 +70,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from sdk.backbone import encoder
     from sdk.card import Card, Param
     from sdk.compose import WeightedSum
     from sdk.context import FromData

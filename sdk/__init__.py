@@ -42,11 +42,13 @@ _LAZY: dict[str, str] = {
     "WeightedSum": "sdk.compose",
     "Trainer": "sdk.engine",
     "encoder": "sdk.backbone",
+    "load_run": "sdk.runs",
 }
 _SUBMODULES = {
     "interfaces", "types", "card", "hookspecs", "registry", "compose", "config", "contrastive",
     "distributed", "testing", "engine", "metrics", "data", "checkpoint", "plots", "cli", "cluster",
     "state", "context", "constraints", "events", "keys", "faults", "backbone",
+    "runs",
 }
 
 __all__ = [
@@ -77,4 +79,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from sdk.engine import Trainer
     from sdk.hookspecs import hookimpl
     from sdk.registry import Registry, broken_plugins, create, get_registry, plugins
+    from sdk.runs import load_run
     from sdk.types import Batch, Logits, Loss, Pairs, Probabilities, Views

@@ -221,3 +221,13 @@ def test_transformers_model_when_installed():
     enc = sdk.encoder(model, out_dim=16, output=lambda out: out.last_hidden_state[:, 0])
     ids = torch.randint(0, 50, (3, 7))
     assert enc(ids).shape == (3, 16)
+
+
+def test_a_killed_run_of_a_wrapped_module_resumes_bit_for_bit(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+        return sdk.encoder(net, input_shape=(6,), features="1")
+
+    sdk.testing.check_resume(objective=lambda: _ProbeOnFeatures(8, 4), encoder=make,
+                             tmp_dir=tmp_path)

@@ -41,11 +41,14 @@ _LAZY: dict[str, str] = {
     "broken_plugins": "sdk.registry",
     "WeightedSum": "sdk.compose",
     "Trainer": "sdk.engine",
+    "encoder": "sdk.backbone",
+    "load_run": "sdk.runs",
 }
 _SUBMODULES = {
     "interfaces", "types", "card", "hookspecs", "registry", "compose", "config", "contrastive",
     "distributed", "testing", "engine", "metrics", "data", "checkpoint", "plots", "cli", "cluster",
-    "state", "context", "constraints", "events", "keys", "faults",
+    "state", "context", "constraints", "events", "keys", "faults", "backbone",
+    "runs",
 }
 
 __all__ = [
@@ -69,10 +72,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from sdk.backbone import encoder
     from sdk.card import Card, Param
     from sdk.compose import WeightedSum
     from sdk.context import FromData
     from sdk.engine import Trainer
     from sdk.hookspecs import hookimpl
     from sdk.registry import Registry, broken_plugins, create, get_registry, plugins
+    from sdk.runs import load_run
     from sdk.types import Batch, Logits, Loss, Pairs, Probabilities, Views

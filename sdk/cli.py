@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
@@ -26,20 +27,81 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace, Console], int]]] = {}
 
 
+def short_paper(paper: str, width: int = 16) -> str:
+    """A card's paper as the list shows it, at most ``width`` characters: an arXiv id without its
+    ``arXiv:`` prefix, a link as its host and the tail of its path (``doi.org/…533a0``)."""
+    from urllib.parse import urlsplit
+
+    paper = paper.strip()
+    if "://" not in paper:
+        paper = paper.removeprefix("arXiv:")
+        return paper if len(paper) <= width else paper[:width - 1] + "…"
+    parts = urlsplit(paper)
+    host = parts.netloc.removeprefix("www.")
+    tail = parts.fragment or parts.path.rstrip("/").rsplit("/", 1)[-1]
+    if parts.path.strip("/") == tail and len(host) + 1 + len(tail) <= width:
+        return f"{host}/{tail}" if tail else host
+    room = width - len(host) - 2
+    if not tail or room < 4:  # no tail worth showing: the host alone
+        return host if len(host) <= width else host[:width - 1] + "…"
+    return f"{host}/…{tail[-room:]}"
+
+
+def _matches(card, text: str) -> bool:
+    text = text.lower()
+    return any(text in field.lower() for field in
+               (card.name, card.title, card.summary, card.paper, card.package, card.family))
+
+
+def _card_json(card) -> dict:
+    data = {f: getattr(card, f) for f in ("name", "kind", "family", "package", "title", "summary",
+                                          "paper", "formula", "left_out")}
+    data["params"] = [{"name": p.name, "type": p.type, "required": p.required,
+                       "default": None if p.required else p.default_repr(),
+                       "constraint": p.constraint, "from_data": p.from_data, "doc": p.doc}
+                      for p in card.params]
+    return data
+
+
 def _plugins_list(args: argparse.Namespace, console: Console) -> int:
+    """One row per plugin, fitted to the terminal: kind, name and the short paper whole, the
+    family where there is room, the title in what is left (``plugins show`` has it all)."""
+    import json
+
     from sdk import registry
 
     reg = registry.get_registry()
-    table = Table(title="paperplug plugins", show_lines=False)
     cards = reg.cards(args.kind)
-    used = 1  # one row per plugin: identifiers whole, the title cut to fit (`plugins show` has it all)
-    for col in ("kind", "name", "package", "paper"):
-        width = max([len(col), *(len(getattr(card, col)) for card in cards)])
-        table.add_column(col, no_wrap=True, min_width=width)
-        used += width + 3
-    table.add_column("title", overflow="ellipsis", no_wrap=True, max_width=max(12, console.width - used - 3))
-    for card in cards:
-        table.add_row(card.kind, card.name, card.package, card.paper, card.title)
+    if args.family is not None:
+        families = sorted({c.family for c in cards})
+        if args.family not in families:
+            raise ConfigError(f"--family: no plugin of family {args.family!r}."
+                              + registry._suggest(args.family, families)
+                              + f" Families: {', '.join(families)}")
+        cards = [c for c in cards if c.family == args.family]
+    if args.text:
+        cards = [c for c in cards if _matches(c, args.text)]
+    if args.json:
+        print(json.dumps([_card_json(c) for c in cards], indent=2))
+        return 0
+    paper = 16 if console.width < 120 else 22 if console.width < 160 else 28
+    rows = [(c.kind, c.name, c.family, short_paper(c.paper, paper), c.title) for c in cards]
+    header = ("kind", "name", "family", "paper", "title")
+    widths = [max([len(header[i]), *(len(r[i]) for r in rows)]) for i in range(4)]
+    gap = 2  # between columns (box.SIMPLE: a padding of one either side, no edges)
+    fixed = widths[0] + widths[1] + widths[3] + 3 * gap
+    shown = [0, 1, 3]
+    if console.width - fixed - widths[2] - gap >= 40:  # the family only where the title keeps 40
+        shown, fixed = [0, 1, 2, 3], fixed + widths[2] + gap
+    title = console.width - fixed - gap
+    table = Table(title=f"paperplug plugins ({len(rows)})", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True, show_edge=False)
+    for i in shown:
+        table.add_column(header[i], no_wrap=True, min_width=widths[i], max_width=widths[i])
+    if title >= 8:
+        table.add_column("title", no_wrap=True, overflow="ellipsis", max_width=title)
+    for r in rows:
+        table.add_row(*(escape(r[i]) for i in shown), *([escape(r[4])] if title >= 8 else []))
     console.print(table)
     if reg.broken:
         broken = Table(title="broken plugins (skipped)", style="red")
@@ -106,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list or show registered plugins", parents=[common])
     psub = plugins.add_subparsers(dest="action", required=True)
     p_list = psub.add_parser("list", help="table of plugins (and broken ones)", parents=[common])
+    p_list.add_argument("text", nargs="?", default=None,
+                        help="only plugins whose name, title, summary, paper or package holds it")
     p_list.add_argument("--kind", default=None, help="only plugins of this kind")
+    p_list.add_argument("--family", default=None,
+                        help="only plugins of this family (plugins/<family>/, or a package's name)")
+    p_list.add_argument("--json", action="store_true", help="print the cards as JSON")
     p_list.set_defaults(handler=_plugins_list)
     p_show = psub.add_parser("show", help="a plugin's card", parents=[common])
     p_show.add_argument("name")

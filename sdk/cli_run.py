@@ -12,8 +12,12 @@ trains with :class:`~sdk.Trainer`, then measures on the held-out ``test`` split:
   on ``test``.
 
 The run directory receives ``config.toml`` (the resolved recipe), ``metrics.jsonl``,
-``summary.json``, ``training_curves.png``, ``reliability.png`` and ``checkpoints/step-*.pt`` (the
-newest ``trainer.keep_checkpoints``).
+``summary.json``, ``training_curves.png``, ``reliability.png``, ``checkpoints/step-*.pt`` (the
+newest ``trainer.keep_checkpoints``) and ``inference.pt`` (the fitted calibrator and linear
+probe, which :func:`sdk.runs.load_run` reads back with the encoder).
+
+``paperplug export RUN_DIR --format torchscript|state_dict|onnx`` writes the trained encoder
+(:func:`sdk.runs.export`).
 """
 
 from __future__ import annotations
@@ -249,7 +253,7 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
     trainer.fit(train_loader, val_loader, resume=resume)
     summary.update({f"train/{k}": v for k, v in getattr(trainer, "summary", {}).items()})
 
-    cal_logits = test_logits = None
+    cal_logits = test_logits = probe = None
     if supervised:
         cal_logits = trainer.predict(ordered(splits.calibration)).float()
         test_logits = trainer.predict(ordered(splits.test)).float()
@@ -288,6 +292,12 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
                 pass
     summary["wall_time_s"] = time.perf_counter() - t0
     if main:
+        from sdk import checkpoint, runs
+
+        fitted = calibrator if calibrator is not None and cal_logits is not None else None
+        checkpoint.save(runs.inference_state(supervised=supervised, features=bool(use_features),
+                                             probe=probe, calibrator=fitted),
+                        run_dir / runs.INFERENCE)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if console is not None:
             print_summary(summary, console, run_dir)
@@ -416,5 +426,33 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    from sdk.runs import FORMATS
+
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'paperplug run'")
+    p.add_argument("--format", choices=FORMATS, default="torchscript",
+                   help="torchscript (traced), state_dict (torch.load(weights_only=True)) or "
+                        "onnx (needs the onnx package); default torchscript")
+    p.add_argument("--output", "-o", default=None,
+                   help="file to write (default RUN_DIR/encoder.ts.pt, .pt or .onnx)")
+    p.add_argument("--features", action="store_true",
+                   help="export the backbone's features (encoder.features) instead of its output")
+    p.add_argument("--allow-imports", action="store_true",
+                   help="let the run's recipe import factories (as 'paperplug run' does)")
+
+
+def _export(args: argparse.Namespace, console: Console) -> int:
+    """Write a run's trained encoder as TorchScript, a state_dict or ONNX."""
+    from sdk.runs import export, load_run
+
+    run = load_run(args.run_dir, allow_imports=args.allow_imports)
+    path = export(run, args.format, args.output, features=args.features)
+    what = "encoder features" if args.features else "encoder"
+    console.print(f"{what} of {args.run_dir} (step {run.step}, {run.checkpoint.name}) written "
+                  f"as {args.format}: {path}", highlight=False, markup=False, soft_wrap=True)
+    return 0
+
+
 COMMANDS["run"] = (_configure_run, _run)
+COMMANDS["export"] = (_configure_export, _export)
 COMMANDS["demo"] = (_configure_demo, _demo)

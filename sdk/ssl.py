@@ -36,7 +36,7 @@ from sdk.distributed import gather_no_grad, rank, sum_over_ranks, world_size
 from sdk.errors import ShapeError
 from sdk.layers import mlp_layers
 from sdk.state import ResizableBuffers
-from sdk.types import Views
+from sdk.types import Batch, Views
 
 
 def at_least_float32(z: Tensor) -> Tensor:
@@ -294,3 +294,12 @@ class LinearPredictor(Predictor):
         if not torch.is_autocast_enabled(z.device.type):
             z = z.to(self.weight.dtype)
         return self.net(z)
+
+
+def teacher_target_example(batch_size: int, dim: int,
+                           generator: torch.Generator) -> tuple[Views, Batch]:
+    """Example inputs of an objective that predicts a momentum teacher's projections (BYOL and
+    the methods built on it): two views of ``[B, dim]`` online projections and the teacher's."""
+    z = tuple(torch.randn(batch_size, dim, generator=generator).requires_grad_() for _ in range(2))
+    t = tuple(torch.randn(batch_size, dim, generator=generator) for _ in range(2))
+    return Views(embeddings=z, extras={keys.TEACHER: t}), Batch()

@@ -16,7 +16,7 @@ from sdk import keys
 from sdk.card import Card
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
-from sdk.ssl import LinearPredictor, Predictor, check_teacher, negative_cosine
+from sdk.ssl import LinearPredictor, Predictor, check_teacher, negative_cosine, teacher_target_example
 from sdk.types import Batch, Loss, Views
 
 
@@ -57,10 +57,7 @@ class BYOL(Objective):
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:
         """Two views of ``[B, dim]`` projections and the teacher's."""
-        d = self.predictor.dim
-        z = tuple(torch.randn(batch_size, d, generator=generator).requires_grad_() for _ in range(2))
-        t = tuple(torch.randn(batch_size, d, generator=generator) for _ in range(2))
-        return Views(embeddings=z, extras={keys.TEACHER: t}), Batch()
+        return teacher_target_example(batch_size, self.predictor.dim, generator)
 
 
 CARD = Card(

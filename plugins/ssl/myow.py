@@ -30,7 +30,7 @@ from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
 from sdk.momentum import cosine_momentum
-from sdk.ssl import Predictor, check_teacher, negative_cosine
+from sdk.ssl import Predictor, check_teacher, negative_cosine, teacher_target_example
 from sdk.types import Batch, Loss, Views
 
 
@@ -139,10 +139,7 @@ class MYOW(Objective):
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:
         """Two views of ``[B, dim]`` projections and the teacher's."""
-        d = self.predictor.dim
-        z = tuple(torch.randn(batch_size, d, generator=generator).requires_grad_() for _ in range(2))
-        t = tuple(torch.randn(batch_size, d, generator=generator) for _ in range(2))
-        return Views(embeddings=z, extras={keys.TEACHER: t}), Batch()
+        return teacher_target_example(batch_size, self.predictor.dim, generator)
 
 
 CARD = Card(

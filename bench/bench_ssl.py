@@ -9,7 +9,7 @@ Pairs: ``barlow_twins`` / ``BarlowTwinsLoss``, ``vicreg`` / ``VICRegLoss``, ``by
 ``simsiam`` (their symmetric negative cosine) / ``NegativeCosineSimilarity`` called per direction,
 ``swav`` (3 Sinkhorn iterations, 3000 prototypes' scores) / ``SwaVLoss``, ``dino`` (output 4096, two
 global views) / ``DINOLoss``. Median over interleaved rounds in one process (the order alternates),
-after a warm-up step each; ``ratio`` is ours over lightly's (goal <= 1.0) in time,
+one CPU thread, after a warm-up step each; ``ratio`` is ours over lightly's (goal <= 1.0) in time,
 ``memory_ratio`` in peak memory. Without lightly there are no rows.
 """
 
@@ -129,6 +129,15 @@ def run(report, batches: tuple[int, ...] = BATCHES, dims: tuple[int, ...] = DIMS
     if not pairs(device):
         report.note("ssl: lightly is not installed, no rows (pip install --no-deps lightly tqdm)")
         return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared CPU, several threads time the machine's load instead
+    try:
+        _run(report, device, batches, dims)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(report, device: torch.device, batches: tuple[int, ...], dims: tuple[int, ...]) -> None:
     for b, d in ((b, d) for b in batches for d in dims):
         memory = (peak_memory(b, d, device) if device.type == "cuda"
                   else child_peak_memory("bench.bench_ssl", f"{b}x{d}"))

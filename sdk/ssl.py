@@ -50,10 +50,7 @@ def at_least_float32(z: Tensor) -> Tensor:
 def batch_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
     """``(z - mean) / sqrt(var + eps)`` along the batch with the biased variance (BatchNorm1d
     without affine parameters, in training mode)."""
-    z = at_least_float32(z)
-    mean = z.mean(dim=0)
-    var = z.var(dim=0, unbiased=False)
-    return (z - mean) / torch.sqrt(var + eps)
+    return F.batch_norm(at_least_float32(z), None, None, training=True, eps=eps)  # one kernel
 
 
 def cross_correlation(z1: Tensor, z2: Tensor, eps: float = 1e-5) -> Tensor:
@@ -63,8 +60,9 @@ def cross_correlation(z1: Tensor, z2: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 def off_diagonal_sq_sum(c: Tensor) -> Tensor:
-    """``sum_{i != j} c_ij^2`` of a square matrix, without materialising a mask."""
-    return c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+    """``sum_{i != j} c_ij^2`` of a square matrix, without materialising a mask (nor the
+    squares: the norm reduces in one pass)."""
+    return torch.linalg.vector_norm(c).square() - torch.diagonal(c).square().sum()
 
 
 # variance / invariance / covariance (VICReg) ---------------------------------------------------

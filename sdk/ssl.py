@@ -50,7 +50,10 @@ def at_least_float32(z: Tensor) -> Tensor:
 def batch_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
     """``(z - mean) / sqrt(var + eps)`` along the batch with the biased variance (BatchNorm1d
     without affine parameters, in training mode)."""
-    return F.batch_norm(at_least_float32(z), None, None, training=True, eps=eps)  # one kernel
+    z = at_least_float32(z)
+    if z.shape[0] > 1:  # torch's batch-norm kernel refuses a single sample
+        return F.batch_norm(z, None, None, training=True, eps=eps)
+    return z - z.mean(dim=0)  # one sample standardises to 0 (its variance is 0)
 
 
 def cross_correlation(z1: Tensor, z2: Tensor, eps: float = 1e-5) -> Tensor:

@@ -46,6 +46,18 @@ def test_cross_correlation_and_off_diagonal_match_loops():
     assert batch_standardize(a).dtype == torch.float64
 
 
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_batch_standardize_is_the_biased_batch_standardisation_with_its_gradient(n):
+    z = _z(n, 3, seed=5).requires_grad_()
+    w = _z(n, 3, seed=6)
+    got = batch_standardize(z, eps=1e-5)
+    want = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    g_got, = torch.autograd.grad((got * w).sum(), z)
+    g_want, = torch.autograd.grad((want * w).sum(), z)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-8, atol=1e-10)
+
+
 def _vic_slow(z, gamma=1.0, eps=1e-4):
     n, d = z.shape
     cols = [[float(z[r, j]) for r in range(n)] for j in range(d)]

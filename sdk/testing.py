@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -815,6 +815,55 @@ def _compare(ranks: list[Any], single: dict[str, Any], world: int, tol: float) -
     return None
 
 
+# symptoms of a rendezvous that failed for the machine's sake (the port, taken between our probe
+# and the ranks' bind, or a connection dropped under load), not for the code's
+_RENDEZVOUS_FAILURES = ("terminate called without an active exception", "Connection refused",
+                        "Address already in use", "Connection reset by peer",
+                        "Socket Timeout", "connect() timed out")
+
+
+def run_ranks(argv: Sequence[str], *, world: int = 2, timeout: float = 180.0,
+              env: Mapping[str, str] | None = None, cwd: str | None = None,
+              attempts: int = 3) -> list[str]:
+    """Run ``argv`` as ``world`` gloo ranks on this machine (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``/``MASTER_PORT`` on a free port, one thread each) and return each rank's
+    output; raise ``AssertionError`` with the output of a rank that failed. A launch whose
+    failure reads as a failed rendezvous (see ``_RENDEZVOUS_FAILURES``) is retried on a new
+    port, up to ``attempts`` launches in all: a code failure repeats and is reported."""
+    import socket
+    import subprocess
+
+    for attempt in range(1, attempts + 1):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        procs = []
+        for rank in range(world):
+            rank_env = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                        "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+            procs.append(subprocess.Popen(list(argv), env=rank_env, cwd=cwd, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        outputs, failed = [], None
+        for proc in procs:
+            try:
+                output, _ = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for p in procs:
+                    p.kill()
+                raise AssertionError(f"the {world} ranks did not finish in {timeout:g} s") from None
+            outputs.append(output)
+            if proc.returncode != 0 and failed is None:
+                failed = (proc.returncode, output)
+        if failed is None:
+            return outputs
+        if attempt < attempts and any(any(sign in out for sign in _RENDEZVOUS_FAILURES)
+                                      for out in outputs):
+            continue
+        raise AssertionError(f"a rank exited with {failed[0]}:\n{failed[1]}")
+    raise AssertionError("unreachable")
+
+
 def distributed_failures(cases: list[Plugin], *, training: Collection[str] = (), world: int = 2,
                          tol: float = 1e-6, timeout: float = 300.0) -> dict[str, str]:
     """Run every objective of ``cases`` in ``world`` gloo processes (started once, for all
@@ -832,8 +881,6 @@ def distributed_failures(cases: list[Plugin], *, training: Collection[str] = (),
     ``example_inputs(batch_size, generator)`` or synthetic ones, plus a memory of extra
     negatives in ``Views.extras`` when the objective consumes them.
     """
-    import socket
-    import subprocess
     import sys
     import tempfile
 
@@ -843,27 +890,13 @@ def distributed_failures(cases: list[Plugin], *, training: Collection[str] = (),
     with tempfile.TemporaryDirectory() as tmp:
         cases_path = os.path.join(tmp, "cases.pt")
         torch.save((list(cases), set(training)), cases_path)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         code = "import sys; from sdk.testing import _ddp_worker; _ddp_worker(sys.argv[1], sys.argv[2])"
-        procs = []
-        for rank in range(world):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                   "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-            procs.append(subprocess.Popen([sys.executable, "-c", code, cases_path, tmp], env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        for proc in procs:
-            try:
-                output, _ = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for p in procs:
-                    p.kill()
-                raise _fail("distributed", "ranks", f"the {world} processes did not finish in "
-                            f"{timeout:g} s") from None
-            if proc.returncode != 0:
-                raise _fail("distributed", "ranks", f"a rank exited with {proc.returncode}:\n{output}")
+        path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+        try:
+            run_ranks([sys.executable, "-c", code, cases_path, tmp], world=world, timeout=timeout,
+                      env={"PYTHONPATH": path})
+        except AssertionError as exc:
+            raise _fail("distributed", "ranks", str(exc)) from None
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
     failures = {}
     threads = torch.get_num_threads()

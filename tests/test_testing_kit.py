@@ -74,3 +74,33 @@ def test_the_kit_requires_objectives_to_declare_batch_coupling(cls, error):
     else:
         with pytest.raises(AssertionError, match=rf"\[objective sq\] declaration: {error}"):
             sdk.testing.check_plugin("objective", "sq", registry=reg)
+
+
+def test_run_ranks_retries_a_failed_rendezvous_and_reports_a_failing_rank(tmp_path):
+    """A launch whose ranks die of a rendezvous symptom is retried on a new port; a rank that
+    fails for its code's sake is reported with its output, after as many launches."""
+    import sys
+
+    from sdk.testing import run_ranks
+
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import os, sys, pathlib\n"
+        "mark = pathlib.Path(sys.argv[1]) / f\"launch{os.environ['MASTER_PORT']}-{os.environ['RANK']}\"\n"
+        "mark.touch()\n"
+        "launches = len({p.name.split('-')[0] for p in pathlib.Path(sys.argv[1]).glob('launch*')})\n"
+        "if sys.argv[2] == 'flaky' and launches == 1:\n"
+        "    print('terminate called without an active exception'); sys.exit(134)\n"
+        "if sys.argv[2] == 'broken':\n"
+        "    print('ValueError: a real bug'); sys.exit(1)\n"
+        "print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])\n")
+    flaky = tmp_path / "flaky"
+    flaky.mkdir()
+    outputs = run_ranks([sys.executable, str(script), str(flaky), "flaky"], world=2, timeout=60)
+    assert [o.strip() for o in outputs] == ["rank 0 of 2", "rank 1 of 2"]
+    assert len({p.name.split("-")[0] for p in flaky.glob("launch*")}) == 2
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with pytest.raises(AssertionError, match="exited with 1:\nValueError: a real bug"):
+        run_ranks([sys.executable, str(script), str(broken), "broken"], world=2, timeout=60)
+    assert len({p.name.split("-")[0] for p in broken.glob("launch*")}) == 1  # not retried

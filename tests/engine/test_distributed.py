@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import torch
 
 import sdk
 from sdk import distributed
+from sdk.testing import run_ranks
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ROOT = Path(sdk.__file__).parent.parent
@@ -36,21 +34,7 @@ def _worker_module():
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    world = 2
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out)], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    for proc in procs:
-        output, _ = proc.communicate(timeout=180)
-        assert proc.returncode == 0, output
+    run_ranks([sys.executable, str(WORKER), str(out)], world=2, cwd=str(ROOT))
     return out
 
 

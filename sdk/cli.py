@@ -1,4 +1,5 @@
-"""The ``paperplug`` command: ``plugins list|show``, ``run RECIPE``, ``demo``.
+"""The ``paperplug`` command: ``plugins list|show``, ``run RECIPE``, ``demo``,
+``compare RECIPE...``.
 
 Exit status: 0 on success, 2 for bad usage or a bad recipe (one ``paperplug: error: ...``
 line on stderr), 1 for a run that fails (one line naming the exception; ``--debug`` or
@@ -192,7 +193,7 @@ def _load_commands() -> None:
     """Import the modules that add subcommands (kept out of ``import sdk``)."""
     import importlib
 
-    for module in ("sdk.cli_run",):
+    for module in ("sdk.cli_run", "sdk.cli_compare"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

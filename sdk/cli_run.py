@@ -3,8 +3,9 @@
 :func:`run_recipe` is the library form: it builds every plugin of a :class:`~sdk.config.Recipe`,
 trains with :class:`~sdk.Trainer`, then measures on the held-out ``test`` split:
 
-* self-supervised recipes: weighted kNN and linear-probe accuracy of the representation, the
-  same for the randomly initialised encoder (``random_init_*``) and kNN on the raw inputs;
+* self-supervised recipes: weighted kNN and linear-probe accuracy of the representation and its
+  RankMe on the training split, the same for the randomly initialised encoder
+  (``random_init_*``) and kNN on the raw inputs;
 * supervised recipes (the objective needs logits): accuracy;
 * with a ``calibrator``: it is fitted on the held-out ``calibration`` split (on the model's
   logits, or on the linear probe's for self-supervised recipes; on their softmax for a
@@ -245,6 +246,7 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
     if not supervised and ev.random_init:
         rep = representation()
         summary["random_init_knn_accuracy"] = knn(*rep)
+        summary["random_init_rankme"] = metrics.rankme(rep[0])
         if ev.linear_probe:
             summary["random_init_linear_probe_accuracy"] = metrics.linear_probe_accuracy(*rep)
         summary["input_knn_accuracy"] = knn(splits.train.x, splits.train.y, splits.test.x,
@@ -262,6 +264,7 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
     else:
         tr, ytr, te, yte = rep = representation()
         summary["knn_accuracy"] = knn(*rep)
+        summary["rankme"] = metrics.rankme(tr)
         if ev.linear_probe or parts["calibrator"] is not None:
             probe = metrics.fit_linear_probe(tr, ytr, num_classes=splits.num_classes)
             test_logits = probe.logits(te)
@@ -317,6 +320,8 @@ RESULT_KEYS = (
     ("input_knn_accuracy", "kNN accuracy, raw inputs"),
     ("linear_probe_accuracy", "linear-probe accuracy (test)"),
     ("random_init_linear_probe_accuracy", "linear-probe accuracy, random-init encoder"),
+    ("rankme", "RankMe (training split)"),
+    ("random_init_rankme", "RankMe, random-init encoder"),
     ("accuracy", "accuracy (test)"),
     ("ece_before", "ECE before calibration"),
     ("ece_after", "ECE after calibration"),

@@ -2,14 +2,13 @@
 ranks), the normalised feature bank and the k-th neighbour distance."""
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 from sdk.ood import ClassMoments, FeatureBank, kth_neighbour_distance
+from sdk.testing import run_ranks
 
 
 def data(n=300, d=4, classes=3, seed=0, offset=1e4):
@@ -97,19 +96,9 @@ def test_mahalanobis_fitted_on_two_ranks_equals_one_fit_on_the_union(tmp_path):
     import sdk
 
     root = str(Path(__file__).resolve().parents[1])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path)], env=env, cwd=root,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for proc in procs:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, out
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    run_ranks([sys.executable, "-c", WORKER, str(tmp_path)], world=2, timeout=120, cwd=root,
+              env={"PYTHONPATH": path})
     x, y = data()
     parity = torch.arange(300) % 2
     union = ((y < 2) & (parity == 0)) | ((y >= 1) & (parity == 1))

@@ -3,8 +3,6 @@ stated error bound, the edge cases, streaming, and a 2-rank gloo reduction of th
 metrics equal to one process."""
 
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -14,6 +12,7 @@ import torch
 
 import sdk
 from plugins.metrics.adaptive_ece import adaptive_ece
+from sdk.testing import run_ranks
 
 
 def exact_adaptive_ece(probs, labels, n_bins=15):
@@ -97,18 +96,9 @@ WORKER = textwrap.dedent("""
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_gloo_ranks_equal_one_process(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    root = os.getcwd()
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path)], env={
-        **os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out
+    path = os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
+    run_ranks([sys.executable, "-c", WORKER, str(tmp_path)], world=2, timeout=120,
+              env={"PYTHONPATH": path})
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     g = torch.Generator().manual_seed(0)
     probs = (3 * torch.randn(301, 4, generator=g, dtype=torch.float64)).softmax(1)

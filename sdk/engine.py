@@ -992,12 +992,12 @@ class Trainer:
         state, objective, optimizer = self.state, self.objective, self.optimizer
         encode, scheduler = self._encode_z, self.scheduler
         n_views, logits, tells = len(self.view_transforms), self._needs_logits, self._tells_progress
+        self._view_inputs = None  # recompute_gradients: only from before_optimizer_step
         for item in it:
             state.views = state.loss = None
             x, batch = self._to_device(item, check=not self._checked)
             if tells:
                 objective.set_progress(state.step, self.total_steps)
-            self._view_inputs = None  # recompute_gradients: only from before_optimizer_step
             state.x = x
             embeddings = tuple(map(encode, [x] * n_views))
             first = embeddings[0] if logits else None

@@ -18,14 +18,13 @@ import gc
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench.measure import child_peak_memory, peak_bytes, sync
+from bench.measure import child_peak_memory, peak_bytes, timed
 
 B = 4096
 CLASSES = (10, 1000, 32768)
@@ -78,12 +77,7 @@ def time_cases(c: int, device: torch.device) -> dict[str, float]:
     for r in range(ROUNDS[c]):
         k = r % len(listed)
         for name, fn in listed[k:] + listed[:k]:
-            gc.collect()
-            sync(device)
-            start = time.perf_counter()
-            step(fn, z, y)
-            sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(functools.partial(step, fn, z, y), device))
     return {name: statistics.median(v) for name, v in times.items()}
 
 

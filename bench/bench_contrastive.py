@@ -26,7 +26,6 @@ import gc
 import json
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.measure import child_peak_memory, peak_bytes, sync
+from bench.measure import child_peak_memory, peak_bytes, timed
 
 SIZES = (256, 1024, 4096)
 DIM = 128
@@ -123,12 +122,7 @@ def time_cases(b: int, device: torch.device) -> dict[tuple[str, str], float | st
     for r in range(ROUNDS[b]):
         k = r % len(runnable)
         for grp, name, fn in runnable[k:] + runnable[:k]:
-            gc.collect()
-            sync(device)
-            start = time.perf_counter()
-            step(fn, z1, z2)
-            sync(device)
-            times[(grp, name)].append(time.perf_counter() - start)
+            times[(grp, name)].append(timed(functools.partial(step, fn, z1, z2), device))
     result.update({key: statistics.median(v) for key, v in times.items()})
     return result
 

@@ -20,14 +20,13 @@ import gc
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from bench import peers
-from bench.measure import child_peak_memory, peak_bytes, sync
+from bench.measure import child_peak_memory, peak_bytes, timed
 
 BATCHES, DIMS = (256, 1024), (128, 2048)
 ROUNDS = 7
@@ -97,15 +96,6 @@ def _step(fn: Step, views: list[torch.Tensor]) -> None:
     fn(views).backward()
 
 
-def _time(fn: Step, views: list[torch.Tensor], device: torch.device) -> float:
-    gc.collect()
-    sync(device)
-    start = time.perf_counter()
-    _step(fn, views)
-    sync(device)
-    return time.perf_counter() - start
-
-
 def _cases(device: torch.device, b: int, d: int):
     """The pairs timed at ``[b, d]``: the fixed-width ones only at the first D."""
     return [(name, ours, theirs, width) for name, ours, theirs, width in pairs(device)
@@ -148,7 +138,7 @@ def _run(report, device: torch.device, batches: tuple[int, ...], dims: tuple[int
             for r in range(ROUNDS):
                 order = ((ours, mine), (theirs, peer)) if r % 2 == 0 else ((theirs, peer), (ours, mine))
                 for fn, into in order:
-                    into.append(_time(fn, views, device))
+                    into.append(timed(functools.partial(_step, fn, views), device))
             t_ours, t_peer = statistics.median(mine), statistics.median(peer)
             m_ours, m_peer = memory[name], memory[f"{name}/lightly"]
             report.add(SECTION, name, device=device.type, B=b, D=width or d,

@@ -4,10 +4,12 @@ allocator, or the process's resident-set high-water mark on the CPU) and running
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +19,17 @@ import torch
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(call: Callable[[], None], device: torch.device) -> float:
+    """Seconds of one ``call`` after a garbage collection, the device synchronised on both
+    sides (CUDA kernels run asynchronously)."""
+    gc.collect()
+    sync(device)
+    start = time.perf_counter()
+    call()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def _rss() -> dict[str, int]:

@@ -9,10 +9,11 @@ is added here reads the values (``fit`` is offline, so the host syncs are paid o
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 from torch import Tensor
 
 from sdk.errors import NotFittedError, ShapeError
@@ -135,13 +136,16 @@ def bin_index(values: Tensor, edges: Tensor) -> Tensor:
 class AffineCalibrator(ResizableBuffers, Calibrator):
     """``softmax(W x + b)`` (``full``) or ``softmax(w * x + b)`` on ``x`` = the logits, or the
     log-probabilities where ``inputs = "probabilities"`` (Dirichlet calibration), fitted by
-    :func:`fit_affine`. Subclasses set ``full`` and ``inputs`` and call :meth:`_setup` from
-    their ``__init__``; the fitted ``weight`` and ``bias`` are float64 buffers."""
+    :func:`fit_affine`. Subclasses set ``full`` and ``inputs``; this ``__init__`` takes the ODIR
+    penalties (a subclass without them overrides it); the fitted ``weight`` and ``bias`` are
+    float64 buffers."""
 
     full: ClassVar[bool] = True
     resizable_buffers = ("weight", "bias")
 
-    def _setup(self, reg_lambda: float, reg_mu: float, max_iter: int) -> None:
+    def __init__(self, reg_lambda: Annotated[float, Ge(0)] = 0.0,
+                 reg_mu: Annotated[float, Ge(0)] = 0.0, max_iter: Annotated[int, Ge(1)] = 500):
+        super().__init__()
         self.reg_lambda, self.reg_mu, self.max_iter = reg_lambda, reg_mu, max_iter
         self.register_buffer("weight", torch.zeros(0, dtype=FIT_DTYPE))
         self.register_buffer("bias", torch.zeros(0, dtype=FIT_DTYPE))

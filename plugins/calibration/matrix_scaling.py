@@ -8,10 +8,6 @@ well-calibrated multiclass probabilities with Dirichlet calibration", NeurIPS 20
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from annotated_types import Ge
-
 from sdk.calibration import AffineCalibrator, fit_affine
 from sdk.card import Card
 from sdk.hookspecs import hookimpl
@@ -25,11 +21,6 @@ class MatrixScaling(AffineCalibrator):
 
     inputs = "logits"
     full = True
-
-    def __init__(self, reg_lambda: Annotated[float, Ge(0)] = 0.0, reg_mu: Annotated[float, Ge(0)] = 0.0,
-                 max_iter: Annotated[int, Ge(1)] = 500):
-        super().__init__()
-        self._setup(reg_lambda, reg_mu, max_iter)
 
 
 CARD = Card(

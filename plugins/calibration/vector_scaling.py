@@ -24,8 +24,7 @@ class VectorScaling(AffineCalibrator):
     full = False
 
     def __init__(self, max_iter: Annotated[int, Ge(1)] = 500):
-        super().__init__()
-        self._setup(0.0, 0.0, max_iter)
+        super().__init__(0.0, 0.0, max_iter)
 
 
 CARD = Card(

@@ -138,6 +138,37 @@ def make_trainer(recipe: Any, parts: dict[str, Any], *, run_dir: str | Path | No
         raise ConfigError(f"{where}: {exc}", param=exc.param, path=where) from None
 
 
+#: the ``[data]`` keys each source of a user's own data takes, as the reader's parameter names
+SOURCE_KEYS = {
+    "image_folder": {"path": "path", "image_size": "size", "color": "color", "cache": "cache"},
+    "table": {"path": "path", "target": "target", "features": "features",
+              "categorical": "categorical"},
+    "arrays": {"path": "path", "target": "target", "features": "features"},
+}
+
+
+def source_options(config: Any) -> dict[str, Any]:
+    """The reader options of a ``[data]`` table; a source key the named source (or a built-in
+    dataset) does not take is a :class:`~sdk.ConfigError` naming it."""
+    from sdk.errors import ConfigError
+
+    keys = SOURCE_KEYS.get(config.name, {})
+    options = {}
+    for key in sorted({k for table in SOURCE_KEYS.values() for k in table}):
+        value = getattr(config, key)
+        if value is None:
+            continue
+        if key not in keys:
+            takers = [n for n, table in SOURCE_KEYS.items() if key in table]
+            raise ConfigError(f"data.{key}: {config.name!r} takes no {key} (only "
+                              f"{', '.join(takers)} do)", path=f"data.{key}")
+        options[keys[key]] = value
+    if "path" in keys and "path" not in options:
+        raise ConfigError(f"data.path: the {config.name} source needs the path of the data",
+                          path="data.path")
+    return options
+
+
 def load_splits(config: Any) -> Any:
     """The data splits of a recipe's ``[data]`` table; each split must be non-empty."""
     from sdk import data
@@ -149,8 +180,11 @@ def load_splits(config: Any) -> Any:
                           path="data.test_fraction")
     try:
         splits = data.load(config.name, calibration_fraction=config.calibration_fraction,
-                           test_fraction=config.test_fraction, seed=config.split_seed)
+                           test_fraction=config.test_fraction, seed=config.split_seed,
+                           **source_options(config))
     except ConfigError as exc:
+        if exc.path:
+            raise
         where = f"data.{exc.param}" if exc.param else "data"
         raise ConfigError(f"{where}: {exc}", path=where) from None
     for split, key in (("train", "test_fraction"), ("calibration", "calibration_fraction"),

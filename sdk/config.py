@@ -155,6 +155,14 @@ class DataConfig:
     num_workers: int = checked(0, _Ge(0))
     drop_last: bool = True
     augment: AugmentConfig | None = None
+    # a user's own data, for name = "image_folder", "table" or "arrays" (sdk.datasources)
+    path: str | None = None
+    target: str | None = None
+    features: list[str] | None = None
+    categorical: list[str] | None = None
+    image_size: list[int] | None = None
+    color: str | None = None
+    cache: bool | None = None
 
 
 @attrs.define(kw_only=True)

@@ -1,4 +1,5 @@
-"""Small real datasets (scikit-learn's digits, wine, breast_cancer) and tensor-level views.
+"""The recipes' datasets (scikit-learn's digits, wine, breast_cancer, or a user's own image
+folder, table or arrays through :mod:`sdk.datasources`) and tensor-level views.
 
 Every dataset yields ``(x, y, index)`` so the engine can fill ``Batch.targets`` and
 ``Batch.index`` (per-sample state is keyed by dataset index). :func:`load` returns stratified
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -29,6 +31,7 @@ from sdk.interfaces import Transform
 from sdk.types import Batch
 
 DATASETS = ("digits", "wine", "breast_cancer")
+SOURCES = ("image_folder", "table", "arrays")  # a user's own data: see sdk.datasources
 
 
 class IndexedDataset(TensorDataset):
@@ -68,6 +71,8 @@ class DataSplits:
     num_classes: int
     in_dim: int
     image_shape: tuple[int, int] | None = None
+    channels: int = 1
+    classes: tuple[str, ...] | None = None
 
 
 def stratified_split(y: Tensor, fractions: Sequence[float], seed: int = 0) -> list[Tensor]:
@@ -106,31 +111,45 @@ def _sklearn(name: str) -> tuple[Tensor, Tensor]:
 
 
 def load(name: str = "digits", *, calibration_fraction: float = 0.2,
-         test_fraction: float = 0.2, seed: int = 0) -> DataSplits:
-    """Load a scikit-learn dataset as stratified ``train`` / ``calibration`` / ``test`` splits.
+         test_fraction: float = 0.2, seed: int = 0, **options: Any) -> DataSplits:
+    """Load a dataset as stratified ``train`` / ``calibration`` / ``test`` splits.
 
-    ``digits`` (8x8 images, 10 classes) is scaled to ``[0, 1]``; the tabular ``wine`` and
-    ``breast_cancer`` are standardised with the *training* split's mean and deviation.
+    ``name`` is a scikit-learn dataset (:data:`DATASETS`) or one of :data:`SOURCES`, read by
+    :func:`sdk.datasources.read` with ``options`` (``path``, ``target``, ...). Images (digits'
+    8x8, an image folder, image-shaped arrays) keep their values in ``[0, 1]``; tabular features
+    (wine, breast_cancer, a table, ``[N, D]`` arrays) are standardised with the *training*
+    split's mean and deviation.
     """
-    if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}",
-                          param="name")
-    x, y = _sklearn(name)
-    cal_idx, test_idx, train_idx = stratified_split(y, [calibration_fraction, test_fraction], seed)
-    if name == "digits":
-        x = x / 16.0
-        shape: tuple[int, int] | None = (8, 8)
+    classes: tuple[str, ...] | None = None
+    channels = 1
+    if name in SOURCES:
+        from sdk import datasources
+
+        source = datasources.read(name, **options)
+        x, y, shape = source.x, source.y, source.image_shape
+        classes, channels = source.classes, source.channels
+    elif name in DATASETS:
+        if options:
+            raise ConfigError(f"dataset {name!r} takes no {', '.join(sorted(options))}; those "
+                              f"belong to the sources {', '.join(SOURCES)}", param=sorted(options)[0])
+        x, y = _sklearn(name)
+        if name == "digits":
+            x = x / 16.0
+        shape = (8, 8) if name == "digits" else None
     else:
+        raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(DATASETS + SOURCES)}",
+                          param="name")
+    cal_idx, test_idx, train_idx = stratified_split(y, [calibration_fraction, test_fraction], seed)
+    if shape is None:
         mean, std = x[train_idx].mean(0), x[train_idx].std(0).clamp_min(1e-8)
         x = (x - mean) / std
-        shape = None
 
     def part(idx: Tensor) -> IndexedDataset:
         return IndexedDataset(x[idx], y[idx], idx)
 
     return DataSplits(name=name, train=part(train_idx), calibration=part(cal_idx),
                       test=part(test_idx), num_classes=int(y.max()) + 1, in_dim=x.shape[1],
-                      image_shape=shape)
+                      image_shape=shape, channels=channels, classes=classes)
 
 
 # augmentations ------------------------------------------------------------------------------
@@ -150,8 +169,10 @@ class Compose(Transform):
 
 
 class RandomShift(Transform):
-    """Translate each image of ``[B, H*W]`` (or ``[B, H, W]``) by an integer offset drawn
-    uniformly from ``[-max_shift, max_shift]`` per axis and sample; vacated pixels are 0."""
+    """Translate each image of ``[B, H*W]``, ``[B, C*H*W]`` (channels first, flattened),
+    ``[B, H, W]`` or ``[B, C, H, W]`` by an integer offset drawn uniformly from
+    ``[-max_shift, max_shift]`` per axis and sample (the same for its channels); vacated pixels
+    are 0."""
 
     def __init__(self, shape: tuple[int, int] = (8, 8), max_shift: int = 1):
         super().__init__()
@@ -162,19 +183,20 @@ class RandomShift(Transform):
     def forward(self, x: Tensor, batch: Batch) -> tuple[Tensor, Batch]:
         h, w = self.shape
         s = self.max_shift
-        if x.shape[1:].numel() != h * w:
-            raise ShapeError(f"RandomShift: expected images of {h}x{w} = {h * w} values, "
-                             f"got {list(x.shape)}")
+        values = x.shape[1:].numel()
+        if x.dim() < 2 or values == 0 or values % (h * w) or (x.dim() > 2 and x.shape[-2:] != (h, w)):
+            raise ShapeError(f"RandomShift: expected images of {h}x{w} = {h * w} values per "
+                             f"channel, got {list(x.shape)}")
         if s == 0:
             return x, batch
         b = x.shape[0]
-        img = torch.nn.functional.pad(x.reshape(b, h, w), (s, s, s, s))
+        img = torch.nn.functional.pad(x.reshape(b, -1, h, w), (s, s, s, s)).permute(0, 2, 3, 1)
         dy, dx = torch.randint(-s, s + 1, (2, b, 1), device=x.device)
         rows = torch.arange(h, device=x.device) + s - dy  # [B, H]
         cols = torch.arange(w, device=x.device) + s - dx  # [B, W]
         out = img[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None],
-                  cols[:, None, :]]
-        return out.reshape(x.shape), batch
+                  cols[:, None, :]]  # [B, H, W, C]
+        return out.permute(0, 3, 1, 2).reshape(x.shape), batch
 
 
 class GaussianNoise(Transform):
@@ -224,7 +246,8 @@ class RandomResizedCrop(Transform):
     ``size`` (default: the input's size); torchvision's ``RandomResizedCrop`` at tensor level,
     one batched ``grid_sample``.
 
-    Images are ``[B, H*W]`` (flattened, of ``shape``), ``[B, H, W]`` or ``[B, C, H, W]``; the output
+    Images are ``[B, H*W]`` or ``[B, C*H*W]`` (flattened, of ``shape``), ``[B, H, W]`` or
+    ``[B, C, H, W]``; the output
     keeps the layout (flattened inputs give flattened outputs of ``size``). Unlike torchvision,
     which retries a draw whose box does not fit, a box is clipped to the image (the area drawn
     is then an upper bound)."""
@@ -245,14 +268,14 @@ class RandomResizedCrop(Transform):
     def forward(self, x: Tensor, batch: Batch) -> tuple[Tensor, Batch]:
         h, w = self.shape
         b = x.shape[0]
-        if x.dim() == 2 and x.shape[1] == h * w:
-            img = x.reshape(b, 1, h, w)
+        if x.dim() == 2 and x.shape[1] % (h * w) == 0 and x.shape[1]:
+            img = x.reshape(b, -1, h, w)
         elif x.dim() == 3 and x.shape[1:] == (h, w):
             img = x[:, None]
         elif x.dim() == 4 and x.shape[2:] == (h, w):
             img = x
         else:
-            raise ShapeError(f"RandomResizedCrop: expected images [B, {h * w}], [B, {h}, {w}] or "
+            raise ShapeError(f"RandomResizedCrop: expected images [B, C*{h * w}], [B, {h}, {w}] or "
                              f"[B, C, {h}, {w}], got {list(x.shape)}")
         if not x.is_floating_point():
             raise ShapeError(f"RandomResizedCrop: images must be floating point, got {x.dtype}")

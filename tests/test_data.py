@@ -161,7 +161,7 @@ def test_multi_crop_gives_global_then_local_views():
     assert [c.scale for c in crops] == [(0.14, 1.0)] * 2 + [(0.05, 0.14)] * 3
     x = torch.rand(6, 64)
     assert [v(x, Batch())[0].shape[1] for v in views] == [64, 64, 16, 16, 16]
-    with pytest.raises(ShapeError, match="RandomResizedCrop.*\\[B, 64\\]"):
+    with pytest.raises(ShapeError, match="RandomResizedCrop.*\\[B, C\\*64\\]"):
         crops[0](torch.rand(6, 10), Batch())
     with pytest.raises(ConfigError, match="scale"):
         data.RandomResizedCrop((8, 8), scale=(0.5, 0.2))

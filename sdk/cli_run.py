@@ -286,6 +286,11 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
         summary["input_knn_accuracy"] = knn(splits.train.x, splits.train.y, splits.test.x,
                                             splits.test.y)
     val_loader = ordered(splits.calibration) if supervised else None
+    from sdk.tracking import Tracker
+
+    trackers = [c for c in parts["callbacks"] if isinstance(c, Tracker)]
+    for tracker in trackers:  # they end below, with the evaluation in the summary
+        tracker.finish_at_fit_end = False
     trainer.fit(train_loader, val_loader, resume=resume)
     summary.update({f"train/{k}": v for k, v in getattr(trainer, "summary", {}).items()})
 
@@ -336,6 +341,8 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
                                              probe=probe, calibrator=fitted),
                         run_dir / runs.INFERENCE)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        for tracker in trackers:
+            tracker.finish(summary)
         if console is not None:
             print_summary(summary, console, run_dir)
     return summary

@@ -1229,6 +1229,8 @@ class Trainer:
         if self.is_main and self.run_dir is not None:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        self.state.record = record
+        self.emit(Event.ON_LOG)
 
     def _window_values(self) -> Tensor:
         """The log window's losses [n] (float32, on the device)."""

@@ -65,6 +65,11 @@ class Event(str, enum.Enum):
     ON_VALIDATION_END = ("on_validation_end",
                          "Validation ran at an epoch end or a stop: "
                          "`state.trainer.val_metrics` holds its metrics.")
+    ON_LOG = ("on_log",
+              "A record was logged: `state.record` holds it (a `train` record every "
+              "`log_every` steps, an `epoch` record at each epoch end or stop; the dict that "
+              "metrics.jsonl receives, on every rank). Experiment trackers forward it; "
+              "listeners must not change it.")
     ON_FIT_END = ("on_fit_end",
                   "Once per `fit`, after the last step, the summary and the plots are "
                   "written. Post-training fits (centroids, calibrators) go here.")
@@ -91,6 +96,7 @@ class State:
     batch: Any = None
     views: Any = None
     loss: Any = None
+    record: Any = None
 
 
 def is_listener_name(name: str) -> bool:

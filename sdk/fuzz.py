@@ -1152,7 +1152,13 @@ def _kind_of(plugin: Any) -> _Kind | None:
 def fuzzable(plugin: Any) -> bool:
     """Whether :func:`fuzz_plugin` has inputs for ``plugin``: it implements an interface of
     :data:`FUZZED_INTERFACES`, and a metric gives ``example_inputs(batch_size, generator)``
-    (``update``'s arguments, and ``fit``'s for a metric that fits first)."""
+    (``update``'s arguments, and ``fit``'s for a metric that fits first). An experiment
+    tracker (:class:`sdk.tracking.Tracker`) is not fuzzed: it reads no batch, only the run's
+    records, and writes to a tracker's store; its tests read that store back."""
+    from sdk.tracking import Tracker
+
+    if isinstance(plugin, Tracker):
+        return False
     if isinstance(plugin, Metric):
         return callable(getattr(plugin, "example_inputs", None))
     return _kind_of(plugin) is not None

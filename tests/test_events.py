@@ -49,7 +49,7 @@ def test_closest_event_and_state_fields():
     state = State(epoch=3)
     assert (state.step, state.epoch, state.batch, state.views, state.loss) == (0, 3, None, None, None)
     assert set(attrs.fields_dict(State)) == {
-        "trainer", "model", "optimizer", "step", "epoch", "x", "batch", "views", "loss"}
+        "trainer", "model", "optimizer", "step", "epoch", "x", "batch", "views", "loss", "record"}
 
 
 def test_concepts_page_lists_every_event_with_its_doc():

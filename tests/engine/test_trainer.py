@@ -120,6 +120,7 @@ def _expected_events(epochs: int, batches: int, accumulate: int, val: bool) -> l
         out.append("on_epoch_end")
         if val:
             out.append("on_validation_end")
+        out.append("on_log")  # the epoch record (train records come every 50 steps: none here)
     return out + ["on_fit_end"]
 
 

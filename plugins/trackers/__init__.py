@@ -1,0 +1,1 @@
+"""Experiment trackers as callbacks: TensorBoard, MLflow, Weights & Biases (sdk.tracking)."""

@@ -1005,6 +1005,9 @@ def _detector_inputs(det: Detector, case: Case) -> tuple[Tensor, Tensor]:
     n, c = case.batch, max(case.classes, 1)
     labels = torch.randint(0, c, (n,), generator=g)
     width = max(case.dim, 1) if det.inputs == "features" else c
+    own = getattr(det, "example_inputs", None)
+    if callable(own) and det.inputs != "features":  # scores of its own width (e.g. several heads)
+        width = own(2, torch.Generator().manual_seed(case.seed))[0].shape[1]
     x = _pattern(torch.randn(n, width, generator=g), case.pattern, g)
     if det.inputs == "probabilities":
         x = x.softmax(-1)

@@ -5,6 +5,13 @@
   logits with a :class:`sdk.ShapeError` naming the plugin and the field. Values (an id out of
   range, a soft label that does not sum to 1) are read on CPU tensors only, where reading
   costs no device sync; on an accelerator an id out of range asserts on the device.
+* **Unknown-class rows** (:data:`UNKNOWN`): the class id ``-1`` marks a row whose class is
+  unknown (an unlabelled row of semi-supervised learning, an outlier of a class outside the
+  label set). Only an objective declaring ``accepts_unknown = True`` takes it (``targets(...,
+  unknown=True)``: those rows carry ``valid`` False, like ``ignore_index``, and the objective
+  uses them in its unlabelled terms); every other objective refuses ``-1`` with a
+  :class:`sdk.ShapeError` naming the plugin, ``Batch.targets`` and this convention. The
+  conformance kit fuzzes batches with unknown rows only for objectives that accept them.
 * **Reductions** (:func:`reduce`): ``ignore_index`` (those samples give 0 and leave the mean)
   and per-class weights, as :func:`torch.nn.functional.cross_entropy` reduces them:
   ``value = sum_i w_{y_i} l_i / sum_i w_{y_i}``; ``Loss.per_sample`` is ``w_{y_i} l_i`` (0 for
@@ -36,6 +43,10 @@ from sdk.interfaces import Teacher
 from sdk.types import Loss, Views, check_ids
 
 Kind = Literal["ids", "soft", "multilabel"]
+
+UNKNOWN = -1
+"""The ``Batch.targets`` class id of a row whose class is unknown (unlabelled, or an outlier of
+an unknown class); taken only by objectives declaring ``accepts_unknown``."""
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -79,22 +90,27 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 def targets(owner: str, logits: Tensor, target: Tensor, *, soft: bool = True,
-            multilabel: bool = False, ignore_index: int | None = None) -> Targets:
+            multilabel: bool = False, ignore_index: int | None = None,
+            unknown: bool = False) -> Targets:
     """Check ``target`` against ``logits`` [B, C] and return it as :class:`Targets`.
 
     ``soft``: whether ``[B, C]`` probability rows are accepted; ``multilabel``: whether
     ``[B, C]`` is read as multi-label sets (entries in ``[0, 1]``, any row sum) instead.
-    ``ignore_index``: the id of samples that do not count (ids only).
+    ``ignore_index``: the id of samples that do not count (ids only). ``unknown``: whether
+    :data:`UNKNOWN` rows are taken (ids only; they carry ``valid`` False); without it a ``-1``
+    is refused with a message naming the convention.
     """
     b, c = logits.shape
     if target.dim() == 1:
         check_ids(owner, "Batch.targets", target)
         ids, valid = target.long(), None
-        if ignore_index is not None:
-            valid = ids != ignore_index
+        skip = [v for v in (ignore_index, UNKNOWN if unknown else None) if v is not None]
+        for value in skip:
+            valid = ids != value if valid is None else valid & (ids != value)
+        if valid is not None:
             ids = ids.masked_fill(~valid, 0)
         if ids.device.type == "cpu":
-            check_ids(owner, "Batch.targets", ids if valid is None else ids[valid], c)
+            _check_class_ids(owner, target.long() if valid is None else target.long()[valid], c)
         return Targets("ids", ids=ids, valid=valid)
     if not (soft or multilabel):
         raise ShapeError(f"{owner}: Batch.targets must be class ids [{b}], got {target.dtype} "
@@ -121,6 +137,17 @@ def targets(owner: str, logits: Tensor, target: Tensor, *, soft: bool = True,
                 raise ShapeError(f"{owner}: Batch.targets as soft labels must sum to 1 per row, got "
                                  f"row sums in [{float(sums.min()):.6g}, {float(sums.max()):.6g}]")
     return Targets("multilabel" if multilabel else "soft", dense=dense)
+
+
+def _check_class_ids(owner: str, ids: Tensor, num_classes: int) -> None:
+    try:
+        check_ids(owner, "Batch.targets", ids, num_classes)
+    except ShapeError as exc:
+        if bool((ids == UNKNOWN).any()):
+            raise ShapeError(f"{exc}; {UNKNOWN} marks a row of unknown class "
+                             "(sdk.classification.UNKNOWN), which only objectives declaring "
+                             "accepts_unknown take") from None
+        raise
 
 
 def target_log_prob(logits: Tensor, t: Targets) -> Tensor:

@@ -160,6 +160,12 @@ class WeightedSum(Objective):
         return frozenset().union(*(term.consumes for term in self.terms))
 
     @property
+    def accepts_unknown(self) -> bool:  # type: ignore[override]
+        """Whether every term takes unknown-class rows (``-1`` ids): one that does not would
+        refuse the batch."""
+        return all(term.accepts_unknown for term in self.terms)
+
+    @property
     def batch_coupled(self) -> bool:  # type: ignore[override]
         """Whether any term couples the samples of a batch."""
         return any(bool(term.batch_coupled) for term in self.terms)

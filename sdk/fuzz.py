@@ -13,7 +13,10 @@ transforms, reweighters, calibrators, and metrics that give ``example_inputs``):
   not be refused.
 * **invalid inputs** (batch sizes that disagree, labels out of range, an empty batch, integer
   embeddings or logits, targets of the wrong rank, a missing required field) must raise a
-  paperplug error naming the plugin and the field; never an error from inside torch. Ids out
+  paperplug error naming the plugin and the field; never an error from inside torch. An
+  objective declaring ``accepts_unknown`` gets valid batches in which about a quarter of the
+  rows carry the unknown-class id ``-1`` (:data:`sdk.classification.UNKNOWN`), and ``-2`` as
+  its out-of-range id; every other objective must refuse ``-1``. Ids out
   of range in a training step are tried on CPU only (on CUDA the device asserts; checking
   first would cost a host sync per call).
 * **non-finite inputs** (NaN or inf in embeddings or logits) are not checked by plugins (that
@@ -121,7 +124,8 @@ def _objective_inputs(obj: Objective, case: Case) -> tuple[Views, Batch]:
     else:
         views, batch = testing.objective_inputs(obj, g, case.batch, n_views=case.views, dim=case.dim,
                                                 classes=case.classes)
-        batch = batch.evolve(targets=torch.randint(0, case.classes, (case.batch,), generator=g))
+        batch = batch.evolve(targets=testing.with_unknown(
+            obj, torch.randint(0, case.classes, (case.batch,), generator=g), g))
     views, batch = testing._map(testing._cast((views, batch), case.dtype),
                                 lambda t: _leaf(t, case, g) if t.requires_grad else t)
     return _device_inputs((views, batch))
@@ -281,7 +285,7 @@ def _objective_mutations(obj: Objective, views: Views, batch: Batch, g: torch.Ge
         out.append(("float class ids", ("targets",), False, views, batch.evolve(targets=targets.float())))
         if views.logits is not None and not targets.is_floating_point() and cpu:
             c = views.logits.shape[1]
-            for bad in (c, -1):
+            for bad in (c, -2 if obj.accepts_unknown else -1):  # -1: an unknown-class row
                 t = targets.clone()
                 t[0] = bad
                 out.append((f"class id {bad} for {c} classes", ("targets",), True, views,
@@ -1001,6 +1005,9 @@ def _detector_inputs(det: Detector, case: Case) -> tuple[Tensor, Tensor]:
     n, c = case.batch, max(case.classes, 1)
     labels = torch.randint(0, c, (n,), generator=g)
     width = max(case.dim, 1) if det.inputs == "features" else c
+    own = getattr(det, "example_inputs", None)
+    if callable(own) and det.inputs != "features":  # scores of its own width (e.g. several heads)
+        width = own(2, torch.Generator().manual_seed(case.seed))[0].shape[1]
     x = _pattern(torch.randn(n, width, generator=g), case.pattern, g)
     if det.inputs == "probabilities":
         x = x.softmax(-1)

@@ -138,6 +138,12 @@ class Objective(_Named, nn.Module, Constrained, abc.ABC):
     requires: ClassVar[Mapping[str, Any]] = {}
     consumes: ClassVar[frozenset[Input]] = frozenset()
     batch_coupled: ClassVar[bool | None] = None
+    accepts_unknown: ClassVar[bool] = False
+    """Whether ``Batch.targets`` class ids may hold :data:`sdk.classification.UNKNOWN` (``-1``)
+    for rows whose class is unknown: unlabelled rows of semi-supervised and open-set objectives,
+    outliers of an unknown class. The conformance kit fuzzes such rows only for objectives that
+    declare it; every other objective refuses ``-1`` as an id out of range
+    (:func:`sdk.classification.targets` says which objectives take it)."""
     accepts_sampler: ClassVar[bool] = False
     """Whether the objective has a pair-sampler slot (:attr:`sampler`): a Trainer given a pair
     Sampler fills every empty slot of the objective's terms."""

@@ -37,5 +37,14 @@ TARGET_FEATURES = "target_features"
 (precomputed, e.g. by the dataset), which an alignment objective (REPA) projects the model's
 representation onto."""
 
+LAYERS = "layers"
+"""``Views.extras``: the model's intermediate representations of the batch, a tuple of ``L``
+tensors ``[B, D_l]`` (widths may differ), for objectives that act on several levels."""
+
+TEACHER_LAYERS = "teacher_layers"
+"""``Views.extras``: a teacher's intermediate representations of the batch, a tuple of ``L``
+tensors ``[B, D_l]`` (detached), one per entry of :data:`LAYERS` (the student's representation
+at the matching layer), for objectives that distil several levels."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
-          TARGET_FEATURES)
+          TARGET_FEATURES, LAYERS, TEACHER_LAYERS)

@@ -18,7 +18,8 @@ Streaming statistics
 
 Feature banks
     :class:`FeatureBank` keeps in-distribution rows (L2-normalised when asked) for detectors
-    that need the rows themselves: the k-th neighbour distance of kNN, ViM's mean residual.
+    that need the rows themselves: the k-th neighbour distance of kNN, ViM's mean residual,
+    the Euclidean neighbours of :func:`nearest_rows` and the mean-shift of :func:`mean_shift`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from sdk.state import ResizableBuffers
 
 _STAT = torch.float64
 
-__all__ = ["ClassMoments", "FeatureBank", "max_softmax", "energy", "kth_neighbour_distance"]
+__all__ = ["ClassMoments", "FeatureBank", "max_softmax", "energy", "kth_neighbour_distance",
+           "nearest_rows", "mean_shift"]
 
 
 def max_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -158,3 +160,21 @@ def kth_neighbour_distance(bank: Tensor, queries: Tensor, k: int, chunk_size: in
         kth = sim.topk(k, dim=1).values[:, -1]
         out.append((2 - 2 * kth).clamp_min(0).sqrt())
     return torch.cat(out) if out else queries.new_zeros(0)
+
+
+def nearest_rows(bank: Tensor, queries: Tensor, k: int, chunk_size: int = 1024) -> Tensor:
+    """Indices ``[N, k]`` of each query row's ``k`` nearest bank rows in Euclidean distance
+    (nearest first; a query that is a bank row finds itself), ``chunk_size`` queries at a time;
+    ``k`` is capped at the bank's size."""
+    k = min(k, bank.shape[0])
+    out = [torch.cdist(queries[lo:lo + chunk_size], bank).topk(k, dim=1, largest=False).indices
+           for lo in range(0, queries.shape[0], chunk_size)]
+    return torch.cat(out) if out else queries.new_zeros(0, k, dtype=torch.long)
+
+
+def mean_shift(bank: Tensor, x: Tensor, k: int, iterations: int, chunk_size: int = 1024) -> Tensor:
+    """``iterations`` steps of ``x <- mean of the k nearest bank rows of x`` (the bank stays
+    fixed); ``iterations = 0`` returns ``x``."""
+    for _ in range(iterations):
+        x = bank[nearest_rows(bank, x, k, chunk_size)].mean(1)
+    return x

@@ -108,7 +108,9 @@ def objective_inputs(obj: Objective, g: torch.Generator, batch_size: int = BATCH
                      classes: int = CLASSES) -> tuple[Views, Batch]:
     """Synthetic ``(views, batch)`` for what ``obj`` requires: ``n_views`` (default: as many as
     it requires, else 2 unless it takes only logits) Gaussian ``[batch_size, dim]`` embeddings,
-    logits ``[batch_size, classes]``, class ids ``i % classes`` and the other fields it needs."""
+    logits ``[batch_size, classes]``, class ids ``i % classes`` (every fourth row
+    :data:`sdk.classification.UNKNOWN` for an objective declaring ``accepts_unknown``) and the
+    other fields it needs."""
     req = obj.requires
     b = batch_size
     if n_views is None:
@@ -117,12 +119,25 @@ def objective_inputs(obj: Objective, g: torch.Generator, batch_size: int = BATCH
     logits = torch.randn(b, classes, generator=g).requires_grad_() if req.get("logits") else None
     views = Views(embeddings=embeddings, logits=logits)
     batch = Batch(
-        targets=torch.arange(b) % classes,
+        targets=with_unknown(obj, torch.arange(b) % classes),
         index=torch.randperm(b, generator=g),
         domain=torch.arange(b) % 2 if req.get("domain") else None,
         weight=torch.rand(b, generator=g) + 0.5 if req.get("weight") else None,
     )
     return views, batch
+
+
+def with_unknown(obj: Objective, targets: Tensor, g: torch.Generator | None = None) -> Tensor:
+    """``targets`` (class ids ``[B]``) with some rows set to :data:`sdk.classification.UNKNOWN`
+    when ``obj`` declares ``accepts_unknown``: each row with probability 1/4 drawn from ``g``,
+    or every fourth row (3, 7, ...) without ``g``; unchanged for any other objective."""
+    if not obj.accepts_unknown or targets.dim() != 1:
+        return targets
+    from sdk.classification import UNKNOWN
+
+    b = targets.shape[0]
+    rows = (torch.rand(b, generator=g) < 0.25 if g is not None else torch.arange(b) % 4 == 3)
+    return targets.masked_fill(rows.to(targets.device), UNKNOWN)
 
 
 def detector_inputs(detector: Detector, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -703,7 +718,7 @@ def _ddp_inputs(obj: Objective, total: int) -> tuple[Views, Batch]:
         views, batch = own(total, g)
     else:  # classes drawn at random, so the ranks hold different mixes of them
         views, batch = objective_inputs(obj, g, total)
-        batch = batch.evolve(targets=torch.randint(0, CLASSES, (total,), generator=g))
+        batch = batch.evolve(targets=with_unknown(obj, torch.randint(0, CLASSES, (total,), generator=g), g))
     if Input.EXTRA_NEGATIVES in obj.consumes and views.embeddings:
         m = 3 * total + 1
         dim = views.embeddings[0].shape[1]

@@ -80,3 +80,64 @@ def test_distillation_kl_and_teacher_logits():
     assert not cls.teacher_logits("toy", views).requires_grad
     with pytest.raises(ShapeError, match=r"toy: Views.extras\['teacher'\] must hold floating teacher logits"):
         cls.teacher_logits("toy", Views(logits=z, extras={keys.TEACHER: ("x",)}))
+
+
+def test_unknown_rows_are_taken_only_when_asked_and_refused_with_the_convention_named():
+    z = torch.zeros(4, 3)
+    y = torch.tensor([0, cls.UNKNOWN, 2, cls.UNKNOWN])
+    with pytest.raises(ShapeError, match=r"loss: Batch.targets must lie in \[0, 3\), got ids in "
+                                         r"\[-1, 2\]; -1 marks a row of unknown class .* accepts_unknown"):
+        cls.targets("loss", z, y)
+    t = cls.targets("loss", z, y, unknown=True)
+    assert t.valid.tolist() == [True, False, True, False] and t.ids.tolist() == [0, 0, 2, 0]
+    with pytest.raises(ShapeError, match=r"must lie in \[0, 3\), got ids in \[-2, 2\]"):
+        cls.targets("loss", z, torch.tensor([0, -2, 2, -1]), unknown=True)
+    both = cls.targets("loss", z, torch.tensor([0, -1, 2, 7]), unknown=True, ignore_index=7)
+    assert both.valid.tolist() == [True, False, True, False]
+
+
+_SEEN: list[int] = []
+
+
+def _unknown_registry(accepts):
+    import sdk
+    from sdk.interfaces import Objective
+    from sdk.types import Loss
+
+    class Masked(Objective):
+        """Cross-entropy over the labelled rows plus the entropy of the unknown ones."""
+
+        requires = {"logits": True, "targets": True}
+        batch_coupled = False
+        accepts_unknown = accepts
+
+        def forward(self, views, batch):
+            _SEEN.append(int((batch.targets == cls.UNKNOWN).sum()))
+            t = cls.targets(f"objective {self.name!r}", views.logits, batch.targets, soft=False,
+                            unknown=accepts)
+            logp = cls.log_probs(views.logits)
+            known = t.valid if t.valid is not None else torch.ones_like(t.ids, dtype=torch.bool)
+            per = torch.where(known, -cls.pick(logp, t), -(logp.exp() * logp).sum(1))
+            return Loss(value=per.mean(), per_sample=per)
+
+    reg = sdk.Registry()
+    reg.add(Masked, card=sdk.Card(name="toy", kind="objective", title="t", summary="s"))
+    return reg
+
+
+def test_the_kit_fuzzes_unknown_rows_only_for_objectives_that_accept_them():
+    import sdk
+    from sdk.fuzz import fuzz_plugin
+
+    _SEEN.clear()
+    fuzz_plugin("objective", "toy", registry=_unknown_registry(True), max_examples=15)
+    assert sum(_SEEN) > 0  # valid batches held unknown rows
+    fuzz_plugin("objective", "toy", registry=_unknown_registry(False), max_examples=15)
+    # -1 is an invalid id only for objectives that do not declare accepts_unknown (-2 for those that do)
+    for accepts, bad in ((False, "class id -1"), (True, "class id -2")):
+        obj = _unknown_registry(accepts).create("objective", "toy")
+        views, batch = sdk.testing.objective_inputs(obj, torch.Generator().manual_seed(0))
+        assert (batch.targets == cls.UNKNOWN).any() == accepts
+        named = [m[0] for m in sdk.fuzz._objective_mutations(obj, views, batch, torch.Generator())]
+        assert any(w.startswith(bad) for w in named)
+    sdk.testing.check_plugin("objective", "toy", registry=_unknown_registry(True), fuzz=0)

@@ -37,5 +37,16 @@ TARGET_FEATURES = "target_features"
 (precomputed, e.g. by the dataset), which an alignment objective (REPA) projects the model's
 representation onto."""
 
+UNLABELED = "unlabeled"
+"""``Views.extras``: the encoder's output on each view of the step's unlabelled batch (the
+Trainer's ``unlabeled`` loader, ``fit(..., unlabeled=...)``), a tuple of ``V_u`` tensors
+``[U, D]`` in the order of ``Trainer(unlabeled_transforms=...)`` (weak first, then strong, for
+FixMatch and its descendants); ``U = mu * B`` is the unlabelled loader's batch size. Only
+training steps carry it (:meth:`sdk.Trainer.evaluate` calls objectives without it)."""
+
+UNLABELED_INDEX = "unlabeled_index"
+"""``Views.extras``: the dataset index of each row of :data:`UNLABELED`, long ``[U]`` (the
+unlabelled loader's third item), the key of per-sample pseudo-label state."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
-          TARGET_FEATURES)
+          TARGET_FEATURES, UNLABELED, UNLABELED_INDEX)

@@ -6,6 +6,8 @@ One optimisation step (``accumulate`` micro-batches)::
     x, batch    <- loader item (x, targets, index, ...) moved to the device
     x_v, batch  <- transforms[v](x, batch)                      one per view (threads batch)
     z_v         <- encoder(x_v)  (+ features, teacher outputs, teacher.memory())  -> Views
+    [fit(unlabeled=...)] u <- next unlabelled batch; encoder(unlabeled_transforms[k](u))
+                -> Views.extras[keys.UNLABELED] (one [mu B, D] per view), [keys.UNLABELED_INDEX]
     after_forward          (may replace state.batch / state.views)
     loss        <- objective(views, batch) (-> reweighter.reduce(loss, batch))
     after_loss             (may replace state.loss), before_backward,

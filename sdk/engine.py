@@ -6,6 +6,8 @@ One optimisation step (``accumulate`` micro-batches)::
     x, batch    <- loader item (x, targets, index, ...) moved to the device
     x_v, batch  <- transforms[v](x, batch)                      one per view (threads batch)
     z_v         <- encoder(x_v)  (+ features, teacher outputs, teacher.memory())  -> Views
+    [fit(unlabeled=...)] u <- next unlabelled batch; encoder(unlabeled_transforms[k](u))
+                -> Views.extras[keys.UNLABELED] (one [mu B, D] per view), [keys.UNLABELED_INDEX]
     after_forward          (may replace state.batch / state.views)
     loss        <- objective(views, batch) (-> reweighter.reduce(loss, batch))
     after_loss             (may replace state.loss), before_backward,
@@ -80,6 +82,9 @@ _unchecked_views = unchecked_builder(Views)
 _ITEM_FIELDS = ("targets", "index", "domain")
 _STATEFUL = (nn.Module, Callback, DataSampler, Schedule)  # the kinds that declare state_dict
 _BATCH_FIELDS = ("targets", "index", "domain", "weight")
+UNLABELED_SEED = 104_729
+"""The unlabelled loader's shuffling is seeded with ``seed + UNLABELED_SEED`` (its own order,
+even when it holds as many samples as the labelled one)."""
 
 
 class ResumableSampler(DataSampler):
@@ -138,6 +143,57 @@ class RankShard(DataSampler):
         total = math.ceil(len(order) / self.world) * self.world
         order += order[: total - len(order)]
         return iter(order[self.rank::self.world])
+
+
+class UnlabeledStream:
+    """The unlabelled loader of a semi-supervised fit, one batch per labelled micro-batch:
+    drawn epoch after epoch independently of the labelled loader (FixMatch restarts its
+    unlabelled iterator when it runs out). ``position`` is ``(epoch, batch)``: the epoch being
+    drawn and the batches already drawn from it, which a checkpoint records. With a
+    :class:`ResumableSampler` (a map-style loader that the Trainer rebuilt) epoch ``e`` is the
+    sampler's epoch ``e`` and a resume skips the drawn prefix of its order; any other loader is
+    fast-forwarded batch by batch."""
+
+    def __init__(self, loader: Any, sampler: ResumableSampler | None, *, seed: int,
+                 position: tuple[int, int] = (0, 0)):
+        self.loader, self.sampler, self.seed = loader, sampler, seed
+        self.epoch, self.batch = position
+        self._it: Iterator[Any] | None = None
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.batch
+
+    def seek(self, epoch: int, batch: int) -> None:
+        """Continue at ``batch`` of ``epoch`` (the next draw starts the iterator there)."""
+        self.epoch, self.batch, self._it = epoch, batch, None
+
+    def _start(self) -> Iterator[Any]:
+        loader = self.loader
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.skip(self.batch * loader.batch_size)
+            loader.generator.manual_seed(self.seed + self.epoch)  # seeds the workers
+        elif isinstance(loader, DataLoader):
+            set_epoch(loader.sampler, self.epoch)
+        it = iter(loader)
+        if self.sampler is None:
+            for _ in range(self.batch):
+                next(it)
+        return it
+
+    def next(self) -> Any:
+        if self._it is None:
+            self._it = self._start()
+        item = next(self._it, None)
+        if item is None:  # the epoch is over: the next one, reshuffled
+            if self.batch == 0:
+                raise ConfigError("the unlabeled loader yields no batch (fewer samples than its "
+                                  "batch_size with drop_last?)", param="unlabeled")
+            self.seek(self.epoch + 1, 0)
+            return self.next()
+        self.batch += 1
+        return item
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -344,6 +400,7 @@ class Trainer:
                  teacher: Teacher | None = None, sampler: Any = None,
                  reweighter: nn.Module | None = None,
                  transforms: Transform | Sequence[Transform] | None = None,
+                 unlabeled_transforms: Transform | Sequence[Transform] | None = None,
                  callbacks: Sequence[Any] = (), scheduler: Any = None, seed: int = 0,
                  run_dir: str | os.PathLike | None = None, progress: bool | None = None,
                  **settings: Any):
@@ -372,6 +429,9 @@ class Trainer:
             self._give_sampler(self.pair_sampler)
         self.callbacks = list(callbacks)
         self.view_transforms = self._view_transforms(transforms)
+        self.unlabeled_transforms: list[Transform | None] = (
+            [None] if unlabeled_transforms is None else [unlabeled_transforms]
+            if isinstance(unlabeled_transforms, nn.Module) else list(unlabeled_transforms))
         check_parts(objective, teacher=teacher, transforms=self.view_transforms)
         self.optimizer_spec, self.scheduler_spec = optimizer, scheduler
         for name, value in attrs.asdict(self.config, recurse=False).items():
@@ -396,7 +456,13 @@ class Trainer:
         self.scaler: torch.amp.GradScaler | None = None
         self.train_loader: Any = None
         self.val_loader: Any = None
+        self.unlabeled_loader: Any = None
         self._view_inputs: tuple[list[Tensor], Batch] | None = None
+        # semi-supervised fits: the unlabelled loader's stream, where it stands between fits,
+        # and the step's unlabelled view inputs and indices (what recompute_gradients reruns)
+        self._unlabeled: UnlabeledStream | None = None
+        self._unlabeled_at = (0, 0)
+        self._unlabeled_inputs: tuple[list[Tensor], Tensor | None] | None = None
         self.logs: dict[str, float] = {}
         self.val_metrics: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
@@ -454,6 +520,7 @@ class Trainer:
         """Every object the engine drives (deduplicated)."""
         return _unique([self.encoder, self.objective, self.teacher, self.pair_sampler,
                         self.reweighter, *[t for t in self.view_transforms if t is not None],
+                        *[t for t in self.unlabeled_transforms if t is not None],
                         self.data_sampler, *self.callbacks])
 
     @property
@@ -539,7 +606,7 @@ class Trainer:
         for p in self.params:
             p.grad = None
         with self._autocast():
-            value = self._views_and_loss(xs, batch, events=False)
+            value = self._views_and_loss(xs, batch, events=False, unlabeled=self._unlabeled_inputs)
         value.backward()
         if self._ddp is not None:
             distributed.all_reduce_mean_([p.grad for p in self.params if p.grad is not None])
@@ -628,7 +695,8 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         owners = [m for m in _unique([self.encoder, self.objective, self.teacher,
-                                      self.reweighter, *self.view_transforms])
+                                      self.reweighter, *self.view_transforms,
+                                      *self.unlabeled_transforms])
                   if isinstance(m, nn.Module) and any(p.requires_grad for p in m.parameters())]
         step = _Step(self, owners)
         inside = {id(p) for p in step.parameters()}
@@ -726,16 +794,48 @@ class Trainer:
                 sampler.bind(loader.dataset)
             if self.world > 1 and not (own and sampler.shards_ranks):
                 sampler = RankShard(sampler, rank=self.rank, world=self.world)
-        elif type(loader.sampler) in (RandomSampler, SequentialSampler) and not (
-                isinstance(loader.sampler, RandomSampler)
-                and (loader.sampler.replacement or loader.sampler._num_samples is not None)):
-            sampler = ResumableSampler(len(loader.dataset),
-                                       shuffle=isinstance(loader.sampler, RandomSampler),
-                                       seed=self.seed, rank=self.rank, world=self.world)
-            self._resumable = sampler
         else:
+            loader, self._resumable = self._resumable_loader(loader, self.seed)
             return loader
         return self._rebuild(loader, sampler)
+
+    def _resumable_loader(self, loader: Any, seed: int) -> tuple[Any, ResumableSampler | None]:
+        """A map-style DataLoader that shuffles plainly or not at all, rebuilt around a
+        :class:`ResumableSampler` seeded with ``seed`` (and its sampler); others as they are."""
+        plain = isinstance(loader, DataLoader) and loader.batch_size is not None and (
+            type(loader.sampler) is SequentialSampler or type(loader.sampler) is RandomSampler
+            and not loader.sampler.replacement and loader.sampler._num_samples is None)
+        if not plain:
+            return loader, None
+        sampler = ResumableSampler(len(loader.dataset),
+                                   shuffle=isinstance(loader.sampler, RandomSampler),
+                                   seed=seed, rank=self.rank, world=self.world)
+        return self._rebuild(loader, sampler), sampler
+
+    def _start_unlabeled(self, loader: Any) -> None:
+        """The stream of a fit's unlabelled loader (``None``: a supervised fit), after checking
+        that something in the run reads it and that an objective needing it gets it."""
+        wants = bool(self.objective.requires.get("unlabeled"))
+        if loader is None:
+            self._unlabeled = None
+            if wants:
+                raise RequirementError(f"objective {self.objective.name!r} learns from unlabelled "
+                                       f"data: pass fit(..., unlabeled=loader)")
+            return
+        if not wants and not any(isinstance(c, Callback) and c.reads_unlabeled
+                                 for c in self.callbacks):
+            raise ConfigError(f"fit(unlabeled=...): neither objective {self.objective.name!r} nor "
+                              f"a callback reads unlabelled data (Objective.requires['unlabeled'], "
+                              f"Callback.reads_unlabeled)", param="unlabeled")
+        loader, sampler = self._resumable_loader(loader, self.seed + UNLABELED_SEED)
+        self._unlabeled = UnlabeledStream(loader, sampler, seed=self.seed + UNLABELED_SEED,
+                                          position=self._unlabeled_at)
+
+    def _draw_unlabeled(self) -> tuple[list[Tensor], Tensor | None]:
+        """The next unlabelled batch: its input through each unlabelled transform, and its
+        dataset indices (its targets, if it has any, are not used)."""
+        x, batch = self._to_device(self._unlabeled.next(), check=not self._checked)
+        return [x if t is None else t(x, batch)[0] for t in self.unlabeled_transforms], batch.index
 
     def _rebuild(self, loader: DataLoader, sampler: Any, **overrides: Any) -> DataLoader:
         kwargs: dict[str, Any] = dict(
@@ -821,8 +921,10 @@ class Trainer:
                     xv, batch = t(x, batch)
                     xs.append(xv)
         self._view_inputs = (xs, batch)  # what recompute_gradients runs again
+        self._unlabeled_inputs = (self._draw_unlabeled() if events and self._unlabeled is not None
+                                  else None)
         self.state.x = x
-        return self._views_and_loss(xs, batch, events)
+        return self._views_and_loss(xs, batch, events, unlabeled=self._unlabeled_inputs)
 
     def _encode_views(self, xs: list[Tensor]) -> tuple[tuple[Tensor, ...], dict[str, Any]]:
         """The embeddings of every view and the extras beside them (features, teacher outputs)."""
@@ -843,10 +945,16 @@ class Trainer:
             extras[keys.TEACHER] = tuple(teacher)
         return tuple(embeddings), extras
 
-    def _views_and_loss(self, xs: list[Tensor], batch: Batch, events: bool) -> Tensor:
+    def _views_and_loss(self, xs: list[Tensor], batch: Batch, events: bool,
+                        unlabeled: tuple[list[Tensor], Tensor | None] | None = None) -> Tensor:
         embeddings, extras = self._encode_views(xs)
         if self._memory is not None:
             extras.update(self._memory())
+        if unlabeled is not None:  # the encoder's outputs on each unlabelled view
+            us, index = unlabeled
+            extras[keys.UNLABELED] = tuple(self._encode(u)[0] for u in us)
+            if index is not None:
+                extras[keys.UNLABELED_INDEX] = index
         logits = embeddings[0] if self._needs_logits else None
         trusted = events and self._checked  # training after the first, validated micro-batch
         views = (_unchecked_views if trusted else Views)(embeddings=embeddings, extras=extras,
@@ -869,17 +977,27 @@ class Trainer:
         return state.loss.value
 
     # the loop ----------------------------------------------------------------------------
-    def fit(self, train_loader: Any, val_loader: Any = None, *,
+    def fit(self, train_loader: Any, val_loader: Any = None, *, unlabeled: Any = None,
             resume: bool | str | os.PathLike = False) -> Trainer:
         """Train; ``resume=True`` continues from ``run_dir``'s checkpoint when there is one,
         ``resume=PATH`` from that checkpoint (file or run directory).
+
+        ``unlabeled``: a loader of unlabelled samples (semi-supervised learning). Every labelled
+        micro-batch is joined by its next batch, drawn epoch after epoch on its own
+        (:class:`UnlabeledStream`; a map-style DataLoader is reshuffled, sharded over the ranks
+        and resumed as the training loader is, seeded apart from it), put through
+        ``unlabeled_transforms`` (one view per transform: weak, then strong), encoded, and given
+        to the objective as ``Views.extras[keys.UNLABELED]`` (one ``[U, D]`` tensor per view)
+        and ``[keys.UNLABELED_INDEX]`` (its indices). ``mu``, the ratio of unlabelled to
+        labelled samples per step, is the ratio of the two loaders' batch sizes. The objective
+        (``requires["unlabeled"]``) or a callback (``reads_unlabeled``) must read it.
 
         An exception raised inside a plugin (an event listener, the objective or one of its
         terms, a pair sampler, the teacher, a transform, a reweighter, a plugin module's hook)
         is re-raised as a :class:`~sdk.errors.PluginFailure` naming it and the event or call
         (see :mod:`sdk.faults`); the checkpoints written before it are intact."""
         try:
-            return self._fit(train_loader, val_loader, resume)
+            return self._fit(train_loader, val_loader, unlabeled, resume)
         except Exception as exc:
             from sdk.registry import get_registry
 
@@ -890,12 +1008,14 @@ class Trainer:
                 raise
             raise failure from exc
 
-    def _fit(self, train_loader: Any, val_loader: Any, resume: bool | str | os.PathLike) -> Trainer:
+    def _fit(self, train_loader: Any, val_loader: Any, unlabeled: Any,
+             resume: bool | str | os.PathLike) -> Trainer:
         fresh = not self._setup_done
         self._setup()
         if fresh:
             ckpt.seed_everything(self.seed + self.rank)
         self.train_loader, self.val_loader = train_loader, val_loader
+        self.unlabeled_loader = unlabeled
         self._collect_listeners()
         self._checked = False  # validate this fit's first micro-batch (its loader may differ)
         per_step = (self._after_forward, self._after_loss, self._before_backward,
@@ -903,8 +1023,9 @@ class Trainer:
         self._plain_loop = (self._bare and self._plain and self._untransformed
                             and self.accumulate == 1 and not self._checked_update
                             and self.teacher is None and self.reweighter is None
-                            and not any(per_step))
+                            and unlabeled is None and not any(per_step))
         loader = self._prepare_train_loader(train_loader)
+        self._start_unlabeled(unlabeled)
         if self.max_steps is None and not isinstance(loader, Sized):
             raise ConfigError("the training loader has no length: give max_steps",
                               param="max_steps")
@@ -925,6 +1046,8 @@ class Trainer:
             self._loop(loader, skip, progress)
         finally:
             progress.stop()
+            if self._unlabeled is not None:  # a later fit continues where this one stopped
+                self._unlabeled_at = self._unlabeled.position
         if self.is_main and self.run_dir is not None:
             self._write_summary()
         self.emit(Event.ON_FIT_END)
@@ -1321,6 +1444,8 @@ class Trainer:
                                  "reweighter": self.reweighter, "data_sampler": self.data_sampler}
         for i, t in enumerate(self.view_transforms):
             named[f"transforms.{i}"] = t
+        for i, t in enumerate(self.unlabeled_transforms):
+            named[f"unlabeled_transforms.{i}"] = t
         for i, cb in enumerate(self.callbacks):
             named[f"callbacks.{i}"] = cb
         return {k: v for k, v in named.items() if isinstance(v, _STATEFUL)}
@@ -1329,7 +1454,9 @@ class Trainer:
         """Everything a resumed run needs (this rank's view; RNG states of every rank)."""
         return {
             "format": 1,
-            "position": {"epoch": self.epoch, "batch": self.batch_idx, "step": self.step},
+            "position": {"epoch": self.epoch, "batch": self.batch_idx, "step": self.step,
+                         **({"unlabeled": list(self._unlabeled.position)}
+                            if self._unlabeled is not None else {})},
             "running": self._running(),
             "components": {k: v.state_dict() for k, v in self._stateful().items()},
             "optimizer": self.optimizer.state_dict(),
@@ -1372,6 +1499,8 @@ class Trainer:
         ckpt.set_rng_state(rngs[self.rank] if len(rngs) == self.world else rngs[0])
         pos = state["position"]
         self.epoch, self.batch_idx, self.step = pos["epoch"], pos["batch"], pos["step"]
+        if self._unlabeled is not None:
+            self._unlabeled.seek(*pos.get("unlabeled", (0, 0)))
         run = state["running"]
         self._epoch_sum = run["epoch_sum"].to(self.device)
         # the window's losses were checked before it was written; their samples were counted

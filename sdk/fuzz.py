@@ -861,7 +861,8 @@ def _fit(case: Case, dataset: Any, *, sampler: Any = None, callbacks: tuple[Any,
          accumulate: int = 1, batch_size: int | None = None) -> Any:
     """A two-step ``Trainer.fit`` of a tiny encoder on ``dataset`` with the plugin under test
     (bfloat16: ``bf16-mixed``; float64: a float64 encoder), dropping non-finite updates
-    (``on_nonfinite="skip"``: a plugin must come through a run fed NaN or inf data)."""
+    (``on_nonfinite="skip"``: a plugin must come through a run fed NaN or inf data). A
+    callback that reads unlabelled data gets ``dataset`` as the unlabelled loader too."""
     from sdk.engine import Trainer
 
     torch.manual_seed(case.seed)
@@ -873,7 +874,9 @@ def _fit(case: Case, dataset: Any, *, sampler: Any = None, callbacks: tuple[Any,
                       on_nonfinite="skip",
                       precision="bf16-mixed" if case.dtype == torch.bfloat16 else "32", seed=case.seed)
     size = batch_size or max(case.views, 1)
-    return trainer.fit(torch.utils.data.DataLoader(dataset, batch_size=size))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=size)
+    reads = any(isinstance(c, Callback) and c.reads_unlabeled for c in callbacks)
+    return trainer.fit(loader, unlabeled=loader if reads else None)
 
 
 def _run(p: _Plugin, what: str, call: Callable[[], Any], *, refuse: bool) -> Any:

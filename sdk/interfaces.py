@@ -28,7 +28,8 @@ from sdk.events import EVENTS as EVENTS  # re-exported: the events' method names
 from sdk.events import Event, State
 from sdk.types import Batch, Loss, Pairs, TypedScores, Views
 
-_REQUIREMENT_KEYS = {"views", "targets", "logits", "index", "domain", "weight", "extras"}
+_REQUIREMENT_KEYS = {"views", "targets", "logits", "index", "domain", "weight", "extras",
+                     "unlabeled"}
 
 
 class Input(str, enum.Enum):
@@ -119,7 +120,10 @@ class Objective(_Named, nn.Module, Constrained, abc.ABC):
     """A loss: ``obj(views, batch) -> Loss``.
 
     Subclasses declare ``requires`` (keys: ``views`` (count), ``targets``, ``logits``,
-    ``index``, ``domain``, ``weight``: bool; ``extras``: tuple of keys). Calling an objective
+    ``index``, ``domain``, ``weight``: bool; ``extras``: tuple of keys; ``unlabeled``: bool,
+    training needs the Trainer's unlabelled loader, whose outputs arrive as
+    ``Views.extras[keys.UNLABELED]``; calls without them, as in evaluation, are valid and compute
+    the labelled part). Calling an objective
     checks them before any math, so a recipe that cannot feed it fails with a clear message,
     and checks the metadata of what it got (floating embeddings and logits, a non-empty batch,
     Batch fields of the Views' batch size), raising :class:`sdk.ShapeError` naming the
@@ -575,6 +579,10 @@ class Callback(Constrained):
     reads_per_sample_loss: ClassVar[bool] = False
     """Whether a listener reads ``state.loss.per_sample`` (the Trainer then has the objective
     compute it; see :attr:`Objective.per_sample_requested`)."""
+
+    reads_unlabeled: ClassVar[bool] = False
+    """Whether a listener reads the unlabelled batch's outputs (``Views.extras[keys.UNLABELED]``):
+    a Trainer fitted with an unlabelled loader needs an objective or a callback that does."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

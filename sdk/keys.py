@@ -46,5 +46,16 @@ TEACHER_LAYERS = "teacher_layers"
 tensors ``[B, D_l]`` (detached), one per entry of :data:`LAYERS` (the student's representation
 at the matching layer), for objectives that distil several levels."""
 
+UNLABELED = "unlabeled"
+"""``Views.extras``: the encoder's output on each view of the step's unlabelled batch (the
+Trainer's ``unlabeled`` loader, ``fit(..., unlabeled=...)``), a tuple of ``V_u`` tensors
+``[U, D]`` in the order of ``Trainer(unlabeled_transforms=...)`` (weak first, then strong, for
+FixMatch and its descendants); ``U = mu * B`` is the unlabelled loader's batch size. Only
+training steps carry it (:meth:`sdk.Trainer.evaluate` calls objectives without it)."""
+
+UNLABELED_INDEX = "unlabeled_index"
+"""``Views.extras``: the dataset index of each row of :data:`UNLABELED`, long ``[U]`` (the
+unlabelled loader's third item), the key of per-sample pseudo-label state."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
-          TARGET_FEATURES, LAYERS, TEACHER_LAYERS)
+          TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX)

@@ -593,11 +593,22 @@ def _first_difference(a: Any, b: Any, key: str) -> str | None:
     return None if a == b else f"{key!r} ({a!r} vs {b!r})"
 
 
+def resume_unlabeled_set(mu: int, num_samples: int = 40) -> torch.utils.data.TensorDataset:
+    """The unlabelled set of :func:`check_resume`: ``mu * num_samples // 2`` Gaussian rows of 6
+    values, items ``(x, 0, index)``."""
+    n = mu * num_samples // 2
+    rows = torch.arange(n)
+    return torch.utils.data.TensorDataset(torch.randn(n, 6, generator=_gen(1)), rows * 0, rows)
+
+
 def check_resume(*, objective: Callable[[], Objective], tmp_dir: str | os.PathLike,
                  teacher: Callable[[], Any] | None = None, sampler: Callable[[], Any] | None = None,
                  reweighter: Callable[[], Any] | None = None,
                  transforms: Callable[[], Any] | None = None,
-                 encoder: Callable[[], torch.nn.Module] | None = None, steps: int = 6, kill_at: int = 3,
+                 encoder: Callable[[], torch.nn.Module] | None = None,
+                 callbacks: Callable[[], list[Any]] | None = None,
+                 unlabeled_transforms: Callable[[], Any] | None = None, mu: int = 0,
+                 steps: int = 6, kill_at: int = 3,
                  checkpoint_every: int = 2, num_samples: int = 40, batch_size: int = 8) -> ResumeRuns:
     """Assert that killing a run and resuming it from its checkpoint changes nothing.
 
@@ -608,7 +619,12 @@ def check_resume(*, objective: Callable[[], Objective], tmp_dir: str | os.PathLi
     :class:`sdk.Trainer` on a fixed dataset of ``num_samples`` Gaussian rows (targets ``i % 4``,
     ``Batch.index`` the row, ``Batch.domain`` ``i % 2``), shuffled batches of ``batch_size``, a
     checkpoint every ``checkpoint_every`` steps and ``transforms`` (default
-    ``GaussianNoise(0.1)``) once per view:
+    ``GaussianNoise(0.1)``) once per view, and ``callbacks`` (a factory of a list). With
+    ``mu > 0`` the run is semi-supervised: ``fit(..., unlabeled=...)`` also draws shuffled
+    batches of ``mu * batch_size`` (``drop_last``) from :func:`resume_unlabeled_set` (``mu *
+    num_samples // 2`` rows indexed ``0 .. N-1``, so the unlabelled loader wraps around at other
+    steps than the labelled one) through ``unlabeled_transforms`` (default
+    ``(GaussianNoise(0.1), GaussianNoise(0.5))``, weak and strong):
 
     1. straight through, in ``tmp_dir/straight``;
     2. in ``tmp_dir/interrupted``, stopped by an exception right after step ``kill_at``, so the
@@ -641,14 +657,21 @@ def check_resume(*, objective: Callable[[], Objective], tmp_dir: str | os.PathLi
         torch.manual_seed(0)
         model = encoder() if encoder else create("encoder", "mlp", in_dim=6, out_dim=4,
                                                  hidden_dims=(16,), batch_norm=False)
+        extra = callbacks() if callbacks else []
         trainer = Trainer(model, objective(), teacher=teacher() if teacher else None,
                           sampler=sampler() if sampler else None,
                           reweighter=reweighter() if reweighter else None,
                           transforms=transforms() if transforms else GaussianNoise(0.1),
+                          unlabeled_transforms=(unlabeled_transforms() if unlabeled_transforms
+                                                else (GaussianNoise(0.1), GaussianNoise(0.5))),
                           max_steps=steps, run_dir=run_dir, checkpoint_every=checkpoint_every,
-                          progress=False, device="cpu", callbacks=[_Kill(kill_at)] if kill else [])
+                          progress=False, device="cpu",
+                          callbacks=[*extra, _Kill(kill_at)] if kill else extra)
+        unlabeled = (DataLoader(resume_unlabeled_set(mu, num_samples), batch_size=mu * batch_size,
+                                shuffle=True, drop_last=True) if mu else None)
         try:
-            trainer.fit(DataLoader(data, batch_size=batch_size, shuffle=True), resume=resume)
+            trainer.fit(DataLoader(data, batch_size=batch_size, shuffle=True), unlabeled=unlabeled,
+                        resume=resume)
         except _Killed:
             pass
         return trainer

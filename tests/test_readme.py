@@ -50,6 +50,8 @@ def test_training_example_runs():
     assert namespace["trainer"].step == 4  # 2 epochs of 4 batches, 2 per optimizer step
     assert namespace["embeddings"].shape == (512, 32)
     assert int(namespace["trainer"].teacher.state_dict()["filled"]) > 0
+    semi = namespace["semi"]
+    assert semi.step == 4 and semi._unlabeled.position == (0, 4)  # 4 of the 8 unlabelled batches
 
 
 def test_every_builtin_plugin_is_listed():

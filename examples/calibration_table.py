@@ -36,6 +36,7 @@ CALIBRATORS = {
     "isotonic regression": ("isotonic_regression", {}),
     "BBQ": ("bbq", {}),
     "beta calibration": ("beta_calibration", {}),
+    "h-calibration": ("h_calibration", {}),
 }
 
 

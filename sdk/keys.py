@@ -37,5 +37,18 @@ TARGET_FEATURES = "target_features"
 (precomputed, e.g. by the dataset), which an alignment objective (REPA) projects the model's
 representation onto."""
 
+
+TIME = "time"
+"""``Batch.extras``: the observed time ``T = min(Y, C)`` of each sample under right censoring,
+float ``[B]`` (``ipcw_erm``)."""
+
+EVENT = "event"
+"""``Batch.extras``: the censoring indicator ``delta = 1[Y <= C]`` of each sample, ``[B]`` (1: the
+event was observed, 0: censored) (``ipcw_erm``)."""
+
+PROPENSITY = "propensity"
+"""``Batch.extras``: the probability ``theta`` that each (user, item) pair was exposed, float
+``[B]`` in ``(0, 1]`` (``unbiased_implicit_feedback``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
-          TARGET_FEATURES)
+          TARGET_FEATURES, TIME, EVENT, PROPENSITY)

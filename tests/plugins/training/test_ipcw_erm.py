@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import sdk
+from plugins.training.ipcw_erm import censoring_survival
 from sdk import keys
 from sdk.types import Batch, Loss
-from plugins.training.ipcw_erm import censoring_survival
 
 
 def slow_survival_before(times, events, t):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import sdk
-from sdk import keys
-from sdk.types import Batch, Loss, Views
 from plugins.training.unbiased_implicit_feedback import popularity_propensity, unbiased_pointwise_loss
+from sdk import keys
+from sdk.types import Batch, Views
 
 
 def softplus(x):

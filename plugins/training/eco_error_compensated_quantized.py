@@ -8,6 +8,7 @@ Weights", 2026 (arXiv:2601.22101): the error-feedback step for SGD with momentum
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any
 
 import annotated_types
@@ -99,7 +100,7 @@ class ECOErrorCompensatedQuantized(Callback):
                 if buf is None:
                     self._check(optimizer)
                     continue
-                eco_step(p, buf, lambda w, key=id(p): self.quantize(w, key), group["lr"], group["momentum"])
+                eco_step(p, buf, functools.partial(self.quantize, key=id(p)), group["lr"], group["momentum"])
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}

@@ -60,9 +60,10 @@ class IPCWERM(Reweighter):
         super().__init__()
         self.register_buffer("grid", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("survival", torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("inverse", torch.zeros(0))  # 1 / S_C(t_k-) for k = 0 .. K, float32
 
     def _load_from_state_dict(self, state, prefix, *args, **kwargs):  # fitted sizes differ
-        for name in ("grid", "survival"):
+        for name in ("grid", "survival", "inverse"):
             if prefix + name in state:
                 setattr(self, name, torch.empty_like(state[prefix + name]))
         super()._load_from_state_dict(state, prefix, *args, **kwargs)
@@ -73,6 +74,8 @@ class IPCWERM(Reweighter):
         times, events = self._check(times, events, "fit")
         grid, survival = censoring_survival(times.detach(), events.detach())
         self.grid, self.survival = grid.to(self.grid.device), survival.to(self.grid.device)
+        before = torch.cat([survival.new_ones(1), survival]).clamp_min(1e-12)
+        self.inverse = (1 / before).float().to(self.grid.device)
         return self
 
     def _check(self, times: Tensor | None, events: Tensor | None, where: str) -> tuple[Tensor, Tensor]:
@@ -94,8 +97,9 @@ class IPCWERM(Reweighter):
         if self.grid.numel() == 0:
             raise NotFittedError("reweighter 'ipcw_erm': weights() before fit(times, events) on the "
                                  "training set (the Kaplan-Meier censoring survival)")
-        w = ipcw_weights(times.to(self.grid.device), events.to(self.grid.device), self.grid, self.survival)
-        return (w / per_sample.shape[0]).to(per_sample.device, per_sample.dtype)
+        k = torch.searchsorted(self.grid, times.to(self.grid.device, torch.float64))  # = survival_before
+        w = self.inverse[k] * (events.to(self.grid.device) != 0) / per_sample.shape[0]
+        return w.to(per_sample.device, per_sample.dtype)
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Batch]:
         """For the conformance kit: losses and a censored batch, which the survival is fitted on."""

@@ -440,7 +440,8 @@ def _invalid_transform(p: _Plugin, case: Case, choice: int) -> None:
 # reweighters -------------------------------------------------------------------------------------
 def _reweighter_inputs(case: Case, rw: Any = None) -> tuple[Tensor, Batch]:
     """Fuzzed losses and a Batch; a reweighter that gives ``example_inputs`` (one needing
-    ``Batch.extras``, e.g. censoring times) has its example's extras merged in."""
+    ``Batch.extras``, e.g. censoring times, or targets that fit the model it reads) has its
+    example's extras and targets merged in."""
     g = torch.Generator().manual_seed(case.seed)
     b = case.batch
     per = _pattern(torch.rand(b, 1, generator=g), case.pattern, g)[:, 0]
@@ -448,7 +449,9 @@ def _reweighter_inputs(case: Case, rw: Any = None) -> tuple[Tensor, Batch]:
                   domain=torch.arange(b) % 2)
     own = getattr(rw, "example_inputs", None)
     if callable(own):
-        batch = batch.evolve(extras=own(b, g)[1].extras)
+        example = own(b, g)[1]
+        batch = batch.evolve(extras=example.extras, targets=batch.targets if example.targets is None
+                             else example.targets)
     return _device_inputs((per.to(case.dtype).requires_grad_(), batch))
 
 

@@ -30,7 +30,18 @@ def injection_coefficient(lr: float, momentum: float) -> float:
     return (1.0 - momentum) / (lr * momentum)
 
 
-def eco_step(param: Tensor, buf: Tensor, quantize: Any, lr: float, momentum: float) -> Tensor:
+def adam_injection_coefficient(lr: float, beta1: float, beta2: float, eps: float, step: int,
+                               exp_avg_sq: Tensor) -> Tensor:
+    """The elementwise ``c`` for torch's Adam / AdamW (first moment ``m <- beta1 m + (1 -
+    beta1) g``, step ``lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)``): a change
+    ``-c e`` of ``m`` returns ``e`` over the following steps when the second moment and the bias
+    corrections stay at their values of the next step, ``c = (1 - beta1) (1 - beta1^(t+1))
+    (sqrt(v / (1 - beta2^t)) + eps) / (lr beta1)``."""
+    denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt() + eps
+    return (1 - beta1) * (1 - beta1 ** (step + 1)) * denom / (lr * beta1)
+
+
+def eco_step(param: Tensor, buf: Tensor, quantize: Any, coefficient: float | Tensor) -> Tensor:
     """In place: ``w_hat = q(w~)``, ``e = w~ - w_hat``, ``param <- w_hat``,
     ``buf <- buf - c e``; returns ``e``."""
     with torch.no_grad():
@@ -38,7 +49,7 @@ def eco_step(param: Tensor, buf: Tensor, quantize: Any, lr: float, momentum: flo
         rounded = quantize(target)
         error = target - rounded
         param.copy_(rounded)
-        buf.sub_(error, alpha=injection_coefficient(lr, momentum))
+        buf.sub_(coefficient * error)
     return error
 
 
@@ -48,8 +59,10 @@ class ECOErrorCompensatedQuantized(Callback):
     it onto its grid (``bits``-bit per-channel, or per-group with ``group_size``, fitted to the
     stepped weights; or, with ``grid_step``, the fixed grid of multiples of ``grid_step``) by
     round-to-nearest or stochastic rounding, and subtract ``c e`` from its momentum buffer
-    (:func:`injection_coefficient`, ``lr`` the group's current rate). The optimizer must be
-    ``torch.optim.SGD`` with momentum in (0, 1), no Nesterov. After each step the quantised
+    (:func:`injection_coefficient`, ``lr`` the group's current rate; with Adam or AdamW the
+    first moment, :func:`adam_injection_coefficient`). The optimizer must be
+    ``torch.optim.SGD`` with momentum in (0, 1) and no Nesterov, or ``torch.optim.Adam`` /
+    ``AdamW`` with beta1 in (0, 1) (no AMSGrad). After each step the quantised
     weights are exactly on the grid (``last_grids`` holds the grids of the last step); the
     stochastic rounding's generator state is checkpointed."""
 
@@ -65,9 +78,17 @@ class ECOErrorCompensatedQuantized(Callback):
         self.last_grids: dict[int, Grid] = {}
 
     def _check(self, optimizer: Any) -> None:
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in optimizer.param_groups:
+                if not 0 < group["betas"][0] < 1 or group["amsgrad"]:
+                    raise ConfigError("callback 'eco_error_compensated_quantized' needs Adam's beta1 in "
+                                      f"(0, 1) without AMSGrad, got betas={group['betas']}, "
+                                      f"amsgrad={group['amsgrad']}", param="betas")
+            return
         if not isinstance(optimizer, torch.optim.SGD):
-            raise ConfigError(f"callback 'eco_error_compensated_quantized' injects the error into "
-                              f"SGD's momentum buffer; got {type(optimizer).__name__}", param="optimizer")
+            raise ConfigError(f"callback 'eco_error_compensated_quantized' injects the error into the "
+                              f"momentum of SGD, Adam or AdamW; got {type(optimizer).__name__}",
+                              param="optimizer")
         for group in optimizer.param_groups:
             if not 0 < group["momentum"] < 1 or group["nesterov"]:
                 raise ConfigError("callback 'eco_error_compensated_quantized' needs SGD momentum in "
@@ -96,11 +117,19 @@ class ECOErrorCompensatedQuantized(Callback):
             for p in group["params"]:
                 if p.dim() < self.min_dim or p.grad is None:
                     continue
-                buf = optimizer.state[p].get("momentum_buffer")
+                quantize = functools.partial(self.quantize, key=id(p))
+                state_p = optimizer.state[p]
+                if "exp_avg" in state_p:  # Adam / AdamW
+                    beta1, beta2 = group["betas"]
+                    c = adam_injection_coefficient(group["lr"], beta1, beta2, group["eps"],
+                                                   int(state_p["step"]), state_p["exp_avg_sq"])
+                    eco_step(p, state_p["exp_avg"], quantize, c)
+                    continue
+                buf = state_p.get("momentum_buffer")
                 if buf is None:
                     self._check(optimizer)
                     continue
-                eco_step(p, buf, functools.partial(self.quantize, key=id(p)), group["lr"], group["momentum"])
+                eco_step(p, buf, quantize, injection_coefficient(group["lr"], group["momentum"]))
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -116,10 +145,12 @@ CARD = Card(
     summary="Weights live on the quantisation grid after every step (no master copy); the "
             "rounding error is fed back through SGD's momentum so small updates are not lost.",
     formula="w~ = w_hat - lr m (the optimizer's step); w_hat' = q(w~); e = w~ - w_hat'; "
-            "m <- m - c e, c = (1 - beta) / (lr beta), so sum_k lr beta^k c e = e",
-    left_out="The Adam variant (injection into the first moment, scaled by the second moment) "
-             "and FP8 / INT4 kernels: the grid is emulated in the weights' dtype (uniform "
-             "per-channel or per-group integer grids, or a fixed step), with SGD momentum only. "
+            "m <- m - c e, c = (1 - beta) / (lr beta) for SGD momentum, so sum_k lr beta^k c e = e; "
+            "Adam: c = (1 - b1)(1 - b1^(t+1))(sqrt(v / (1 - b2^t)) + eps) / (lr b1)",
+    left_out="FP8 / INT4 kernels: the grid is emulated in the weights' dtype (uniform "
+             "per-channel or per-group integer grids, or a fixed step). The Adam coefficient is "
+             "our derivation (second moment and bias corrections frozen at the next step's), "
+             "exact for SGD momentum only. "
              "Defaults (8 bits, symmetric per channel, round to nearest) are ours; the paper "
              "uses FP8 (pre-training) and INT4 (fine-tuning) with stochastic rounding as its best.",
 )

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sdk
-from plugins.training.eco_error_compensated_quantized import injection_coefficient
+from plugins.training.eco_error_compensated_quantized import adam_injection_coefficient, injection_coefficient
 from sdk.events import State
 from sdk.quantization import Grid
 
@@ -111,11 +111,47 @@ def test_naive_quantised_sgd_stalls_where_eco_does_not():
 def test_bad_optimizers_and_parameters_are_refused():
     eco = sdk.create("callback", "eco_error_compensated_quantized")
     layer = torch.nn.Linear(2, 2)
-    with pytest.raises(sdk.ConfigError, match="injects the error into SGD's momentum buffer; got Adam"):
-        eco.on_fit_start(State(optimizer=torch.optim.Adam(layer.parameters())))
+    with pytest.raises(sdk.ConfigError, match="momentum of SGD, Adam or AdamW; got RMSprop"):
+        eco.on_fit_start(State(optimizer=torch.optim.RMSprop(layer.parameters())))
+    with pytest.raises(sdk.ConfigError, match="without AMSGrad"):
+        eco.on_fit_start(State(optimizer=torch.optim.Adam(layer.parameters(), amsgrad=True)))
     with pytest.raises(sdk.ConfigError, match="needs SGD momentum in \\(0, 1\\) without Nesterov"):
         eco.on_fit_start(State(optimizer=torch.optim.SGD(layer.parameters(), lr=0.1)))
     with pytest.raises(sdk.ConfigError, match="rounding must be one of"):
         sdk.create("callback", "eco_error_compensated_quantized", rounding="up")
     with pytest.raises(sdk.ConfigError, match="bits must be in"):
         sdk.create("callback", "eco_error_compensated_quantized", bits=1)
+
+
+def test_adam_variant_returns_the_error_through_the_first_moment():
+    """Adam late in a run, no gradient after the injection: the displacement with the injected
+    first moment minus the one without it is the error (within the second moment's drift)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 2, bias=False)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    for _ in range(1000):  # late: the bias corrections are ~ 1
+        opt.zero_grad()
+        layer(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+    eco = sdk.create("callback", "eco_error_compensated_quantized", grid_step=2.0 ** -4)
+    stepped = layer.weight.detach().clone()
+    state = opt.state[layer.weight]
+    c = adam_injection_coefficient(1e-3, 0.9, 0.999, 1e-8, int(state["step"]), state["exp_avg_sq"])
+    eco.after_optimizer_step(State(model=layer, optimizer=opt))
+    error = stepped - layer.weight.detach()
+    assert bool((error != 0).any()) and bool(eco.last_grids == {})  # the fixed grid
+    assert torch.equal(torch.round(layer.weight / 2.0 ** -4) * 2.0 ** -4, layer.weight)
+
+    def coast(first_moment):
+        w = torch.nn.Parameter(layer.weight.detach().clone())
+        o = torch.optim.Adam([w], lr=1e-3)
+        o.state[w] = {"step": state["step"].clone(), "exp_avg": first_moment.clone(),
+                      "exp_avg_sq": state["exp_avg_sq"].clone()}
+        start = w.detach().clone()
+        for _ in range(300):
+            w.grad = torch.zeros_like(w)
+            o.step()
+        return w.detach() - start
+
+    moved = coast(state["exp_avg"]) - coast(state["exp_avg"] + c * error)
+    torch.testing.assert_close(moved, error, rtol=0.05, atol=1e-7)

@@ -442,18 +442,26 @@ def _invalid_transform(p: _Plugin, case: Case, choice: int) -> None:
 
 
 # reweighters -------------------------------------------------------------------------------------
-def _reweighter_inputs(case: Case) -> tuple[Tensor, Batch]:
+def _reweighter_inputs(case: Case, rw: Any = None) -> tuple[Tensor, Batch]:
+    """Fuzzed losses and a Batch; a reweighter that gives ``example_inputs`` (one needing
+    ``Batch.extras``, e.g. censoring times, or targets that fit the model it reads) has its
+    example's extras and targets merged in."""
     g = torch.Generator().manual_seed(case.seed)
     b = case.batch
     per = _pattern(torch.rand(b, 1, generator=g), case.pattern, g)[:, 0]
     batch = Batch(targets=torch.randint(0, case.classes, (b,), generator=g), index=torch.arange(b),
                   domain=torch.arange(b) % 2)
+    own = getattr(rw, "example_inputs", None)
+    if callable(own):
+        example = own(b, g)[1]
+        batch = batch.evolve(extras=example.extras, targets=batch.targets if example.targets is None
+                             else example.targets)
     return _device_inputs((per.to(case.dtype).requires_grad_(), batch))
 
 
 def _valid_reweighter(p: _Plugin, case: Case) -> None:
     rw = p.make()
-    per, batch = _reweighter_inputs(case)
+    per, batch = _reweighter_inputs(case, rw)
     loss = _try(p, repr(case), lambda: rw.reduce(Loss(value=per.mean(), per_sample=per), batch),
                 refuse=not case.ordinary)
     if loss is None:
@@ -464,7 +472,7 @@ def _valid_reweighter(p: _Plugin, case: Case) -> None:
 
 def _invalid_reweighter(p: _Plugin, case: Case, choice: int) -> None:
     rw = p.make()
-    per, batch = _reweighter_inputs(case._replace(batch=max(case.batch, 2), dtype=torch.float32))
+    per, batch = _reweighter_inputs(case._replace(batch=max(case.batch, 2), dtype=torch.float32), rw)
     b = per.shape[0]
     g = torch.Generator().manual_seed(case.seed)
     fields = ("per_sample", "domain", "targets", "index")

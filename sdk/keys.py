@@ -57,5 +57,18 @@ UNLABELED_INDEX = "unlabeled_index"
 """``Views.extras``: the dataset index of each row of :data:`UNLABELED`, long ``[U]`` (the
 unlabelled loader's third item), the key of per-sample pseudo-label state."""
 
+TIME = "time"
+"""``Batch.extras``: the observed time ``T = min(Y, C)`` of each sample under right censoring,
+float ``[B]`` (``ipcw_erm``)."""
+
+EVENT = "event"
+"""``Batch.extras``: the censoring indicator ``delta = 1[Y <= C]`` of each sample, ``[B]`` (1: the
+event was observed, 0: censored) (``ipcw_erm``)."""
+
+PROPENSITY = "propensity"
+"""``Batch.extras``: the probability ``theta`` that each (user, item) pair was exposed, float
+``[B]`` in ``(0, 1]`` (``unbiased_implicit_feedback``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
-          TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX)
+          TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
+          PROPENSITY)

@@ -48,6 +48,7 @@ queue) must come out the same on every rank as in one process.
 The others run in eval mode: adaptive_multihead_contrastive's heads hold BatchNorm layers,
 which normalise with each rank's own batch in training."""
 TRAINING |= {"mixed_barlow_twins"}
+TRAINING |= {"online_bag_of_words"}
 
 CONTROL = Plugin("objective", "nt_xent", {"gather": False})
 """Gathering switched off: the check must see the difference."""

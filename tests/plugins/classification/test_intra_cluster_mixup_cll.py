@@ -104,6 +104,8 @@ def test_transform_mixes_inputs_and_labels_with_in_cluster_partners_and_resumes(
     assert torch.equal(fresh.clusters, icm.clusters)
     given = icm(x, sdk.Batch(targets=ybar, extras={"cluster": torch.arange(8)}))[1]
     assert torch.equal(given.extras["mixup_perm"], torch.arange(8))  # every sample alone
+    unknown = icm(x[:3], sdk.Batch(targets=ybar[:3], index=torch.tensor([20, 21, 22])))[1]
+    assert torch.equal(unknown.extras["mixup_perm"], torch.arange(3))  # not clustered: alone
     assert icm.eval()(x, batch)[0] is x
 
 

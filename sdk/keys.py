@@ -37,5 +37,17 @@ TARGET_FEATURES = "target_features"
 (precomputed, e.g. by the dataset), which an alignment objective (REPA) projects the model's
 representation onto."""
 
+MASK = "mask"
+"""``Batch.extras``: which tokens a masking transform hid, ``[B, L]`` (1.0 = masked, in the
+tokens' original order; :class:`sdk.masking.Mask`)."""
+
+IDS_RESTORE = "ids_restore"
+"""``Batch.extras``: long ``[B, L]``; gathering ``[visible..., masked...]`` tokens by it restores
+the original order (:class:`sdk.masking.Mask`)."""
+
+RECONSTRUCTION_TARGET = "reconstruction_target"
+"""``Batch.extras``: what a masked model reconstructs, one row per token, ``[B, L, P]`` (raw
+patches from a masking transform; objectives normalise them as they need)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
-          TARGET_FEATURES)
+          TARGET_FEATURES, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET)

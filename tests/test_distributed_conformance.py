@@ -106,7 +106,7 @@ def test_per_sample_objectives_are_declared_so():
                           "sla_joint_label", "stablemax_perpgrad", "hl_gauss_regression",
                           "decoupled_softmax_xmc", "dual_head_kd", "feature_distillation",
                           "decoupled_mixup", "margin_preserving_nfr", "discrete_hazard_survival",
-                          "rppg_comprehensive_loss"}
+                          "rppg_comprehensive_loss", "mae"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

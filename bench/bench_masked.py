@@ -13,7 +13,6 @@ thread, after a warm-up step each.
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import statistics

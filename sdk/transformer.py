@@ -162,7 +162,8 @@ def check_tokens(owner: str, tokens: Any, width: int, length: int) -> Tensor:
         tokens = tokens[0]
     if not isinstance(tokens, Tensor) or tokens.dim() != 3 or tokens.shape[2] != width \
             or not tokens.is_floating_point():
-        shape = f"{tokens.dtype} {list(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
+        shape = (f"{tokens.dtype} {list(tokens.shape)}" if isinstance(tokens, Tensor)
+                 else type(tokens).__name__)
         raise ShapeError(f"{owner}: Views.extras['features'] must be the encoder's tokens, floating "
                          f"[B, 1 + K, {width}] (a token encoder such as vit), got {shape}")
     if tokens.shape[1] - 1 >= length:

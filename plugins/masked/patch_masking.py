@@ -17,8 +17,7 @@ from sdk.constraints import one_of
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Transform
-from sdk.masking import (as_image, block_mask, image_grid, patchify, patchify_sequence,
-                         random_mask, visible)
+from sdk.masking import as_image, block_mask, image_grid, patchify, patchify_sequence, random_mask, visible
 from sdk.types import Batch
 
 STRATEGIES = ("random", "block")
@@ -97,8 +96,9 @@ CARD = Card(
             "BEiT); marks the visible patches for a token encoder and passes mask and targets on.",
     formula="noise ~ U(0,1)^{B x L}; ids_shuffle = argsort(noise); keep ids_shuffle[:, :K], "
             "K = L - round(r L); ids_restore = argsort(ids_shuffle); mask = [ids_restore >= K]",
-    left_out="Block-wise masking draws 4 rectangles (sides 0.2-0.6 of the grid) in parallel and ranks patches by "
-             "coverage to mask exactly round(r L) (BEiT adds blocks one at a time, with aspect "
+    left_out="Block-wise masking draws 4 rectangles (sides 0.2-0.6 of the grid's) in parallel "
+             "and ranks patches by coverage to mask exactly round(r L) (BEiT adds blocks one at "
+             "a time, with aspect "
              "ratios in [0.3, 1/0.3], until about that many are covered). MAE's crop and flip "
              "augmentation is not part of the mask.",
 )

@@ -165,7 +165,7 @@ def block_mask(batch: int, grid: tuple[int, int], ratio: float, *, blocks: int =
 def score_mask(scores: Tensor, ratio: float, *, hard_fraction: float = 1.0,
                generator: torch.Generator | None = None) -> Mask:
     """Score-guided masking: of the ``n_masked(L, ratio)`` masked tokens of each row of
-    ``scores [B, L]``, ``round(hard_fraction * n)`` are those of highest score and the rest are
+    ``scores [B, L]``, ``floor(hard_fraction * n)`` are those of highest score and the rest are
     drawn uniformly among the others (hard-patch mining's easy-to-hard mix). ``scores`` are
     detached."""
     if scores.dim() != 2 or not scores.is_floating_point():
@@ -176,10 +176,24 @@ def score_mask(scores: Tensor, ratio: float, *, hard_fraction: float = 1.0,
                           param="hard_fraction")
     b, length = scores.shape
     n = n_masked(length, ratio)
-    n_hard = int(round(hard_fraction * n))
+    n_hard = int(hard_fraction * n + 1e-9)  # HPM's int((L - len_keep) * keep_ratio)
     rank = torch.argsort(torch.argsort(scores.detach().float(), dim=1, descending=True), dim=1)
     hard = (rank < n_hard).float()  # the n_hard highest scores of each row
     return mask_from_keys(hard + _noise(b, length, generator, scores.device), n)
+
+
+def pairwise_rank_loss(scores: Tensor, losses: Tensor) -> Tensor:
+    """Per row ``[B]``: the relative loss by which HPM's loss predictor learns to rank patches. For
+    every ordered pair ``(i, j)`` of a row with ``losses_i != losses_j``, the binary cross-entropy
+    of ``sigmoid(scores_i - scores_j)`` against ``[losses_i > losses_j]``, averaged over the pairs
+    (``losses`` are targets: detach them). In float32, through ``softplus`` (the authors add
+    ``1e-6`` inside the logarithms instead)."""
+    s, e = scores.float(), losses.float()
+    diff = s[:, :, None] - s[:, None, :]  # [B, M, M]: s_i - s_j
+    above = (e[:, :, None] > e[:, None, :]).float()
+    below = (e[:, :, None] < e[:, None, :]).float()
+    nll = above * torch.nn.functional.softplus(-diff) + below * torch.nn.functional.softplus(diff)
+    return nll.sum((1, 2)) / (above + below).sum((1, 2)).clamp_min(1)
 
 
 def check_mask(owner: str, ids_restore: Tensor, mask: Tensor, length: int | None = None) -> None:
@@ -305,7 +319,22 @@ def image_grid(owner: str, image_shape: Any, patch: int) -> tuple[int, int]:
     return h // patch, w // patch
 
 
-__all__ = ["Mask", "Visible", "as_image", "block_mask", "check_mask", "gather_tokens", "image_grid",
-           "mask_from_keys", "masked_mse", "n_masked", "normalized_patches", "patchify",
-           "patchify_sequence", "random_mask", "restore_tokens", "score_mask", "sincos_1d",
-           "sincos_2d", "split_visible", "unpatchify", "unpatchify_sequence", "visible"]
+def reconstruction_layout(owner: str, image_shape: Any, patch: int,
+                          norm_pix_loss: bool) -> tuple[tuple[int, int], int, int]:
+    """``(grid, L, P)`` of an image reconstruction objective: the patch grid, the number of
+    patches and the values per patch; a :class:`~sdk.ConfigError` naming ``owner`` when
+    ``norm_pix_loss`` would standardise patches of one value (their variance is undefined)."""
+    grid = image_grid(owner, image_shape, patch)
+    dim = patch * patch * int(image_shape[0])
+    if norm_pix_loss and dim < 2:
+        raise ConfigError(f"{owner}: norm_pix_loss standardises each patch by its variance, which "
+                          f"a patch of {dim} value does not have; use larger patches or "
+                          "norm_pix_loss=False", param="norm_pix_loss")
+    return grid, grid[0] * grid[1], dim
+
+
+__all__ = ["Mask", "Visible", "as_image", "block_mask", "check_mask", "gather_tokens",
+           "image_grid", "mask_from_keys", "masked_mse", "n_masked", "normalized_patches",
+           "pairwise_rank_loss", "patchify", "patchify_sequence", "random_mask",
+           "reconstruction_layout", "restore_tokens", "score_mask", "sincos_1d", "sincos_2d",
+           "split_visible", "unpatchify", "unpatchify_sequence", "visible"]

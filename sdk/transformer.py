@@ -147,11 +147,20 @@ class MaskedDecoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, out_dim)
 
-    def forward(self, tokens: Tensor, ids_restore: Tensor) -> Tensor:
+    def inputs(self, tokens: Tensor, ids_restore: Tensor) -> Tensor:
+        """The blocks' input ``[B, 1 + L, dim]``: the embedded class token, then every token in
+        the original order (the mask token where hidden), plus the positions."""
         h = self.embed(tokens)
         full = restore_tokens(h[:, 1:], self.mask_token, ids_restore)
-        h = torch.cat([h[:, :1], full], dim=1) + self.pos.to(h.dtype)
+        return torch.cat([h[:, :1], full], dim=1) + self.pos.to(h.dtype)
+
+    def head(self, h: Tensor) -> Tensor:
+        """Blocks, LayerNorm and the per-token prediction of :meth:`inputs`' output, without
+        the class token: ``[B, L, out_dim]``."""
         return self.pred(self.norm(self.blocks(h)))[:, 1:]
+
+    def forward(self, tokens: Tensor, ids_restore: Tensor) -> Tensor:
+        return self.head(self.inputs(tokens, ids_restore))
 
 
 def check_tokens(owner: str, tokens: Any, width: int, length: int) -> Tensor:

@@ -15,7 +15,7 @@ from sdk.card import Card
 from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
-from sdk.masking import check_mask, image_grid, masked_mse, normalized_patches
+from sdk.masking import check_mask, masked_mse, normalized_patches, reconstruction_layout
 from sdk.transformer import MaskedDecoder, check_tokens
 from sdk.types import Batch, Loss, Views
 
@@ -54,8 +54,8 @@ class MAE(Objective):
                  mlp_ratio: Annotated[float, Interval(gt=0)] = 4.0, norm_pix_loss: bool = True):
         super().__init__()
         self.image_shape = tuple(int(s) for s in image_shape)
-        grid = image_grid("mae", self.image_shape, patch_size)
-        self.num_patches, self.patch_dim = grid[0] * grid[1], patch_size * patch_size * self.image_shape[0]
+        grid, self.num_patches, self.patch_dim = reconstruction_layout("mae", self.image_shape,
+                                                                       patch_size, norm_pix_loss)
         self.embed_dim, self.norm_pix_loss = embed_dim, norm_pix_loss
         self.decoder = MaskedDecoder(embed_dim, self.patch_dim, grid, dim=decoder_dim,
                                      depth=decoder_depth, heads=decoder_heads, mlp_ratio=mlp_ratio)

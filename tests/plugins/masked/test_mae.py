@@ -114,6 +114,8 @@ def test_errors_name_mae_and_the_field():
         obj(views.evolve(extras={keys.FEATURES: (tokens[..., :5],)}), batch)
     with pytest.raises(sdk.RequirementError, match="'mae' needs extras\\['mask'\\]"):
         obj(views, sdk.Batch(index=torch.arange(3)))
+    with pytest.raises(sdk.ConfigError, match="mae: norm_pix_loss standardises each patch"):
+        sdk.create("objective", "mae", patch_size=1)
     bad = {**batch.extras, keys.RECONSTRUCTION_TARGET: patches[:, :, :3]}
     with pytest.raises(sdk.ShapeError, match="'mae'.*reconstruction_target.*\\[3, 16, 4\\]"):
         obj(views, batch.evolve(extras=bad))

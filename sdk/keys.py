@@ -69,6 +69,18 @@ PROPENSITY = "propensity"
 """``Batch.extras``: the probability ``theta`` that each (user, item) pair was exposed, float
 ``[B]`` in ``(0, 1]`` (``unbiased_implicit_feedback``)."""
 
+MASK = "mask"
+"""``Batch.extras``: which tokens a masking transform hid, ``[B, L]`` (1.0 = masked, in the
+tokens' original order; :class:`sdk.masking.Mask`)."""
+
+IDS_RESTORE = "ids_restore"
+"""``Batch.extras``: long ``[B, L]``; gathering ``[visible..., masked...]`` tokens by it restores
+the original order (:class:`sdk.masking.Mask`)."""
+
+RECONSTRUCTION_TARGET = "reconstruction_target"
+"""``Batch.extras``: what a masked model reconstructs, one row per token, ``[B, L, P]`` (raw
+patches from a masking transform; objectives normalise them as they need)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
-          PROPENSITY)
+          PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET)

@@ -108,7 +108,7 @@ def test_per_sample_objectives_are_declared_so():
                           "decoupled_softmax_xmc", "dual_head_kd", "feature_distillation",
                           "decoupled_mixup", "margin_preserving_nfr", "discrete_hazard_survival",
                           "rppg_comprehensive_loss", "apre_mean_shift_outlier", "fixmatch",
-                          "shrinkmatch", "sade", "unbiased_implicit_feedback",
+                          "shrinkmatch", "sade", "unbiased_implicit_feedback", "hard_patch_mining",
                           "intra_cluster_mixup_cll", "pulaski_set_distance", "mae"}
 
 

@@ -84,15 +84,19 @@ def test_image_folder_cache_is_used_then_invalidated_by_an_edit(folder, monkeypa
     # another size is another entry; an edited file is decoded again
     datasources.image_folder(folder, size=(4, 4))
     assert len(list((datasources.cache_dir() / "image_folder").glob("*.pt"))) == 2
-    edited = folder / "diagonal" / "01.png"
+    edited = folder / "diagonal" / "03.bmp"  # a BMP of the same size keeps its byte count
+    size = edited.stat().st_size
     PIL.fromarray(np.zeros((16, 16), np.uint8)).save(edited)
     os.utime(edited, ns=(1, 1))
+    assert edited.stat().st_size == size  # only the modification time tells the edit
     changed = datasources.image_folder(folder, size=(8, 8))
     assert not torch.equal(changed.x, first.x)
     # a damaged cache file is decoded again, not trusted, and cache=False writes nothing
-    for f in (datasources.cache_dir() / "image_folder").glob("*.pt"):
-        f.write_bytes(b"garbage")
-    assert torch.equal(datasources.image_folder(folder, size=(8, 8)).x, changed.x)
+    for damage in (lambda f: f.write_bytes(b"garbage"),
+                   lambda f: torch.save(torch.zeros(3, 1, 8, 8, dtype=torch.uint8), f)):
+        for f in (datasources.cache_dir() / "image_folder").glob("*.pt"):
+            damage(f)
+        assert torch.equal(datasources.image_folder(folder, size=(8, 8)).x, changed.x)
     before = sorted(p.name for p in (datasources.cache_dir() / "image_folder").iterdir())
     datasources.image_folder(folder, size=(5, 5), cache=False)
     assert sorted(p.name for p in (datasources.cache_dir() / "image_folder").iterdir()) == before

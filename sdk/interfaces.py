@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sdk.constraints import Constrained
-from sdk.errors import NotFittedError, RequirementError, ShapeError
+from sdk.errors import ConfigError, NotFittedError, RequirementError, ShapeError
 from sdk.events import EVENTS as EVENTS  # re-exported: the events' method names
 from sdk.events import Event, State
 from sdk.types import Batch, Loss, Pairs, TypedScores, Views
@@ -545,6 +545,18 @@ class Schedule(Constrained, abc.ABC):
 
     @abc.abstractmethod
     def __call__(self, step: int, max_steps: int | None = None) -> float: ...
+
+    @staticmethod
+    def check_progress(plugin: str, step: Any, max_steps: Any) -> None:
+        """Refuse, naming ``plugin``, a ``step`` that is no integer >= 0 (optimizer steps taken)
+        or a ``max_steps`` that is neither None (an open-ended run) nor an integer >= 1."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"{plugin}: step must be an integer >= 0 (optimizer steps taken), "
+                              f"got {step!r}", param="step")
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                      or max_steps < 1):
+            raise ConfigError(f"{plugin}: max_steps must be None or an integer >= 1 (None: an "
+                              f"open-ended run), got {max_steps!r}", param="max_steps")
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -27,13 +27,7 @@ def cosine_warmup(step: int, max_steps: int | None, *, warmup_steps: int = 0,
     then ``min_lr + (1 - min_lr) (1 + cos(pi p)) / 2`` with ``p`` the fraction of the steps
     after warm-up done (1 from ``max_steps`` on). A negative ``step`` or a ``max_steps`` below 1
     raises :class:`sdk.ConfigError`."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ConfigError(f"cosine_warmup: step must be an integer >= 0 (optimizer steps taken), "
-                          f"got {step!r}", param="step")
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
-                                  or max_steps < 1):
-        raise ConfigError(f"cosine_warmup: max_steps must be None or an integer >= 1, got "
-                          f"{max_steps!r}", param="max_steps")
+    Schedule.check_progress("cosine_warmup", step, max_steps)
     if step < warmup_steps:
         return start_factor + (1.0 - start_factor) * step / warmup_steps
     if step == warmup_steps:

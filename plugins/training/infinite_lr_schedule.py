@@ -37,13 +37,7 @@ def infinite_lr(step: int, max_steps: int | None = None, *, warmup_steps: int = 
     ``S`` is ``anneal_start``, or ``max_steps - A`` when it is None (annealing ends the run);
     with ``A = 0`` the rate stays at ``c`` for ever and ``max_steps`` is never needed.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ConfigError(f"infinite_lr_schedule: step must be an integer >= 0 (optimizer steps "
-                          f"taken), got {step!r}", param="step")
-    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
-                                  or max_steps < 1):
-        raise ConfigError(f"infinite_lr_schedule: max_steps must be None (an open-ended run) or an "
-                          f"integer >= 1, got {max_steps!r}", param="max_steps")
+    Schedule.check_progress("infinite_lr_schedule", step, max_steps)
     if step < warmup_steps:
         return step / warmup_steps
     t = step - warmup_steps

@@ -34,7 +34,7 @@ myst_heading_anchors = 3
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_default_options = {"members": True, "show-inheritance": True}
-autodoc_mock_imports = ["matplotlib", "sklearn"]  # optional extras, not in the docs env
+autodoc_mock_imports = ["matplotlib", "sklearn", "lightning"]  # optional extras, not in the docs env
 
 html_theme = "furo"
 html_title = f"paperplug {release}"

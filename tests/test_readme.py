@@ -6,10 +6,15 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def _python_block(heading: str) -> str:
+    """The first Python code block of the README section under ``heading``."""
+    section = README.read_text().split(f"\n{heading}\n", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+
+
 def test_quickstart_runs():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     namespace: dict = {}
-    exec(compile(blocks[0], "README quickstart", "exec"), namespace)
+    exec(compile(_python_block("## Quickstart"), "README quickstart", "exec"), namespace)
     assert namespace["loss"].value.requires_grad
     assert set(namespace["loss"].logs) == {"barlow_twins", "nt_xent"}
 
@@ -34,9 +39,9 @@ def test_plugin_example_registers_and_conforms():
     from sdk.registry import Registry
     from sdk.testing import check_plugin
 
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     module = types.ModuleType("my_loss")
-    exec(compile(blocks[2], "README plugin example", "exec"), module.__dict__)
+    exec(compile(_python_block("## Writing a plugin"), "README plugin example", "exec"),
+         module.__dict__)
     reg = Registry()
     reg.register_module(module, name="my_loss", package="my-package")
     assert reg.broken == []
@@ -44,14 +49,25 @@ def test_plugin_example_registers_and_conforms():
 
 
 def test_training_example_runs():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     namespace: dict = {}
-    exec(compile(blocks[1], "README training example", "exec"), namespace)
+    exec(compile(_python_block("## Training"), "README training example", "exec"), namespace)
     assert namespace["trainer"].step == 4  # 2 epochs of 4 batches, 2 per optimizer step
     assert namespace["embeddings"].shape == (512, 32)
     assert int(namespace["trainer"].teacher.state_dict()["filled"]) > 0
     semi = namespace["semi"]
     assert semi.step == 4 and semi._unlabeled.position == (0, 4)  # 4 of the 8 unlabelled batches
+
+
+def test_lightning_example_runs():
+    import pytest
+
+    pytest.importorskip("lightning", reason="the lightning extra is not installed")
+    namespace: dict = {}
+    exec(compile(_python_block("### Inside PyTorch Lightning"), "README Lightning example",
+                 "exec"), namespace)
+    assert namespace["pl"].global_step == 4
+    assert namespace["embeddings"].shape == (64, 8)
+    assert int(namespace["engine"].teacher.state_dict()["filled"]) == 32
 
 
 def test_every_builtin_plugin_is_listed():

@@ -19,13 +19,15 @@ objective, the reweighter — and the events fire at the matching Lightning hook
 
 With the same seed, data order and initial weights the losses equal ``sdk.Trainer.fit``'s
 step for step (give the DataLoader a seeded ``generator``, as ``sdk.Trainer`` does, so that
-each epoch's iterator does not draw from the global RNG that random transforms use). Lightning's own settings replace the sdk Trainer's loop settings (its
+each epoch's iterator does not draw from the global RNG that random transforms use).
+Lightning's own settings replace the sdk Trainer's loop settings (its
 ``max_steps``/``max_epochs``, precision, gradient clipping, checkpointing, logging: the
 module logs ``loss`` and the objective's term logs through ``self.log``); the optimizer and
 scheduler are built from the sdk Trainer's ``optimizer`` and ``scheduler`` (stepped every
 optimizer step). Not supported here, each a clear error at ``fit``: gradient accumulation
-(``accumulate_grad_batches > 1``), an unlabelled loader, and ``on_validation_end`` / ``on_log``
-listeners (Lightning's validation loop and loggers take their place). Calibrators and
+(``accumulate_grad_batches > 1``), an objective that learns from an unlabelled loader, and
+``on_validation_end`` / ``on_log`` listeners (Lightning's validation loop and loggers take
+their place). Calibrators and
 detectors are fitted after training on the module's outputs, as with ``sdk.Trainer``.
 
 Needs the ``lightning`` package (``pip install paperplug[lightning]``).
@@ -94,6 +96,10 @@ class PaperplugModule(L.LightningModule):
         if loop.accumulate_grad_batches != 1:
             raise ConfigError("PaperplugModule: accumulate_grad_batches must be 1 (an sdk event "
                               "step is one optimizer step)", param="accumulate_grad_batches")
+        if engine.objective.requires.get("unlabeled"):
+            raise ConfigError(f"PaperplugModule: objective {engine.objective.name!r} learns from "
+                              "an unlabelled loader, which only sdk.Trainer.fit(unlabeled=...) "
+                              "draws", param="objective")
         engine.device = self.device
         engine._on_cpu = self.device.type == "cpu"
         engine.rank, engine.world = loop.global_rank, loop.world_size

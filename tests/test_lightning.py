@@ -174,3 +174,7 @@ def test_unsupported_settings_are_clear_errors(encoder):
         _lightning().fit(PaperplugModule(engine), DataLoader(_data(), batch_size=BATCH))
     with pytest.raises(ConfigError, match="sdk.Trainer"):
         PaperplugModule(object())
+    semi = sdk.Trainer(nn.Linear(DIM, 3), sdk.create("objective", "fixmatch"), max_steps=2,
+                       progress=False)
+    with pytest.raises(ConfigError, match="unlabelled"):
+        _lightning().fit(PaperplugModule(semi), DataLoader(_data(), batch_size=BATCH))

@@ -1,4 +1,5 @@
-"""``paperplug compare RECIPE... --epochs N --out DIR``: self-supervised recipes side by side.
+"""``paperplug compare RECIPE... --epochs N --out DIR``: self-supervised recipes side by side;
+``paperplug compare RUN_DIR... --out DIR``: finished runs side by side in one HTML page.
 
 Every recipe is run by :func:`sdk.cli_run.run_recipe` under one budget (``trainer.max_epochs``
 and ``seed`` overridden alike, linear probe and random-init baseline switched on), each in
@@ -7,6 +8,10 @@ and ``seed`` overridden alike, linear probe and random-init baseline switched on
 RankMe of the training split's representation and wall time (of the training, and of the whole
 run with evaluation and calibration in the JSON), under baseline rows for the
 randomly initialised encoder and for kNN on the raw inputs.
+
+Given run directories instead of recipes, nothing is trained: ``DIR/compare.html``
+(:func:`sdk.report.compare_report`) puts their summaries in one table and overlays their
+curves.
 """
 
 from __future__ import annotations
@@ -138,13 +143,15 @@ def compare_recipes(recipes: list[Any], *, out: str | Path, epochs: int, seed: i
 
 
 def _configure_compare(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipes", nargs="+", metavar="RECIPE", help="self-supervised TOML recipes")
-    p.add_argument("--epochs", type=int, required=True,
-                   help="training epochs of every recipe (overrides trainer.max_epochs)")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE|RUN_DIR",
+                   help="self-supervised TOML recipes to run, or finished run directories")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs of every recipe (overrides trainer.max_epochs); "
+                        "required with recipes")
     p.add_argument("--seed", type=int, default=0, help="training seed of every recipe")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory: one run directory per recipe, results.md, "
-                        "results.json")
+                        "results.json (with run directories: compare.html)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an entry of every recipe")
     p.add_argument("--allow-imports", action="store_true",
@@ -155,6 +162,17 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
     """Run self-supervised recipes under one budget and tabulate kNN, probe, RankMe, time."""
     from sdk.cli import UsageError
 
+    dirs = [Path(p).is_dir() for p in args.recipes]
+    if all(dirs):
+        from sdk.report import compare_report
+
+        page = compare_report(args.recipes, args.out)
+        console.print(f"comparison: {page}", highlight=False, markup=False)
+        return 0
+    if any(dirs):
+        raise UsageError("compare takes recipes or run directories, not both")
+    if args.epochs is None:
+        raise UsageError("--epochs is required when comparing recipes")
     if args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     recipes = load_compared(args.recipes, args.epochs, args.seed, args.overrides,

@@ -500,5 +500,23 @@ def _export(args: argparse.Namespace, console: Console) -> int:
 
 
 COMMANDS["run"] = (_configure_run, _run)
+def _configure_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by 'paperplug run'")
+    p.add_argument("--output", "-o", default=None,
+                   help="HTML file to write (default RUN_DIR/report.html)")
+    p.add_argument("--allow-imports", action="store_true",
+                   help="let the run's recipe import factories (as 'paperplug run' does)")
+
+
+def _write_report(args: argparse.Namespace, console: Console) -> int:
+    """Write a run's self-contained HTML report (curves, calibration, classes, embeddings)."""
+    from sdk.report import run_report
+
+    path = run_report(args.run_dir, args.output, allow_imports=args.allow_imports)
+    console.print(f"report: {path}", highlight=False, markup=False)
+    return 0
+
+
 COMMANDS["export"] = (_configure_export, _export)
+COMMANDS["report"] = (_configure_report, _write_report)
 COMMANDS["demo"] = (_configure_demo, _demo)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -19,6 +19,16 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save(fig: Any, path: str | Path | BinaryIO) -> Path | BinaryIO:
+    """Write ``fig`` as PNG to a path or a binary stream (the report embeds the bytes) and close
+    it."""
+    plt = _pyplot()
+    target = path if hasattr(path, "write") else Path(path)
+    fig.savefig(target, dpi=110, format="png")
+    plt.close(fig)
+    return target
 
 
 def reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, Tensor]:
@@ -38,8 +48,8 @@ def reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[st
     return {"confidence": conf_sum / safe, "accuracy": acc_sum / safe, "count": count}
 
 
-def reliability_diagram(panels: Mapping[str, tuple[Tensor, Tensor]], path: str | Path,
-                        n_bins: int = 15) -> Path:
+def reliability_diagram(panels: Mapping[str, tuple[Tensor, Tensor]],
+                        path: str | Path | BinaryIO, n_bins: int = 15) -> Path | BinaryIO:
     """One reliability diagram per ``title -> (probs, labels)`` side by side, saved as PNG."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
@@ -60,13 +70,11 @@ def reliability_diagram(panels: Mapping[str, tuple[Tensor, Tensor]], path: str |
                title=f"{title} (ECE {ece:.3f})")
         ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
-def training_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
+def training_curves(history: Sequence[Mapping[str, Any]],
+                    path: str | Path | BinaryIO) -> Path | BinaryIO | None:
     """Training loss per logged step and per epoch, and validation metrics per epoch."""
     train = [r for r in history if r.get("kind") == "train"]
     epochs = [r for r in history if r.get("kind") == "epoch" and "loss" in r]
@@ -93,7 +101,4 @@ def training_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> P
         ax.set(xlabel="epoch", title="validation")
         ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

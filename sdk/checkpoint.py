@@ -220,10 +220,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) generators."""
+    """Seed Python's, NumPy's and torch's (CPU, and CUDA or MPS where present) generators.
+
+    The CPU generator is seeded directly: ``torch.manual_seed`` also queues a lazy seeding of
+    every accelerator backend, recording a stack trace each time, which costs about 0.25 ms on a
+    machine without one."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    if torch.backends.mps.is_available():
+        torch.mps.manual_seed(seed)
 
 
 def mismatch(module: torch.nn.Module, saved: Any, *, limit: int = 8) -> str | None:

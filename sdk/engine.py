@@ -48,6 +48,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
@@ -222,24 +223,36 @@ def listener_methods(component: Any) -> dict[str, Callable[[State], Any]]:
     bound to it; the no-op defaults of :class:`Callback` excluded). A method named like an event
     (``on_*``, ``before_*``, ``after_*``) that is not one raises :class:`ConfigError` naming the
     component, the method and the closest event."""
+    klass = type(component)
+    found = _class_listeners(klass)
+    return {name: value.__get__(component, klass) if isinstance(value, _BINDABLE) else value
+            for name, value in found.items() if value is not None}
+
+
+_LISTENERS: weakref.WeakKeyDictionary[type, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _class_listeners(klass: type) -> dict[str, Any]:
+    """The attributes of ``klass`` (through its MRO) named like an event, checked and cached per
+    class (walking ``nn.Module``'s attributes on every ``fit`` costs more than a small step)."""
+    cached = _LISTENERS.get(klass)
+    if cached is not None:
+        return cached
     found: dict[str, Any] = {}
-    for klass in reversed(type(component).__mro__):
-        if klass is Callback or klass is object:
+    for base in reversed(klass.__mro__):
+        if base is Callback or base is object:
             continue
-        for name, value in vars(klass).items():
+        for name, value in vars(base).items():
             if is_listener_name(name):
                 found[name] = value
-    out: dict[str, Callable[[State], Any]] = {}
-    for name, value in found.items():
+    for name in found:
         if name not in EVENTS:
             near = closest(name)
             hint = f" (closest event: {near!r})" if near else ""
-            raise ConfigError(f"{type(component).__name__}.{name} is named like an engine event but "
+            raise ConfigError(f"{klass.__name__}.{name} is named like an engine event but "
                               f"is none{hint}; events: {', '.join(EVENTS)}", param=name)
-        if value is not None:
-            out[name] = value.__get__(component, type(component)) if isinstance(
-                value, _BINDABLE) else value
-    return out
+    _LISTENERS[klass] = found
+    return found
 
 
 def _modules_of(obj: Any) -> list[nn.Module]:

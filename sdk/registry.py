@@ -6,6 +6,7 @@ import difflib
 import inspect
 import threading
 import typing
+import weakref
 from collections.abc import Callable, Iterable
 from importlib import metadata
 from typing import Any
@@ -44,8 +45,28 @@ class Entry:
     source: str = ""
 
 
+_SIGNATURES: weakref.WeakKeyDictionary[Any, tuple[dict[str, inspect.Parameter], dict[str, Any],
+                                                   bool]] = weakref.WeakKeyDictionary()
+
+
 def _signature_params(factory: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter],
                                                                dict[str, Any], bool]:
+    """A factory's parameters (by name), their type hints and whether it takes ``**kwargs``;
+    cached per factory (every ``create`` reads them; resolving the hints is the slow part)."""
+    try:
+        return _SIGNATURES[factory]
+    except (KeyError, TypeError):  # not read yet, or not weakly referenceable
+        pass
+    parsed = _read_signature(factory)
+    try:
+        _SIGNATURES[factory] = parsed
+    except TypeError:  # a callable that cannot be weakly referenced is read on every use
+        pass
+    return parsed
+
+
+def _read_signature(factory: Callable[..., Any]) -> tuple[dict[str, inspect.Parameter],
+                                                           dict[str, Any], bool]:
     target = factory.__init__ if inspect.isclass(factory) else factory
     sig = inspect.signature(factory)
     try:

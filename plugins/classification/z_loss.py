@@ -25,34 +25,36 @@ EPS = 1e-12
 
 
 class _TargetZ(torch.autograd.Function):
-    """``z_y = (o_y - mu) / (sigma + eps)`` [B] from one fused ``var_mean`` pass; the gradient in
+    """``z_y = (o_y - mu) / (sigma + eps)`` [B], ``sigma`` the norm of the centred logits ``o - mu``
+    over ``sqrt(C)`` (two passes; the centred copy is kept for the backward); the gradient in
     closed form, ``dz_y/do_k = ([k = y] - 1/C) / D - (o_y - mu) (o_k - mu) / (D^2 C sigma)`` with
     ``D = sigma + eps`` (the second term 0 where the variance is clamped), in one ``[B, C]`` tensor."""
 
     @staticmethod
     def forward(ctx, o: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        var, mu = torch.var_mean(o, -1, correction=0)
+        c = o.shape[-1]
+        mu = o.mean(-1)
+        centred = o - mu[:, None]
+        var = torch.linalg.vector_norm(centred, dim=-1).square_().div_(c)
         tiny = torch.finfo(o.dtype).tiny
         sigma = var.clamp_min(tiny).sqrt()
         d = sigma + EPS
-        u = o.gather(-1, ids[:, None]).squeeze(-1) - mu
-        ctx.save_for_backward(o, ids, mu, sigma, d, u, var >= tiny)
+        u = centred.gather(-1, ids[:, None]).squeeze(-1)
+        ctx.save_for_backward(centred, ids, sigma, d, u, var >= tiny)
         return u / d
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        o, ids, mu, sigma, d, u, unclamped = ctx.saved_tensors
-        c = o.shape[-1]
+        centred, ids, sigma, d, u, unclamped = ctx.saved_tensors
+        c = centred.shape[-1]
         slope = torch.where(unclamped, -grad * u / (d * d * c * sigma), 0.0)
-        out = o.sub(mu[:, None])
-        torch.addcmul((-grad / (c * d))[:, None], out, slope[:, None], out=out)
+        out = torch.addcmul((-grad / (c * d))[:, None], centred, slope[:, None])
         return out.scatter_add_(-1, ids[:, None], (grad / d)[:, None]), None
 
 
 def target_z(logits: torch.Tensor, t: cls.Targets) -> torch.Tensor:
-    """``z_y = (o_y - mean(o)) / (std(o) + eps)`` [B], the population standard deviation (one
-    fused pass over the logits; no ``[B, C]`` normalised copy)."""
+    """``z_y = (o_y - mean(o)) / (std(o) + eps)`` [B], the population standard deviation."""
     return _TargetZ.apply(cls.upcast(logits), t.ids)
 
 

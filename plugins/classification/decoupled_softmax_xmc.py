@@ -12,12 +12,34 @@ from typing import Annotated
 
 import torch
 from annotated_types import Gt
+from torch.autograd.function import once_differentiable
 
 from sdk import classification as cls
 from sdk.card import Card
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective
 from sdk.types import Batch, Loss, Views
+
+
+class _TemperatureCrossEntropy(torch.autograd.Function):
+    """``-log softmax(z / tau)_y`` [B] keeping only ``log softmax(z / tau)``; the gradient in closed
+    form, ``dL/dz = (softmax(z / tau) - onehot(y)) / tau`` (the softmax taken again from the kept
+    log-probabilities by torch's fused kernel: no autograd copy of ``z / tau`` and its gradient)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+        log_p = torch.log_softmax(z / temperature, -1)
+        ctx.temperature = temperature
+        ctx.save_for_backward(log_p, ids)
+        return -log_p.gather(-1, ids[:, None]).squeeze(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        log_p, ids = ctx.saved_tensors
+        d = torch.softmax(log_p, -1)
+        d.scatter_add_(-1, ids[:, None], -torch.ones_like(log_p[:, :1]))
+        return d.mul_((grad / ctx.temperature)[:, None]), None, None
 
 
 def decoupled_softmax_loss(scores: torch.Tensor, positive: torch.Tensor,
@@ -48,7 +70,7 @@ class DecoupledSoftmaxXMC(Objective):
         z = views.logits
         t = cls.targets("decoupled_softmax_xmc", z, batch.targets, soft=False, multilabel=True)
         if t.ids is not None:  # one positive per query: cross-entropy at temperature tau
-            per_sample = -cls.target_log_prob(z / self.temperature, t)
+            per_sample = _TemperatureCrossEntropy.apply(cls.upcast(z), t.ids, self.temperature)
         else:
             weight = t.dense if self.weighted else None
             per_sample = decoupled_softmax_loss(z / self.temperature, t.dense > 0, weight)

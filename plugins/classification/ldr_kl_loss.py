@@ -14,6 +14,7 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 from annotated_types import Ge, Gt
+from torch.autograd.function import once_differentiable
 
 from sdk import classification as cls
 from sdk.card import Card
@@ -22,25 +23,55 @@ from sdk.interfaces import Input, Objective
 from sdk.types import Batch, Loss, Views
 
 
-def normalized_scores(logits: torch.Tensor) -> torch.Tensor:
-    """``softplus(o) / mean_k softplus(o_k)`` per row: positive scores of mean 1."""
-    s = F.softplus(cls.upcast(logits))
-    return s / s.mean(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+class _LDRKL(torch.autograd.Function):
+    """Per-sample LDR-KL of class ids as ``lam`` times a cross-entropy: with ``g_k = f_k / lam +
+    (c / lam) [k != y]``, ``L = lam (logsumexp(g) - g_y - log K)``. It keeps ``log softmax(g)``
+    (and ``s = softplus(o)`` when normalising, ``f = s / mean(s)``); the gradient in closed
+    form, ``dL/df = softmax(g) - onehot(y)``, through ``f`` as
+    ``dL/ds_j = (dL/df_j - sum_k dL/df_k s_k / (K mean(s))) / mean(s)`` and ``ds/do = sigmoid(o)``."""
+
+    @staticmethod
+    def forward(ctx, o: torch.Tensor, ids: torch.Tensor, lam: float, margin: float,
+                normalize: bool) -> torch.Tensor:
+        k = o.shape[-1]
+        if normalize:
+            s = F.softplus(o)
+            mean = s.mean(-1)
+            clamped = mean.clamp_min(torch.finfo(s.dtype).tiny)
+            g = torch.div(s, clamped[:, None]).div_(lam)
+        else:
+            s, g = o, o / lam
+        g_y = g.gather(-1, ids[:, None])
+        log_p = torch.log_softmax(g.add_(margin / lam).scatter_(-1, ids[:, None], g_y), -1)
+        ctx.lam, ctx.normalize = lam, normalize
+        if normalize:
+            ctx.save_for_backward(log_p, ids, o, s, clamped, mean >= torch.finfo(s.dtype).tiny)
+        else:
+            ctx.save_for_backward(log_p, ids)
+        return -lam * (log_p.gather(-1, ids[:, None]).squeeze(-1) + math.log(k))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        log_p, ids = ctx.saved_tensors[:2]
+        d = torch.softmax(log_p, -1)
+        d.scatter_add_(-1, ids[:, None], -torch.ones_like(log_p[:, :1]))  # dL/df (per lam)
+        if not ctx.normalize:
+            return d.mul_(grad[:, None]), None, None, None, None
+        o, s, mean, unclamped = ctx.saved_tensors[2:]
+        through_mean = torch.bmm(d[:, None, :], s[:, :, None]).view(-1)
+        shift = torch.where(unclamped, grad * through_mean / (o.shape[-1] * mean * mean), 0.0)
+        torch.addcmul(-shift[:, None], d, (grad / mean)[:, None], out=d)
+        return d.mul_(torch.sigmoid(o)), None, None, None, None
 
 
-def ldr_kl_loss(scores: torch.Tensor, t: cls.Targets, lam: float = 10.0,
-                margin: float = 0.1) -> torch.Tensor:
+def ldr_kl_loss(logits: torch.Tensor, t: cls.Targets, lam: float = 10.0, margin: float = 0.1,
+                normalize: bool = True) -> torch.Tensor:
     """Per-sample ``max_{p in simplex} sum_k p_k (c [k != y] + f_k - f_y) - lam KL(p || 1/K)``
-    ``= lam log((1/K) sum_k exp((c [k != y] + f_k - f_y) / lam))``, computed as
-    ``lam (logaddexp(lse_{k != y}(f_k / lam) + c / lam, f_y / lam) - f_y / lam - log K)``
-    (no ``[B, C]`` margin matrix; exact for small lam)."""
-    k = scores.shape[1]
-    f = scores / lam
-    f_y = cls.pick(f, t)
-    if k == 1:  # the target is the only class: no margin to pay
-        return 0 * f_y
-    others = torch.logsumexp(f.scatter(-1, t.ids[:, None], float("-inf")), -1)
-    return lam * (torch.logaddexp(others + margin / lam, f_y) - f_y - math.log(k))
+    ``= lam log((1/K) sum_k exp((c [k != y] + f_k - f_y) / lam))``, ``f = softplus(o) /
+    mean_k softplus(o_k)`` (``normalize``) or the logits; computed as a cross-entropy of
+    ``g = f / lam + (c / lam) [k != y]`` (no ``[B, C]`` margin matrix; exact for small lam)."""
+    return _LDRKL.apply(cls.upcast(logits), t.ids, lam, margin, normalize)
 
 
 class LDRKLLoss(Objective):
@@ -59,8 +90,7 @@ class LDRKLLoss(Objective):
     def forward(self, views: Views, batch: Batch) -> Loss:
         z = views.logits
         t = cls.targets("ldr_kl_loss", z, batch.targets, soft=False)
-        f = normalized_scores(z) if self.normalize else cls.upcast(z)
-        per_sample = ldr_kl_loss(f, t, self.lam, self.margin)
+        per_sample = ldr_kl_loss(z, t, self.lam, self.margin, self.normalize)
         return Loss(value=per_sample.mean(), per_sample=per_sample)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from sdk import classification as cls
 from sdk.card import Card
@@ -39,33 +40,27 @@ def log_stablemax(logits: torch.Tensor) -> torch.Tensor:
 
 
 class _StableMaxNLL(torch.autograd.Function):
-    """``-log StableMax(z)_y`` [B] for class ids in a few in-place passes: the backward
-    recomputes ``s`` (``s'(x) = min(s(x), 1)^2``) instead of keeping the graph's temporaries."""
+    """``-log StableMax(z)_y`` [B] for class ids with one saved ``[B, C]`` tensor: with
+    ``m = min(z, 0)`` it keeps ``n = -1 / (1 - m) = 1 / (m - 1)``, so that ``s(z) = max(z, 0) - n``,
+    ``S = sum_j s(z_j)`` and ``s'(z) = n^2``; the gradient is in closed form,
+    ``dL/dz_k = s'(z_k) / S - [k = y] s'(z_y) / s(z_y)``."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        s = _s_inplace(z)
-        total = s.sum(-1)
-        s_y = s.gather(-1, ids[:, None]).squeeze(-1)
-        ctx.save_for_backward(z, ids, total)
+        n = z.clamp_max(0).sub_(1).reciprocal_()
+        total = z.clamp_min(0).sum(-1) - n.sum(-1)
+        n_y = n.gather(-1, ids[:, None]).squeeze(-1)
+        s_y = z.gather(-1, ids[:, None]).squeeze(-1).clamp_min(0) - n_y
+        ctx.save_for_backward(n, ids, total, n_y, s_y)
         return total.log() - s_y.log()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        z, ids, total = ctx.saved_tensors
-        s = _s_inplace(z)
-        s_y = s.gather(-1, ids[:, None])
-        d = s.clamp_max_(1).square_()  # s'(z)
-        d_y = d.gather(-1, ids[:, None])
-        d.mul_((grad / total)[:, None])
-        d.scatter_add_(-1, ids[:, None], -grad[:, None] * d_y / s_y)
+        n, ids, total, n_y, s_y = ctx.saved_tensors
+        d = torch.mul(n, (grad / total)[:, None]).mul_(n)
+        d.scatter_add_(-1, ids[:, None], (-grad * n_y * n_y / s_y)[:, None])
         return d, None
-
-
-def _s_inplace(z: torch.Tensor) -> torch.Tensor:
-    """``s(z) = 1 / (1 - min(z, 0)) + max(z, 0)`` in one new tensor (equal to :func:`stablemax_s`)."""
-    s = z.clamp_max(0).neg_().add_(1).reciprocal_()
-    return s.add_(z.clamp_min(0))
 
 
 def stablemax_cross_entropy(logits: torch.Tensor, t: cls.Targets) -> torch.Tensor:

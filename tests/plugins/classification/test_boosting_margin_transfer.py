@@ -93,3 +93,13 @@ def test_errors():
         loss_of(v, v, (v,))
     with pytest.raises(sdk.ConfigError, match="boost"):
         sdk.create("objective", "boosting_margin_transfer", boost="dino")
+
+
+def test_defaults_are_the_authors_code():
+    # m = 0.2, beta = 1, gamma = 0.5, alpha = 1, BoostabsLoss (DBL's opts.py / loss.py)
+    g = torch.Generator().manual_seed(5)
+    v, t, va, ta = (torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    got = loss_of(v, t, (va, ta)).per_sample
+    assert torch.allclose(got, slow(v, t, va, ta, margin=0.2, gamma=0.5, alpha=1.0, boost="abs",
+                                    beta=1.0), rtol=1e-12)
+    assert not torch.allclose(got, slow(v, t, va, ta, boost="rel"))

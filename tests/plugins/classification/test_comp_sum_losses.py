@@ -58,3 +58,12 @@ def test_errors():
         sdk.create("objective", "comp_sum_losses", tau=-1.0)
     with pytest.raises(sdk.ShapeError, match=r"comp_sum_losses: Batch.targets must lie in \[0, 4\)"):
         run(1.0, Z, torch.tensor([0, 4, 1, 1, 2, 0]))
+
+
+def test_default_tau_is_cross_entropy():
+    # tau = 1 (the default; the paper recommends none): Phi^1 = log, the logistic loss
+    g = torch.Generator().manual_seed(6)
+    z, y = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(0, 5, (8,), generator=g)
+    got = sdk.create("objective", "comp_sum_losses")(sdk.Views(logits=z), sdk.Batch(targets=y))
+    assert torch.allclose(got.per_sample, torch.nn.functional.cross_entropy(z, y, reduction="none"),
+                          rtol=1e-12)

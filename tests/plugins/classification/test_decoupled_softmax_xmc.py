@@ -79,3 +79,26 @@ def test_errors():
 def test_defaults_are_the_authors():
     obj = sdk.create("objective", "decoupled_softmax_xmc")
     assert (obj.temperature, obj.weighted) == (0.05, False)
+
+
+def test_class_id_path_is_cross_entropy_at_temperature_in_every_dtype():
+    # the closed-form autograd function of class ids against F.cross_entropy(z / tau):
+    # gradcheck in float64, then value and gradient parity in float32 and bf16
+    from plugins.classification.decoupled_softmax_xmc import _TemperatureCrossEntropy
+
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64).requires_grad_()
+    y = torch.tensor([0, 4, 2, 2, 1, 3])
+    assert torch.autograd.gradcheck(lambda z: _TemperatureCrossEntropy.apply(z, y, 0.05), (z,))
+    z, y = 2 * torch.randn(64, 300, generator=g), torch.randint(0, 300, (64,), generator=g)
+    w = torch.rand(64, generator=g)
+    obj = sdk.create("objective", "decoupled_softmax_xmc")  # tau = 0.05: many underflowing exps
+    for dtype in (torch.float32, torch.bfloat16):
+        zd = z.to(dtype).requires_grad_()
+        got = run(obj, zd, y).per_sample
+        want = F.cross_entropy(zd.float() / 0.05, y, reduction="none")
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-4)
+        g1, g2 = (torch.autograd.grad((w * t).sum(), zd)[0] for t in (got, want))
+        assert g1.dtype == dtype
+        assert torch.allclose(g1.float(), g2.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                              atol=1e-6)

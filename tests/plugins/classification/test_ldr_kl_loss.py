@@ -95,3 +95,36 @@ def test_errors():
         sdk.create("objective", "ldr_kl_loss", lam=0.0)
     assert math.isfinite(run(sdk.create("objective", "ldr_kl_loss"), torch.full((2, 3), -1e4),
                              torch.tensor([0, 1])).sum().item())
+
+
+def graph_ldr_kl(o, y, lam, c, normalize):
+    # the same loss through autograd: normalised scores, then logaddexp of the off-target lse
+    f = F.softplus(o) if normalize else o
+    if normalize:
+        f = f / f.mean(-1, keepdim=True).clamp_min(torch.finfo(f.dtype).tiny)
+    f = f / lam
+    f_y = f.gather(1, y[:, None]).squeeze(1)
+    others = torch.logsumexp(f.scatter(1, y[:, None], float("-inf")), 1)
+    return lam * (torch.logaddexp(others + c / lam, f_y) - f_y - math.log(o.shape[1]))
+
+
+@pytest.mark.parametrize(("lam", "c", "normalize"), [(10.0, 0.1, True), (0.05, 1.0, True), (2.0, 0.5, False)])
+def test_closed_form_gradient_equals_the_autograd_graph(lam, c, normalize):
+    from plugins.classification.ldr_kl_loss import _LDRKL
+
+    g = torch.Generator().manual_seed(5)
+    o = (2 * torch.randn(6, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    y = torch.tensor([0, 4, 2, 2, 1, 3])
+    assert torch.autograd.gradcheck(lambda o: _LDRKL.apply(o, y, lam, c, normalize), (o,))
+    o = 3 * torch.randn(64, 50, generator=g)
+    o[1] = -200.0  # softplus underflows to 0 for the whole row: the mean is clamped
+    y, w = torch.randint(0, 50, (64,), generator=g), torch.rand(64, generator=g)
+    obj = sdk.create("objective", "ldr_kl_loss", lam=lam, margin=c, normalize=normalize)
+    for dtype in (torch.float32, torch.bfloat16):
+        od = o.to(dtype).requires_grad_()
+        got, want = run(obj, od, y), graph_ldr_kl(od.float(), y, lam, c, normalize)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        g1, g2 = (torch.autograd.grad((w * t).sum(), od)[0] for t in (got, want))
+        assert g1.dtype == dtype and torch.isfinite(g1).all()
+        assert torch.allclose(g1.float(), g2.float(), rtol=1e-4 if dtype == torch.float32 else 1e-2,
+                              atol=1e-6)

@@ -113,3 +113,16 @@ def test_errors():
         obj(sdk.Views(embeddings=(e,), logits=z[:, :3]), sdk.Batch(targets=torch.zeros(2, 3)))
     with pytest.raises(sdk.ConfigError, match="trust"):
         sdk.create("objective", "reliability_balancing", trust=1.5)
+
+
+def test_defaults_are_the_authors_code():
+    # one anchor per class, T = 1, delta = 1 and unit loss weights (the ARBEx code's defaults)
+    obj = make(trust=1.0)
+    assert obj.anchors.shape[:2] == (3, 1)
+    assert (obj.temperature, obj.delta) == (1.0, 1.0)
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    e = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    got = obj(sdk.Views(embeddings=(e,), logits=z), sdk.Batch(targets=y)).value
+    assert got.item() == pytest.approx(slow_loss(obj, z, e, y, 1.0).item(), rel=1e-10)

@@ -114,3 +114,32 @@ def test_errors():
         sdk.create("callback", "stablemax_perpgrad", scope="layer")
     with pytest.raises(sdk.ShapeError, match=r"stablemax_perpgrad: Batch.targets"):
         run(sdk.create("objective", "stablemax_perpgrad"), torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_fused_class_id_path_equals_the_autograd_graph():
+    # the closed-form autograd function of class ids against autograd through log_stablemax
+    # (the soft-label path): gradcheck in float64, then float32 / bf16 parity on both sides of 0
+    from plugins.classification.stablemax_perpgrad import _StableMaxNLL, log_stablemax
+
+    g = torch.Generator().manual_seed(3)
+    z = (2 * torch.randn(6, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    y = torch.tensor([0, 4, 2, 2, 1, 3])
+    assert torch.autograd.gradcheck(lambda z: _StableMaxNLL.apply(z, y), (z,))
+    z = torch.cat([3 * torch.randn(63, 40, generator=g), torch.full((1, 40), -1e6)])
+    z[1, :] = 1e6  # large logits: no cancellation between the two branches of s
+    y = torch.randint(0, 40, (64,), generator=g)
+    w = torch.rand(64, generator=g)  # a non-uniform upstream gradient
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-5)):
+        zd = z.to(dtype).requires_grad_()
+        fused = run(sdk.create("objective", "stablemax_perpgrad"), zd, y).per_sample
+        graph = -log_stablemax(zd).gather(1, y[:, None]).squeeze(1)
+        assert fused.dtype == graph.dtype == torch.float32
+        assert torch.allclose(fused, graph, rtol=rtol, atol=1e-6)
+        g1, g2 = (torch.autograd.grad((w * t).sum(), zd)[0] for t in (fused, graph))
+        assert g1.dtype == dtype
+        assert torch.allclose(g1.float(), g2.float(), rtol=1e-4 if dtype == torch.float32 else 1e-2,
+                              atol=1e-7)
+    with pytest.raises(RuntimeError, match="does not require grad|once"):  # no silent 2nd order
+        zz = z[:4, :5].double().requires_grad_()
+        (gz,) = torch.autograd.grad(_StableMaxNLL.apply(zz, y[:4] % 5).sum(), zz, create_graph=True)
+        torch.autograd.grad(gz.sum(), zz)

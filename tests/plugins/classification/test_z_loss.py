@@ -65,3 +65,33 @@ def test_errors():
                                           sdk.Batch(targets=torch.full((2, 3), 1 / 3)))
     with pytest.raises(sdk.ConfigError, match="a must be"):
         sdk.create("objective", "z_loss", a=0.0)
+
+
+def graph_target_z(o, y):
+    # the same z_y through autograd's var_mean / clamp / sqrt graph
+    var, mu = torch.var_mean(o, -1, correction=0)
+    sigma = var.clamp_min(torch.finfo(o.dtype).tiny).sqrt()
+    return (o.gather(1, y[:, None]).squeeze(1) - mu) / (sigma + 1e-12)
+
+
+def test_closed_form_gradient_equals_the_autograd_graph():
+    from plugins.classification.z_loss import _TargetZ
+
+    g = torch.Generator().manual_seed(2)
+    o = (3 * torch.randn(6, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    y = torch.tensor([0, 4, 2, 2, 1, 3])
+    assert torch.autograd.gradcheck(lambda o: _TargetZ.apply(o, y), (o,))
+    o = torch.randn(64, 50, generator=g)
+    o[1] += 1e3  # a large shift: no cancellation against the mean
+    o[2] = 0.5  # equal logits: the variance is clamped, its term drops
+    y, w = torch.randint(0, 50, (64,), generator=g), torch.rand(64, generator=g)
+    obj = sdk.create("objective", "z_loss", a=0.5, b=2.0)
+    for dtype in (torch.float32, torch.bfloat16):
+        od = o.to(dtype).requires_grad_()
+        got = run(obj, od, y)
+        want = torch.nn.functional.softplus(0.5 * (2.0 - graph_target_z(od.float(), y))) / 0.5
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        g1, g2 = (torch.autograd.grad((w * t).sum(), od)[0] for t in (got, want))
+        assert g1.dtype == dtype and torch.isfinite(g1).all()
+        assert torch.allclose(g1.float(), g2.float(), rtol=1e-4 if dtype == torch.float32 else 1e-2,
+                              atol=1e-6)

@@ -1,7 +1,9 @@
 """Clustering helpers for plugins that refresh pseudo-labels over a whole dataset.
 
 :func:`kmeans` is Lloyd's algorithm with k-means++ seeding, seeded and deterministic, on the
-device of its input; :func:`dataset_index` gives the ``Batch.index`` of every row that
+device of its input; :func:`spectral_clustering` clusters a graph's nodes from an affinity
+matrix (normalised spectral clustering, Ng, Jordan and Weiss, the last step of self-expressive
+subspace clustering); :func:`dataset_index` gives the ``Batch.index`` of every row that
 ``trainer.embed(loader)`` returns, so per-sample state keyed by ``Batch.index`` can be filled.
 """
 
@@ -82,6 +84,22 @@ def kmeans(x: Tensor, k: int, *, iters: int = 50, seed: int = 0, normalize: bool
             break
     labels = _sq_dist(x, centres).argmin(1)
     return labels, centres
+
+
+def spectral_clustering(affinity: Tensor, k: int, *, seed: int = 0) -> Tensor:
+    """Labels ``[N]`` of the nodes of a symmetric non-negative ``affinity [N, N]``: the ``k``
+    leading eigenvectors of ``D^-1/2 A D^-1/2``, rows L2-normalised, then :func:`kmeans` (Ng,
+    Jordan and Weiss, NeurIPS 2001). In float64; nodes without edges get degree 1."""
+    if affinity.dim() != 2 or affinity.shape[0] != affinity.shape[1]:
+        raise ShapeError(f"spectral_clustering: affinity must be square [N, N], got "
+                         f"{list(affinity.shape)}")
+    if not 1 <= k <= affinity.shape[0]:
+        raise ConfigError(f"spectral_clustering: k must be in [1, N={affinity.shape[0]}], got {k}",
+                          param="k")
+    a = affinity.detach().double()
+    inv_sqrt = a.sum(1).clamp_min(1e-12).rsqrt()
+    _, vectors = torch.linalg.eigh(inv_sqrt[:, None] * a * inv_sqrt[None])
+    return kmeans(vectors[:, -k:], k, seed=seed, normalize=True)[0]
 
 
 def dataset_index(dataset: Any) -> Tensor:

@@ -27,11 +27,20 @@ def cosine_momentum(base: float, final: float, step: int, max_steps: int | None)
     return final - (final - base) * (math.cos(math.pi * k) + 1) / 2
 
 
+def linear_momentum(base: float, final: float, step: int, max_steps: int | None) -> float:
+    """``base + (final - base) k / K`` (I-JEPA's and T-JEPA's schedule); ``base`` when K is unknown."""
+    if not max_steps:
+        return base
+    return base + (final - base) * min(step, max_steps) / max_steps
+
+
 class EMATeacher(Teacher):
     """``theta_t <- m theta_t + (1 - m) theta_s``; buffers are copied. ``m`` follows the
-    cosine schedule from ``momentum`` to ``final_momentum`` (constant if they are equal)."""
+    cosine schedule from ``momentum`` to ``final_momentum`` (constant if they are equal); a
+    subclass may set ``schedule`` to another ``(base, final, step, max_steps) -> m``."""
 
     produces = frozenset()  # its Views.extras["teacher"] is optional context; its weights are its product
+    schedule = staticmethod(cosine_momentum)
 
     def __init__(self, student: nn.Module | None = None,
                  momentum: Annotated[float, Interval(ge=0, le=1)] = 0.996,
@@ -66,7 +75,7 @@ class EMATeacher(Teacher):
             raise RequirementError(f"teacher {self.name!r}: update() needs student= (the encoder "
                                    "being trained)")
         target = self._require_target()
-        m = cosine_momentum(self.momentum, self.final_momentum, step, max_steps)
+        m = self.schedule(self.momentum, self.final_momentum, step, max_steps)
         t_params, s_params = list(target.parameters()), list(student.parameters())
         t_buffers, s_buffers = list(target.buffers()), list(student.buffers())
         if len(t_params) != len(s_params) or len(t_buffers) != len(s_buffers):

@@ -86,6 +86,11 @@ VIEW_TOKENS = "view_tokens"
 ``[B, P, D]`` (detached), for reweighters that judge a pair of views by their tokens
 (``genview_quality_weight``)."""
 
+GENERATED = "generated"
+"""``Batch.extras``: which samples are generated (synthetic) rather than real, bool or 0/1 ``[B]``
+(``generated_data_reweighting``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
-          PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS)
+          PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
+          GENERATED)

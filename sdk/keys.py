@@ -90,7 +90,11 @@ GENERATED = "generated"
 """``Batch.extras``: which samples are generated (synthetic) rather than real, bool or 0/1 ``[B]``
 (``generated_data_reweighting``)."""
 
+REFERENCE_LOGITS = "reference_logits"
+"""``Batch.extras``: a frozen reference model's class scores of each sample, ``[B, C]`` (detached;
+e.g. a model that does not see part of the input, ``prior_reference_token_weighting``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
-          GENERATED)
+          GENERATED, REFERENCE_LOGITS)

@@ -81,6 +81,20 @@ RECONSTRUCTION_TARGET = "reconstruction_target"
 """``Batch.extras``: what a masked model reconstructs, one row per token, ``[B, L, P]`` (raw
 patches from a masking transform; objectives normalise them as they need)."""
 
+VIEW_TOKENS = "view_tokens"
+"""``Batch.extras``: a frozen encoder's patch tokens of each view, a tuple of ``V`` tensors
+``[B, P, D]`` (detached), for reweighters that judge a pair of views by their tokens
+(``genview_quality_weight``)."""
+
+GENERATED = "generated"
+"""``Batch.extras``: which samples are generated (synthetic) rather than real, bool or 0/1 ``[B]``
+(``generated_data_reweighting``)."""
+
+REFERENCE_LOGITS = "reference_logits"
+"""``Batch.extras``: a frozen reference model's class scores of each sample, ``[B, C]`` (detached;
+e.g. a model that does not see part of the input, ``prior_reference_token_weighting``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
-          PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET)
+          PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
+          GENERATED, REFERENCE_LOGITS)

@@ -34,8 +34,9 @@ def owner(cal) -> str:
 
 def check_fit_inputs(cal, scores: Tensor, labels: Tensor) -> None:
     """``fit``'s scores must be finite (probabilities in ``[0, 1]``) and at least two classes
-    must be present among ``labels``; raises :class:`~sdk.errors.ShapeError` naming the
-    calibrator and the argument."""
+    (both relevance values of ``"similarities"``) must be present among ``labels``; regression
+    targets must be finite. Raises :class:`~sdk.errors.ShapeError` naming the calibrator and
+    the argument."""
     who = owner(cal)
     if not bool(torch.isfinite(scores).all()):
         raise ShapeError(f"{who}: fit's scores hold NaN or inf ({list(scores.shape)}); a calibrator "
@@ -46,10 +47,15 @@ def check_fit_inputs(cal, scores: Tensor, labels: Tensor) -> None:
             raise ShapeError(f"{who}: fit's scores are probabilities and must lie in [0, 1], got "
                              f"the range [{low:.4g}, {high:.4g}] (logits? this calibrator takes "
                              "probabilities)")
+    if cal.inputs == "regression":
+        if not bool(torch.isfinite(labels).all()):
+            raise ShapeError(f"{who}: fit's labels (regression targets) hold NaN or inf")
+        return
     present = torch.unique(labels)
     if present.numel() < 2:
         raise ShapeError(f"{who}: labels hold one class only (class {int(present[0])} of "
-                         f"{scores.shape[1]}); fitting a calibrator needs at least two classes present")
+                         f"{cal.label_classes(scores)}); fitting a calibrator needs at least two "
+                         "classes present")
 
 
 def check_fitted(cal, x: Tensor, num_classes: int) -> None:

@@ -173,3 +173,21 @@ class AffineCalibrator(ResizableBuffers, Calibrator):
         z = x @ self.weight.T + self.bias if self.full else x * self.weight + self.bias
         out = z.softmax(dim=-1) if self.inputs == "probabilities" else z
         return out.to(scores.dtype)
+
+
+def fit_linear_head(x: Tensor, labels: Tensor, num_classes: int, *, weight_decay: float = 0.0,
+                    max_iter: int = 200) -> tuple[Tensor, Tensor]:
+    """A softmax classifier ``x W^T + b`` on features ``x [N, D]`` fitted to class ids
+    ``labels [N]`` by minimising ``mean_i CE_i + weight_decay ||W||^2`` with :func:`fit_lbfgs`
+    from zero (deterministic); returns ``(W [C, D], b [C])`` in :data:`FIT_DTYPE`
+    (``rcal_gaussian_feature_sampling``, ``domain_specific_heads``)."""
+    x = x.to(FIT_DTYPE)
+    weight = torch.zeros(num_classes, x.shape[1], dtype=FIT_DTYPE, device=x.device)
+    bias = torch.zeros(num_classes, dtype=FIT_DTYPE, device=x.device)
+
+    def loss() -> Tensor:
+        value = F.cross_entropy(x @ weight.T + bias, labels)
+        return value + weight_decay * weight.pow(2).sum() if weight_decay > 0 else value
+
+    fit_lbfgs([weight, bias], loss, max_iter)
+    return weight.detach(), bias.detach()

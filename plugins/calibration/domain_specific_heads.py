@@ -107,8 +107,10 @@ CARD = Card(
             "[N, num_classes]",
     left_out="The shared encoder trained jointly with the heads (the encoder part of DRM) is not "
              "here: the calibrator fits the heads on fixed features, each by deterministic "
-             "L-BFGS with weight decay 1e-3 (not from the paper); the paper's test-time update of "
-             "the selected head is not implemented.",
+             "L-BFGS with weight decay 1e-3 (not from the paper). The per-sample lowest-entropy "
+             "selection follows the method's description; the paper's full text (any ensembling "
+             "of heads or test-time update) was not available here beyond its abstract, so "
+             "neither is implemented.",
 )
 
 

@@ -34,8 +34,9 @@ def owner(cal) -> str:
 
 def check_fit_inputs(cal, scores: Tensor, labels: Tensor) -> None:
     """``fit``'s scores must be finite (probabilities in ``[0, 1]``) and at least two classes
-    must be present among ``labels``; raises :class:`~sdk.errors.ShapeError` naming the
-    calibrator and the argument."""
+    (both relevance values of ``"similarities"``) must be present among ``labels``; regression
+    targets must be finite. Raises :class:`~sdk.errors.ShapeError` naming the calibrator and
+    the argument."""
     who = owner(cal)
     if not bool(torch.isfinite(scores).all()):
         raise ShapeError(f"{who}: fit's scores hold NaN or inf ({list(scores.shape)}); a calibrator "
@@ -46,10 +47,15 @@ def check_fit_inputs(cal, scores: Tensor, labels: Tensor) -> None:
             raise ShapeError(f"{who}: fit's scores are probabilities and must lie in [0, 1], got "
                              f"the range [{low:.4g}, {high:.4g}] (logits? this calibrator takes "
                              "probabilities)")
+    if cal.inputs == "regression":
+        if not bool(torch.isfinite(labels).all()):
+            raise ShapeError(f"{who}: fit's labels (regression targets) hold NaN or inf")
+        return
     present = torch.unique(labels)
     if present.numel() < 2:
         raise ShapeError(f"{who}: labels hold one class only (class {int(present[0])} of "
-                         f"{scores.shape[1]}); fitting a calibrator needs at least two classes present")
+                         f"{cal.label_classes(scores)}); fitting a calibrator needs at least two "
+                         "classes present")
 
 
 def check_fitted(cal, x: Tensor, num_classes: int) -> None:
@@ -167,3 +173,21 @@ class AffineCalibrator(ResizableBuffers, Calibrator):
         z = x @ self.weight.T + self.bias if self.full else x * self.weight + self.bias
         out = z.softmax(dim=-1) if self.inputs == "probabilities" else z
         return out.to(scores.dtype)
+
+
+def fit_linear_head(x: Tensor, labels: Tensor, num_classes: int, *, weight_decay: float = 0.0,
+                    max_iter: int = 200) -> tuple[Tensor, Tensor]:
+    """A softmax classifier ``x W^T + b`` on features ``x [N, D]`` fitted to class ids
+    ``labels [N]`` by minimising ``mean_i CE_i + weight_decay ||W||^2`` with :func:`fit_lbfgs`
+    from zero (deterministic); returns ``(W [C, D], b [C])`` in :data:`FIT_DTYPE`
+    (``rcal_gaussian_feature_sampling``, ``domain_specific_heads``)."""
+    x = x.to(FIT_DTYPE)
+    weight = torch.zeros(num_classes, x.shape[1], dtype=FIT_DTYPE, device=x.device)
+    bias = torch.zeros(num_classes, dtype=FIT_DTYPE, device=x.device)
+
+    def loss() -> Tensor:
+        value = F.cross_entropy(x @ weight.T + bias, labels)
+        return value + weight_decay * weight.pow(2).sum() if weight_decay > 0 else value
+
+    fit_lbfgs([weight, bias], loss, max_iter)
+    return weight.detach(), bias.detach()

@@ -490,6 +490,9 @@ def _invalid_reweighter(p: _Plugin, case: Case, choice: int) -> None:
 def _calibrator_inputs(cal: Calibrator, case: Case) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(case.seed)
     n, c = case.batch, case.classes
+    if cal.inputs not in ("logits", "probabilities"):  # features, regression, similarities
+        scores, labels, *_ = cal.example_inputs(n, g)
+        return _device_inputs((_pattern(scores.float(), case.pattern, g).to(case.dtype), labels))
     labels = torch.randint(0, c, (n,), generator=g)
     logits = _pattern(3 * torch.nn.functional.one_hot(labels, c) + torch.randn(n, c, generator=g),
                       case.pattern, g).to(case.dtype)
@@ -497,35 +500,55 @@ def _calibrator_inputs(cal: Calibrator, case: Case) -> tuple[Tensor, Tensor]:
     return _device_inputs((scores, labels))
 
 
+def _calibrator_extras(cal: Calibrator, case: Case) -> dict[str, Any]:
+    """``fit``'s keyword arguments of ``fit_requires`` (the third of ``example_inputs``)."""
+    if not cal.fit_requires:
+        return {}
+    return _device_inputs(cal.example_inputs(case.batch, torch.Generator().manual_seed(case.seed))[2])
+
+
 def _valid_calibrator(p: _Plugin, case: Case) -> None:
     cal = p.make()
     scores, labels = _calibrator_inputs(cal, case)
+    extras = _calibrator_extras(cal, case)
 
     def run() -> Tensor:
-        cal.fit(scores, labels)
+        cal.fit(scores, labels, **extras)
         return cal(scores)
 
     out = _try(p, repr(case), run, refuse=not case.ordinary)
     if out is None:
         return
-    if out.shape != scores.shape:
+    if cal.inputs not in ("logits", "probabilities"):
+        if out.dim() != 2 or out.shape[0] != scores.shape[0]:
+            raise _fail(p, "valid input", f"{case}: calibrated {list(out.shape)}, expected "
+                        f"[{scores.shape[0]}, K]")
+    elif out.shape != scores.shape:
         raise _fail(p, "valid input", f"{case}: calibrated {list(out.shape)}, expected {list(scores.shape)}")
     _finite(p, repr(case), "the calibrated scores", out)
 
 
 def _invalid_calibrator(p: _Plugin, case: Case, choice: int) -> None:
     cal = p.make()
-    scores, labels = _calibrator_inputs(cal, case._replace(batch=max(case.batch, 2), dtype=torch.float32))
-    c = scores.shape[1]
-    mutations = [("labels of another length", ("labels",), scores, labels[:-1]),
-                 (f"class id {c} for {c} classes", ("labels",), scores, labels.clone().fill_(c)),
-                 ("class id -1", ("labels",), scores, labels.clone().fill_(-1)),
-                 ("float labels", ("labels",), scores, labels.float()),
-                 ("scores of rank 1", ("scores", "logits", "probabilities"), scores[:, 0], labels),
-                 ("integer scores", ("scores", "logits", "probabilities"), scores.long(), labels),
-                 ("an empty set", ("empty",), scores[:0], labels[:0])]
-    what, fields, bad_scores, bad_labels = mutations[choice % len(mutations)]
-    _expect_error(p, what, fields, lambda: cal.fit(bad_scores, bad_labels))
+    case = case._replace(batch=max(case.batch, 2), dtype=torch.float32)
+    scores, labels = _calibrator_inputs(cal, case)
+    extras = _calibrator_extras(cal, case)
+    c = cal.label_classes(scores)
+    named = ("scores", cal.inputs)
+    mutations = [("labels of another length", ("labels",), scores, labels[:-1], extras),
+                 ("scores of rank 1", named, scores[:, 0], labels, extras),
+                 ("integer scores", named, scores.long(), labels, extras),
+                 ("an empty set", ("empty",), scores[:0], labels[:0], extras)]
+    if cal.inputs == "regression":
+        mutations.append(("integer targets", ("labels",), scores, labels.long(), extras))
+    else:
+        mutations += [(f"class id {c} for {c} classes", ("labels",), scores, labels.clone().fill_(c), extras),
+                      ("class id -1", ("labels",), scores, labels.clone().fill_(-1), extras),
+                      ("float labels", ("labels",), scores, labels.float(), extras)]
+    mutations += [(f"no {key}", (key,), scores, labels, {k: v for k, v in extras.items() if k != key})
+                  for key in sorted(cal.fit_requires)]
+    what, fields, bad_scores, bad_labels, bad_extras = mutations[choice % len(mutations)]
+    _expect_error(p, what, fields, lambda: cal.fit(bad_scores, bad_labels, **bad_extras))
 
 
 # metrics -----------------------------------------------------------------------------------------

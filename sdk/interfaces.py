@@ -62,7 +62,14 @@ def _snake(name: str) -> str:
 
 
 SCORE_KINDS = ("logits", "probabilities")
-"""What a calibrator takes (its ``inputs``); a detector may also take ``"features"``."""
+"""Class scores a calibrator or detector takes (its ``inputs``); a detector may also take
+``"features"``."""
+
+CALIBRATOR_INPUTS = (*SCORE_KINDS, "features", "regression", "similarities")
+"""What a calibrator may declare as its ``inputs`` (see :class:`Calibrator`)."""
+
+FIT_EXTRAS = {"domains": "domain ids [N] (non-negative integers)"}
+"""The keyword arguments a calibrator may declare in ``fit_requires``, with their form."""
 
 
 def _scores(plugin: str, declared: str, x: Any, argument: str) -> Tensor:
@@ -334,24 +341,44 @@ class Reweighter(nn.Module, Constrained, abc.ABC):
 
 class Calibrator(_Named, nn.Module, Constrained, abc.ABC):
     """Post-hoc calibration: ``fit(scores, labels, **extra) -> self``; ``calibrator(scores)``
-    returns calibrated scores of the same kind.
+    returns the calibrated output.
 
-    ``inputs`` declares the scores ``fit`` and ``forward`` take: ``"logits"`` ``[N, C]`` (the
-    output is calibrated logits) or ``"probabilities"`` (the output is calibrated
-    probabilities). Scores wrapped as :class:`sdk.Logits` / :class:`sdk.Probabilities` are
-    checked against it, so probabilities given to a logit calibrator raise ``TypeError`` naming
-    the calibrator; plain tensors are taken to be what the calibrator declares. Scores must be
-    floating ``[N, C]``, not empty, and ``fit``'s labels class ids ``[N]`` in ``[0, C)``, else
-    :class:`sdk.ShapeError` names the calibrator and the argument. Subclasses implement ``fit``
-    and ``forward`` on plain tensors (the checks wrap them).
+    ``inputs`` declares the scores ``fit`` and ``forward`` take, one floating tensor ``[N, W]``
+    whose rows are samples, and what ``labels`` are:
+
+    * ``"logits"`` / ``"probabilities"``: class scores ``[N, C]``; labels class ids in
+      ``[0, C)``; the output is calibrated scores of the same kind and shape;
+    * ``"features"``: representations ``[N, D]``; labels class ids in ``[0, num_classes)``
+      (the calibrator's ``num_classes``); the output is logits ``[N, num_classes]``;
+    * ``"regression"``: a regressor's point prediction in column 0 and ``D >= 0`` covariates
+      in columns ``1..D`` ``[N, 1 + D]``; labels real targets ``[N]``; the output is the
+      calibrator's per-row estimates (its card says which columns);
+    * ``"similarities"``: a query-document similarity in column 0 and the query's embedding in
+      columns ``1..D`` ``[N, 1 + D]``; labels binary relevance (0 or 1) ``[N]``; the output is
+      calibrated relevance probabilities ``[N, 1]``.
+
+    Scores wrapped as :class:`sdk.Logits` / :class:`sdk.Probabilities` are checked against
+    ``inputs``, so probabilities given to a logit calibrator (or any typed scores given to a
+    features calibrator) raise ``TypeError`` naming the calibrator; plain tensors are taken to
+    be what the calibrator declares. ``fit_requires`` names keyword arguments ``fit`` needs
+    beyond the scores (:data:`FIT_EXTRAS`: ``domains``, known at fit time only); a missing one
+    raises :class:`sdk.RequirementError`. Scores must be floating ``[N, W]``, not empty, and
+    labels of the declared form, else :class:`sdk.ShapeError` names the calibrator and the
+    argument. Subclasses implement ``fit`` and ``forward`` on plain tensors (the checks wrap
+    them).
     """
 
     inputs: ClassVar[str] = "logits"
+    fit_requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.inputs not in SCORE_KINDS:
-            raise TypeError(f"{cls.__name__}.inputs: {cls.inputs!r} is not one of {SCORE_KINDS}")
+        if cls.inputs not in CALIBRATOR_INPUTS:
+            raise TypeError(f"{cls.__name__}.inputs: {cls.inputs!r} is not one of {CALIBRATOR_INPUTS}")
+        unknown = set(cls.fit_requires) - set(FIT_EXTRAS)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.fit_requires: {sorted(unknown)} are not among "
+                            f"{sorted(FIT_EXTRAS)}")
         impl = vars(cls).get("fit")
         if impl is not None and not getattr(impl, "__isabstractmethod__", False):
             @functools.wraps(impl)  # named as the method, so a failure inside reads "fit()"
@@ -359,31 +386,75 @@ class Calibrator(_Named, nn.Module, Constrained, abc.ABC):
                     **kwargs: Any) -> Any:
                 scores = self._scores(scores, "fit's scores")
                 self._check_labels(scores, labels)
+                self._check_extras(scores, kwargs)
                 return impl(self, scores, labels, *args, **kwargs)
 
             cls.fit = fit
 
+    def label_classes(self, scores: Tensor) -> int:
+        """How many class ids ``fit``'s labels range over: the width of class scores; a
+        ``"features"`` calibrator's ``num_classes``; 2 for binary relevance."""
+        if self.inputs == "features":
+            return self.num_classes
+        return 2 if self.inputs == "similarities" else scores.shape[1]
+
     def _scores(self, x: Any, argument: str) -> Tensor:
         x = _scores(f"calibrator {self.name!r}", self.inputs, x, argument)
+        layout = {"regression": "[N, 1 + D] (prediction, covariates)",
+                  "similarities": "[N, 1 + D] (similarity, query embedding)"}.get(self.inputs, "[N, C]")
         if x.dim() != 2 or not x.is_floating_point():
             raise ShapeError(f"calibrator {self.name!r}: {argument} must be floating {self.inputs} "
-                             f"[N, C], got {x.dtype} {list(x.shape)}")
+                             f"{layout}, got {x.dtype} {list(x.shape)}")
         if x.shape[0] == 0:
             raise ShapeError(f"calibrator {self.name!r}: {argument} are empty (0 rows)")
+        if self.inputs == "similarities" and x.shape[1] < 2:
+            raise ShapeError(f"calibrator {self.name!r}: {argument} must hold the similarity and "
+                             f"a query embedding of at least one column {layout}, got {list(x.shape)}")
         return x
 
     def _check_labels(self, scores: Tensor, labels: Any) -> None:
-        """``labels`` must be class ids ``[N]`` in ``[0, C)`` (fit is offline: values are read)."""
+        """``labels`` must be of the form ``inputs`` declares, one per row (fit is offline:
+        values are read)."""
         owner = f"calibrator {self.name!r}"
         if not isinstance(labels, Tensor):
             raise TypeError(f"{owner}: labels must be a torch.Tensor, got {type(labels).__name__}")
-        if labels.shape != (scores.shape[0],) or labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ShapeError(f"{owner}: labels must be integer class ids [{scores.shape[0]}], got "
+        n = scores.shape[0]
+        if self.inputs == "regression":
+            if labels.shape != (n,) or not labels.is_floating_point():
+                raise ShapeError(f"{owner}: labels must be real regression targets [{n}], got "
+                                 f"{labels.dtype} {list(labels.shape)}")
+            return
+        if labels.shape != (n,) or labels.is_floating_point():
+            raise ShapeError(f"{owner}: labels must be integer class ids [{n}], got "
                              f"{labels.dtype} {list(labels.shape)}")
+        if self.inputs == "similarities":
+            if not bool(((labels == 0) | (labels == 1)).all()):
+                raise ShapeError(f"{owner}: labels must be binary relevance (0 or 1) [{n}]")
+            return
+        if labels.dtype == torch.bool:
+            raise ShapeError(f"{owner}: labels must be integer class ids [{n}], got "
+                             f"{labels.dtype} {list(labels.shape)}")
+        classes = self.label_classes(scores)
         low, high = (int(v) for v in torch.aminmax(labels))
-        if low < 0 or high >= scores.shape[1]:
-            raise ShapeError(f"{owner}: labels must lie in [0, {scores.shape[1]}), got class ids in "
+        if low < 0 or high >= classes:
+            raise ShapeError(f"{owner}: labels must lie in [0, {classes}), got class ids in "
                              f"[{low}, {high}]")
+
+    def _check_extras(self, scores: Tensor, extras: Mapping[str, Any]) -> None:
+        """The keyword arguments of :attr:`fit_requires` must be given as ids ``[N]``."""
+        owner = f"calibrator {self.name!r}"
+        n = scores.shape[0]
+        for key in sorted(self.fit_requires):
+            value = extras.get(key)
+            if value is None:
+                raise RequirementError(f"{owner}: fit needs {key}= ({FIT_EXTRAS[key]})")
+            if (not isinstance(value, Tensor) or value.shape != (n,) or value.is_floating_point()
+                    or value.dtype == torch.bool):
+                got = (f"{value.dtype} {list(value.shape)}" if isinstance(value, Tensor)
+                       else type(value).__name__)
+                raise ShapeError(f"{owner}: {key} must be {FIT_EXTRAS[key]} [{n}], got {got}")
+            if int(value.min()) < 0:
+                raise ShapeError(f"{owner}: {key} must be non-negative ids, got {int(value.min())}")
 
     def __call__(self, scores: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         return super().__call__(self._scores(scores, "its input"), *args, **kwargs)
@@ -399,9 +470,10 @@ class Calibrator(_Named, nn.Module, Constrained, abc.ABC):
         return self(logits).argmax(dim=-1)
 
     def predict_proba(self, logits: Tensor) -> Tensor:
-        """Calibrated probabilities (the softmax of calibrated logits)."""
+        """Calibrated probabilities (the softmax of calibrated logits, which a ``"features"``
+        calibrator outputs too)."""
         out = self(logits)
-        return out.softmax(dim=-1) if self.inputs == "logits" else out
+        return out.softmax(dim=-1) if self.inputs in ("logits", "features") else out
 
 
 class Teacher(_Named, nn.Module, Constrained, abc.ABC):

@@ -174,6 +174,9 @@ def _default_inputs(plugin: Any, g: torch.Generator) -> Any:
                         "encoder has no in_dim attribute; define example_inputs()")
         return torch.randn(BATCH, in_dim, generator=g)
     if isinstance(plugin, Calibrator):
+        if plugin.inputs not in ("logits", "probabilities"):
+            raise _fail(type(plugin).__name__, "inputs",
+                        f"a calibrator of {plugin.inputs} defines example_inputs()")
         labels = torch.arange(64) % CLASSES
         logits = 3 * torch.nn.functional.one_hot(labels, CLASSES) + torch.randn(64, CLASSES, generator=g)
         return (logits if plugin.inputs == "logits" else logits.softmax(-1)), labels
@@ -341,13 +344,23 @@ def _check_encoder(name: str, make: Callable[[], Any]) -> None:
     _check_state_round_trip(name, enc, make, lambda p: p(x))
 
 
+def _calibrator_example(cal: Any) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """``(scores, labels, fit's keyword arguments)``: a calibrator's ``example_inputs`` give
+    the first two, and a third, a dict, where it declares ``fit_requires``."""
+    scores, labels, *rest = example_inputs(cal)
+    return scores, labels, (rest[0] if rest else {})
+
+
 def _check_calibrator(name: str, make: Callable[[], Any]) -> None:
     cal = make()
-    scores, labels = example_inputs(cal)
-    out = cal.fit(scores, labels)
+    scores, labels, extras = _calibrator_example(cal)
+    out = cal.fit(scores, labels, **extras)
     if out is not cal:
         raise _fail(name, "fit", "fit() must return self")
     calibrated = cal(scores)
+    if cal.inputs not in ("logits", "probabilities"):
+        _check_other_calibrator(name, make, cal, scores, labels, extras, calibrated)
+        return
     if calibrated.shape != scores.shape or not torch.isfinite(calibrated).all():
         raise _fail(name, "output", f"calibrated {cal.inputs} {list(calibrated.shape)} are not "
                     f"finite {list(scores.shape)}")
@@ -364,6 +377,34 @@ def _check_calibrator(name: str, make: Callable[[], Any]) -> None:
         else:
             raise _fail(name, "inputs", f"accepted sdk.{type(other).__name__} though it takes "
                         f"{cal.inputs}")
+    _check_state_round_trip(name, cal, make, lambda p: p(scores))
+
+
+def _check_other_calibrator(name: str, make: Callable[[], Any], cal: Any, scores: Tensor,
+                            labels: Tensor, extras: dict[str, Any], calibrated: Tensor) -> None:
+    """A calibrator of features, regression or similarities: one finite output row per input
+    row, typed class scores refused, a missing ``fit_requires`` argument refused, and the state
+    round trip."""
+    n = scores.shape[0]
+    if calibrated.dim() != 2 or calibrated.shape[0] != n or not torch.isfinite(calibrated).all():
+        raise _fail(name, "output", f"calibrated {list(calibrated.shape)} is not finite [{n}, K]")
+    for call in (lambda: make().fit(Logits(scores), labels, **extras), lambda: cal(Logits(scores))):
+        try:
+            call()
+        except TypeError as exc:
+            if cal.name not in str(exc):
+                raise _fail(name, "inputs", f"the error does not name the calibrator: {exc}") from exc
+        else:
+            raise _fail(name, "inputs", f"accepted sdk.Logits though it takes {cal.inputs}")
+    for key in cal.fit_requires:
+        try:
+            make().fit(scores, labels, **{k: v for k, v in extras.items() if k != key})
+        except RequirementError as exc:
+            if cal.name not in str(exc) or key not in str(exc):
+                raise _fail(name, "inputs", f"the error does not name the calibrator and "
+                            f"{key}: {exc}") from exc
+        else:
+            raise _fail(name, "inputs", f"fit without {key}= was accepted")
     _check_state_round_trip(name, cal, make, lambda p: p(scores))
 
 

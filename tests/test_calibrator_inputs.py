@@ -107,3 +107,46 @@ def test_the_kit_checks_calibrator_inputs():
     check_plugin("calibrator", "power_scaling", registry=reg)
     with pytest.raises(AssertionError, match=r"\[calibrator unchecked\] inputs: accepted sdk.Logits"):
         check_plugin("calibrator", "unchecked", registry=reg)
+
+
+class DomainMeans(Calibrator):
+    """Logits ``-|x - m_c|^2`` from class means of features, fitted on rows of domain 0 only:
+    a features calibrator that declares ``fit_requires = {"domains"}``."""
+
+    inputs = "features"
+    fit_requires = frozenset({"domains"})
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.num_classes = num_classes
+        self.register_buffer("means", torch.zeros(num_classes, 2))
+
+    def fit(self, x, labels, *, domains, **extra):
+        keep = domains == 0
+        self.means = torch.stack([x[keep & (labels == c)].mean(0) for c in range(self.num_classes)])
+        return self
+
+    def forward(self, x):
+        return -torch.cdist(x, self.means).pow(2)
+
+
+def test_declared_input_types_check_their_labels_and_extras():
+    cal = DomainMeans()
+    x, y, d = torch.randn(30, 2), torch.arange(30) % 3, torch.arange(30) % 2
+    assert cal.fit(x, y, domains=d)(x).shape == (30, 3)
+    assert cal.predict_proba(x).sum(1).allclose(torch.ones(30))
+    with pytest.raises(sdk.RequirementError, match="'domain_means': fit needs domains="):
+        DomainMeans().fit(x, y)
+    with pytest.raises(sdk.ShapeError, match=r"'domain_means': domains must be domain ids .* \[30\]"):
+        DomainMeans().fit(x, y, domains=d.float())
+    with pytest.raises(sdk.ShapeError, match=r"'domain_means': labels must lie in \[0, 3\)"):
+        DomainMeans().fit(x, y + 1, domains=d)
+    with pytest.raises(TypeError, match="'domain_means' takes features"):
+        cal(sdk.Logits(x))
+
+
+def test_unknown_input_types_and_extras_fail_at_class_definition():
+    with pytest.raises(TypeError, match="inputs: 'ranks' is not one of"):
+        type("Ranks", (Calibrator,), {"inputs": "ranks"})
+    with pytest.raises(TypeError, match=r"fit_requires: \['groups'\] are not among \['domains'\]"):
+        type("Groups", (Calibrator,), {"fit_requires": frozenset({"groups"})})

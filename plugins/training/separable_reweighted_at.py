@@ -89,7 +89,7 @@ def _class_weights_of(owner: str, w: Tensor, num_classes: int, like: Tensor) -> 
 
 class SeparableReweightedAT(Objective):
     """SRAT's loss on the adversarial view (the logits ``Views.logits`` and the hidden
-    representation ``Views.extras["features"]`` of the adversarial examples, e.g. from the
+    representation ``Views.extras["features"][0]`` of the adversarial examples, e.g. from the
     ``sdk.adversarial.AdversarialExamples`` transform; ``Views.embeddings[0]`` stands for the
     features when the encoder publishes none)::
 
@@ -119,7 +119,11 @@ class SeparableReweightedAT(Objective):
     def forward(self, views: Views, batch: Batch) -> Loss:
         owner = f"objective {self.name!r}"
         logits = views.logits
-        z = views.extras.get(keys.FEATURES, views.embeddings[0])
+        entry = views.extras.get(keys.FEATURES, views.embeddings[0])
+        z = entry[0] if isinstance(entry, (tuple, list)) else entry  # the first view's features
+        if not isinstance(z, Tensor):
+            raise ShapeError(f"{owner}: Views.extras[{keys.FEATURES!r}] must hold feature tensors, "
+                             f"got {type(z).__name__}")
         if logits.dim() != 2 or z.dim() != 2 or z.shape[0] != logits.shape[0]:
             raise ShapeError(f"{owner}: needs logits [B, C] and features [B, D] of one batch, got "
                              f"logits {list(logits.shape)} and features {list(z.shape)}")

@@ -54,7 +54,7 @@ def test_loss_and_gradients_equal_the_slow_formula(lam, t, gamma):
     counts = (50.0, 10.0, 4.0)
     obj = sdk.create("objective", "separable_reweighted_at", lam=lam, temperature=t, gamma=gamma,
                      class_counts=counts)
-    loss = obj(Views(embeddings=(logits,), logits=logits, extras={keys.FEATURES: feats}), Batch(targets=y))
+    loss = obj(Views(embeddings=(logits,), logits=logits, extras={keys.FEATURES: (feats,)}), Batch(targets=y))
     want, want_per = slow_loss(logits, feats, y, counts, lam, t, gamma)
     assert loss.value.item() == pytest.approx(want.item(), rel=1e-5)
     assert torch.allclose(loss.per_sample.double(), want_per, rtol=1e-5)
@@ -69,7 +69,7 @@ def test_paper_defaults_and_the_counts_from_labels():
     labels = torch.tensor([0] * 50 + [1] * 10 + [2] * 4)
     obj = sdk.create("objective", "separable_reweighted_at", labels=labels)
     assert (obj.lam, obj.temperature, obj.gamma) == (1.0, 0.1, 1.0)
-    loss = obj(Views(embeddings=(logits,), logits=logits, extras={keys.FEATURES: feats}), Batch(targets=y))
+    loss = obj(Views(embeddings=(logits,), logits=logits, extras={keys.FEATURES: (feats,)}), Batch(targets=y))
     want, _ = slow_loss(logits, feats, y, (50.0, 10.0, 4.0), 1.0, 0.1, 1.0)
     assert loss.value.item() == pytest.approx(want.item(), rel=1e-5)
 
@@ -90,7 +90,7 @@ def test_without_counts_and_lambda_zero_it_is_cross_entropy_and_features_come_fr
     with_embedding = sdk.create("objective", "separable_reweighted_at")(
         Views(embeddings=(feats,), logits=logits), Batch(targets=y))
     with_features = sdk.create("objective", "separable_reweighted_at")(
-        Views(embeddings=(logits,), logits=logits, extras={keys.FEATURES: feats}), Batch(targets=y))
+        Views(embeddings=(logits,), logits=logits, extras={keys.FEATURES: (feats,)}), Batch(targets=y))
     assert torch.allclose(with_embedding.value, with_features.value)
 
 
@@ -131,7 +131,7 @@ def test_bad_inputs_are_named():
         obj(Views(embeddings=(logits,), logits=logits), Batch(targets=y))
     with pytest.raises(sdk.ShapeError, match=r"separable_reweighted_at.*features \[10, 5, 1\]"):
         sdk.create("objective", "separable_reweighted_at")(
-            Views(embeddings=(logits,), logits=logits, extras={keys.FEATURES: feats[:, :, None]}), Batch(targets=y))
+            Views(embeddings=(logits,), logits=logits, extras={keys.FEATURES: (feats[:, :, None],)}), Batch(targets=y))
     with pytest.raises(sdk.ShapeError, match="separable_reweighted_at.*Batch.targets must lie in"):
         sdk.create("objective", "separable_reweighted_at")(
             Views(embeddings=(logits,), logits=logits), Batch(targets=y + 5))
@@ -177,7 +177,7 @@ def robust_accuracy_by_group(seed, objective, epochs=15, eps=0.1):
             b = order[i:i + 64]
             xa = pgd(net, x[b], y[b], eps=eps, step_size=eps / 4, steps=5, clip=(0, 1), generator=g)
             h = body(xa)
-            loss = objective(Views(embeddings=(head(h),), logits=head(h), extras={keys.FEATURES: h}),
+            loss = objective(Views(embeddings=(head(h),), logits=head(h), extras={keys.FEATURES: (h,)}),
                              Batch(targets=y[b])).value
             opt.zero_grad()
             loss.backward()
@@ -200,3 +200,30 @@ def test_class_weights_raise_minority_robust_accuracy_on_long_tailed_digits():
         0, sdk.create("objective", "separable_reweighted_at", lam=0.0, class_counts=counts))
     assert weighted[0] > plain[0] + 0.1
     assert weighted[1] < plain[1]
+
+
+def test_trains_inside_a_trainer_on_adversarial_examples_of_a_head_encoder():
+    """The engine publishes the backbone features of each view as a tuple; the loss reads the
+    first view's and trains on the transform's PGD examples."""
+    import functools
+
+    from sdk.adversarial import AdversarialExamples
+    from sdk.data import IndexedDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(48, 6, generator=g)
+    y = (x[:, 0] > 0.5).long() + (x[:, 1] > 0.5).long()
+    backbone = sdk.create("encoder", "mlp", in_dim=6, out_dim=8, hidden_dims=(8,))
+    encoder = sdk.create("encoder", "projection_head", backbone=backbone, out_dim=3, hidden_dim=8)
+    seen = []
+
+    class Spy(sdk.interfaces.Callback):
+        def after_loss(self, state):
+            seen.append(state.loss.logs["separation"])
+
+    obj = sdk.create("objective", "separable_reweighted_at", class_counts=tuple(torch.bincount(y).tolist()))
+    trainer = sdk.Trainer(encoder, obj, functools.partial(torch.optim.SGD, lr=0.1),
+                          transforms=[AdversarialExamples(eps=0.05, steps=2, seed=0)], callbacks=[Spy()],
+                          max_steps=3, progress=False, device="cpu")
+    trainer.fit(torch.utils.data.DataLoader(IndexedDataset(x, y), batch_size=16))
+    assert trainer.step == 3 and len(seen) == 3 and all(torch.isfinite(s) for s in seen)

@@ -9,6 +9,10 @@ and the model runs in evaluation mode during the attack (BatchNorm's running sta
 updated by the attack's forward passes; dropout is off), its modes restored afterwards. Under the
 Trainer's autocast the attack's forwards run in the autocast dtype; the returned examples have
 the input's dtype and are detached.
+
+:func:`reverse_gradient` is the gradient-reversal layer of minimax training within one
+optimizer (Ganin & Lempitsky 2015): the identity forward, ``-scale`` times the gradient backward,
+so parameters before it ascend the loss that the parameters after it descend.
 """
 
 from __future__ import annotations
@@ -29,6 +33,22 @@ Loss = Callable[[Tensor, Tensor], Tensor]
 
 def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), targets)
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return -ctx.scale * grad, None
+
+
+def reverse_gradient(x: Tensor, scale: float = 1.0) -> Tensor:
+    """``x`` forward; ``-scale * grad`` backward (the gradient-reversal layer)."""
+    return _ReverseGradient.apply(x, scale)
 
 
 class _EvalMode:

@@ -79,3 +79,14 @@ def test_bad_use_is_named():
         AdversarialExamples().attach(model)(x, Batch(index=torch.arange(32)))
     with pytest.raises(sdk.ConfigError, match="eps, step_size and steps must be >= 0"):
         AdversarialExamples(eps=-1.0)
+
+
+def test_reverse_gradient_is_the_identity_forward_and_negates_backward():
+    from sdk.adversarial import reverse_gradient
+
+    x = torch.randn(4, 3, requires_grad=True)
+    w = torch.randn(4, 3)
+    out = reverse_gradient(x, 0.3)
+    assert torch.equal(out, x)
+    grad, = torch.autograd.grad((out * w).sum(), x)
+    assert torch.allclose(grad, -0.3 * w)

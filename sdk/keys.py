@@ -81,6 +81,12 @@ RECONSTRUCTION_TARGET = "reconstruction_target"
 """``Batch.extras``: what a masked model reconstructs, one row per token, ``[B, L, P]`` (raw
 patches from a masking transform; objectives normalise them as they need)."""
 
+INPUT = "input"
+"""``Batch.extras``: the clean input ``x`` of the batch, ``[B, ...]`` as the loader gave it, passed
+on by a transform for objectives that compare the model with its input or differentiate it with
+respect to the input (``contractive_reconstruction``); a leaf that requires grad when it is the
+very tensor the encoder sees."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
-          PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET)
+          PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, INPUT)

@@ -196,6 +196,12 @@ def pairwise_rank_loss(scores: Tensor, losses: Tensor) -> Tensor:
     return nll.sum((1, 2)) / (above + below).sum((1, 2)).clamp_min(1)
 
 
+def hidden_ids(ids_restore: Tensor, n_visible: int) -> Tensor:
+    """``[B, M]``: the ids of each row's hidden tokens (in the masking's shuffled order), from
+    ``ids_restore [B, L]`` and the number ``K`` of visible tokens (``M = L - K``)."""
+    return torch.argsort(ids_restore, dim=1)[:, n_visible:]
+
+
 def check_mask(owner: str, ids_restore: Tensor, mask: Tensor, length: int | None = None) -> None:
     """Raise :class:`sdk.ShapeError` naming ``owner`` unless ``ids_restore`` is integer ``[B, L]``
     and ``mask`` ``[B, L]`` (``L == length`` when given). Metadata only."""
@@ -340,7 +346,7 @@ def reconstruction_layout(owner: str, image_shape: Any, patch: int,
 
 
 __all__ = ["Mask", "Visible", "as_image", "block_mask", "check_mask", "gather_tokens",
-           "image_grid", "mask_from_keys", "masked_mean", "masked_mse", "n_masked", "normalized_patches",
-           "pairwise_rank_loss", "patchify", "patchify_sequence", "random_mask",
-           "reconstruction_layout", "restore_tokens", "score_mask", "sincos_1d", "sincos_2d",
-           "split_visible", "unpatchify", "unpatchify_sequence", "visible"]
+           "hidden_ids", "image_grid", "mask_from_keys", "masked_mean", "masked_mse", "n_masked",
+           "normalized_patches", "pairwise_rank_loss", "patchify", "patchify_sequence",
+           "random_mask", "reconstruction_layout", "restore_tokens", "score_mask", "sincos_1d",
+           "sincos_2d", "split_visible", "unpatchify", "unpatchify_sequence", "visible"]

@@ -17,14 +17,9 @@ from sdk.card import Card
 from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
-from sdk.masking import check_mask, gather_tokens, image_grid
+from sdk.masking import check_mask, gather_tokens, hidden_ids, image_grid
 from sdk.transformer import check_tokens
 from sdk.types import Batch, Loss, Views
-
-
-def hidden_ids(ids_restore: Tensor, n_visible: int) -> Tensor:
-    """``[B, M]``: the ids of the hidden tokens of each row (in the masking's shuffled order)."""
-    return torch.argsort(ids_restore, dim=1)[:, n_visible:]
 
 
 def selfie_loss(u: Tensor, location: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:

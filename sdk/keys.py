@@ -94,7 +94,13 @@ REFERENCE_LOGITS = "reference_logits"
 """``Batch.extras``: a frozen reference model's class scores of each sample, ``[B, C]`` (detached;
 e.g. a model that does not see part of the input, ``prior_reference_token_weighting``)."""
 
+INPUT = "input"
+"""``Batch.extras``: the clean input ``x`` of the batch, ``[B, ...]`` as the loader gave it, passed
+on by a transform for objectives that compare the model with its input or differentiate it with
+respect to the input (``contractive_reconstruction``); a leaf that requires grad when it is the
+very tensor the encoder sees."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
-          GENERATED, REFERENCE_LOGITS)
+          GENERATED, REFERENCE_LOGITS, INPUT)

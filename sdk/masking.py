@@ -22,7 +22,7 @@
   mask token for every hidden one and puts all back in the original order.
 * **Targets and loss.** :func:`normalized_patches` is MAE's ``norm_pix_loss`` target (each
   patch standardised by its own mean and unbiased variance); :func:`masked_mse` averages the
-  squared error over masked positions only.
+  squared error over masked positions only, :func:`masked_mean` any per-token error.
 """
 
 from __future__ import annotations
@@ -196,6 +196,12 @@ def pairwise_rank_loss(scores: Tensor, losses: Tensor) -> Tensor:
     return nll.sum((1, 2)) / (above + below).sum((1, 2)).clamp_min(1)
 
 
+def hidden_ids(ids_restore: Tensor, n_visible: int) -> Tensor:
+    """``[B, M]``: the ids of each row's hidden tokens (in the masking's shuffled order), from
+    ``ids_restore [B, L]`` and the number ``K`` of visible tokens (``M = L - K``)."""
+    return torch.argsort(ids_restore, dim=1)[:, n_visible:]
+
+
 def check_mask(owner: str, ids_restore: Tensor, mask: Tensor, length: int | None = None) -> None:
     """Raise :class:`sdk.ShapeError` naming ``owner`` unless ``ids_restore`` is integer ``[B, L]``
     and ``mask`` ``[B, L]`` (``L == length`` when given). Metadata only."""
@@ -287,8 +293,14 @@ def masked_mse(prediction: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor
     masked tokens only (``mask [B, L]``, 1 = masked): ``per_sample_i = sum_l m_il e_il /
     sum_l m_il``; ``value = sum m e / sum m`` (MAE's, over the whole batch). Computed in
     float32 (bf16 inputs included)."""
-    err = (prediction.float() - target.float()).pow(2).mean(dim=-1)
-    m = mask.float()
+    return masked_mean((prediction.float() - target.float()).pow(2).mean(dim=-1), mask)
+
+
+def masked_mean(err: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(value, per_sample)`` of a per-token error ``err [B, L]`` over the masked tokens only
+    (``mask [B, L]``, 1 = masked): ``per_sample_i = sum_l m_il e_il / sum_l m_il``; ``value = sum m
+    e / sum m`` (over the whole batch)."""
+    m = mask.to(err.dtype)
     counts = m.sum(1)
     per_sample = (err * m).sum(1) / counts.clamp_min(1)
     return (err * m).sum() / counts.sum().clamp_min(1), per_sample
@@ -334,7 +346,7 @@ def reconstruction_layout(owner: str, image_shape: Any, patch: int,
 
 
 __all__ = ["Mask", "Visible", "as_image", "block_mask", "check_mask", "gather_tokens",
-           "image_grid", "mask_from_keys", "masked_mse", "n_masked", "normalized_patches",
-           "pairwise_rank_loss", "patchify", "patchify_sequence", "random_mask",
-           "reconstruction_layout", "restore_tokens", "score_mask", "sincos_1d", "sincos_2d",
-           "split_visible", "unpatchify", "unpatchify_sequence", "visible"]
+           "hidden_ids", "image_grid", "mask_from_keys", "masked_mean", "masked_mse", "n_masked",
+           "normalized_patches", "pairwise_rank_loss", "patchify", "patchify_sequence",
+           "random_mask", "reconstruction_layout", "restore_tokens", "score_mask", "sincos_1d",
+           "sincos_2d", "split_visible", "unpatchify", "unpatchify_sequence", "visible"]

@@ -109,7 +109,10 @@ def test_per_sample_objectives_are_declared_so():
                           "decoupled_mixup", "margin_preserving_nfr", "discrete_hazard_survival",
                           "rppg_comprehensive_loss", "apre_mean_shift_outlier", "fixmatch",
                           "shrinkmatch", "sade", "unbiased_implicit_feedback", "hard_patch_mining",
-                          "intra_cluster_mixup_cll", "pulaski_set_distance", "mae"}
+                          "intra_cluster_mixup_cll", "pulaski_set_distance", "mae",
+                          "contractive_reconstruction", "selfie_patch_cpc",
+                          "masked_feature_reconstruction", "cross_view_completion",
+                          "masked_spectrogram_patch_modeling", "vq_masked_reconstruction"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

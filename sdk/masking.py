@@ -350,3 +350,28 @@ __all__ = ["Mask", "Visible", "as_image", "block_mask", "check_mask", "gather_to
            "normalized_patches", "pairwise_rank_loss", "patchify", "patchify_sequence",
            "random_mask", "reconstruction_layout", "restore_tokens", "score_mask", "sincos_1d",
            "sincos_2d", "split_visible", "unpatchify", "unpatchify_sequence", "visible"]
+
+
+def example_masked_inputs(batch_size: int, num_tokens: int, mask_ratio: float, embed_dim: int,
+                          target_dim: int, *, generator: torch.Generator,
+                          target: str = "uniform", shuffled_index: bool = False) -> tuple[Any, Any]:
+    """Example inputs of a masked-token objective (its ``example_inputs`` for the conformance
+    kit): the encoder's visible tokens ``[B, 1 + kept, embed_dim]`` (class token first, requiring
+    grad) as ``Views.extras[FEATURES]`` beside the class token as the embedding, and a random
+    mask, its ``ids_restore`` and a reconstruction target ``[B, num_tokens, target_dim]``
+    (``"uniform"`` pixels in [0, 1) or ``"normal"`` features) in ``Batch.extras``;
+    ``shuffled_index``: ``Batch.index`` is a permutation rather than ``arange``."""
+    from sdk import keys
+    from sdk.types import Batch, Views
+
+    m = random_mask(batch_size, num_tokens, mask_ratio, generator=generator)
+    tokens = torch.randn(batch_size, 1 + m.ids_keep.shape[1], embed_dim,
+                         generator=generator).requires_grad_()
+    views = Views(embeddings=(tokens[:, 0].detach(),), extras={keys.FEATURES: (tokens,)})
+    index = (torch.randperm(batch_size, generator=generator) if shuffled_index
+             else torch.arange(batch_size))
+    draw = torch.rand if target == "uniform" else torch.randn
+    batch = Batch(index=index, extras={
+        keys.MASK: m.mask, keys.IDS_RESTORE: m.ids_restore,
+        keys.RECONSTRUCTION_TARGET: draw(batch_size, num_tokens, target_dim, generator=generator)})
+    return views, batch

@@ -20,6 +20,7 @@ from sdk.interfaces import Objective, Transform
 from sdk.masking import (
     as_image,
     check_mask,
+    example_masked_inputs,
     masked_mse,
     normalized_patches,
     pairwise_rank_loss,
@@ -144,17 +145,8 @@ class HardPatchMining(Objective):
         return torch.where(self.seen[index, None], stored, noise).to(device)
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:
-        from sdk.masking import random_mask
-
-        m = random_mask(batch_size, self.num_patches, self.mask_ratio, generator=generator)
-        tokens = torch.randn(batch_size, 1 + m.ids_keep.shape[1], self.embed_dim,
-                             generator=generator).requires_grad_()
-        views = Views(embeddings=(tokens[:, 0].detach(),), extras={keys.FEATURES: (tokens,)})
-        batch = Batch(index=torch.randperm(batch_size, generator=generator), extras={
-            keys.MASK: m.mask, keys.IDS_RESTORE: m.ids_restore,
-            keys.RECONSTRUCTION_TARGET: torch.rand(batch_size, self.num_patches, self.patch_dim,
-                                                   generator=generator)})
-        return views, batch
+        return example_masked_inputs(batch_size, self.num_patches, self.mask_ratio, self.embed_dim,
+                                     self.patch_dim, generator=generator, shuffled_index=True)
 
 
 class HardPatchMasking(Transform):

@@ -15,7 +15,13 @@ from sdk.card import Card
 from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
-from sdk.masking import check_mask, masked_mse, normalized_patches, reconstruction_layout
+from sdk.masking import (
+    check_mask,
+    example_masked_inputs,
+    masked_mse,
+    normalized_patches,
+    reconstruction_layout,
+)
 from sdk.transformer import MaskedDecoder, check_tokens
 from sdk.types import Batch, Loss, Views
 
@@ -78,17 +84,8 @@ class MAE(Objective):
         return Loss(value=value, per_sample=per_sample)
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:
-        from sdk.masking import random_mask
-
-        m = random_mask(batch_size, self.num_patches, 0.75, generator=generator)
-        tokens = torch.randn(batch_size, 1 + m.ids_keep.shape[1], self.embed_dim,
-                             generator=generator).requires_grad_()
-        views = Views(embeddings=(tokens[:, 0].detach(),), extras={keys.FEATURES: (tokens,)})
-        batch = Batch(index=torch.arange(batch_size), extras={
-            keys.MASK: m.mask, keys.IDS_RESTORE: m.ids_restore,
-            keys.RECONSTRUCTION_TARGET: torch.rand(batch_size, self.num_patches, self.patch_dim,
-                                                   generator=generator)})
-        return views, batch
+        return example_masked_inputs(batch_size, self.num_patches, 0.75, self.embed_dim, self.patch_dim,
+                                     generator=generator)
 
 
 CARD = Card(

@@ -19,7 +19,14 @@ from sdk.constraints import one_of
 from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective, Transform
-from sdk.masking import check_mask, masked_mean, random_mask, split_visible, visible
+from sdk.masking import (
+    check_mask,
+    example_masked_inputs,
+    masked_mean,
+    random_mask,
+    split_visible,
+    visible,
+)
 from sdk.transformer import MaskedDecoder, check_tokens
 from sdk.types import Batch, Loss, Views
 
@@ -93,15 +100,8 @@ class MaskedFeatureReconstruction(Objective):
         return Loss(value=value, per_sample=per_sample)
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:
-        m = random_mask(batch_size, self.num_tokens, self.mask_ratio, generator=generator)
-        tokens = torch.randn(batch_size, 1 + m.ids_keep.shape[1], self.embed_dim,
-                             generator=generator).requires_grad_()
-        views = Views(embeddings=(tokens[:, 0].detach(),), extras={keys.FEATURES: (tokens,)})
-        batch = Batch(index=torch.arange(batch_size), extras={
-            keys.MASK: m.mask, keys.IDS_RESTORE: m.ids_restore,
-            keys.RECONSTRUCTION_TARGET: torch.randn(batch_size, self.num_tokens, self.target_dim,
-                                                    generator=generator)})
-        return views, batch
+        return example_masked_inputs(batch_size, self.num_tokens, self.mask_ratio, self.embed_dim,
+                                     self.target_dim, generator=generator, target="normal")
 
 
 class MaskedFeatureTargets(Transform):

@@ -19,7 +19,7 @@ from sdk.card import Card
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
-from sdk.masking import check_mask, gather_tokens, hidden_ids, random_mask
+from sdk.masking import check_mask, example_masked_inputs, gather_tokens, hidden_ids
 from sdk.transformer import MaskedDecoder, check_tokens
 from sdk.types import Batch, Loss, Views
 
@@ -103,15 +103,8 @@ class MaskedSpectrogramPatchModeling(Objective):
                           "accuracy": acc.mean().detach()})
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:
-        m = random_mask(batch_size, self.num_tokens, 0.75, generator=generator)
-        tokens = torch.randn(batch_size, 1 + m.ids_keep.shape[1], self.embed_dim,
-                             generator=generator).requires_grad_()
-        views = Views(embeddings=(tokens[:, 0].detach(),), extras={keys.FEATURES: (tokens,)})
-        batch = Batch(index=torch.arange(batch_size), extras={
-            keys.MASK: m.mask, keys.IDS_RESTORE: m.ids_restore,
-            keys.RECONSTRUCTION_TARGET: torch.rand(batch_size, self.num_tokens, self.patch_dim,
-                                                   generator=generator)})
-        return views, batch
+        return example_masked_inputs(batch_size, self.num_tokens, 0.75, self.embed_dim, self.patch_dim,
+                                     generator=generator)
 
 
 CARD = Card(

@@ -9,7 +9,6 @@ import copy
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 import sdk
@@ -181,24 +180,6 @@ def test_bad_parameters_models_and_batches_are_refused():
                                                      torch.randn(6, 5))
     # a single row is fine once the source statistics take part
     assert sdk.create("adapter", "alpha_bn_core", steps=0).adapt(bn_model(), batch(n=1)).shape == (1, 3)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.tensor(x / 16, dtype=torch.float32), torch.tensor(y)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(y), generator=g)
-    train, test = perm[:1000], perm[1000:]
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(10):
-        for idx in torch.randperm(1000, generator=g).split(100):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[train][idx]), y[train][idx]).backward()
-            opt.step()
-    return model.eval(), x[test], y[test]
 
 
 def stream_accuracy(model, adapter, x, y, batch_size=16):

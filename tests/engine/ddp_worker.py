@@ -9,7 +9,10 @@ group itself. Writes to OUT:
 * ``train_rank{r}.pt``: the parameters after a DDP ``fit`` of ``nt_xent`` (default gather) with
   the per-rank batch size ``BATCH`` on a plain (unsharded) DataLoader, and (``sam_params``) after
   the same fit with the ``sam`` callback (its second pass recomputed on every rank);
-* ``run{r}/``: each rank's ``run_dir`` (only rank 0 may write there).
+* ``run{r}/``: each rank's ``run_dir`` (only rank 0 may write there);
+* ``tracked_rank{r}.pt`` and ``tb{r}/``: the parameters after the same fit of a plain module
+  wrapped by ``sdk.encoder``, with a ``tensorboard`` tracker logging to ``tb{r}`` (only rank 0
+  may write there).
 
 ``reference`` in this module is the single-process run on batch ``2 * BATCH`` the test compares
 with.
@@ -85,11 +88,25 @@ def reference(sam: bool = False) -> sdk.Trainer:
     return train(WORLD * BATCH, None, sam)
 
 
+def tracked(batch_size: int, log_dir: Path) -> sdk.Trainer:
+    """:func:`train` with the model as a user's plain module wrapped by ``sdk.encoder`` and a
+    TensorBoard tracker."""
+    enc = sdk.encoder(model(), out_dim=8)
+    trainer = sdk.Trainer(
+        enc, objective("nt_xent"), functools.partial(torch.optim.SGD, lr=0.5),
+        transforms=[Affine(1.0, 0.0), Affine(-0.5, 0.2)], max_epochs=EPOCHS, device="cpu",
+        log_every=1, progress=False,
+        callbacks=[sdk.create("callback", "tensorboard", log_dir=str(log_dir))])
+    return trainer.fit(DataLoader(data(), batch_size=batch_size, shuffle=True))
+
+
 def worker(out: Path) -> None:
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
     trainer = train(BATCH, out / f"run{rank}")  # joins the gloo group
     sam = train(BATCH, None, sam=True)
+    wrapped = tracked(BATCH, out / f"tb{rank}")
+    torch.save([p.detach() for p in wrapped.encoder.parameters()], out / f"tracked_rank{rank}.pt")
     torch.save({"params": [p.detach() for p in trainer.encoder.parameters()],
                 "sam_params": [p.detach() for p in sam.encoder.parameters()],
                 "step": trainer.step, "world": trainer.world},

@@ -91,6 +91,26 @@ def test_only_rank_zero_logs_and_checkpoints(ranks):
     assert len(state["rng"]) == 2  # every rank's generators are in the checkpoint
 
 
+def test_a_wrapped_module_trains_under_ddp_and_only_rank_zero_tracks(ranks, tmp_path):
+    """A user's plain module through sdk.encoder trains under DDP as the built-in model does
+    (the ranks in lockstep, equal to one process on the doubled batch), and the TensorBoard
+    tracker writes from rank 0 only."""
+    module = _worker_module()
+    r0, r1 = torch.load(ranks / "tracked_rank0.pt"), torch.load(ranks / "tracked_rank1.pt")
+    for p, q in zip(r0, r1):
+        assert torch.equal(p, q)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = module.tracked(module.WORLD * module.BATCH, tmp_path / "tb")
+    finally:
+        torch.set_num_threads(threads)
+    for p, q in zip(r0, ref.encoder.parameters()):
+        torch.testing.assert_close(p, q.detach(), atol=1e-6, rtol=0)
+    assert list((ranks / "tb0").glob("events.out.tfevents.*"))
+    assert not (ranks / "tb1").exists() or not any((ranks / "tb1").iterdir())
+
+
 @pytest.mark.parametrize("name", ["nt_xent", "decoupled_contrastive",
                                   "decoupled_contrastive_weighted"])
 def test_gathered_objective_gradients_equal_the_doubled_batch(ranks, name):

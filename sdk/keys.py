@@ -100,7 +100,12 @@ on by a transform for objectives that compare the model with its input or differ
 respect to the input (``contractive_reconstruction``); a leaf that requires grad when it is the
 very tensor the encoder sees."""
 
+EDIT_DISTANCE = "edit_distance"
+"""``Batch.extras``: how many edits (perturbed nodes, edges, values) turned each sample into each
+of its perturbed views, ``[B, V - 1]`` for views ``1..V-1`` (positive; view 0 is the original;
+``discrepancy_distance_matching``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
-          GENERATED, REFERENCE_LOGITS, INPUT)
+          GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE)

@@ -11,11 +11,12 @@ from typing import Annotated
 
 import torch
 from annotated_types import Ge, Gt
+from torch.autograd.function import once_differentiable
 
 from sdk import classification as cls
 from sdk.card import Card
 from sdk.constraints import one_of
-from sdk.distributed import Gather, gather_no_grad, gather_with_grad, resolve_gather
+from sdk.distributed import Gather, gather_with_grad, resolve_gather, sum_over_ranks
 from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective
@@ -25,24 +26,73 @@ METRICS = ("f1", "fbeta", "accuracy", "balanced_accuracy", "gmean")
 
 
 def amplify(p: torch.Tensor, amplifier: float = 73.0) -> torch.Tensor:
-    """``A(p) = sigmoid(L (p - 1/2))``: probabilities pushed towards 0 and 1."""
-    return torch.sigmoid((amplifier * p).sub_(amplifier / 2))
+    """``A(p) = sigmoid(L (p - 1/2))``: probabilities pushed towards 0 and 1 (a new tensor;
+    the shift is a CPU scalar, so no copy to the device)."""
+    shift = torch.tensor(-amplifier / 2, dtype=p.dtype)
+    return torch.add(shift, p, alpha=amplifier).sigmoid_()
 
 
-def confusion(y_hat: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Soft ``(TP, FN, FP, TN)`` per class [C] from amplified predictions and 0/1 targets [N, C]."""
-    return ((y * y_hat).sum(0), (y * (1 - y_hat)).sum(0), ((1 - y) * y_hat).sum(0),
-            ((1 - y) * (1 - y_hat)).sum(0))
+class _AmplifiedSums(torch.autograd.Function):
+    """Column sums [C] of the amplified predictions ``y~ = A(p)`` [N, C], ``S_c = sum_i y~_ic``
+    and ``TP_c = sum_i y_ic y~_ic`` (``y`` the 0/1 targets, class ids [N] without their one-hot
+    matrix), with ``p = softmax(z)`` (``softmax``) or ``sigmoid(z)``. Keeps ``p`` only (``y~`` is
+    recomputed); the gradient in closed form, ``dL/dy~_ic = dL/dS_c + dL/dTP_c y_ic``,
+    ``dy~/dp = L y~ (1 - y~)``, then through softmax ``p (g - sum_k g_k p_k)`` or sigmoid
+    ``g p (1 - p)``, in one ``[N, C]`` tensor."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, target: torch.Tensor, amplifier: float,
+                softmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        p = z.softmax(-1) if softmax else torch.sigmoid(z)
+        y_hat = amplify(p, amplifier)
+        s = y_hat.sum(0)
+        if target.dim() == 1:
+            tp = s.new_zeros(s.shape).index_add_(0, target, y_hat.gather(1, target[:, None]).squeeze(1))
+        else:
+            tp = y_hat.mul_(target).sum(0)
+        ctx.amplifier, ctx.softmax = amplifier, softmax
+        ctx.save_for_backward(p, target)
+        return s, tp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_s: torch.Tensor, g_tp: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        p, target = ctx.saved_tensors
+        amp = ctx.amplifier
+        g = amplify(p, amp)
+        g.addcmul_(g, g, value=-1)  # y~ (1 - y~)
+        if target.dim() == 1:
+            at_target = g.gather(1, target[:, None])
+            g.mul_((amp * g_s)[None])
+            g.scatter_add_(1, target[:, None], at_target.mul_((amp * g_tp)[target][:, None]))
+        else:
+            g.mul_(torch.addcmul(g_s, target, g_tp).mul_(amp))
+        if ctx.softmax:
+            g.sub_(torch.bmm(g[:, None, :], p[:, :, None]).view(-1, 1)).mul_(p)
+        else:
+            g.mul_(p).addcmul_(g, p, value=-1)  # g p (1 - p)
+        return g, None, None, None
 
 
-def confusion_of_ids(y_hat: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """:func:`confusion` for class-id targets [N], without their one-hot matrix: ``TP_c`` sums
-    ``y~_ic`` over the samples of class ``c``, the rest follows from counts and column sums."""
-    n, c = y_hat.shape
-    tp = y_hat.new_zeros(c).index_add(0, ids, y_hat.gather(1, ids[:, None]).squeeze(1))
-    count = y_hat.new_zeros(c).index_add(0, ids, y_hat.new_ones(n))
-    fp = y_hat.sum(0) - tp
-    return tp, count - tp, fp, n - count - fp
+def confusion(z: torch.Tensor, target: torch.Tensor, amplifier: float = 73.0,
+              softmax: bool = True, gather: bool = False) -> tuple[torch.Tensor, ...]:
+    """Soft ``(TP, FN, FP, TN)`` per class [C] of the amplified predictions of logits ``z``
+    [N, C] against class ids [N] or 0/1 targets [N, C]: ``FN = count - TP``, ``FP = S - TP``,
+    ``TN = N - count - S + TP`` from the column sums ``S`` and ``TP`` of
+    :class:`_AmplifiedSums`; with ``gather`` those sums, the class counts and ``N`` are summed
+    over the ranks (the gradient reaches every rank's logits, as :func:`gather_with_grad`)."""
+    n, c = z.shape
+    s, tp = _AmplifiedSums.apply(z, target, amplifier, softmax)
+    if target.dim() == 1:
+        count = z.new_zeros(c).index_add_(0, target, z.new_ones(n))
+    else:
+        count = target.sum(0)
+    total = count.new_full((1,), n)
+    if gather:
+        s, tp = gather_with_grad(torch.stack([s, tp])[None]).sum(0)
+        count, total = sum_over_ranks(torch.cat([count, total])).split([c, 1])
+    fp = s - tp
+    return tp, count - tp, fp, total - count - fp
 
 
 def metric_value(metric: str, tp, fn, fp, tn, beta: float = 1.0) -> torch.Tensor:
@@ -82,16 +132,12 @@ class AnyLoss(Objective):
                 raise ShapeError(f"anyloss: with one logit Batch.targets must be class ids 0/1 "
                                  f"[{z.shape[0]}], got {list(y.shape)}")
             check_ids("anyloss", "Batch.targets", y, 2 if y.device.type == "cpu" else None)
-            p, target = torch.sigmoid(cls.upcast(z)), y[:, None].to(cls.compute_dtype(z))
+            zf, target, softmax = cls.upcast(z), y[:, None].to(cls.compute_dtype(z)), False
         else:
             t = cls.targets("anyloss", z, y, multilabel=y.dim() == 2)
-            zf = cls.upcast(z)
-            p = zf.softmax(-1) if t.ids is not None else torch.sigmoid(zf)
-            target = t.ids if t.ids is not None else t.dense
-        y_hat = amplify(p, self.amplifier)
-        if resolve_gather(self.gather):
-            y_hat, target = gather_with_grad(y_hat), gather_no_grad(target)
-        counts = confusion_of_ids(y_hat, target) if target.dim() == 1 else confusion(y_hat, target)
+            zf, softmax = cls.upcast(z), t.ids is not None
+            target = t.ids if softmax else t.dense.to(zf.dtype)
+        counts = confusion(zf, target, self.amplifier, softmax, resolve_gather(self.gather))
         value = 1 - metric_value(self.metric, *counts, beta=self.beta).mean()
         return Loss(value=value)
 

@@ -28,7 +28,8 @@ class _LDRKL(torch.autograd.Function):
     (c / lam) [k != y]``, ``L = lam (logsumexp(g) - g_y - log K)``. It keeps ``log softmax(g)``
     (and ``s = softplus(o)`` when normalising, ``f = s / mean(s)``); the gradient in closed
     form, ``dL/df = softmax(g) - onehot(y)``, through ``f`` as
-    ``dL/ds_j = (dL/df_j - sum_k dL/df_k s_k / (K mean(s))) / mean(s)`` and ``ds/do = sigmoid(o)``."""
+    ``dL/ds_j = (dL/df_j - sum_k dL/df_k s_k / (K mean(s))) / mean(s)`` and ``ds/do = sigmoid(o)``,
+    all in the one ``[B, C]`` tensor it returns."""
 
     @staticmethod
     def forward(ctx, o: torch.Tensor, ids: torch.Tensor, lam: float, margin: float,
@@ -62,7 +63,9 @@ class _LDRKL(torch.autograd.Function):
         through_mean = torch.bmm(d[:, None, :], s[:, :, None]).view(-1)
         shift = torch.where(unclamped, grad * through_mean / (o.shape[-1] * mean * mean), 0.0)
         torch.addcmul(-shift[:, None], d, (grad / mean)[:, None], out=d)
-        return d.mul_(torch.sigmoid(o)), None, None, None, None
+        # d * sigmoid(o) in place: softplus's own backward (its threshold 20, as F.softplus)
+        torch.ops.aten.softplus_backward.grad_input(d, o, 1.0, 20.0, grad_input=d)
+        return d, None, None, None, None
 
 
 def ldr_kl_loss(logits: torch.Tensor, t: cls.Targets, lam: float = 10.0, margin: float = 0.1,

@@ -103,3 +103,92 @@ def test_errors():
         loss("f1", torch.zeros(3, 1), torch.zeros(3, 1))
     with pytest.raises(sdk.ConfigError, match="metric must be"):
         sdk.create("objective", "anyloss", metric="auc")
+
+
+def graph_anyloss(z, y, metric="f1", amplifier=73.0, beta=1.0):
+    # the plain formula through autograd: amplified probabilities and the four written-out sums
+    from plugins.classification.anyloss import metric_value
+
+    if z.shape[1] == 1:
+        p, onehot = torch.sigmoid(z), y[:, None].to(z.dtype)
+    elif y.dim() == 1:
+        p, onehot = z.softmax(-1), F.one_hot(y, z.shape[1]).to(z.dtype)
+    else:
+        p, onehot = torch.sigmoid(z), y.to(z.dtype)
+    a = torch.sigmoid(amplifier * (p - 0.5))
+    counts = ((onehot * a).sum(0), (onehot * (1 - a)).sum(0), ((1 - onehot) * a).sum(0),
+              ((1 - onehot) * (1 - a)).sum(0))
+    return 1 - metric_value(metric, *counts, beta=beta).mean()
+
+
+@pytest.mark.parametrize("kind", ["ids", "multilabel", "binary"])
+def test_closed_form_gradient_equals_the_autograd_graph(kind):
+    from plugins.classification.anyloss import _AmplifiedSums
+
+    g = torch.Generator().manual_seed(3)
+    c = {"ids": 4, "multilabel": 4, "binary": 1}[kind]
+    y = (torch.randint(0, 4, (7,), generator=g) if kind == "ids"
+         else (torch.rand(7, c, generator=g) > 0.5).double())
+    z = torch.randn(7, c, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, c, generator=g, dtype=torch.float64)
+    softmax = kind == "ids"
+    assert torch.autograd.gradcheck(
+        lambda z: torch.stack(_AmplifiedSums.apply(z, y, 5.0, softmax)).mul(w).sum(), (z,))
+    for metric, amplifier, c in [("f1", 73.0, 3), ("gmean", 4.0, 40), ("balanced_accuracy", 73.0, 1),
+                                 ("accuracy", 10.0, 3), ("fbeta", 8.0, 3)]:
+        n = 256
+        z = 0.5 * torch.randn(n, c, generator=g)
+        y = ((torch.rand(n, c, generator=g) > 0.7).long() if kind == "multilabel" and c > 1
+             else torch.randperm(n, generator=g) % max(c, 2))  # every class present
+        for dtype in (torch.float32, torch.bfloat16):
+            zd = z.to(dtype).requires_grad_()
+            got = loss(metric, zd, y, amplifier=amplifier, beta=2.0)
+            want = graph_anyloss(zd.float(), y, metric, amplifier, beta=2.0)
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+            g1, g2 = (torch.autograd.grad(t, zd)[0] for t in (got, want))
+            assert g1.dtype == dtype and g2.abs().max() > 1e-5  # not saturated: a real comparison
+            assert torch.allclose(g1.float(), g2.float(), rtol=1e-4 if dtype == torch.float32 else 2e-2,
+                                  atol=1e-4 * g2.abs().max().item())
+
+
+WORKER = """
+import sys, torch, sdk
+from sdk import distributed
+distributed.init("gloo")
+r = distributed.rank()
+for name, z, y, kw in torch.load(sys.argv[1]):
+    z = z.chunk(2)[r].clone().requires_grad_()
+    value = sdk.create("objective", "anyloss", **kw)(sdk.Views(logits=z), sdk.Batch(targets=y.chunk(2)[r])).value
+    value.backward()
+    torch.save((value.detach(), z.grad), f"{sys.argv[2]}/{name}-{r}.pt")
+"""
+
+
+def test_gathered_sums_on_two_ranks_equal_one_process(tmp_path):
+    # each target kind on two gloo ranks of 12 samples: every rank's loss is the whole batch's,
+    # a rank's gradient is world x its share of the single process's (DDP then averages)
+    from sdk.testing import run_ranks
+
+    g = torch.Generator().manual_seed(4)
+    cases = [("ids", torch.randn(24, 5, generator=g, dtype=torch.float64),
+              torch.randint(0, 5, (24,), generator=g), {"amplifier": 5.0}),
+             ("multilabel", torch.randn(24, 5, generator=g, dtype=torch.float64),
+              (torch.rand(24, 5, generator=g) > 0.5).long(), {"metric": "gmean", "amplifier": 5.0}),
+             ("binary", torch.randn(24, 1, generator=g, dtype=torch.float64),
+              torch.randint(0, 2, (24,), generator=g), {"metric": "accuracy"})]
+    torch.save(cases, tmp_path / "cases.pt")
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(sdk.__file__))
+    run_ranks([sys.executable, "-c", WORKER, str(tmp_path / "cases.pt"), str(tmp_path)],
+              env={"PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])})
+    for name, z, y, kw in cases:
+        z = z.clone().requires_grad_()
+        want = loss(kw.get("metric", "f1"), z, y, **{k: v for k, v in kw.items() if k != "metric"})
+        grad = torch.autograd.grad(want, z)[0]
+        for r in range(2):
+            value, rank_grad = torch.load(tmp_path / f"{name}-{r}.pt")
+            assert torch.allclose(value, want, rtol=1e-12), name
+            assert grad.abs().max() > 1e-6
+            assert torch.allclose(rank_grad / 2, grad.chunk(2)[r], rtol=1e-9, atol=1e-15), name

@@ -38,6 +38,17 @@ def test_matches_the_generator_value_and_gradient(lam):
     assert torch.allclose(grad[:, 0], want * (2 * y - 1) / 9, rtol=1e-12)
 
 
+def test_default_generator_is_the_exponential():
+    # lam = 0 (the default): slopes -min(exp(e), 1); a default change moves them (lam = 0.1 by > 1e-3)
+    g = torch.Generator().manual_seed(2)
+    z, y = torch.randn(12, 1, generator=g, dtype=torch.float64), torch.arange(12) % 2
+    got = sdk.create("objective", "ensloss", seed=5)(sdk.Views(logits=z), sdk.Batch(targets=y)).per_sample
+    draws = torch.randn(12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    s = z[:, 0] * (2 * y - 1)
+    assert torch.allclose(got, slow_derivatives(s, draws, 0.0) * s, rtol=1e-12)
+    assert not torch.allclose(got, slow_derivatives(s, draws, 0.1) * s, rtol=1e-3)
+
+
 def test_derivatives_are_calibrated_and_drawn_anew():
     from plugins.classification.ensloss import random_derivatives
 

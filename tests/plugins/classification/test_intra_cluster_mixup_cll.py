@@ -109,6 +109,19 @@ def test_transform_mixes_inputs_and_labels_with_in_cluster_partners_and_resumes(
     assert icm.eval()(x, batch)[0] is x
 
 
+def test_default_mixing_weight_is_uniform():
+    # alpha = 1 (the default): lam ~ Beta(1, 1), uniform on (0, 1); a Kolmogorov-Smirnov test
+    # over 2000 batches (alpha = 2 or 0.5 gives a statistic above 0.1, this one about 0.01)
+    from scipy.stats import kstest
+
+    torch.manual_seed(0)
+    icm = sdk.create("transform", "intra_cluster_mixup_cll", num_classes=3)
+    x, batch = torch.randn(4, 2), sdk.Batch(targets=torch.tensor([0, 1, 2, 0]),
+                                            extras={"cluster": torch.tensor([0, 0, 1, 1])})
+    lams = torch.stack([icm(x, batch)[1].extras["mixup_lambda"] for _ in range(2000)])
+    assert kstest(lams.numpy(), "uniform").statistic < 0.03
+
+
 def _digits_accuracy(pairing, seed, epochs=8):
     X, y = load_digits(return_X_y=True)
     X, y = torch.tensor(X, dtype=torch.float32) / 16, torch.tensor(y)

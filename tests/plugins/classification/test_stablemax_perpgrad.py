@@ -89,11 +89,16 @@ def test_perpendicular_gradient_keeps_the_norm_and_removes_the_weight_direction(
 
 
 def test_callback_projects_the_trainers_gradients():
-    seen = []
+    # probes before and after the callback (callbacks run in order): with the default
+    # rescale=True every projected gradient keeps the norm of the gradient it replaces
+    seen, before = [], []
 
     class Probe(Callback):
+        def __init__(self, into):
+            self.into = into
+
         def before_optimizer_step(self, state):
-            seen.append([(p.detach().clone(), p.grad.clone()) for p in state.model.parameters()])
+            self.into.append([(p.detach().clone(), p.grad.clone()) for p in state.model.parameters()])
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g)
@@ -102,11 +107,15 @@ def test_callback_projects_the_trainers_gradients():
     model = torch.nn.Linear(5, 3)
     sdk.Trainer(model, sdk.create("objective", "stablemax_perpgrad"),
                 functools.partial(torch.optim.SGD, lr=0.1),
-                callbacks=[sdk.create("callback", "stablemax_perpgrad"), Probe()],
+                callbacks=[Probe(before), sdk.create("callback", "stablemax_perpgrad"), Probe(seen)],
                 max_steps=3, progress=False, device="cpu").fit(loader)
-    assert len(seen) == 3
-    for p, grad in seen[-1]:
+    assert len(seen) == len(before) == 3
+    for (p, grad), (_, raw) in zip(seen[-1], before[-1]):
         assert abs((p * grad).sum().item()) <= 1e-5 * p.norm().item() * grad.norm().item()
+        assert grad.norm().item() == pytest.approx(raw.norm().item(), rel=1e-5)
+        # the projection alone would shorten it: the parameter direction is a real share of it
+        perp = raw - (p * raw).sum() / (p * p).sum() * p
+        assert perp.norm().item() < 0.999 * raw.norm().item()
 
 
 def test_errors():

@@ -1,0 +1,1 @@
+"""Image-quality objectives on image tensors ``[B, C, H, W]``."""

@@ -126,3 +126,15 @@ def test_errors():
     with pytest.raises(sdk.ShapeError, match=r"objective 'distill_vq': Views.extras\['features\[0\]'\] must be floating \[4, 3\]"):
         obj(sdk.Views(embeddings=(torch.randn(4, 3),), extras={keys.FEATURES: (torch.randn(4, 2),)}),
             sdk.Batch(index=torch.arange(4)))
+
+
+def test_teacher_scores_carry_no_gradient_and_queries_learn_through_the_student():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    dq = (d.detach() + 0.3 * torch.randn(5, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    listnet_distillation(q, d, dq).mean().backward()
+    assert d.grad is None or d.grad.abs().max() == 0
+    p, s = (q @ d.T).softmax(-1).detach(), (q @ dq.T).softmax(-1).detach()
+    expected = ((s - p) @ dq.detach()) / 5            # d/dq of mean_i CE(p_i, softmax(q_i dq^T))
+    torch.testing.assert_close(q.grad, expected)

@@ -68,3 +68,10 @@ def test_defaults_and_bad_input():
         rw.weights(torch.ones(4), sdk.Batch(targets=torch.zeros(4, dtype=torch.long)))
     with pytest.raises(ShapeError, match="data_mixing_agent.*Batch.domain"):
         rw.weights(torch.ones(2), sdk.Batch(domain=torch.tensor([0, 5])))
+
+
+def test_resumes_bit_for_bit(tmp_path):
+    from sdk.testing import check_resume
+
+    check_resume(objective=lambda: sdk.create("objective", "cross_entropy"), tmp_dir=tmp_path,
+                 reweighter=lambda: sdk.create("reweighter", "data_mixing_agent"))

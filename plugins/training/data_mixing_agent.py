@@ -74,6 +74,9 @@ class DataMixingAgent(Reweighter):
         if losses.shape != (self.num_domains,):
             raise ShapeError(f"reweighter {OWNER!r}: eval_losses {list(losses.shape)} must be "
                              f"[{self.num_domains}] (one per domain)")
+        if not bool(torch.isfinite(losses).all()):  # once per window, not per step: may sync
+            raise ShapeError(f"reweighter {OWNER!r}: eval_losses must be finite, got "
+                             f"{losses.tolist()}")
         window = torch.cat([self.mixture, losses])
         self.state = torch.cat([self.state[1:], window[None]])
         self.mixture = self.policy(self.state.flatten())

@@ -64,6 +64,9 @@ def test_defaults_and_bad_input():
         sdk.create("reweighter", "data_mixing_agent", num_domains=1)
     with pytest.raises(ShapeError, match="data_mixing_agent.*eval_losses"):
         rw.observe(torch.ones(3))
+    with pytest.raises(ShapeError, match="data_mixing_agent.*finite"):
+        rw.observe(torch.tensor([1.0, float("nan")]))
+    assert rw.mixture.tolist() == [0.5, 0.5]  # a rejected window changes nothing
     with pytest.raises(ShapeError, match="data_mixing_agent.*Batch.domain"):
         rw.weights(torch.ones(4), sdk.Batch(targets=torch.zeros(4, dtype=torch.long)))
     with pytest.raises(ShapeError, match="data_mixing_agent.*Batch.domain"):

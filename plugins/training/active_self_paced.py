@@ -220,7 +220,11 @@ CARD = Card(
              "per-class classifiers), the margin criterion of the queries and the defaults m = 10, "
              "mu = 1.15, lambda_0 = 20th percentile come from the catalogue, not checked against "
              "the paper. A round runs at fit start and at every epoch end (one no-grad pass over "
-             "the pool); pseudo-labels use the scores of the pass, not a retrained model.",
+             "the pool); pseudo-labels use the scores of the pass, not a retrained model. The paper's "
+             "gain over active learning alone does not reproduce on digits (5 labels per class, "
+             "10 rounds of 10 queries, a linear one-vs-rest model retrained each round, 3 seeds): "
+             "test accuracy 0.925 for ASPL, 0.948 for margin queries alone, 0.712 for self-paced "
+             "pseudo-labels alone.",
 )
 
 REWEIGHTER_CARD = Card(

@@ -172,3 +172,20 @@ def test_aspl_beats_self_paced_learning_alone_on_digits():
     spl = sum(run(s, 0) for s in range(2)) / 2
     assert aspl >= spl + 0.1, (aspl, spl)
     assert aspl > 0.9, aspl
+
+
+def test_callback_resumes_bit_for_bit(tmp_path):
+    from sdk.testing import check_resume
+
+    runs = check_resume(objective=lambda: sdk.create("objective", "cross_entropy"), tmp_dir=tmp_path,
+                        callbacks=lambda: [sdk.create("callback", "active_self_paced", queries=3)],
+                        mu=2, steps=8, num_samples=16)
+    cb = runs.resumed.callbacks[0]
+    assert cb.rounds >= 2 and cb.known.sum() == 3 * cb.rounds
+
+
+def test_reweighter_resumes_bit_for_bit(tmp_path):
+    from sdk.testing import check_resume
+
+    check_resume(objective=lambda: sdk.create("objective", "cross_entropy"), tmp_dir=tmp_path,
+                 reweighter=lambda: sdk.create("reweighter", "active_self_paced", quantile=0.5, every=2))

@@ -146,3 +146,12 @@ def test_iterative_refinement_beats_the_zero_shot_classifier_on_digits():
     print("zero-shot", start, "refined", end, "round-1 precision", precision, "pool acc", pool_acc)
     assert mean(end) >= mean(start) + 0.02, (start, end)
     assert mean(precision) >= mean(pool_acc) + 0.05, (precision, pool_acc)
+
+
+def test_resumes_bit_for_bit(tmp_path):
+    from sdk.testing import check_resume
+
+    runs = check_resume(objective=lambda: sdk.create("objective", "cross_entropy"), tmp_dir=tmp_path,
+                        callbacks=lambda: [sdk.create("callback", "zero_shot_pseudolabel", rounds=4)],
+                        mu=2, steps=8, num_samples=16)
+    assert runs.resumed.callbacks[0].round >= 2

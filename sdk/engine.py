@@ -224,35 +224,37 @@ def listener_methods(component: Any) -> dict[str, Callable[[State], Any]]:
     (``on_*``, ``before_*``, ``after_*``) that is not one raises :class:`ConfigError` naming the
     component, the method and the closest event."""
     klass = type(component)
-    found = _class_listeners(klass)
-    return {name: value.__get__(component, klass) if isinstance(value, _BINDABLE) else value
-            for name, value in found.items() if value is not None}
+    out: dict[str, Callable[[State], Any]] = {}
+    for name in _listener_names(klass):
+        # the value is read on every call: a listener replaced on the class is the one used
+        value = next(vars(base)[name] for base in klass.__mro__
+                     if base is not Callback and base is not object and name in vars(base))
+        if value is not None:
+            out[name] = value.__get__(component, klass) if isinstance(value, _BINDABLE) else value
+    return out
 
 
-_LISTENERS: weakref.WeakKeyDictionary[type, dict[str, Any]] = weakref.WeakKeyDictionary()
+_LISTENERS: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
 
-def _class_listeners(klass: type) -> dict[str, Any]:
-    """The attributes of ``klass`` (through its MRO) named like an event, checked and cached per
-    class (walking ``nn.Module``'s attributes on every ``fit`` costs more than a small step)."""
+def _listener_names(klass: type) -> tuple[str, ...]:
+    """The names of ``klass``'s attributes (through its MRO, :class:`Callback`'s no-op defaults
+    excluded) named like an event, checked and cached per class (walking ``nn.Module``'s
+    attributes on every ``fit`` costs more than a small step)."""
     cached = _LISTENERS.get(klass)
     if cached is not None:
         return cached
-    found: dict[str, Any] = {}
-    for base in reversed(klass.__mro__):
-        if base is Callback or base is object:
-            continue
-        for name, value in vars(base).items():
-            if is_listener_name(name):
-                found[name] = value
-    for name in found:
+    names = [name for base in reversed(klass.__mro__) if base is not Callback and base is not object
+             for name in vars(base) if is_listener_name(name)]
+    names = tuple(dict.fromkeys(names))
+    for name in names:
         if name not in EVENTS:
             near = closest(name)
             hint = f" (closest event: {near!r})" if near else ""
             raise ConfigError(f"{klass.__name__}.{name} is named like an engine event but "
                               f"is none{hint}; events: {', '.join(EVENTS)}", param=name)
-    _LISTENERS[klass] = found
-    return found
+    _LISTENERS[klass] = names
+    return names
 
 
 def _modules_of(obj: Any) -> list[nn.Module]:

@@ -112,7 +112,10 @@ def test_per_sample_objectives_are_declared_so():
                           "intra_cluster_mixup_cll", "pulaski_set_distance", "mae",
                           "contractive_reconstruction", "selfie_patch_cpc",
                           "masked_feature_reconstruction", "cross_view_completion",
-                          "masked_spectrogram_patch_modeling", "vq_masked_reconstruction"}
+                          "masked_spectrogram_patch_modeling", "vq_masked_reconstruction",
+                          "t_jepa", "dynamic_multilabel_memory", "ms_ssim_loss",
+                          "deep_unfolded_ista_iht", "intra_inter_correlation",
+                          "temporal_distinctiveness"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

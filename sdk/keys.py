@@ -105,7 +105,16 @@ EDIT_DISTANCE = "edit_distance"
 of its perturbed views, ``[B, V - 1]`` for views ``1..V-1`` (positive; view 0 is the original;
 ``discrepancy_distance_matching``)."""
 
+TOKEN_IDS = "token_ids"
+"""``Batch.extras``: a batch of token sequences, long ``[B, T]`` (ids into a vocabulary of ``V``
+tokens), for objectives over sequence models (language-model fine-tuning, replaced-token
+detection)."""
+
+TOKEN_MASK = "token_mask"
+"""``Batch.extras``: which positions of :data:`TOKEN_IDS` count, ``[B, T]`` (bool or 0/1; padding
+and prompt positions are 0); a mask of another shape than the tokens is an error."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
-          GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE)
+          GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 
 import pytest
 
@@ -26,6 +27,8 @@ def read_records(path):
             pos += room
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        if pos + HEADER + length > len(data):  # a chunk still being written
+            break
         chunk = data[pos + HEADER:pos + HEADER + length]
         pos += HEADER + length
         if kind == 0 and length == 0:
@@ -38,11 +41,26 @@ def read_records(path):
     return out
 
 
+def finished_records(path, timeout=60.0):
+    """The records of a run's log once its ``exit`` record is on disk: ``run.finish()`` returns
+    when the W&B service has the run's last record, and the service may write its buffered
+    tail a moment later on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, (
+            f"{path}: no exit record after {timeout:.0f} s; record kinds "
+            f"{[r.WhichOneof('record_type') for r in records]}")
+        time.sleep(0.2)
+
+
 def test_config_history_summary_and_plots_match_the_run(tracked_run, expected_scalars):
     run_dir, records, summary = tracked_run('name = "wandb"\nproject = "digits"')
     (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     history, summaries, config = {}, {}, {}
-    for record in read_records(log):
+    for record in finished_records(log):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             step = record.history.step.num

@@ -1225,11 +1225,7 @@ def fuzz_plugin(kind: str, name: str, *, max_examples: int = 30, registry: Any =
     testing._DEVICE = torch.device(device)
     reg = registry if registry is not None else get_registry()
 
-    def make() -> Any:
-        torch.manual_seed(0)
-        plugin = reg.create(kind, name, **params)
-        return plugin.to(testing._DEVICE) if isinstance(plugin, torch.nn.Module) else plugin
-
+    make = testing.fresh_copies(lambda: reg.create(kind, name, **params), testing._DEVICE)
     plugin = make()
     spec = _kind_of(plugin)
     if spec is None or not fuzzable(plugin):

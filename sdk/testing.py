@@ -539,6 +539,33 @@ _CHECKS: dict[type, Callable[[str, Callable[[], Any]], None]] = {
 }
 
 
+def fresh_copies(create: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """``make() -> plugin``: the plugin as ``create()`` builds it after ``torch.manual_seed(0)``,
+    on ``device``, new on every call, with the global generator where that build leaves it.
+    It is built once and deep-copied after that, so a plugin whose construction draws large
+    random buffers (a 65536-entry memory) is not drawn again for every check; an object that
+    cannot be deep-copied (a lock, a handle) is built anew each time."""
+    template: dict[str, Any] = {}
+
+    def make() -> Any:
+        torch.manual_seed(0)
+        if template.get("plugin") is not None:
+            torch.set_rng_state(template["rng"])
+            return copy.deepcopy(template["plugin"])
+        plugin = create()
+        plugin = plugin.to(device) if isinstance(plugin, torch.nn.Module) else plugin
+        if not template:
+            rng = torch.get_rng_state()
+            try:
+                template.update(plugin=copy.deepcopy(plugin), rng=rng)
+            except Exception:  # noqa: BLE001 - not copyable: built anew on every call
+                template.update(plugin=None)
+            torch.set_rng_state(rng)
+        return plugin
+
+    return make
+
+
 def check_plugin(kind: str, name: str, *, builtin: bool = False, registry: Any = None,
                  device: str | torch.device = "cpu", fuzz: int = 30, **params: Any) -> None:
     """Run the conformance checks on plugin ``name`` of ``kind`` built with ``params``.
@@ -555,11 +582,7 @@ def check_plugin(kind: str, name: str, *, builtin: bool = False, registry: Any =
     check_card(entry.card, builtin=builtin)
     label = f"{kind} {name}"
 
-    def make() -> Any:
-        torch.manual_seed(0)
-        plugin = reg.create(kind, name, **params)
-        return plugin.to(_DEVICE) if isinstance(plugin, torch.nn.Module) else plugin
-
+    make = fresh_copies(lambda: reg.create(kind, name, **params), _DEVICE)
     plugin = make()
     check = next((c for base, c in _CHECKS.items() if isinstance(plugin, base)), None)
     if check is None and kind == "sampler" and isinstance(plugin, torch.utils.data.Sampler):

@@ -43,11 +43,16 @@ from sdk.types import Batch, Loss, Views
 OWNER = "objective 'mugs_local_group'"
 
 
-def top_neighbours(query: Tensor, memory: Tensor, n: int) -> Tensor:
+def top_neighbours(query: Tensor, memory: Tensor, n: int, norms: Tensor | None = None) -> Tensor:
     """``[B, n]``: the indices of the ``n`` memory rows ``[K, D]`` of largest cosine with each
-    query ``[B, D]``, most similar first. No gradient."""
+    query ``[B, D]``, most similar first; ``norms`` ``[K]``: the rows' norms, when known. The
+    memory is divided by its norms after the product (``[B, K]``), not normalised row by row
+    (``[K, D]``). No gradient."""
     with torch.no_grad():
-        cos = F.normalize(query.detach(), dim=-1) @ F.normalize(memory.to(query.dtype), dim=-1).T
+        memory = memory.to(query.dtype)
+        if norms is None:
+            norms = torch.linalg.vector_norm(memory, dim=-1)
+        cos = (F.normalize(query.detach(), dim=-1) @ memory.T) / norms.clamp_min(1e-12)
         return torch.topk(cos, n, dim=-1).indices
 
 
@@ -164,7 +169,8 @@ class MugsLocalGroup(Objective):
 
     def _groups(self, head: nn.Module, xs: Sequence[Tensor], memory: Tensor) -> list[Tensor]:
         memory = memory.to(xs[0].dtype)
-        return [head(x, memory[top_neighbours(x, memory, self.top_n)]) for x in xs]
+        norms = torch.linalg.vector_norm(memory, dim=-1)
+        return [head(x, memory[top_neighbours(x, memory, self.top_n, norms)]) for x in xs]
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         if views.n_views < max(2, self.n_global):

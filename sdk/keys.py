@@ -114,7 +114,13 @@ TOKEN_MASK = "token_mask"
 """``Batch.extras``: which positions of :data:`TOKEN_IDS` count, ``[B, T]`` (bool or 0/1; padding
 and prompt positions are 0); a mask of another shape than the tokens is an error."""
 
+AUGMENTATION_PARAMS = "augmentation_params"
+"""``Batch.extras``: the parameters of the augmentation that made view 1 from view 0, float
+``[B, P]`` (each normalised, e.g. to [0, 1]), for objectives that predict them
+(``augmentation_aware_discriminator``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
-          GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK)
+          GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK,
+          AUGMENTATION_PARAMS)

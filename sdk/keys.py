@@ -119,8 +119,13 @@ AUGMENTATION_PARAMS = "augmentation_params"
 ``[B, P]`` (each normalised, e.g. to [0, 1]), for objectives that predict them
 (``augmentation_aware_discriminator``)."""
 
+CLASS_TEXT_FEATURES = "class_text_features"
+"""``Views.extras``: a text tower's features of every class's prompt, conditioned on each view of
+each sample (image-conditioned prompts), a tuple of tensors ``[B, C, D]``, one per view, the
+original first (``prompt_consistency``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
           GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK,
-          AUGMENTATION_PARAMS)
+          AUGMENTATION_PARAMS, CLASS_TEXT_FEATURES)

@@ -124,8 +124,13 @@ CLASS_TEXT_FEATURES = "class_text_features"
 each sample (image-conditioned prompts), a tuple of tensors ``[B, C, D]``, one per view, the
 original first (``prompt_consistency``)."""
 
+MIXING_SOURCE = "mixing_source"
+"""``Batch.extras``: long ``[B, L]``, the batch row whose patch a mixing transform put at each
+position of each mixed sample (patches of one value are homologous: from one image;
+``homologous_mixing_recognition``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
           GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK,
-          AUGMENTATION_PARAMS, CLASS_TEXT_FEATURES)
+          AUGMENTATION_PARAMS, CLASS_TEXT_FEATURES, MIXING_SOURCE)

@@ -114,7 +114,23 @@ TOKEN_MASK = "token_mask"
 """``Batch.extras``: which positions of :data:`TOKEN_IDS` count, ``[B, T]`` (bool or 0/1; padding
 and prompt positions are 0); a mask of another shape than the tokens is an error."""
 
+AUGMENTATION_PARAMS = "augmentation_params"
+"""``Batch.extras``: the parameters of the augmentation that made view 1 from view 0, float
+``[B, P]`` (each normalised, e.g. to [0, 1]), for objectives that predict them
+(``augmentation_aware_discriminator``)."""
+
+CLASS_TEXT_FEATURES = "class_text_features"
+"""``Views.extras``: a text tower's features of every class's prompt, conditioned on each view of
+each sample (image-conditioned prompts), a tuple of tensors ``[B, C, D]``, one per view, the
+original first (``prompt_consistency``)."""
+
+MIXING_SOURCE = "mixing_source"
+"""``Batch.extras``: long ``[B, L]``, the batch row whose patch a mixing transform put at each
+position of each mixed sample (patches of one value are homologous: from one image;
+``homologous_mixing_recognition``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
-          GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK)
+          GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK,
+          AUGMENTATION_PARAMS, CLASS_TEXT_FEATURES, MIXING_SOURCE)

@@ -58,9 +58,9 @@ def correspondence_ap_loss(student_u: Tensor, student_v: Tensor, target_u: Tenso
 
 
 class DenseAPLoss(Objective):
-    """Two views' patch tokens from a token encoder, ``Views.extras[keys.FEATURES]`` (``[B, 1 + L,
-    D]`` with the class token first, as ``vit`` gives them, or ``[B, L, D]`` with
-    ``class_token=False``). The target branch's tokens of the same views are
+    """Exactly two views' patch tokens from a token encoder (more views are refused),
+    ``Views.extras[keys.FEATURES]`` (``[B, 1 + L, D]`` with the class token first, as ``vit`` gives
+    them, or ``[B, L, D]`` with ``class_token=False``). The target branch's tokens of the same views are
     ``Batch.extras[keys.VIEW_TOKENS]`` (a pair of ``[B, L, D_t]``, e.g. a momentum or frozen
     teacher's); without them the student's own tokens, detached, are the targets. Loss: the mean of
     :func:`correspondence_ap_loss` from view 0 to view 1 and from view 1 to view 0, per sample
@@ -76,11 +76,13 @@ class DenseAPLoss(Objective):
 
     def _tokens(self, owner: str, views: Views) -> tuple[Tensor, Tensor, Tensor]:
         feats = views.extras[keys.FEATURES]
-        if not isinstance(feats, (tuple, list)) or len(feats) < 2:
-            raise ShapeError(f"{owner}: Views.extras['features'] must hold the tokens of two views")
+        if not isinstance(feats, (tuple, list)) or len(feats) != 2:
+            got = len(feats) if isinstance(feats, (tuple, list)) else type(feats).__name__
+            raise ShapeError(f"{owner}: Views.extras['features'] must hold the tokens of exactly two "
+                             f"views (the pair whose patches correspond), got {got}")
         out = []
         skip = int(self.class_token)
-        for i, t in enumerate(feats[:2]):
+        for i, t in enumerate(feats):
             if (not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point()
                     or t.shape[1] < 1 + skip):
                 shape = f"{t.dtype} {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
@@ -92,7 +94,7 @@ class DenseAPLoss(Objective):
             raise ShapeError(f"{owner}: the two views' tokens must share batch size and width, got "
                              f"{list(out[0].shape)} and {list(out[1].shape)}")
         # the class tokens take no part, but a non-finite one must not be hidden: 0 * their sum
-        left_out = sum(at_least_float32(t[:, :skip]).sum((1, 2)) for t in feats[:2])
+        left_out = sum(at_least_float32(t[:, :skip]).sum((1, 2)) for t in feats)
         return out[0], out[1], 0 * left_out
 
     def forward(self, views: Views, batch: Batch) -> Loss:

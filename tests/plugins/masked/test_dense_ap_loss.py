@@ -180,6 +180,8 @@ def test_defaults_and_errors_name_the_plugin():
     views, batch, z, t = _inputs()
     with pytest.raises(sdk.RequirementError, match="'dense_ap_loss' needs extras\\['features'\\]"):
         obj(sdk.Views(embeddings=views.embeddings), batch)
+    with pytest.raises(sdk.ShapeError, match="dense_ap_loss.*exactly two views.*got 3"):
+        obj(sdk.Views(embeddings=views.embeddings * 2, extras={keys.FEATURES: (*z, z[0])}), batch)
     with pytest.raises(sdk.ShapeError, match="dense_ap_loss.*features'\\]\\[1\\] must be floating tokens"):
         obj(sdk.Views(embeddings=views.embeddings, extras={keys.FEATURES: (z[0], z[1][:, 0])}), batch)
     with pytest.raises(sdk.ShapeError, match="dense_ap_loss.*view_tokens'\\]\\[0\\] must be floating \\[2, 4, D_t\\]"):

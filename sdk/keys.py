@@ -82,9 +82,10 @@ RECONSTRUCTION_TARGET = "reconstruction_target"
 patches from a masking transform; objectives normalise them as they need)."""
 
 VIEW_TOKENS = "view_tokens"
-"""``Batch.extras``: a frozen encoder's patch tokens of each view, a tuple of ``V`` tensors
-``[B, P, D]`` (detached), for reweighters that judge a pair of views by their tokens
-(``genview_quality_weight``)."""
+"""``Batch.extras``: a frozen or momentum encoder's patch tokens of each view, a tuple of ``V``
+tensors ``[B, P, D]`` (detached), for reweighters that judge a pair of views by their tokens
+(``genview_quality_weight``) and dense objectives whose targets are a teacher's tokens
+(``dense_ap_loss``, ``semantic_alignment_views``)."""
 
 GENERATED = "generated"
 """``Batch.extras``: which samples are generated (synthetic) rather than real, bool or 0/1 ``[B]``

@@ -116,7 +116,8 @@ def test_per_sample_objectives_are_declared_so():
                           "t_jepa", "dynamic_multilabel_memory", "ms_ssim_loss",
                           "deep_unfolded_ista_iht", "intra_inter_correlation",
                           "temporal_distinctiveness", "augmentation_aware_discriminator",
-                          "homologous_mixing_recognition"}
+                          "homologous_mixing_recognition", "part_whole_composability",
+                          "dense_ap_loss"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

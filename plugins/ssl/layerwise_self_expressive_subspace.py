@@ -195,8 +195,10 @@ CARD = Card(
              "in a previous fit); the layers are what Views.extras['layers'] carries (the input "
              "layer included only when the encoder publishes it) plus the embedding. The "
              "weighting of the structured norm (per column mean, alpha = 1, S3C's form) and the "
-             "per-layer normalisation are reconstructed from the abstract (the paper's full "
-             "text was not available to check them); the 'clustering quality' stage is the "
+             "per-layer normalisation are reconstructed from the abstract, as are the 1e-4 "
+             "stopping tolerance (the seed catalogue's) and subspace_dim = 4 (the top-k kept per "
+             "column, ours): the paper's full text and code were not available to check them; "
+             "the 'clustering quality' stage is the "
              "structured norm. The rows of C outside a batch are read by Batch.index (the paper "
              "trains full batch). The objective is its own stopping callback (on_epoch_end).",
 )

@@ -4,8 +4,10 @@ hard to predict are the ones that need the conditioning input, and weigh more in
 model's loss.
 
 Chen, Peng, Zhang & Ji, "Prioritizing Image-Related Tokens Enhances Vision-Language
-Pre-Training" (PRIOR), arXiv:2505.08971, Sec. 3: ``w_i = (1 - P_ref(t_i | t_<i))^alpha``,
-``alpha = 1``, normalised to mean 1 over the caption's tokens (here: over the batch's samples).
+Pre-Training" (PRIOR), arXiv:2505.08971. The weight ``w_i = (1 - P_ref(t_i | t_<i))^alpha``,
+``alpha = 1``, normalised to mean 1 (here over the batch's samples), is a reading of the
+abstract (tokens the text-only reference finds improbable weigh more), not the paper's own
+equation, which could not be consulted.
 """
 
 from __future__ import annotations
@@ -87,10 +89,13 @@ CARD = Card(
             "so targets that need the conditioning input (image-related tokens) count more.",
     formula="w_i = (1 - p_ref(y_i | x_i without the conditioning input))^alpha, alpha = 1; "
             "L = sum_i (B w_i / sum_j w_j) l_i / B",
-    left_out="The vision-language models, captions and the text-only reference LLM: here the "
+    left_out="Only the abstract could be consulted (the authors' repository, Yangyi-Chen/PRIOR, "
+             "holds no code): the weight's form (1 - p_ref)^alpha, alpha = 1 and the mean-1 "
+             "normalisation are a reading of it, not the paper's importance-sampling equation. "
+             "The vision-language models, captions and the text-only reference LLM: here the "
              "reference model's class scores come with the batch (Batch.extras"
-             "['reference_logits']) and a sample stands for a token; PRIOR normalises over each "
-             "caption's tokens, here over the batch (per rank under DDP). The encoder-free LVLM "
+             "['reference_logits']) and a sample stands for a token; the weights are normalised "
+             "over the batch (per rank under DDP). The encoder-free LVLM "
              "setting and the scaling study.",
 )
 

@@ -5,8 +5,9 @@ the well-represented ones as much.
 
 Wang, Xu, Liu, Li, Thuraisingham & Tang, "Imbalanced Adversarial Training with Reweighting",
 ICDM 2022 (arXiv:2107.13639): ``min_theta sum_i w_{y_i} CE(f(x'_i), y_i) + lambda L_sep(x'_i)``,
-``x'_i`` the PGD example of ``x_i`` and ``L_sep`` the supervised contrastive loss of Khosla et
-al. on the adversarial examples' hidden representations.
+``x'_i`` the PGD example of ``x_i``; ``L_sep`` is here the supervised contrastive loss of Khosla et
+al. on the adversarial examples' hidden representations (the abstract's "separable feature
+space"; the paper's own form of the separation loss could not be checked).
 """
 
 from __future__ import annotations
@@ -207,10 +208,11 @@ CARD = Card(
             "z = normalised features of x'; w_c = n_c^-gamma / mean_k n_k^-gamma; "
             "lambda = 1, t = 0.1, gamma = 1",
     left_out="The adversarial examples come from a transform (sdk.adversarial.AdversarialExamples, "
-             "e.g. eps = 8/255, 10 steps of eps/4 as in the paper's CIFAR runs). Only the "
-             "inverse-frequency family n_c^-gamma is offered: the paper also pairs the separation "
-             "loss with focal and LDAM-style losses and tunes lambda and the weights per dataset; "
-             "lambda = 1, t = 0.1 are our defaults, not values read from the paper. Anchors alone in "
+             "e.g. eps = 8/255, 10 steps of eps/4). Only the abstract could be consulted (no "
+             "full text or authors' code was reachable): the separation loss as supervised "
+             "contrastive, the weights n_c^-gamma with gamma = 1, lambda = 1 and t = 0.1 are the "
+             "seed catalogue's reconstruction, not values read from the paper, and any pairing "
+             "with other imbalance losses is not here. Anchors alone in "
              "their class within the batch have no positive and leave the separation mean. The paper's "
              "gain over reweighting alone does not reproduce on long-tailed digits with a small MLP: "
              "lambda = 1 lowers robust accuracy there, lambda = 0.1 keeps 2-5 points more majority "

@@ -3,16 +3,18 @@
 Zhou, Qu, You, Zhou, Tang, Zheng, Cai and Wu, "FedSA: A Unified Representation Learning via
 Semantic Anchors for Prototype-based Federated Learning", AAAI 2025 (arXiv:2501.05496). One
 client's objective: cross-entropy plus the anchor-based regularisation with margin-enhanced
-contrastive learning (RMCL); the anchors follow an EMA toward the class prototypes.
+contrastive learning (RMCL) and the anchor-based classifier calibration (CC: the model's
+classifier is also trained to label each anchor with its class); the anchors follow an EMA toward
+the class prototypes.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from annotated_types import Ge, Gt, Interval
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from sdk import keys
@@ -20,7 +22,7 @@ from sdk.card import Card
 from sdk.classification import targets
 from sdk.context import FromData
 from sdk.distributed import Gather, gather_no_grad, resolve_gather
-from sdk.errors import ShapeError
+from sdk.errors import RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
 from sdk.state import ResizableBuffers
@@ -48,24 +50,44 @@ def anchor_ema(anchors: Tensor, features: Tensor, labels: Tensor, rho: float) ->
     return torch.where(n[:, None] > 0, moved, anchors)
 
 
+def classifier_calibration_loss(head: nn.Module, anchors: Tensor) -> Tensor:
+    """``1/C sum_c CE(g(a_c), c)``: the classifier ``g`` (features ``[C, D]`` -> scores ``[C, C]``)
+    applied to the (detached) anchors, each labelled with its own class."""
+    scores = head(anchors.detach())
+    if scores.dim() != 2 or scores.shape != (anchors.shape[0], anchors.shape[0]):
+        raise ShapeError(f"objective {_NAME!r}: the encoder's head maps the {anchors.shape[0]} "
+                         f"anchors to {list(scores.shape)}, not to {anchors.shape[0]} class scores each")
+    z = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
+    return F.cross_entropy(z, torch.arange(anchors.shape[0], device=z.device))
+
+
 class FedSASemanticAnchors(ResizableBuffers, Objective):
     """``L = CE(logits, y) + lambda_1 RMCL(f, anchors, y)`` on the features ``f``
     (``Views.extras[keys.FEATURES][0]``) and logits of a labelled batch. The ``C`` anchors are
     unit vectors, orthonormal at the start (a seeded random orthogonal basis, when ``C <= D``),
     kept as a checkpointed buffer; after each call they take one :func:`anchor_ema` step toward
     the batch's class prototypes (no gradient). Anchors and prototypes are over the global batch
-    (``gather``: "auto", under DDP)."""
+    (``gather``: "auto", under DDP).
+
+    The classifier calibration ``lambda_2 L_CC`` (:func:`classifier_calibration_loss`) needs the
+    classifier itself: in a Trainer run it is the encoder's ``head`` (the module that maps the
+    published features to the logits), and the term is added to the step's loss after the loss
+    is computed (``after_loss``), on the anchors this step left behind. Called directly, the
+    objective returns ``CE + lambda_1 RMCL`` and :meth:`calibration` gives the term for a
+    given head."""
 
     requires = {"logits": True, "targets": True, "extras": (keys.FEATURES,)}
     batch_coupled = True  # the anchors a batch leaves behind depend on all its rows
     resizable_buffers = ("anchors",)
 
     def __init__(self, margin: Annotated[float, Ge(0)] = 0.1, temperature: Annotated[float, Gt(0)] = 0.1,
-                 lambda_1: Annotated[float, Ge(0)] = 1.0, rho: Annotated[float, Interval(ge=0, le=1)] = 0.9,
+                 lambda_1: Annotated[float, Ge(0)] = 1.0,
+                 lambda_2: Annotated[float, Ge(0)] = 1.0, rho: Annotated[float, Interval(ge=0, le=1)] = 0.9,
                  num_classes: Annotated[int | None, FromData("num_classes"), Gt(1)] = None,
                  seed: Annotated[int, Ge(0)] = 0, gather: Gather = "auto"):
         super().__init__()
         self.margin, self.temperature, self.lambda_1, self.rho = margin, temperature, lambda_1, rho
+        self.lambda_2 = lambda_2
         self.num_classes, self.seed, self.gather = num_classes, seed, gather
         self.register_buffer("anchors", torch.zeros(0, 0))
 
@@ -76,6 +98,28 @@ class FedSASemanticAnchors(ResizableBuffers, Objective):
         if num_classes <= dim:
             a = torch.linalg.qr(a)[0][:num_classes]
         return F.normalize(a[:num_classes], dim=1).float()
+
+    def calibration(self, head: nn.Module) -> Tensor:
+        """``lambda_2 L_CC`` of ``head`` on the current anchors."""
+        if self.anchors.numel() == 0:
+            raise RequirementError(f"objective {self.name!r}: the anchors are made on the first batch; "
+                                   "call the objective before the calibration")
+        return self.lambda_2 * classifier_calibration_loss(head, self.anchors)
+
+    def on_fit_start(self, state: Any) -> None:
+        if self.lambda_2 > 0 and getattr(state.model, "head", None) is None:
+            raise RequirementError(f"objective {self.name!r}: the classifier calibration "
+                                   "(lambda_2 > 0) trains the encoder's head on the anchors, but "
+                                   f"{type(state.model).__name__} has no head (use an encoder with "
+                                   "a head, e.g. projection_head, or lambda_2=0)")
+
+    def after_loss(self, state: Any) -> None:
+        if self.lambda_2 == 0 or self.anchors.numel() == 0:
+            return
+        cc = self.calibration(state.model.head)
+        loss = state.loss
+        state.loss = Loss(value=loss.value + cc, per_sample=loss.per_sample,
+                          logs={**loss.logs, "classifier_calibration": cc.detach()})
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> tuple[Views, Batch]:
         """For the conformance kit: 8-wide features and logits of 4 classes."""
@@ -125,19 +169,23 @@ CARD = Card(
     paper="arXiv:2501.05496",
     summary="One client's objective: cross-entropy plus a margin-enhanced contrast of each "
             "sample's features to C unit semantic anchors (the target's cosine lowered by a "
-            "margin), the anchors following an EMA (rho = 0.9) toward the class prototypes, so "
-            "that representations gather around shared, well-separated class anchors.",
-    formula="L = CE(z, y) + lambda_1 RMCL, RMCL = -log e^{(cos(f, a_y) - m)/tau} / (e^{(cos(f, a_y) - "
+            "margin) and a calibration of the classifier on the anchors themselves, the anchors "
+            "following an EMA (rho = 0.9) toward the class prototypes, so that representations "
+            "and decision boundaries gather around shared, well-separated class anchors.",
+    formula="L = CE(z, y) + lambda_1 RMCL + lambda_2 L_CC, L_CC = 1/C sum_c CE(g(a_c), c) (g the "
+            "classifier head), RMCL = -log e^{(cos(f, a_y) - m)/tau} / (e^{(cos(f, a_y) - "
             "m)/tau} + sum_{c != y} e^{cos(f, a_c)/tau}); a_c <- normalize(rho a_c + (1 - rho) "
             "mean_{i: y_i = c} f_i / |f_i|)",
     left_out="The paper's full text could not be consulted here: the margin's form (an additive "
              "cosine margin on the target inside the exponent), m = 0.1, tau = 0.1 and lambda_1 = 1 "
-             "are the seed catalogue's reconstruction, not verified values. The anchors start as a "
+             "and the form of L_CC (the classifier's cross-entropy on the anchors, lambda_2 = 1) "
+             "are the seed catalogue's reconstruction, not verified values; the abstract and "
+             "the framework figure's caption only say that the anchors calibrate the "
+             "classifier. L_CC trains the encoder's head (in a Trainer run) and is added after "
+             "the loss, so it is not in per_sample. The anchors start as a "
              "seeded orthonormal basis instead of the paper's learnable embedding and projector, "
              "and their EMA runs once per batch on the batch's prototypes instead of once per "
-             "federated round on the server's aggregated prototypes. The anchor-based classifier "
-             "calibration (L_CC = CE(g(a_c), c)) is not here: it applies the model's classifier to "
-             "the anchors, which an objective does not see. The federated loop (clients, server "
+             "federated round on the server's aggregated prototypes. The federated loop (clients, server "
              "aggregation, heterogeneous splits) is not here.",
 )
 

@@ -93,7 +93,7 @@ def test_the_relative_error_rule_advances_the_stage_then_stops():
     assert obj.theta.sum() > 0 and torch.equal(obj.theta, obj.theta.T)  # refreshed clusters
 
 
-def test_defaults_are_the_papers():
+def test_defaults_are_the_catalogues_reconstruction():
     obj = sdk.create("objective", "layerwise_self_expressive_subspace")
     assert (obj.tolerance, obj.alpha, obj.subspace_dim) == (1e-4, 1.0, 4)
     assert obj.batch_coupled is True and int(obj.stage) == 0

@@ -1,6 +1,6 @@
 """separable_reweighted_at: the loss equals SRAT's weighted cross-entropy plus lambda times the
 supervised contrastive separation loss written out anchor by anchor (value, per-sample terms and
-gradients, paper defaults), the class weights are inverse frequencies of mean 1, the separation
+gradients, the catalogue's defaults), the class weights are inverse frequencies of mean 1, the separation
 term prefers separated classes and ignores the features' scale, the reweighter reduces to
 1/B sum w_y l, and on long-tailed digits under PGD the weights raise the minority classes'
 robust accuracy."""
@@ -64,7 +64,7 @@ def test_loss_and_gradients_equal_the_slow_formula(lam, t, gamma):
         assert torch.allclose(a.double(), e, rtol=1e-4, atol=1e-6)
 
 
-def test_paper_defaults_and_the_counts_from_labels():
+def test_defaults_and_the_counts_from_labels():
     logits, feats, y = data(1)
     labels = torch.tensor([0] * 50 + [1] * 10 + [2] * 4)
     obj = sdk.create("objective", "separable_reweighted_at", labels=labels)

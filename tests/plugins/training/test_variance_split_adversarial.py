@@ -2,7 +2,7 @@
 variances (the top half is easy), the loss equals the pseudo-label cross-entropy of the
 confident easy samples plus the discriminator's BCE written out sample by sample, the gradient
 reversal hands the features -lambda times the discriminator loss's gradient while the
-discriminator descends it, and the paper's defaults are the constructor's."""
+discriminator descends it, and the catalogue's defaults (rho, tau, lambda) are the constructor's."""
 
 import math
 
@@ -84,7 +84,7 @@ def test_gradient_reversal_between_features_and_discriminator():
         assert torch.allclose(a, b)
 
 
-def test_paper_defaults():
+def test_defaults():
     obj = sdk.create("objective", "variance_split_adversarial")
     assert (obj.rho, obj.threshold, obj.grl_lambda) == (0.5, 0.8, 0.1)
 

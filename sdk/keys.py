@@ -114,7 +114,13 @@ TOKEN_MASK = "token_mask"
 """``Batch.extras``: which positions of :data:`TOKEN_IDS` count, ``[B, T]`` (bool or 0/1; padding
 and prompt positions are 0); a mask of another shape than the tokens is an error."""
 
+OTHER_COMPONENT = "other_component"
+"""``Batch.extras``: the component of a complex observation that the network did not see,
+``[B, 1, ...]`` (the imaginary part of a SAR pixel when the real part is fed, or the reverse),
+the target of a cross-component likelihood (``merlin_cross_component_nll``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
-          GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK)
+          GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK,
+          OTHER_COMPONENT)

@@ -116,7 +116,7 @@ def test_per_sample_objectives_are_declared_so():
                           "t_jepa", "dynamic_multilabel_memory", "ms_ssim_loss",
                           "deep_unfolded_ista_iht", "intra_inter_correlation",
                           "temporal_distinctiveness", "merlin_cross_component_nll",
-                          "uncertainty_weighted_fusion"}
+                          "uncertainty_weighted_fusion", "filter2noise_single_image"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

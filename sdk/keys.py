@@ -130,8 +130,14 @@ MIXING_SOURCE = "mixing_source"
 position of each mixed sample (patches of one value are homologous: from one image;
 ``homologous_mixing_recognition``)."""
 
+OTHER_COMPONENT = "other_component"
+"""``Batch.extras``: the component of a complex observation that the network did not see,
+``[B, 1, ...]`` (the imaginary part of a SAR pixel when the real part is fed, or the reverse),
+the target of a cross-component likelihood (``merlin_cross_component_nll``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
           GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK,
-          AUGMENTATION_PARAMS, CLASS_TEXT_FEATURES, MIXING_SOURCE)
+          AUGMENTATION_PARAMS, CLASS_TEXT_FEATURES, MIXING_SOURCE,
+          OTHER_COMPONENT)

@@ -167,3 +167,12 @@ def test_bad_inputs_name_the_plugin():
         cb.outer_step(torch.rand(4, 10), target)
     with pytest.raises(sdk.ConfigError, match="krr_ssl_distill.*hidden_dims"):
         sdk.create("callback", "krr_ssl_distill", hidden_dims=())
+
+
+def test_defaults_are_the_papers():
+    """The authors' settings: 1000 synthetic samples, a pool of 10 models trained
+    online for up to 1000 steps with SGD (lr 0.1, weight decay 1e-3), AdamW 1e-3 outside."""
+    cb = KRRSSLDistill()
+    assert (cb.num_synthetic, cb.num_models, cb.hidden_dims, cb.online_iterations) == (
+        1000, 10, (128,), 1000)
+    assert (cb.online_lr, cb.online_weight_decay, cb.outer_lr, cb.reg) == (0.1, 1e-3, 1e-3, 1e-6)

@@ -104,10 +104,11 @@ class _Gate(nn.Module):
 class FTWTMaskPredictor(Encoder):
     """An encoder whose gated layers are pruned per input by mask predictors (module docstring).
 
-    With ``backbone`` (any sdk Encoder), the layers named in ``gates`` (``named_modules`` names)
-    are gated, by default every ``nn.ReLU``/``nn.ReLU6``; their output must keep the channels in
-    dimension 1 and each must run once per forward, the predictor of one reading the previous
-    one's output (a chain, as in the paper's VGG/MobileNet). ``input_shape`` (one sample's
+    With ``backbone`` (any sdk Encoder, changed in place: its gated layers get forward hooks),
+    the layers named in ``gates`` (``named_modules`` names) are gated, by default every
+    ``nn.ReLU``/``nn.ReLU6``; their output must keep the channels in dimension 1 and each must
+    run once per forward, the predictor of one reading the previous one's output (a chain, as
+    in the paper's VGG/MobileNet). ``input_shape`` (one sample's
     shape; ``(backbone.in_dim,)`` when the backbone has one) is used once to find the widths.
     Without ``backbone``, an MLP ``in_dim -> hidden_dims -> out_dim`` (batch norm, ReLU) is built
     and its ReLUs are gated. The predictor records of each forward are published after it as

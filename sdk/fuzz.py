@@ -365,6 +365,8 @@ def _encoder_input(enc: Encoder, case: Case) -> Tensor:
     g = torch.Generator().manual_seed(case.seed)
     own = getattr(enc, "example_inputs", None)
     x = own(case.batch, g) if callable(own) else torch.randn(case.batch, enc.in_dim, generator=g)
+    if enc.takes_ids:  # ids are not perturbed or cast
+        return _device_inputs(x)
     dtype = torch.float64 if case.dtype == torch.float64 else torch.float32  # bfloat16: autocast
     return _device_inputs(_pattern(x.float(), case.pattern, g).to(dtype))
 
@@ -395,7 +397,7 @@ def _invalid_encoder(p: _Plugin, case: Case, choice: int) -> None:
         ("an input of rank 1", x[0]),
         ("an input of rank 3", x[None]),
         ("an input one column too wide", torch.cat([x, x[:, :1]], dim=1)),
-        ("an integer input", x.long()),
+        ("a floating input", x.float()) if enc.takes_ids else ("an integer input", x.long()),
     ]
     what, bad = mutations[choice % len(mutations)]
     _expect_error(p, what, ("x",), lambda: enc(bad))

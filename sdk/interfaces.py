@@ -107,6 +107,10 @@ class Encoder(nn.Module, Constrained, abc.ABC):
     """
 
     out_dim: int
+    takes_ids: ClassVar[bool] = False
+    """Whether ``forward`` takes integer ids (categorical fields, tokens) instead of floating
+    features: the conformance kit then feeds its ``example_inputs`` as they are and expects a
+    floating input to be refused."""
 
     @abc.abstractmethod
     def forward(self, x: Tensor) -> Tensor: ...

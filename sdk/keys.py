@@ -135,9 +135,17 @@ OTHER_COMPONENT = "other_component"
 ``[B, 1, ...]`` (the imaginary part of a SAR pixel when the real part is fed, or the reverse),
 the target of a cross-component likelihood (``merlin_cross_component_nll``)."""
 
+GATE_LOGITS = "gate_logits"
+"""``Views.extras``: the mask predictors' logits of a dynamically pruned encoder's last forward,
+a tuple of ``L`` tensors ``[B, C_l]``, one per gated layer (``C_l`` its units or channels)."""
+
+GATE_TARGETS = "gate_targets"
+"""``Views.extras``: the self-supervised target masks of the same forward, a tuple of ``L``
+0/1 tensors ``[B, C_l]`` (detached), one per entry of :data:`GATE_LOGITS`."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
           GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK,
-          AUGMENTATION_PARAMS, CLASS_TEXT_FEATURES, MIXING_SOURCE,
-          OTHER_COMPONENT)
+          AUGMENTATION_PARAMS, CLASS_TEXT_FEATURES, MIXING_SOURCE, OTHER_COMPONENT,
+          GATE_LOGITS, GATE_TARGETS)

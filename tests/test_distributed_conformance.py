@@ -118,7 +118,8 @@ def test_per_sample_objectives_are_declared_so():
                           "temporal_distinctiveness", "augmentation_aware_discriminator",
                           "homologous_mixing_recognition", "part_whole_composability",
                           "dense_ap_loss", "merlin_cross_component_nll",
-                          "uncertainty_weighted_fusion", "filter2noise_single_image"}
+                          "uncertainty_weighted_fusion", "filter2noise_single_image",
+                          "ftwt_mask_predictor"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

@@ -20,14 +20,23 @@ LayerNorm and a linear prediction per token (MAE's decoder).
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from sdk import keys
 from sdk.errors import ConfigError, ShapeError
 from sdk.interfaces import Encoder
-from sdk.masking import gather_tokens, restore_tokens, sincos_1d, sincos_2d, split_visible
+from sdk.masking import (
+    check_mask,
+    gather_tokens,
+    restore_tokens,
+    sincos_1d,
+    sincos_2d,
+    split_visible,
+)
+from sdk.types import Batch, Views
 
 POSITIONS = ("sincos", "learned")
 POOLS = ("cls", "mean")
@@ -180,3 +189,35 @@ def check_tokens(owner: str, tokens: Any, width: int, length: int) -> Tensor:
                          "it saw every token; give it the masked input (the patch_masking "
                          "transform marks it with the visible ids)")
     return tokens
+
+
+class MaskedTokens(NamedTuple):
+    """What a masked-modelling objective reads: the encoder's tokens ``[B, 1 + K, D]`` (class
+    token first, the ``K`` visible tokens after it), the mask's ``ids_restore`` and ``mask``
+    ``[B, L]``, and the reconstruction target ``[B, L, P]``, each checked against the others."""
+
+    tokens: Tensor
+    ids_restore: Tensor
+    mask: Tensor
+    target: Tensor
+
+
+def masked_tokens(owner: str, views: Views, batch: Batch, *, width: int, length: int,
+                  target_dim: int, target: str = "the patches",
+                  target_param: str = "patch_dim") -> MaskedTokens:
+    """``Views.extras[keys.FEATURES]`` (:func:`check_tokens`), ``Batch.extras`` ``IDS_RESTORE``
+    and ``MASK`` (:func:`sdk.masking.check_mask`) and ``RECONSTRUCTION_TARGET`` ``[B, length,
+    target_dim]`` (``target``: what it holds, ``target_param``: the parameter giving its width,
+    both for the message) of one batch, or :class:`sdk.ShapeError` naming ``owner``. Metadata
+    only: no host-device sync."""
+    tokens = check_tokens(owner, views.extras[keys.FEATURES], width, length)
+    ids_restore, mask = batch.extras[keys.IDS_RESTORE], batch.extras[keys.MASK]
+    check_mask(owner, ids_restore, mask, length)
+    wanted = batch.extras[keys.RECONSTRUCTION_TARGET]
+    b = tokens.shape[0]
+    if (not isinstance(wanted, Tensor) or wanted.shape != (b, length, target_dim)
+            or ids_restore.shape[0] != b):
+        raise ShapeError(f"{owner}: Batch.extras[{keys.RECONSTRUCTION_TARGET!r}] must be {target} "
+                         f"[{b}, {length}, {target_dim}] ({target_param}) and the mask of {b} rows, "
+                         f"got {list(getattr(wanted, 'shape', []))} and {list(ids_restore.shape)}")
+    return MaskedTokens(tokens, ids_restore, mask, wanted)

@@ -151,3 +151,25 @@ def test_sincos_positions():
                                torch.cat([angles.sin(), angles.cos()]))
     with pytest.raises(ConfigError, match="divisible by 4"):
         masking.sincos_2d(6, (2, 2))
+
+
+def test_masked_tokens_reads_one_batch_and_names_the_owner_and_key_at_fault():
+    import attrs
+
+    from sdk import keys
+    from sdk.transformer import masked_tokens
+
+    g = torch.Generator().manual_seed(0)
+    views, batch = masking.example_masked_inputs(3, 16, 0.75, 8, 4, generator=g)
+    read = masked_tokens("objective 'x'", views, batch, width=8, length=16, target_dim=4)
+    assert read.tokens is views.extras[keys.FEATURES][0]
+    assert read.ids_restore is batch.extras[keys.IDS_RESTORE] and read.mask is batch.extras[keys.MASK]
+    assert read.target is batch.extras[keys.RECONSTRUCTION_TARGET]
+    with pytest.raises(ShapeError, match=r"^objective 'x': Batch.extras\['reconstruction_target'\] "
+                                         r"must be the patches \[3, 16, 5\] \(patch_dim\)"):
+        masked_tokens("objective 'x'", views, batch, width=8, length=16, target_dim=5)
+    short = attrs.evolve(batch, extras={**batch.extras, keys.MASK: batch.extras[keys.MASK][:, :8]})
+    with pytest.raises(ShapeError, match=r"^objective 'x': mask \[3, 8\] and ids_restore \[3, 16\]"):
+        masked_tokens("objective 'x'", views, short, width=8, length=16, target_dim=4)
+    with pytest.raises(ShapeError, match=r"^objective 'x': Views.extras\['features'\] must be"):
+        masked_tokens("objective 'x'", views, batch, width=9, length=16, target_dim=4)

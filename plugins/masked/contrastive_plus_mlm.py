@@ -22,8 +22,8 @@ from sdk.distributed import Gather, gather_with_grad, resolve_gather, world_size
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
-from sdk.masking import check_mask, gather_tokens, hidden_ids, random_mask
-from sdk.transformer import MaskedDecoder, check_tokens, transformer_blocks
+from sdk.masking import gather_tokens, hidden_ids, random_mask
+from sdk.transformer import MaskedDecoder, masked_tokens, transformer_blocks
 from sdk.types import Batch, Loss, Views
 
 
@@ -112,16 +112,10 @@ class ContrastivePlusMLM(Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         owner = "objective 'contrastive_plus_mlm'"
-        tokens = check_tokens(owner, views.extras[keys.FEATURES], self.embed_dim, self.num_tokens)
-        ids_restore, mask = batch.extras[keys.IDS_RESTORE], batch.extras[keys.MASK]
-        patches = batch.extras[keys.RECONSTRUCTION_TARGET]
-        check_mask(owner, ids_restore, mask, self.num_tokens)
-        b, n_visible = tokens.shape[0], tokens.shape[1] - 1
-        if patches.shape != (b, self.num_tokens, self.patch_dim) or ids_restore.shape[0] != b:
-            raise ShapeError(f"{owner}: Batch.extras[{keys.RECONSTRUCTION_TARGET!r}] must be the "
-                             f"patches [{b}, {self.num_tokens}, {self.patch_dim}] (patch_dim) and "
-                             f"the mask of {b} rows, got {list(patches.shape)} and "
-                             f"{list(ids_restore.shape)}")
+        tokens, ids_restore, mask, patches = masked_tokens(
+            owner, views, batch, width=self.embed_dim, length=self.num_tokens,
+            target_dim=self.patch_dim)
+        n_visible = tokens.shape[1] - 1
         if self.num_tokens - n_visible < 2:
             raise ShapeError(f"{owner}: {self.num_tokens - n_visible} hidden position per sample; "
                              "the contrastive term picks each target among the others, so at "

@@ -13,13 +13,12 @@ from annotated_types import Ge, Interval
 from sdk import keys
 from sdk.card import Card
 from sdk.distributed import gather_no_grad
-from sdk.errors import ConfigError, RequirementError, ShapeError
+from sdk.errors import ConfigError, RequirementError
 from sdk.events import State
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective, Transform
 from sdk.masking import (
     as_image,
-    check_mask,
     example_masked_inputs,
     masked_mse,
     normalized_patches,
@@ -29,7 +28,7 @@ from sdk.masking import (
     score_mask,
     visible,
 )
-from sdk.transformer import MaskedDecoder, check_tokens, transformer_blocks
+from sdk.transformer import MaskedDecoder, masked_tokens, transformer_blocks
 from sdk.types import Batch, Loss, Views, check_ids
 
 
@@ -103,15 +102,10 @@ class HardPatchMining(Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         owner = "objective 'hard_patch_mining'"
-        tokens = check_tokens(owner, views.extras[keys.FEATURES], self.embed_dim, self.num_patches)
-        ids_restore, mask = batch.extras[keys.IDS_RESTORE], batch.extras[keys.MASK]
-        patches = batch.extras[keys.RECONSTRUCTION_TARGET]
-        check_mask(owner, ids_restore, mask, self.num_patches)
+        tokens, ids_restore, mask, patches = masked_tokens(
+            owner, views, batch, width=self.embed_dim, length=self.num_patches,
+            target_dim=self.patch_dim)
         check_ids(owner, "Batch.index", batch.index)
-        if patches.shape != (*ids_restore.shape, self.patch_dim) or ids_restore.shape[0] != tokens.shape[0]:
-            raise ShapeError(f"{owner}: Batch.extras[{keys.RECONSTRUCTION_TARGET!r}] must be the "
-                             f"patches [{tokens.shape[0]}, {self.num_patches}, {self.patch_dim}], "
-                             f"got {list(patches.shape)}")
         if not torch.is_autocast_enabled(tokens.device.type):
             tokens = tokens.to(self.decoder.embed.weight.dtype)
         h = self.decoder.inputs(tokens, ids_restore)

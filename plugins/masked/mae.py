@@ -12,17 +12,15 @@ from annotated_types import Ge, Interval
 
 from sdk import keys
 from sdk.card import Card
-from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
 from sdk.masking import (
-    check_mask,
     example_masked_inputs,
     masked_mse,
     normalized_patches,
     reconstruction_layout,
 )
-from sdk.transformer import MaskedDecoder, check_tokens
+from sdk.transformer import MaskedDecoder, masked_tokens
 from sdk.types import Batch, Loss, Views
 
 
@@ -68,15 +66,9 @@ class MAE(Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         owner = "objective 'mae'"
-        tokens = check_tokens(owner, views.extras[keys.FEATURES], self.embed_dim, self.num_patches)
-        ids_restore, mask = batch.extras[keys.IDS_RESTORE], batch.extras[keys.MASK]
-        patches = batch.extras[keys.RECONSTRUCTION_TARGET]
-        check_mask(owner, ids_restore, mask, self.num_patches)
-        if patches.shape != (*ids_restore.shape, self.patch_dim) or ids_restore.shape[0] != tokens.shape[0]:
-            raise ShapeError(f"{owner}: Batch.extras[{keys.RECONSTRUCTION_TARGET!r}] must be the "
-                             f"patches [{tokens.shape[0]}, {self.num_patches}, {self.patch_dim}] "
-                             f"and the mask of {tokens.shape[0]} rows, got {list(patches.shape)} "
-                             f"and {list(ids_restore.shape)}")
+        tokens, ids_restore, mask, patches = masked_tokens(
+            owner, views, batch, width=self.embed_dim, length=self.num_patches,
+            target_dim=self.patch_dim)
         if not torch.is_autocast_enabled(tokens.device.type):  # bf16 tokens, float32 decoder
             tokens = tokens.to(self.decoder.embed.weight.dtype)
         prediction = self.decoder(tokens, ids_restore)

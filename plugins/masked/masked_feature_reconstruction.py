@@ -20,14 +20,13 @@ from sdk.errors import ConfigError, RequirementError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective, Transform
 from sdk.masking import (
-    check_mask,
     example_masked_inputs,
     masked_mean,
     random_mask,
     split_visible,
     visible,
 )
-from sdk.transformer import MaskedDecoder, check_tokens
+from sdk.transformer import MaskedDecoder, masked_tokens
 from sdk.types import Batch, Loss, Views
 
 DISTANCES = ("cosine", "mse")
@@ -82,17 +81,9 @@ class MaskedFeatureReconstruction(Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         owner = "objective 'masked_feature_reconstruction'"
-        tokens = check_tokens(owner, views.extras[keys.FEATURES], self.embed_dim, self.num_tokens)
-        ids_restore, mask = batch.extras[keys.IDS_RESTORE], batch.extras[keys.MASK]
-        target = batch.extras[keys.RECONSTRUCTION_TARGET]
-        check_mask(owner, ids_restore, mask, self.num_tokens)
-        b = tokens.shape[0]
-        if (not isinstance(target, Tensor) or target.shape != (b, self.num_tokens, self.target_dim)
-                or ids_restore.shape[0] != b):
-            raise ShapeError(f"{owner}: Batch.extras[{keys.RECONSTRUCTION_TARGET!r}] must be the "
-                             f"teacher's token features [{b}, {self.num_tokens}, {self.target_dim}] "
-                             f"(target_dim) and the mask of {b} rows, got "
-                             f"{list(getattr(target, 'shape', []))} and {list(ids_restore.shape)}")
+        tokens, ids_restore, mask, target = masked_tokens(
+            owner, views, batch, width=self.embed_dim, length=self.num_tokens,
+            target_dim=self.target_dim, target="the teacher's token features", target_param='target_dim')
         if not torch.is_autocast_enabled(tokens.device.type):
             tokens = tokens.to(self.decoder.embed.weight.dtype)
         prediction = self.decoder(tokens, ids_restore)

@@ -19,8 +19,8 @@ from sdk.distributed import Gather
 from sdk.errors import ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
-from sdk.masking import check_mask, masked_mean, random_mask, reconstruction_layout
-from sdk.transformer import MaskedDecoder, check_tokens
+from sdk.masking import masked_mean, random_mask, reconstruction_layout
+from sdk.transformer import MaskedDecoder, masked_tokens
 from sdk.types import Batch, Loss, Views
 
 
@@ -78,15 +78,10 @@ class MaskedReconstructionContrastive(Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         owner = "objective 'masked_reconstruction_contrastive'"
-        tokens = check_tokens(owner, views.extras[keys.FEATURES], self.embed_dim, self.num_patches)
-        ids_restore, mask = batch.extras[keys.IDS_RESTORE], batch.extras[keys.MASK]
-        patches = batch.extras[keys.RECONSTRUCTION_TARGET]
-        check_mask(owner, ids_restore, mask, self.num_patches)
+        tokens, ids_restore, mask, patches = masked_tokens(
+            owner, views, batch, width=self.embed_dim, length=self.num_patches,
+            target_dim=self.patch_dim)
         b = tokens.shape[0]
-        if patches.shape != (b, self.num_patches, self.patch_dim) or ids_restore.shape[0] != b:
-            raise ShapeError(f"{owner}: Batch.extras[{keys.RECONSTRUCTION_TARGET!r}] must be the "
-                             f"patches [{b}, {self.num_patches}, {self.patch_dim}] and the mask of "
-                             f"{b} rows, got {list(patches.shape)} and {list(ids_restore.shape)}")
         if views.batch_size != b:
             raise ShapeError(f"{owner}: Views.embeddings hold {views.batch_size} rows and the first "
                              f"view's tokens {b}")

@@ -19,8 +19,8 @@ from sdk.card import Card
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
-from sdk.masking import check_mask, example_masked_inputs, gather_tokens, hidden_ids
-from sdk.transformer import MaskedDecoder, check_tokens
+from sdk.masking import example_masked_inputs, gather_tokens, hidden_ids
+from sdk.transformer import MaskedDecoder, masked_tokens
 from sdk.types import Batch, Loss, Views
 
 
@@ -77,16 +77,10 @@ class MaskedSpectrogramPatchModeling(Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         owner = "objective 'masked_spectrogram_patch_modeling'"
-        tokens = check_tokens(owner, views.extras[keys.FEATURES], self.embed_dim, self.num_tokens)
-        ids_restore, mask = batch.extras[keys.IDS_RESTORE], batch.extras[keys.MASK]
-        patches = batch.extras[keys.RECONSTRUCTION_TARGET]
-        check_mask(owner, ids_restore, mask, self.num_tokens)
-        b, n_visible = tokens.shape[0], tokens.shape[1] - 1
-        if patches.shape != (b, self.num_tokens, self.patch_dim) or ids_restore.shape[0] != b:
-            raise ShapeError(f"{owner}: Batch.extras[{keys.RECONSTRUCTION_TARGET!r}] must be the "
-                             f"patches [{b}, {self.num_tokens}, {self.patch_dim}] (patch_dim) and "
-                             f"the mask of {b} rows, got {list(patches.shape)} and "
-                             f"{list(ids_restore.shape)}")
+        tokens, ids_restore, mask, patches = masked_tokens(
+            owner, views, batch, width=self.embed_dim, length=self.num_tokens,
+            target_dim=self.patch_dim)
+        n_visible = tokens.shape[1] - 1
         if self.num_tokens - n_visible < 2:
             raise ShapeError(f"{owner}: {self.num_tokens - n_visible} hidden patch per sample; the "
                              "discriminative term picks each among the others, so at least 2 must "

@@ -16,11 +16,11 @@ from torch import Tensor, nn
 
 from sdk import keys
 from sdk.card import Card
-from sdk.errors import ConfigError, ShapeError
+from sdk.errors import ConfigError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Objective
-from sdk.masking import check_mask, example_masked_inputs, masked_mse
-from sdk.transformer import MaskedDecoder, check_tokens
+from sdk.masking import example_masked_inputs, masked_mse
+from sdk.transformer import MaskedDecoder, masked_tokens
 from sdk.types import Batch, Loss, Views
 
 
@@ -76,16 +76,9 @@ class VQMaskedReconstruction(Objective):
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         owner = "objective 'vq_masked_reconstruction'"
-        tokens = check_tokens(owner, views.extras[keys.FEATURES], self.embed_dim, self.num_tokens)
-        ids_restore, mask = batch.extras[keys.IDS_RESTORE], batch.extras[keys.MASK]
-        patches = batch.extras[keys.RECONSTRUCTION_TARGET]
-        check_mask(owner, ids_restore, mask, self.num_tokens)
-        b = tokens.shape[0]
-        if patches.shape != (b, self.num_tokens, self.patch_dim) or ids_restore.shape[0] != b:
-            raise ShapeError(f"{owner}: Batch.extras[{keys.RECONSTRUCTION_TARGET!r}] must be the "
-                             f"patches [{b}, {self.num_tokens}, {self.patch_dim}] (patch_dim) and "
-                             f"the mask of {b} rows, got {list(patches.shape)} and "
-                             f"{list(ids_restore.shape)}")
+        tokens, ids_restore, mask, patches = masked_tokens(
+            owner, views, batch, width=self.embed_dim, length=self.num_tokens,
+            target_dim=self.patch_dim)
         if not torch.is_autocast_enabled(tokens.device.type):
             tokens = tokens.to(self.project.weight.dtype)
         z_q, codes, codebook_loss, commitment = vector_quantize(self.project(tokens), self.codebook)

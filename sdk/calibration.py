@@ -58,6 +58,45 @@ def check_fit_inputs(cal, scores: Tensor, labels: Tensor) -> None:
                          "classes present")
 
 
+RECIPE_INPUTS = ("logits", "probabilities", "features")
+"""The calibrator inputs a recipe (``paperplug run``) can give: the model's class scores, their
+softmax, or the representation the class scores are read from."""
+
+
+def check_recipe_calibrator(cal, *, supervised: bool, encoder: Any) -> None:
+    """Raise :class:`~sdk.errors.ConfigError` (key ``calibrator``) unless a recipe can fit
+    ``cal``: its ``inputs`` in :data:`RECIPE_INPUTS`, nothing more needed at fit time
+    (``fit_requires``), and for ``"features"`` in a supervised recipe an encoder with
+    ``features(x)``."""
+    from sdk.errors import ConfigError
+
+    who = owner(cal)
+    if cal.inputs not in RECIPE_INPUTS:
+        raise ConfigError(f"calibrator: {who} takes {cal.inputs!r} scores; a recipe calibrates "
+                          f"class scores ({', '.join(RECIPE_INPUTS)}): fit it from Python",
+                          path="calibrator")
+    if cal.fit_requires:
+        raise ConfigError(f"calibrator: {who} needs {sorted(cal.fit_requires)} at fit time, which "
+                          "a recipe's data source does not give: fit it from Python",
+                          path="calibrator")
+    if cal.inputs == "features" and supervised and not callable(getattr(encoder, "features", None)):
+        raise ConfigError(f"calibrator: {who} takes features, and the encoder "
+                          f"({type(encoder).__name__}) has no features(x) to give them",
+                          path="calibrator")
+
+
+def recipe_scores(cal, logits: Tensor, features: Tensor | None) -> Tensor:
+    """What a recipe gives ``cal``: ``Logits(logits)``, the softmax of ``logits`` as
+    ``Probabilities``, or ``features`` ``[N, D]``, as its ``inputs`` declares."""
+    from sdk.types import Logits, Probabilities
+
+    if cal.inputs == "logits":
+        return Logits(logits)
+    if cal.inputs == "probabilities":
+        return Probabilities(logits.softmax(-1))
+    return features
+
+
 def check_fitted(cal, x: Tensor, num_classes: int) -> None:
     """``x`` ``[N, C]`` must have the width the calibrator was fitted on (0: never fitted)."""
     if num_classes == 0:

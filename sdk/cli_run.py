@@ -97,12 +97,18 @@ def build(recipe: Any, splits: Any) -> dict[str, Any]:
             check_composition(objective, teacher)
         except ConfigError as exc:
             raise ConfigError(f"teacher: {exc}", path="teacher") from None
+    calibrator = optional("calibrator", "calibrator")
+    if calibrator is not None:
+        from sdk.calibration import check_recipe_calibrator
+
+        check_recipe_calibrator(calibrator, supervised=bool(objective.requires.get("logits")),
+                                encoder=encoder)
     return {
         "encoder": encoder, "objective": objective, "transforms": transforms,
         "teacher": teacher, "sampler": optional("sampler", "sampler"),
         "reweighter": optional("reweighter", "reweighter"),
         "scheduler": optional("schedule", "schedule"),
-        "calibrator": optional("calibrator", "calibrator"),
+        "calibrator": calibrator,
         "callbacks": [create(s, "callback", f"callbacks[{i}]", context)
                       for i, s in enumerate(recipe.callbacks)],
         "optimizer": build_optimizer(recipe.optimizer),
@@ -223,20 +229,18 @@ def prepare(recipe: Any, *, run_dir: str | Path | None = None,
     return Prepared(splits, parts, train_loader, trainer)
 
 
-def calibrate(calibrator: Any, cal_logits: Any, cal_labels: Any, test_logits: Any) -> Any:
-    """Fit ``calibrator`` on held-out logits (on their softmax for a calibrator that takes
-    probabilities, as its ``inputs`` declares) and return its calibrated probabilities of the
-    test logits."""
+def calibrate(calibrator: Any, cal_logits: Any, cal_labels: Any, test_logits: Any,
+              cal_features: Any = None, test_features: Any = None) -> Any:
+    """Fit ``calibrator`` on the held-out split's logits, their softmax or its features, as its
+    ``inputs`` declares (:func:`sdk.calibration.recipe_scores`), and return its calibrated
+    probabilities of the test split."""
     import torch
 
-    from sdk.types import Logits, Probabilities
+    from sdk.calibration import recipe_scores
 
-    def scores(z: Any) -> Any:
-        return Logits(z) if calibrator.inputs == "logits" else Probabilities(z.softmax(-1))
-
-    calibrator.fit(scores(cal_logits), cal_labels)
+    calibrator.fit(recipe_scores(calibrator, cal_logits, cal_features), cal_labels)
     with torch.no_grad():
-        return calibrator.predict_proba(scores(test_logits)).float()
+        return calibrator.predict_proba(recipe_scores(calibrator, test_logits, test_features)).float()
 
 
 def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
@@ -316,7 +320,13 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
     if calibrator is not None and cal_logits is not None:
         device = cal_logits.device
         cal_y, test_y = splits.calibration.y.to(device), splits.test.y.to(device)
-        after = calibrate(calibrator.to(device), cal_logits, cal_y, test_logits)
+        cal_feats = test_feats = None
+        if calibrator.inputs == "features":  # the representation the class scores come from
+            from_features = True if supervised else use_features
+            cal_feats = trainer.embed(ordered(splits.calibration), features=from_features)
+            test_feats = trainer.embed(ordered(splits.test), features=from_features)
+        after = calibrate(calibrator.to(device), cal_logits, cal_y, test_logits, cal_feats,
+                          test_feats)
         with torch.no_grad():
             before = test_logits.softmax(-1)
         summary.update(ece_before=metrics.ece(before, test_y), ece_after=metrics.ece(after, test_y),

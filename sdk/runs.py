@@ -85,11 +85,12 @@ class TrainedRun:
         logits = self.logits(x)
         if self.calibrator is None:
             return logits.softmax(-1)
-        from sdk.types import Logits, Probabilities
+        from sdk.calibration import recipe_scores
 
-        scores = Logits(logits) if self.calibrator.inputs == "logits" else Probabilities(
-            logits.softmax(-1))
-        return self.calibrator.predict_proba(scores)
+        features = None
+        if self.calibrator.inputs == "features":  # as the run fitted it (sdk.cli_run.calibrate)
+            features = self.embed(x, features=True if self.supervised else None)
+        return self.calibrator.predict_proba(recipe_scores(self.calibrator, logits, features))
 
 
 def load_run(run_dir: str | Path, *, allow_imports: bool = False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,44 @@ def test_recipe_runs_end_to_end(recipe, keys, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000003.pt"]
     # plain result lines, not a table, when CI is set
     assert "ECE after calibration: " in out and "┃" not in out
+
+
+@pytest.mark.parametrize("recipe", ["supervised_digits", "simclr_digits"])
+def test_a_calibrator_of_features_is_fitted_and_applied_on_the_representation(recipe, tmp_path,
+                                                                              capsys):
+    """RCAL takes features: the run fits it on the held-out split's representation (the
+    encoder's features; the probe's input in a self-supervised recipe) and the loaded run
+    predicts through the same path (a calibrator fed logits instead would see 10 columns)."""
+    import torch
+
+    from sdk.runs import load_run
+
+    code, out = run(capsys, "run", str(RECIPES / f"{recipe}.toml"), "--run-dir", str(tmp_path),
+                    "--set", "trainer.max_steps=3", "--set",
+                    "calibrator.name=rcal_gaussian_feature_sampling",
+                    "--set", "calibrator.samples_per_class=20")
+    assert code == 0, out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    trained = load_run(tmp_path)
+    from sdk.cli_run import load_splits
+
+    test = load_splits(trained.recipe.data).test
+    probs = trained.predict_proba(test.x)
+    accuracy = float((probs.argmax(-1) == test.y).float().mean())
+    assert accuracy == pytest.approx(summary["calibrated_accuracy"], abs=1e-6)
+    assert torch.allclose(probs.sum(-1), torch.ones(len(test.y), dtype=probs.dtype), atol=1e-5)
+
+
+@pytest.mark.parametrize(("calibrator", "why"), [
+    ("split_point_uq", "takes 'regression' scores"),
+    ("domain_specific_heads", r"needs \['domains'\] at fit time")])
+def test_a_calibrator_a_recipe_cannot_fit_is_refused_before_training(calibrator, why, tmp_path,
+                                                                     capsys):
+    code, err = fail(capsys, "run", str(RECIPES / "supervised_digits.toml"), "--run-dir",
+                     str(tmp_path), "--set", f"calibrator.name={calibrator}")
+    assert code == 2
+    assert re.search(rf"calibrator: calibrator '{calibrator}' {why}", err), err
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_overrides_are_type_checked(tmp_path, capsys):

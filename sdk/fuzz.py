@@ -363,6 +363,8 @@ def _invalid_sampler(p: _Plugin, case: Case, choice: int) -> None:
 # encoders ----------------------------------------------------------------------------------------
 def _encoder_input(enc: Encoder, case: Case) -> Tensor:
     g = torch.Generator().manual_seed(case.seed)
+    if enc.sequence:  # token ids [B, T], T = the case's width
+        return _device_inputs(torch.randint(0, enc.out_dim, (case.batch, case.dim), generator=g))
     own = getattr(enc, "example_inputs", None)
     x = own(case.batch, g) if callable(own) else torch.randn(case.batch, enc.in_dim, generator=g)
     dtype = torch.float64 if case.dtype == torch.float64 else torch.float32  # bfloat16: autocast
@@ -378,9 +380,9 @@ def _valid_encoder(p: _Plugin, case: Case) -> None:
         z = _try(p, repr(case), lambda: enc(x), refuse=not case.ordinary)
     if z is None:
         return
-    if z.shape != (x.shape[0], enc.out_dim):
-        raise _fail(p, "valid input", f"{case}: output {list(z.shape)}, expected "
-                    f"[{x.shape[0]}, {enc.out_dim}]")
+    want = (*x.shape[:2], enc.out_dim) if enc.sequence else (x.shape[0], enc.out_dim)
+    if z.shape != want:
+        raise _fail(p, "valid input", f"{case}: output {list(z.shape)}, expected {list(want)}")
     _finite(p, repr(case), "the output", z)
     params = [q for q in enc.parameters() if q.requires_grad]
     for i, grad in enumerate(torch.autograd.grad(z.float().pow(2).mean(), params, allow_unused=True)):
@@ -394,9 +396,14 @@ def _invalid_encoder(p: _Plugin, case: Case, choice: int) -> None:
     mutations = [
         ("an input of rank 1", x[0]),
         ("an input of rank 3", x[None]),
-        ("an input one column too wide", torch.cat([x, x[:, :1]], dim=1)),
-        ("an integer input", x.long()),
     ]
+    if enc.sequence:  # token ids: floats and ids past the vocabulary (CPU: see the objectives)
+        mutations.append(("a float input", x.float()))
+        if testing._DEVICE.type == "cpu":
+            mutations.append(("a token id past the vocabulary", x.clone().fill_(enc.out_dim)))
+    else:
+        mutations += [("an input one column too wide", torch.cat([x, x[:, :1]], dim=1)),
+                      ("an integer input", x.long())]
     what, bad = mutations[choice % len(mutations)]
     _expect_error(p, what, ("x",), lambda: enc(bad))
 

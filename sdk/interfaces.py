@@ -107,6 +107,11 @@ class Encoder(nn.Module, Constrained, abc.ABC):
     """
 
     out_dim: int
+    sequence: ClassVar[bool] = False
+    """Whether the encoder is a sequence model: ``forward`` takes token ids, long ``[B, T]`` in
+    ``[0, out_dim)``, and returns next-token scores ``[B, T, out_dim]`` (:mod:`sdk.sequence`),
+    which the Trainer passes to objectives as ``Views.logits``; the conformance kit feeds it
+    token ids."""
 
     @abc.abstractmethod
     def forward(self, x: Tensor) -> Tensor: ...

@@ -114,7 +114,17 @@ TOKEN_MASK = "token_mask"
 """``Batch.extras``: which positions of :data:`TOKEN_IDS` count, ``[B, T]`` (bool or 0/1; padding
 and prompt positions are 0); a mask of another shape than the tokens is an error."""
 
+REFERENCE_LOGPROBS = "reference_logprobs"
+"""``Batch.extras``: a frozen reference policy's log-probability of every token of
+:data:`TOKEN_IDS`, float ``[B, T]`` (detached; entry ``t`` is ``log pi_ref(x_t | x_<t)``, entry 0 is
+never read), as :func:`sdk.sequence.token_logprobs` computes it from the reference's logits."""
+
+REWARD = "reward"
+"""``Batch.extras``: a scalar reward of each sequence of :data:`TOKEN_IDS`, float ``[B]``
+(a reward model's score or a verifier's 0/1)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
-          GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK)
+          GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK,
+          REFERENCE_LOGPROBS, REWARD)

@@ -17,9 +17,9 @@ are judged against is in ``Batch.extras``:
 **Preference pairs** are two consecutive rows: row ``2p`` is pair ``p``'s preferred (chosen)
 response and row ``2p + 1`` its dispreferred (rejected) one to the same prompt, so a batch of
 ``P`` pairs has ``2P`` rows (:func:`pairs`). A loader keeps a pair together by making each
-dataset item one pair and flattening it in its ``collate_fn``; a pair objective's
-``Loss.per_sample`` gives each of a pair's two rows half the pair's loss, so its mean over the
-rows is the mean over the pairs.
+dataset item one pair and flattening it in its ``collate_fn`` (so under DDP a pair never
+straddles two ranks); a pair objective's ``Loss.per_sample`` gives each of a pair's two rows the
+pair's loss, so its mean over the rows is the mean over the pairs.
 
 :func:`read` returns the shifted, checked :class:`Tokens` (targets, their log-probabilities in
 float32 and the mask, all ``[B, T - 1]``); a wrong shape or dtype raises
@@ -160,5 +160,5 @@ def pairs(owner: str, values: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def per_pair_rows(loss: Tensor) -> Tensor:
-    """A pair loss ``[P]`` as per-row losses ``[2P]``: half of it on each of the pair's rows."""
-    return (0.5 * loss).repeat_interleave(2)
+    """A pair loss ``[P]`` as per-row losses ``[2P]``: the pair's loss on each of its two rows."""
+    return loss.repeat_interleave(2)

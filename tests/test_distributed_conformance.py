@@ -116,7 +116,8 @@ def test_per_sample_objectives_are_declared_so():
                           "t_jepa", "dynamic_multilabel_memory", "ms_ssim_loss",
                           "deep_unfolded_ista_iht", "intra_inter_correlation",
                           "temporal_distinctiveness", "asft_absolute_likelihood",
-                          "one_token_rollout", "rso_rejection_sampling"}
+                          "one_token_rollout", "rso_rejection_sampling",
+                          "score_two_turn_rl"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

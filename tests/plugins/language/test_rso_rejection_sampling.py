@@ -40,6 +40,20 @@ def test_first_acceptance_probability_is_the_closed_form():
     assert abs(freq - q) < 4 * (q * (1 - q) / n) ** 0.5
 
 
+def test_later_rounds_compare_with_the_best_remaining_candidate():
+    """Candidates (low, mid, high): the order (high, mid, low) needs round 1 to accept neither
+    low nor mid, and round 2, whose best remaining is mid, not to accept low:
+    (1 - q(l, h)) (1 - q(m, h)) (1 - q(l, m)), q(a, b) = exp((r_a - r_b) / beta)."""
+    n, beta, r = 40000, 0.5, torch.tensor([0.0, 0.1, 1.0])
+    order = statistical_rejection_sampling(r.expand(n, 3), num_accept=3, beta=beta,
+                                           generator=torch.Generator().manual_seed(2))
+    q = lambda a, b: torch.exp((r[a] - r[b]) / beta).item()  # noqa: E731
+    want = (1 - q(0, 2)) * (1 - q(1, 2)) * (1 - q(0, 1))
+    freq = (order == torch.tensor([2, 1, 0])).all(1).double().mean().item()
+    assert abs(freq - want) < 4 * (want * (1 - want) / n) ** 0.5 and want > 0.05
+    assert (order.sort(1).values == torch.arange(3)).all()  # M = N: every candidate, once
+
+
 def test_accepted_samples_follow_the_optimal_policy_and_beta_to_infinity_is_sft():
     g = torch.Generator().manual_seed(1)
     k, prompts, n, beta = 12, 3000, 64, 0.5
@@ -105,6 +119,8 @@ def test_hinge_is_zero_past_the_margin_and_the_policy_equal_to_the_reference_cos
     same = batch.evolve(extras={**batch.extras, keys.REFERENCE_LOGPROBS: ref})
     value = sdk.create("objective", "rso_rejection_sampling")(Views(logits=logits), same).value
     assert torch.allclose(value.double(), torch.log(torch.tensor(2.0, dtype=torch.float64)))
+    hinge = sdk.create("objective", "rso_rejection_sampling", loss="hinge")(Views(logits=logits), same)
+    assert torch.allclose(hinge.value.double(), torch.tensor(1.0, dtype=torch.float64))  # h = 0
     shifted = ref.clone()
     shifted[1::2, 2:] += 10.0  # rejected responses far likelier under pi_sft: h >> 1
     hinge = sdk.create("objective", "rso_rejection_sampling", gamma=1.0, loss="hinge")

@@ -123,8 +123,14 @@ REWARD = "reward"
 """``Batch.extras``: a scalar reward of each sequence of :data:`TOKEN_IDS`, float ``[B]``
 (a reward model's score or a verifier's 0/1)."""
 
+RETRIEVAL_SCORES = "retrieval_scores"
+"""``Batch.extras``: a frozen retriever's scores (logits) of each sample's generated sequence
+against ``M`` candidate items, float ``[B, M]`` (detached; e.g. CLIP's scaled cosine of a caption
+with every image of the batch); ``Batch.targets`` is the column of the item it was generated from
+(``discriminative_finetune``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
           GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK,
-          REFERENCE_LOGPROBS, REWARD)
+          REFERENCE_LOGPROBS, REWARD, RETRIEVAL_SCORES)

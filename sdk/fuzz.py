@@ -19,6 +19,8 @@ transforms, reweighters, calibrators, and metrics that give ``example_inputs``):
   its out-of-range id; every other objective must refuse ``-1``. Ids out
   of range in a training step are tried on CPU only (on CUDA the device asserts; checking
   first would cost a host sync per call).
+* **sequence encoders** (``Encoder.sequence``) get token ids ``[B, T]`` and must return
+  ``[B, T, out_dim]``; float inputs and ids past the vocabulary are their invalid inputs.
 * **non-finite inputs** (NaN or inf in embeddings or logits) are not checked by plugins (that
   would cost a host sync per call): an objective's loss must come out non-finite, so the
   engine's guard sees it, or it raises a paperplug error.

@@ -119,10 +119,8 @@ def read(owner: str, views: Views, batch: Batch) -> Tokens:
         got = _shape(mask) if isinstance(mask, Tensor) else type(mask).__name__
         raise ShapeError(f"{owner}: extras[{keys.TOKEN_MASK!r}] must have the shape of "
                          f"extras[{keys.TOKEN_IDS!r}] {_shape(ids)}, got {got}")
-    elif mask.is_floating_point() and mask.dtype != torch.bool:
-        mask = mask != 0
     else:
-        mask = mask.bool()
+        mask = mask.bool()  # nonzero counts
     ids = ids.long()
     try:
         logprobs = token_logprobs(logits, ids)

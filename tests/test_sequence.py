@@ -9,7 +9,7 @@ import torch
 
 import sdk
 from sdk import keys, sequence
-from sdk.interfaces import Objective
+from sdk.interfaces import Callback, Objective
 from sdk.types import Batch, Loss, Views
 
 
@@ -114,6 +114,22 @@ def test_trainer_passes_sequence_logits_and_the_causal_lm_learns():
     ids = torch.stack([item["x"] for item in _successor_data(n=8, vocab=vocab, seed=1)])
     pred = trainer.predict([{"x": ids}]).argmax(-1)
     assert pred.shape == (8, 10) and torch.equal(pred[:, :-1], ids[:, 1:])
+
+
+class SeenViews(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def after_forward(self, state):  # a per-step listener: the Trainer's general loop
+        self.seen.append((state.views.embeddings, tuple(state.views.logits.shape)))
+
+
+def test_the_general_loop_passes_sequence_logits_too():
+    enc = sdk.create("encoder", "causal_lm", vocab_size=12, max_len=16, embed_dim=16, depth=1)
+    rec = SeenViews()
+    loader = torch.utils.data.DataLoader(_successor_data(n=8), batch_size=4)
+    sdk.Trainer(enc, TokenNLL(), callbacks=[rec], max_steps=2, progress=False).fit(loader)
+    assert rec.seen == [((), (4, 10, 12))] * 2
 
 
 def test_causal_lm_is_causal_and_checks_its_input():

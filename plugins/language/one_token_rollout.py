@@ -48,7 +48,8 @@ def otr_token_loss(logp: torch.Tensor, targets: torch.Tensor, samples: torch.Ten
 class OneTokenRollout(Objective):
     """OTR on a sequence model's ``Views.logits`` ``[B, T, V]`` against
     ``Batch.extras[TOKEN_IDS]``, averaged over the counted targets of ``TOKEN_MASK``
-    (:mod:`sdk.sequence`) as SFT's token NLL is. Draws from torch's global generator."""
+    (:mod:`sdk.sequence`) as SFT's token NLL is; ``Loss.per_sample`` is each sequence's mean over
+    its counted targets. Draws from torch's global generator."""
 
     requires = {"logits": True, "extras": (keys.TOKEN_IDS,)}
     consumes = frozenset({Input.LOGITS})

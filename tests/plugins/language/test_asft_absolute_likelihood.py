@@ -2,6 +2,7 @@
 (value and gradient); lam = 0 is SFT's token NLL; the gradient in probability space the paper
 derives; on the tiny causal transformer it lowers the rejected responses below what SFT does."""
 
+import functools
 import math
 
 import pytest
@@ -123,3 +124,25 @@ def test_on_the_tiny_transformer_rejected_responses_fall_below_sft():
     # measured: SFT (-0.26, -4.28), ASFT lam=1 (-0.22, -4.53) as (chosen, rejected) mean log p
     assert asft_w > math.log(0.7) and sft_w > math.log(0.7)  # both learn the chosen responses
     assert asft_l < sft_l - 0.1  # ASFT pushes the rejected ones down further
+
+
+def test_through_the_trainer_with_one_pair_per_dataset_item():
+    """Each item is a pair [2, T]; the collate_fn flattens a batch of P items into 2P rows
+    (chosen, rejected, chosen, ...), as sdk.sequence lays pairs out."""
+    torch.manual_seed(0)
+    vocab, t = 10, 8
+    start = torch.randint(0, vocab, (16, 1))
+    up, down = (start + torch.arange(t)) % vocab, (start - torch.arange(t)) % vocab
+    items = list(torch.stack([up, down], 1))
+
+    def collate(pairs):
+        ids = torch.stack(pairs).reshape(-1, t)
+        return {"x": ids, keys.TOKEN_IDS: ids}
+
+    loader = torch.utils.data.DataLoader(items, batch_size=4, shuffle=True, collate_fn=collate)
+    enc = sdk.create("encoder", "causal_lm", vocab_size=vocab, max_len=t, embed_dim=16, depth=1)
+    trainer = sdk.Trainer(enc, sdk.create("objective", "asft_absolute_likelihood"),
+                          functools.partial(torch.optim.Adam, lr=1e-2), max_steps=15, progress=False)
+    before = trainer.evaluate(loader)["loss"]
+    trainer.fit(loader)
+    assert trainer.evaluate(loader)["loss"] < 0.7 * before

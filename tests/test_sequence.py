@@ -100,7 +100,7 @@ def _successor_data(n=64, t=10, vocab=12, seed=0):
 def test_trainer_passes_sequence_logits_and_the_causal_lm_learns():
     torch.manual_seed(0)
     vocab = 12
-    enc = sdk.create("encoder", "causal_lm", vocab_size=vocab, max_len=16, embed_dim=32, depth=1)
+    enc = sdk.create("encoder", "causal_lm", vocab_size=vocab, max_len=16, embed_dim=16, depth=1)
     obj = TokenNLL()
     loader = torch.utils.data.DataLoader(_successor_data(n=32, vocab=vocab), batch_size=16, shuffle=True)
     trainer = sdk.Trainer(enc, obj, functools.partial(torch.optim.Adam, lr=2e-2), max_steps=25,

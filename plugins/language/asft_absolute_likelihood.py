@@ -78,8 +78,8 @@ CARD = Card(
     left_out="The LLM fine-tuning (Llama3 on UltraFeedback and HH-RLHF) and its MT-Bench / BLEU / "
              "ROUGE evaluation. The SFT term is the chosen response's length-normalised NLL (the "
              "token mean of each response, averaged over the pairs), so it equals the batch's token "
-             "mean only when the responses have equal lengths; lam = 0.1 follows ORPO's setting, "
-             "which ASFT is compared under.",
+             "mean only when the responses have equal lengths; lam = 0.1 is ORPO's weight (the ASFT "
+             "paper's own value could not be confirmed here).",
 )
 
 

@@ -31,7 +31,9 @@ How a model provides what objectives need (see :mod:`sdk.keys` for the extras):
   ``Views.extras[keys.FEATURES]`` holds ``features(x_v)``; an Encoder without a ``head`` gets the
   extra only when the objective requires ``extras=(keys.FEATURES,)``.
 * **logits**: when the objective requires logits, the encoder's output on the first view *is*
-  the logits (a supervised model's ``out_dim`` is the number of classes).
+  the logits (a supervised model's ``out_dim`` is the number of classes). A sequence model's
+  output ``[B, T, V]`` (next-token scores, :mod:`sdk.sequence`) is the logits only: it is no
+  ``[B, D]`` embedding, so ``Views.embeddings`` is then empty.
 * **teacher**: ``Teacher.attach(encoder)`` when the first fit starts; a teacher that
   ``encodes_views`` gives ``Views.extras[keys.TEACHER] = teacher(x_v)`` per view; its
   ``memory()`` (queues, memory banks) is merged into ``Views.extras``. Validation
@@ -971,6 +973,8 @@ class Trainer:
             if index is not None:
                 extras[keys.UNLABELED_INDEX] = index
         logits = embeddings[0] if self._needs_logits else None
+        if logits is not None and logits.dim() == 3:  # a sequence model's [B, T, V]
+            embeddings = ()
         trusted = events and self._checked  # training after the first, validated micro-batch
         views = (_unchecked_views if trusted else Views)(embeddings=embeddings, extras=extras,
                                                           logits=logits)
@@ -1139,6 +1143,8 @@ class Trainer:
             state.x = x
             embeddings = tuple(map(encode, [x] * n_views))
             first = embeddings[0] if logits else None
+            if first is not None and first.dim() == 3:  # a sequence model's [B, T, V]
+                embeddings = ()
             if self._checked:
                 state.batch = batch
                 state.views = views = _unchecked_views(embeddings=embeddings, logits=first)
@@ -1635,7 +1641,7 @@ class Trainer:
             from sdk import metrics
 
             z, y = torch.cat(logits), torch.cat(targets)
-            if y.dim() == 1:
+            if y.dim() == 1 and z.dim() == 2:  # class scores (not a sequence's [N, T, V])
                 probs = z.softmax(-1)
                 out.update(accuracy=metrics.accuracy(probs, y), nll=metrics.nll(probs, y),
                            ece=metrics.ece(probs, y))

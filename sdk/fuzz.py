@@ -19,6 +19,8 @@ transforms, reweighters, calibrators, and metrics that give ``example_inputs``):
   its out-of-range id; every other objective must refuse ``-1``. Ids out
   of range in a training step are tried on CPU only (on CUDA the device asserts; checking
   first would cost a host sync per call).
+* **sequence encoders** (``Encoder.sequence``) get token ids ``[B, T]`` and must return
+  ``[B, T, out_dim]``; float inputs and ids past the vocabulary are their invalid inputs.
 * **non-finite inputs** (NaN or inf in embeddings or logits) are not checked by plugins (that
   would cost a host sync per call): an objective's loss must come out non-finite, so the
   engine's guard sees it, or it raises a paperplug error.
@@ -363,6 +365,8 @@ def _invalid_sampler(p: _Plugin, case: Case, choice: int) -> None:
 # encoders ----------------------------------------------------------------------------------------
 def _encoder_input(enc: Encoder, case: Case) -> Tensor:
     g = torch.Generator().manual_seed(case.seed)
+    if enc.sequence:  # token ids [B, T], T = the case's width
+        return _device_inputs(torch.randint(0, enc.out_dim, (case.batch, case.dim), generator=g))
     own = getattr(enc, "example_inputs", None)
     x = own(case.batch, g) if callable(own) else torch.randn(case.batch, enc.in_dim, generator=g)
     if enc.takes_ids:  # ids are not perturbed or cast
@@ -380,9 +384,9 @@ def _valid_encoder(p: _Plugin, case: Case) -> None:
         z = _try(p, repr(case), lambda: enc(x), refuse=not case.ordinary)
     if z is None:
         return
-    if z.shape != (x.shape[0], enc.out_dim):
-        raise _fail(p, "valid input", f"{case}: output {list(z.shape)}, expected "
-                    f"[{x.shape[0]}, {enc.out_dim}]")
+    want = (*x.shape[:2], enc.out_dim) if enc.sequence else (x.shape[0], enc.out_dim)
+    if z.shape != want:
+        raise _fail(p, "valid input", f"{case}: output {list(z.shape)}, expected {list(want)}")
     _finite(p, repr(case), "the output", z)
     params = [q for q in enc.parameters() if q.requires_grad]
     for i, grad in enumerate(torch.autograd.grad(z.float().pow(2).mean(), params, allow_unused=True)):
@@ -396,9 +400,15 @@ def _invalid_encoder(p: _Plugin, case: Case, choice: int) -> None:
     mutations = [
         ("an input of rank 1", x[0]),
         ("an input of rank 3", x[None]),
-        ("an input one column too wide", torch.cat([x, x[:, :1]], dim=1)),
-        ("a floating input", x.float()) if enc.takes_ids else ("an integer input", x.long()),
     ]
+    if enc.sequence:  # token ids: floats and ids past the vocabulary (CPU: see the objectives)
+        mutations.append(("a float input", x.float()))
+        if testing._DEVICE.type == "cpu":
+            mutations.append(("a token id past the vocabulary", x.clone().fill_(enc.out_dim)))
+    else:
+        mutations += [("an input one column too wide", torch.cat([x, x[:, :1]], dim=1)),
+                      ("a floating input", x.float()) if enc.takes_ids
+                      else ("an integer input", x.long())]
     what, bad = mutations[choice % len(mutations)]
     _expect_error(p, what, ("x",), lambda: enc(bad))
 

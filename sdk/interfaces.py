@@ -111,6 +111,11 @@ class Encoder(nn.Module, Constrained, abc.ABC):
     """Whether ``forward`` takes integer ids (categorical fields, tokens) instead of floating
     features: the conformance kit then feeds its ``example_inputs`` as they are and expects a
     floating input to be refused."""
+    sequence: ClassVar[bool] = False
+    """Whether the encoder is a sequence model: ``forward`` takes token ids, long ``[B, T]`` in
+    ``[0, out_dim)``, and returns next-token scores ``[B, T, out_dim]`` (:mod:`sdk.sequence`),
+    which the Trainer passes to objectives as ``Views.logits``; the conformance kit feeds it
+    token ids."""
 
     @abc.abstractmethod
     def forward(self, x: Tensor) -> Tensor: ...

@@ -143,9 +143,24 @@ GATE_TARGETS = "gate_targets"
 """``Views.extras``: the self-supervised target masks of the same forward, a tuple of ``L``
 0/1 tensors ``[B, C_l]`` (detached), one per entry of :data:`GATE_LOGITS`."""
 
+REFERENCE_LOGPROBS = "reference_logprobs"
+"""``Batch.extras``: a frozen reference policy's log-probability of every token of
+:data:`TOKEN_IDS`, float ``[B, T]`` (detached; entry ``t`` is ``log pi_ref(x_t | x_<t)``, entry 0 is
+never read), as :func:`sdk.sequence.token_logprobs` computes it from the reference's logits."""
+
+REWARD = "reward"
+"""``Batch.extras``: a scalar reward of each sequence of :data:`TOKEN_IDS`, float ``[B]``
+(a reward model's score or a verifier's 0/1)."""
+
+RETRIEVAL_SCORES = "retrieval_scores"
+"""``Batch.extras``: a frozen retriever's scores (logits) of each sample's generated sequence
+against ``M`` candidate items, float ``[B, M]`` (detached; e.g. CLIP's scaled cosine of a caption
+with every image of the batch); ``Batch.targets`` is the column of the item it was generated from
+(``discriminative_finetune``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
           GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK,
           AUGMENTATION_PARAMS, CLASS_TEXT_FEATURES, MIXING_SOURCE, OTHER_COMPONENT,
-          GATE_LOGITS, GATE_TARGETS)
+          GATE_LOGITS, GATE_TARGETS, REFERENCE_LOGPROBS, REWARD, RETRIEVAL_SCORES)

@@ -167,6 +167,8 @@ def _default_inputs(plugin: Any, g: torch.Generator) -> Any:
         return (Views(embeddings=(torch.randn(BATCH, DIM, generator=g),
                                   torch.randn(BATCH, DIM, generator=g))),
                 Batch(targets=torch.arange(BATCH) % CLASSES, index=torch.arange(BATCH)))
+    if isinstance(plugin, Encoder) and plugin.sequence:  # token ids [B, T]
+        return torch.randint(0, plugin.out_dim, (BATCH, 12), generator=g)
     if isinstance(plugin, Encoder):
         in_dim = getattr(plugin, "in_dim", None)
         if in_dim is None:
@@ -333,8 +335,9 @@ def _check_encoder(name: str, make: Callable[[], Any]) -> None:
     enc = make()
     x = example_inputs(enc)
     z = enc(x)
-    if z.dim() != 2 or z.shape != (x.shape[0], enc.out_dim):
-        raise _fail(name, "output", f"shape {list(z.shape)}, expected [{x.shape[0]}, {enc.out_dim}]")
+    want = (*x.shape[:2], enc.out_dim) if enc.sequence else (x.shape[0], enc.out_dim)
+    if z.shape != want:
+        raise _fail(name, "output", f"shape {list(z.shape)}, expected {list(want)}")
     z.pow(2).mean().backward()
     if not any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters()):
         raise _fail(name, "gradient", "no parameter received a gradient")

@@ -99,7 +99,8 @@ def check_ids(owner: str, field: str, ids: Tensor, high: int | None = None) -> N
 class Views:
     """Model outputs for one batch.
 
-    ``embeddings``: one ``[B, D]`` tensor per view; ``logits``: ``[B, C]`` class scores;
+    ``embeddings``: one ``[B, D]`` tensor per view; ``logits``: ``[B, C]`` class scores, or a
+    sequence model's next-token scores ``[B, T, V]`` (:mod:`sdk.sequence`);
     ``extras``: further named outputs (e.g. :data:`sdk.keys.TEACHER`: the teacher's embeddings
     per view, :data:`sdk.keys.FEATURES`: backbone features before the projection head).
     """
@@ -122,8 +123,9 @@ class Views:
             raise ShapeError(f"Views.embeddings: all views must share one shape [B, D]; got {shapes}")
         _tensor_or_none("Views", "logits", self.logits)
         if self.logits is not None:
-            if self.logits.dim() != 2:
-                raise ShapeError(f"Views.logits: expected shape [B, C], got {_shape(self.logits)}")
+            if self.logits.dim() not in (2, 3):
+                raise ShapeError(f"Views.logits: expected shape [B, C] (or a sequence's [B, T, V]), "
+                                 f"got {_shape(self.logits)}")
             if sizes and self.logits.shape[0] != sizes[0][0]:
                 raise ShapeError(f"Views.logits: batch size {self.logits.shape[0]} does not match "
                                  f"embeddings' batch size {sizes[0][0]}")

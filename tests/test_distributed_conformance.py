@@ -119,7 +119,9 @@ def test_per_sample_objectives_are_declared_so():
                           "homologous_mixing_recognition", "part_whole_composability",
                           "dense_ap_loss", "merlin_cross_component_nll",
                           "uncertainty_weighted_fusion", "filter2noise_single_image",
-                          "ftwt_mask_predictor"}
+                          "ftwt_mask_predictor", "asft_absolute_likelihood",
+                          "one_token_rollout", "rso_rejection_sampling",
+                          "score_two_turn_rl"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

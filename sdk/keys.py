@@ -114,7 +114,13 @@ TOKEN_MASK = "token_mask"
 """``Batch.extras``: which positions of :data:`TOKEN_IDS` count, ``[B, T]`` (bool or 0/1; padding
 and prompt positions are 0); a mask of another shape than the tokens is an error."""
 
+ATTRIBUTE = "attribute"
+"""``Batch.extras``: the class id ``[B]`` (long) of a nuisance attribute of each sample (its
+speaker, its domain, its source corpus) that an adversary predicts from the features and the
+encoder learns to hide (``gradient_reversal_disentangle``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
-          GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK)
+          GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK,
+          ATTRIBUTE)

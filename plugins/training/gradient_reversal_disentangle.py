@@ -3,7 +3,7 @@ reads the features through a gradient-reversal layer, so one optimizer step trai
 classifier to predict the attribute and the encoder to hide it.
 
 Zhao, Wang, Chao, Wu & Meng, "Adversarial Speaker Disentanglement Using Unannotated External
-Data for Self-supervised Representation Based Voice Conversion", ICME 2023 (arXiv:2305.09167):
+Data for Self-supervised Representation Based Voice Conversion", 2023 (arXiv:2305.09167):
 a discriminator tells whether content embeddings come from the target speaker or from external,
 unannotated corpora, and the content path learns to remove that speaker information; the
 reversal layer is Ganin & Lempitsky's (ICML 2015, arXiv:1409.7495).

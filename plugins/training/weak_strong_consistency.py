@@ -4,7 +4,7 @@ teacher's class distribution, and the teacher's pseudo-labels guide a supervised
 the student's strong-view features, so what strong augmentation erased is taken from the weak
 view.
 
-Yang, Tang, Ye, Zhu et al., "Rethinking Weak-to-Strong Augmentation in Source-Free Domain
+Tang, Yang, Ye, Wang, Gan & Zhu, "Rethinking Weak-to-Strong Augmentation in Source-Free Domain
 Adaptive Object Detection" (WSCoL), arXiv:2410.05557 v1 (later versions: "Source-Free Domain
 Adaptive Object Detection with Semantics Compensation", WSCo); the consistency term is the
 authors' code's ``st_const`` (``KL(p_teacher_weak || p_student_strong)``, batch mean, weight 1)

@@ -26,6 +26,9 @@
   (Hinton et al. 2015, arXiv:1503.02531).
 * **Decoupled softmax** (:func:`decoupled_log_probs`): each positive class against the
   negatives only (multi-label retrieval, mixed classes of a mixup).
+* **In-place softmax kernels** (:func:`log_softmax_`, :func:`softmax_backward_`): ATen's fused
+  log-softmax and softmax backward written into their input on the CPU (one ``[B, C]`` buffer
+  fewer in the closed-form gradients of ``anyloss`` and ``ldr_kl_loss``).
 """
 
 from __future__ import annotations
@@ -256,3 +259,21 @@ def decoupled_log_probs(scores: Tensor, positive: Tensor) -> Tensor:
     s = upcast(scores)
     negatives = torch.logsumexp(s.masked_fill(positive, torch.finfo(s.dtype).min), -1, keepdim=True)
     return torch.where(positive, s - torch.logaddexp(negatives, s), 0.0)
+
+
+def log_softmax_(x: Tensor) -> Tensor:
+    """``log_softmax(x, -1)`` written into ``x`` on the CPU, where ATen's kernel reads each row
+    (its max and sum) before writing it (bit-equal to the out-of-place result; no second
+    ``[B, C]`` buffer); a new tensor on other devices."""
+    if x.device.type != "cpu":
+        return torch.log_softmax(x, -1)
+    return torch.ops.aten._log_softmax.out(x, -1, False, out=x)
+
+
+def softmax_backward_(grad: Tensor, p: Tensor) -> Tensor:
+    """``p (grad - sum_k grad_k p_k)`` over the last dim (the softmax's backward, ``p`` its
+    output) in ATen's fused kernel, written into ``grad`` on the CPU as :func:`log_softmax_`;
+    a new tensor on other devices."""
+    if grad.device.type != "cpu":
+        return torch._softmax_backward_data(grad, p, p.dim() - 1, p.dtype)
+    return torch.ops.aten._softmax_backward_data.out(grad, p, p.dim() - 1, p.dtype, grad_input=grad)

@@ -158,9 +158,15 @@ against ``M`` candidate items, float ``[B, M]`` (detached; e.g. CLIP's scaled co
 with every image of the batch); ``Batch.targets`` is the column of the item it was generated from
 (``discriminative_finetune``)."""
 
+ATTRIBUTE = "attribute"
+"""``Batch.extras``: the class id ``[B]`` (long) of a nuisance attribute of each sample (its
+speaker, its domain, its source corpus) that an adversary predicts from the features and the
+encoder learns to hide (``gradient_reversal_disentangle``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
           GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK,
           AUGMENTATION_PARAMS, CLASS_TEXT_FEATURES, MIXING_SOURCE, OTHER_COMPONENT,
-          GATE_LOGITS, GATE_TARGETS, REFERENCE_LOGPROBS, REWARD, RETRIEVAL_SCORES)
+          GATE_LOGITS, GATE_TARGETS, REFERENCE_LOGPROBS, REWARD, RETRIEVAL_SCORES,
+          ATTRIBUTE)

@@ -141,3 +141,17 @@ def test_the_kit_fuzzes_unknown_rows_only_for_objectives_that_accept_them():
         named = [m[0] for m in sdk.fuzz._objective_mutations(obj, views, batch, torch.Generator())]
         assert any(w.startswith(bad) for w in named)
     sdk.testing.check_plugin("objective", "toy", registry=_unknown_registry(True), fuzz=0)
+
+
+@pytest.mark.parametrize("c", [3, 17, 1000])
+def test_in_place_softmax_kernels_equal_the_out_of_place_ones(c):
+    g = torch.Generator().manual_seed(c)
+    for dtype in (torch.float64, torch.float32):
+        x = 5 * torch.randn(33, c, generator=g, dtype=dtype)
+        grad, p = torch.randn(33, c, generator=g, dtype=dtype), torch.softmax(x, -1)
+        want_lsm, want_bwd = torch.log_softmax(x, -1), p * (grad - (grad * p).sum(-1, keepdim=True))
+        buf = x.clone()
+        assert cls.log_softmax_(buf).data_ptr() == buf.data_ptr() and torch.equal(buf, want_lsm)
+        buf = grad.clone()
+        assert cls.softmax_backward_(buf, p).data_ptr() == buf.data_ptr()
+        assert torch.allclose(buf, want_bwd, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-7)

@@ -121,7 +121,8 @@ def test_per_sample_objectives_are_declared_so():
                           "uncertainty_weighted_fusion", "filter2noise_single_image",
                           "ftwt_mask_predictor", "asft_absolute_likelihood",
                           "one_token_rollout", "rso_rejection_sampling",
-                          "score_two_turn_rl"}
+                          "score_two_turn_rl",
+                          "gradient_reversal_disentangle"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

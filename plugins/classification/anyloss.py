@@ -38,7 +38,8 @@ class _AmplifiedSums(torch.autograd.Function):
     matrix), with ``p = softmax(z)`` (``softmax``) or ``sigmoid(z)``. Keeps ``p`` only (``y~`` is
     recomputed); the gradient in closed form, ``dL/dy~_ic = dL/dS_c + dL/dTP_c y_ic``,
     ``dy~/dp = L y~ (1 - y~)``, then through softmax ``p (g - sum_k g_k p_k)`` or sigmoid
-    ``g p (1 - p)``, in one ``[N, C]`` tensor."""
+    ``g p (1 - p)``, in one ``[N, C]`` tensor (on the CPU), each factor applied by ATen's fused
+    sigmoid and softmax backward kernels."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, target: torch.Tensor, amplifier: float,
@@ -60,18 +61,25 @@ class _AmplifiedSums(torch.autograd.Function):
         p, target = ctx.saved_tensors
         amp = ctx.amplifier
         g = amplify(p, amp)
-        g.addcmul_(g, g, value=-1)  # y~ (1 - y~)
         if target.dim() == 1:
             at_target = g.gather(1, target[:, None])
-            g.mul_((amp * g_s)[None])
-            g.scatter_add_(1, target[:, None], at_target.mul_((amp * g_tp)[target][:, None]))
+            at_target.sub_(at_target * at_target).mul_((amp * g_tp)[target][:, None])
+            _sigmoid_backward(g_s.mul(amp)[None], g, into=g)  # amp g_s y~ (1 - y~)
+            g.scatter_add_(1, target[:, None], at_target)
         else:
-            g.mul_(torch.addcmul(g_s, target, g_tp).mul_(amp))
-        if ctx.softmax:
+            _sigmoid_backward(torch.addcmul(g_s, target, g_tp).mul_(amp), g, into=g)
+        if ctx.softmax and p.shape[1] < 16:  # the fused kernel's per-row tail dominates a short row
             g.sub_(torch.bmm(g[:, None, :], p[:, :, None]).view(-1, 1)).mul_(p)
+        elif ctx.softmax:
+            g = cls.softmax_backward_(g, p)
         else:
-            g.mul_(p).addcmul_(g, p, value=-1)  # g p (1 - p)
+            _sigmoid_backward(g, p, into=g)  # g p (1 - p)
         return g, None, None, None
+
+
+def _sigmoid_backward(grad: torch.Tensor, y: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """``grad * y * (1 - y)`` written into ``into`` in one pass (``grad`` broadcast)."""
+    return torch.ops.aten.sigmoid_backward.grad_input(grad, y, grad_input=into)
 
 
 def confusion(z: torch.Tensor, target: torch.Tensor, amplifier: float = 73.0,

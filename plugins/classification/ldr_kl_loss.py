@@ -25,7 +25,8 @@ from sdk.types import Batch, Loss, Views
 
 class _LDRKL(torch.autograd.Function):
     """Per-sample LDR-KL of class ids as ``lam`` times a cross-entropy: with ``g_k = f_k / lam +
-    (c / lam) [k != y]``, ``L = lam (logsumexp(g) - g_y - log K)``. It keeps ``log softmax(g)``
+    (c / lam) [k != y]``, ``L = lam (logsumexp(g) - g_y - log K)``, computed from ``g - c / lam``
+    (the margin subtracted at the target alone, no pass over the row). It keeps ``log softmax(g)``
     (and ``s = softplus(o)`` when normalising, ``f = s / mean(s)``); the gradient in closed
     form, ``dL/df = softmax(g) - onehot(y)``, through ``f`` as
     ``dL/ds_j = (dL/df_j - sum_k dL/df_k s_k / (K mean(s))) / mean(s)`` and ``ds/do = sigmoid(o)``,
@@ -42,8 +43,9 @@ class _LDRKL(torch.autograd.Function):
             g = torch.div(s, clamped[:, None]).div_(lam)
         else:
             s, g = o, o / lam
-        g_y = g.gather(-1, ids[:, None])
-        log_p = torch.log_softmax(g.add_(margin / lam).scatter_(-1, ids[:, None], g_y), -1)
+        # the margin on the target alone, -c/lam: log_softmax is unchanged by a shift per row
+        g_y = g.gather(-1, ids[:, None]).sub_(margin / lam)
+        log_p = cls.log_softmax_(g.scatter_(-1, ids[:, None], g_y))
         ctx.lam, ctx.normalize = lam, normalize
         if normalize:
             ctx.save_for_backward(log_p, ids, o, s, clamped, mean >= torch.finfo(s.dtype).tiny)

@@ -115,7 +115,8 @@ def test_per_sample_objectives_are_declared_so():
                           "masked_spectrogram_patch_modeling", "vq_masked_reconstruction",
                           "t_jepa", "dynamic_multilabel_memory", "ms_ssim_loss",
                           "deep_unfolded_ista_iht", "intra_inter_correlation",
-                          "temporal_distinctiveness", "high_frequency_perceptual"}
+                          "temporal_distinctiveness", "high_frequency_perceptual",
+                          "directional_subspace_loss"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

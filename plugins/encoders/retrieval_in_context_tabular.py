@@ -66,7 +66,9 @@ class RetrievalInContextTabular(Encoder):
     bank's mean and standard deviation (the space of retrieval), then by the context's own
     (clipped at :data:`CLIP` deviations); tokens are ``LN(W x_i) + LN(E y_i)`` for context rows
     and ``LN(W x)`` for the query; ``depth`` blocks let every token attend to the context tokens
-    only; the output is the query token after a LayerNorm, ``[B, embed_dim]``.
+    only; :meth:`features` is the query token after a LayerNorm, ``[B, embed_dim]``, and the
+    output is that, or with ``out_dim`` TabDPT's head on it (``Linear -> GELU -> Linear`` of
+    ``4 · embed_dim`` hidden units: class logits for ``out_dim = num_classes``).
 
     ``dataset``: the training split (a ``TensorDataset`` of rows and class ids, or rows ``[N, F]``
     with ``labels``); without it see :data:`PLACEHOLDER_ROWS`. ``retrieval="random"`` draws the
@@ -80,7 +82,7 @@ class RetrievalInContextTabular(Encoder):
                  context_size: Annotated[int, Ge(2)] = 2048,
                  retrieval: Annotated[str, one_of(RETRIEVALS)] = "knn",
                  embed_dim: Annotated[int, Ge(2)] = 64, depth: Annotated[int, Ge(1)] = 2,
-                 heads: Annotated[int, Ge(1)] = 4):
+                 heads: Annotated[int, Ge(1)] = 4, out_dim: Annotated[int | None, Ge(1)] = None):
         super().__init__()
         rows, ids = self._bank(dataset, labels, in_dim)
         if embed_dim % heads:
@@ -96,12 +98,15 @@ class RetrievalInContextTabular(Encoder):
         self.register_buffer("std", std)
         self.register_buffer("bank", (rows - mean) / std)
         self.register_buffer("bank_labels", ids)
-        self.in_dim, self.out_dim, self.num_classes = rows.shape[1], embed_dim, classes
+        self.in_dim, self.out_dim, self.num_classes = rows.shape[1], out_dim or embed_dim, classes
         self.context_size, self.retrieval = context_size, retrieval
         self.x_embed, self.x_norm = nn.Linear(self.in_dim, embed_dim), nn.LayerNorm(embed_dim)
         self.y_embed, self.y_norm = nn.Embedding(classes, embed_dim), nn.LayerNorm(embed_dim)
         self.blocks = nn.ModuleList(_ContextBlock(embed_dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
+        if out_dim is not None:
+            self.head = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.GELU(),
+                                      nn.Linear(4 * embed_dim, out_dim))
 
     @staticmethod
     def _bank(dataset: Any, labels: Any, in_dim: int | None) -> tuple[Tensor, Tensor]:
@@ -145,6 +150,11 @@ class RetrievalInContextTabular(Encoder):
         return xs, self.bank[idx].to(xs.dtype), self.bank_labels[idx]
 
     def forward(self, x: Tensor) -> Tensor:
+        z = self.features(x)
+        return z if self.head is None else self.head(z)
+
+    def features(self, x: Tensor) -> Tensor:
+        """The query token after the blocks and a LayerNorm, ``[B, embed_dim]``."""
         xs, ctx, ctx_y = self.context(x)
         rows = torch.cat([ctx, xs[:, None]], dim=1)
         mu, sd = ctx.mean(1, keepdim=True), ctx.std(1, keepdim=True) + 1e-6
@@ -167,8 +177,8 @@ CARD = Card(
     formula="x̃ = (x - mean_bank) / std_bank; C(x) = the c = min(context_size, N) nearest bank rows "
             "(exact L2; a training row excludes itself); rows normalised by C's mean and std "
             "(clipped at ±10); tokens t_i = LN(W x_i) + LN(E y_i) (context), t = LN(W x) (query); "
-            "blocks h += MHA(LN h, LN h_C, LN h_C), h += MLP(LN h); z = LN(h_query); "
-            "context_size = 2048",
+            "blocks h += MHA(LN h, LN h_C, LN h_C), h += MLP(LN h); z = LN(h_query) "
+            "(with out_dim: W_2 GELU(W_1 z)); context_size = 2048",
     left_out="The pretrained TabDPT model (trained on real tables with retrieval-based "
              "self-supervision), its ensembling over feature and class permutations, regression "
              "bins, PCA of over-wide tables and missing-value handling are not here: this is the "

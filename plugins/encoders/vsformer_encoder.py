@@ -97,7 +97,8 @@ class VSFormer(Encoder):
                  heads: Annotated[int, Ge(1)] = 4, shape_kernel: Annotated[int, Ge(1)] = 8,
                  shape_stride: Annotated[int, Ge(1)] = 4,
                  branches: Annotated[str, one_of(BRANCHES)] = "both",
-                 dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0):
+                 dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0,
+                 out_dim: Annotated[int | None, Ge(1)] = None):
         super().__init__()
         if in_dim is not None and in_dim != seq_len * in_features:
             raise ConfigError(f"vsformer_encoder: in_dim={in_dim} is not seq_len x in_features = "
@@ -109,7 +110,7 @@ class VSFormer(Encoder):
             raise ConfigError(f"vsformer_encoder: embed_dim={embed_dim} must be even and divisible "
                               f"by heads={heads}", param="heads")
         self.seq_len, self.in_features, self.in_dim = seq_len, in_features, seq_len * in_features
-        self.out_dim, self.branches = embed_dim, branches
+        self.out_dim, self.branches = out_dim or embed_dim, branches
         self.shape_kernel, self.shape_stride = shape_kernel, shape_stride
         step_prior = self._prior(dataset, labels, num_classes)
         starts = torch.arange(0, seq_len - shape_kernel + 1, shape_stride) if branches != "value" \
@@ -133,6 +134,8 @@ class VSFormer(Encoder):
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_PriorBlock(embed_dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
+        if out_dim is not None:
+            self.head = nn.Linear(embed_dim, out_dim)
 
     def _prior(self, dataset: Any, labels: Any, num_classes: int | None) -> Tensor:
         if dataset is None:
@@ -177,11 +180,16 @@ class VSFormer(Encoder):
         extra = self.positions + self.type_embed(self.kind) + self.prior_embed(self.prior[:, None])
         return self.drop(h + extra.to(h.dtype))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
+        """The mean of the tokens after the blocks and a LayerNorm, ``[B, embed_dim]``."""
         h = self.tokens(x)
         for block in self.blocks:
             h = block(h, self.prior)
         return self.norm(h).mean(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.features(x)
+        return z if self.head is None else self.head(z)
 
     def example_inputs(self, batch_size: int, generator: torch.Generator) -> Tensor:
         return torch.randn(batch_size, self.seq_len, self.in_features, generator=generator)
@@ -199,15 +207,14 @@ CARD = Card(
     formula="value tokens V x_t; shape tokens Conv1d_{k=8, s=4}(znorm(x)); p_t = mean_c "
             "sum_k n_k (mu_{k,t,c} - mu_{t,c})^2 / sum_k sum_{i in k} (x_{i,t,c} - mu_{k,t,c})^2 "
             "(window mean for a shape token; scaled to max 1); token += PE(pos) + E_type + "
-            "(w p + b); attention softmax(q kᵀ/sqrt(d) + g_h p_j) v; z = mean LN(h)",
+            "(w p + b); attention softmax(q kᵀ/sqrt(d) + g_h p_j) v; z = mean LN(h) (with out_dim: W z)",
     left_out="Not the paper's exact encoding, which could not be checked against its text here: "
              "its shape tokens are class-wise motifs found with STOMP and its value tokens "
              "statistics of intervals, and its prior is its own class-specific score; here a "
              "learned strided convolution over the z-normalised series gives the shape tokens, "
              "the raw steps the value tokens, and a per-step Fisher score (from the training "
              "labels) the prior, entering the positional encoding linearly and the attention "
-             "scores through one learned gate per head. The UEA-30 benchmark and the "
-             "classification head (any objective's head on the pooled output) are not here.",
+             "scores through one learned gate per head. The UEA-30 benchmark is not here.",
 )
 
 

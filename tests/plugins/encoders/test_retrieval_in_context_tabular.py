@@ -55,6 +55,12 @@ def test_encoder_standardises_retrieves_and_caps_the_context():
     assert not any((big.context(x[:2])[1][i] == big.bank[i]).all(1).any() for i in range(2))
     big.eval()
     assert big.context(x[:2])[1].shape[1] == 40
+    # without out_dim the output is the query token; with it, TabDPT's head on that token
+    assert big.head is None and torch.equal(big(x[:3]), big.features(x[:3]))
+    logits = sdk.create("encoder", "retrieval_in_context_tabular", dataset=x, labels=y, embed_dim=8,
+                        heads=2, out_dim=3).eval()
+    assert logits.out_dim == 3 and [m.out_features for m in logits.head if hasattr(m, "out_features")] == [32, 3]
+    torch.testing.assert_close(logits(x[:3]), logits.head(logits.features(x[:3])))
 
 
 def test_output_depends_on_the_retrieved_rows_only():

@@ -121,6 +121,10 @@ def test_defaults_shapes_and_bad_input():
     assert enc(x).shape == (3, 64)
     assert enc.prior.shape == (16 + 3,)  # 16 value tokens, (16 - 8) / 4 + 1 shape tokens
     torch.testing.assert_close(enc.eval()(x.flatten(1)), enc(x))
+    assert enc.head is None and torch.equal(enc(x), enc.features(x))
+    logits = sdk.create("encoder", "vsformer_encoder", out_dim=5).eval()
+    assert logits.out_dim == 5 and logits(x).shape == (3, 5)
+    torch.testing.assert_close(logits(x), logits.head(logits.features(x)))
     with pytest.raises(sdk.ShapeError, match=r"vsformer_encoder': x must be floating series \[B, 16, 4\]"):
         enc(torch.randn(3, 15, 4))
     with pytest.raises(sdk.ShapeError, match="x must be floating"):

@@ -111,7 +111,7 @@ def test_on_wine_a_trained_model_predicts_from_the_labels_it_retrieves():
         moved = head(enc(xte)).argmax(1)
     assert acc >= 0.9
     # the predictions follow the retrieved labels: most test rows now get the next class
-    assert (moved == (yte + 1) % 3).float().mean() > 0.5 and (moved == yte).float().mean() < 0.5
+    assert (moved == (yte + 1) % 3).float().mean() > 0.75 and (moved == yte).float().mean() < 0.25
 
 
 def test_bad_input_is_named():

@@ -123,7 +123,8 @@ def test_per_sample_objectives_are_declared_so():
                           "one_token_rollout", "rso_rejection_sampling",
                           "score_two_turn_rl",
                           "gradient_reversal_disentangle",
-                          "high_frequency_perceptual", "directional_subspace_loss"}
+                          "high_frequency_perceptual", "directional_subspace_loss",
+                          "rogue_clean_guidance_consistency"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

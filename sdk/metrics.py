@@ -1133,3 +1133,24 @@ class SetSize(_Mean):
 
     def update(self, sets: Tensor, labels: Tensor) -> None:
         self._add(_set_stats("set_size", sets, labels))
+
+
+# checks shared with the metric plugins of other families ----------------------------------------
+__all__ += ["check_embeddings", "check_finite", "nan_if_any_nan"]
+
+
+def check_embeddings(name: str, z: Tensor, labels: Tensor | None = None, what: str = "z") -> None:
+    """Raise :class:`~sdk.errors.ShapeError` naming ``name`` unless ``z`` is ``[N, D]`` and
+    ``labels`` (when given) ``[N]`` integer class ids ``>= 0``."""
+    _check_embeddings(name, z, labels, what)
+
+
+def check_finite(name: str, what: str, z: Tensor) -> None:
+    """Raise :class:`~sdk.errors.ShapeError` naming ``name`` and ``what`` if ``z`` holds NaN or
+    inf (a host sync: for rows a metric fits on, once per fit)."""
+    _check_finite(name, what, z)
+
+
+def nan_if_any_nan(x: Tensor) -> Tensor:
+    """A float64 0, or NaN when ``x`` holds a NaN (no host sync): add it to a statistic."""
+    return _nan_if_any_nan(x)

@@ -1,0 +1,1 @@
+"""Measurements that seed papers study: representation geometry, probes, separability."""

@@ -117,7 +117,7 @@ def test_per_sample_objectives_are_declared_so():
                           "deep_unfolded_ista_iht", "intra_inter_correlation",
                           "temporal_distinctiveness", "augmentation_aware_discriminator",
                           "homologous_mixing_recognition", "part_whole_composability",
-                          "dense_ap_loss"}
+                          "dense_ap_loss", "multi_course_electra"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

@@ -232,9 +232,9 @@ TRANSFORM_CARD = Card(
              "are confirmed; how MCL samples the replaced and inserted tokens (ELECTRA's "
              "generator, an MLM trained alongside) is not here: proposals are uniform over the "
              "vocabulary, so the generator and its masked-language-model loss are left to the "
-             "user. The corruption rate 0.15 is ELECTRA's masking rate, not checked against "
-             "MCL's; one course per row (drawn at random) rather than all three on every "
-             "sequence is this transform's choice.",
+             "user. The rate 0.15 is the model card's masking rate for RTD; that STD and ITD "
+             "corrupt at the same rate is not checked; one course per row (drawn at random) "
+             "rather than all three on every sequence is this transform's choice.",
 )
 
 CARD = Card(

@@ -135,3 +135,39 @@ def test_defaults_and_errors():
         sdk.create("objective", "lvm_med_graph_matching", temperature=0.0)
     with pytest.raises(sdk.ConfigError):
         sdk.create("objective", "lvm_med_graph_matching", k=0)
+
+
+def test_training_on_digits_raises_held_out_matching_accuracy():
+    torch.manual_seed(0)
+    x = torch.tensor(load_digits().data, dtype=torch.float32) / 16
+    train, held = x[:600], x[1000:1200]
+
+    def views(v, g):  # noise and pixel dropout, drawn independently per view
+        out = []
+        for _ in range(2):
+            noisy = v + 0.3 * torch.randn(v.shape, generator=g)
+            out.append(noisy * (torch.rand(v.shape, generator=g) > 0.2).float())
+        return out
+
+    enc = torch.nn.Linear(64, 16)
+
+    def matching_accuracy():  # 10 held-out groups of 20 pairs: is each image's partner its nearest?
+        a, b = views(held, torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            za = torch.nn.functional.normalize(enc(a), dim=1).reshape(10, 20, 16)
+            zb = torch.nn.functional.normalize(enc(b), dim=1).reshape(10, 20, 16)
+        return float(((za @ zb.transpose(1, 2)).argmax(2) == torch.arange(20)).float().mean())
+
+    before = matching_accuracy()
+    obj = sdk.create("objective", "lvm_med_graph_matching")
+    opt = torch.optim.Adam(enc.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(100):
+        idx = torch.randint(0, 600, (32,), generator=g)
+        a, b = views(train[idx], g)
+        loss = obj(sdk.Views(embeddings=(enc(a), enc(b))), sdk.Batch(index=idx)).value
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = matching_accuracy()
+    assert after >= before + 0.15, (before, after)  # measured: 0.215 -> 0.47

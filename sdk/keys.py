@@ -163,10 +163,23 @@ ATTRIBUTE = "attribute"
 speaker, its domain, its source corpus) that an adversary predicts from the features and the
 encoder learns to hide (``gradient_reversal_disentangle``)."""
 
+ORIGINAL_TOKEN_IDS = "original_token_ids"
+"""``Batch.extras``: the token sequences before a corruption transform changed them, long
+``[B, T]`` (the same layout as :data:`TOKEN_IDS`; ``multi_course_electra``)."""
+
+CORRUPTION_LABELS = "corruption_labels"
+"""``Batch.extras``: what a corruption transform did to each position of :data:`TOKEN_IDS`, long
+``[B, T]``: 0 the original token, 1 replaced, 2 swapped with another position, 3 inserted
+(``multi_course_electra``)."""
+
+DETECTION_LOGITS = "detection_logits"
+"""``Views.extras``: a discriminator's score per token that the token was corrupted, float
+``[B, T]`` (a logit, one per position of :data:`TOKEN_IDS`; ``multi_course_electra``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
           GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK,
           AUGMENTATION_PARAMS, CLASS_TEXT_FEATURES, MIXING_SOURCE, OTHER_COMPONENT,
           GATE_LOGITS, GATE_TARGETS, REFERENCE_LOGPROBS, REWARD, RETRIEVAL_SCORES,
-          ATTRIBUTE)
+          ATTRIBUTE, ORIGINAL_TOKEN_IDS, CORRUPTION_LABELS, DETECTION_LOGITS)

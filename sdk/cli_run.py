@@ -441,15 +441,38 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-imports", action="store_true",
                    help="let the recipe's plugin tables import factories (module = "
                         "\"package.module:factory\"); off: only registered plugins")
+    p.add_argument("--sweep", dest="sweeps", action="append", default=[], metavar="KEY=V1,V2",
+                   help="run the recipe at each value of KEY (repeat for a grid; adds to or "
+                        "replaces the recipe's [sweep] table), each point in RUN_DIR/KEY=VALUE, "
+                        "then write sweep.csv, sweep.json and sweep.png there")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="sweep points run at once, in processes (default: one per CPU core)")
+    p.add_argument("--metric", default=None,
+                   help="the summary number sweep.png plots (default: accuracy, else "
+                        "linear_probe_accuracy, else knn_accuracy)")
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     """Train, evaluate and calibrate a TOML recipe."""
+    from sdk import sweep
     from sdk.cli import UsageError
     from sdk.config import load_recipe
 
     if args.recipe is None and args.resume is None:
         raise UsageError("give a RECIPE or --resume DIR")
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.recipe is not None and args.resume is None:
+        swept = sweep.points(args.recipe, args.overrides, args.sweeps,
+                             allow_imports=args.allow_imports)
+        if swept:
+            out = args.run_dir or default_run_dir(f"{swept[0].recipe.name}-sweep")
+            sweep.run_sweep(swept, out, jobs=args.jobs, metric=args.metric,
+                            allow_imports=args.allow_imports, console=console)
+            return 0
+    elif args.sweeps:
+        raise UsageError("--sweep goes with a RECIPE; to resume a sweep, run it again with "
+                         "the same --run-dir")
     source = args.recipe or Path(args.resume) / "config.toml"
     recipe = load_recipe(source, args.overrides, allow_imports=args.allow_imports)
     run_dir = args.resume or args.run_dir or default_run_dir(recipe.name)

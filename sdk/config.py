@@ -608,6 +608,14 @@ def load_recipe(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
                 allow_imports: bool = False) -> Recipe:
     """Read a TOML recipe (a path or a mapping), apply ``key=value`` overrides, structure it;
     ``allow_imports`` lets plugin tables give ``module = "package.module:factory"``."""
+    data = read_recipe(source)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return structure(data, allow_imports=allow_imports)
+
+
+def read_recipe(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """A TOML recipe (a path or a mapping) as plain data, not yet structured."""
     if isinstance(source, Mapping):
         data = plain(source)
     else:
@@ -630,9 +638,7 @@ def load_recipe(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
             data = plain(parsed)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}", path=exc.path) from None
-    for assignment in overrides:
-        apply_override(data, assignment)
-    return structure(data, allow_imports=allow_imports)
+    return data
 
 
 def unstructure(recipe: Recipe) -> dict[str, Any]:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import torch
+from annotated_types import Ge, Gt, Interval
 from torch import Tensor
 
 from sdk.card import Card
-from sdk.constraints import one_of
+from sdk.constraints import check, declared, one_of
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Metric
@@ -30,26 +31,22 @@ from sdk.metrics import nan_if_any_nan
 
 _NAME = "local_function_approximation"
 _STAT = torch.float64
-Neighbourhood = Literal["gaussian", "binary", "uniform"]
-LossName = Literal["squared", "gradient_matching"]
+_NEIGHBOURHOODS = ("gaussian", "binary", "uniform")
 _LOSSES = ("squared", "gradient_matching")
 
 
-def perturb(x0: Tensor, neighbourhood: Neighbourhood = "gaussian", n_samples: int = 1000,
-            sigma: float = 0.1, low: float = 0.0, generator: torch.Generator | None = None
+def perturb(x0: Tensor, neighbourhood: Annotated[str, one_of(_NEIGHBOURHOODS)] = "gaussian",
+            n_samples: Annotated[int, Ge(1)] = 1000, sigma: Annotated[float, Gt(0)] = 0.1,
+            low: Annotated[float, Interval(ge=0, lt=1)] = 0.0, generator: torch.Generator | None = None
             ) -> tuple[Tensor, Tensor]:
     """``(z, x)``, both ``[N, S, D]``: ``S = n_samples`` draws of the interpretable perturbation
     ``z`` around each row of ``x0 [N, D]`` and the inputs ``x(z)`` they stand for (see the
     module docstring; ``sigma`` is the Gaussian's standard deviation, ``low`` the uniform's lower
     bound)."""
+    check(_NAME, declared(perturb), {"neighbourhood": neighbourhood, "n_samples": n_samples,
+                                     "sigma": sigma, "low": low})
     if x0.dim() != 2 or not x0.is_floating_point():
         raise ShapeError(f"{_NAME}: x0 must be floating [N, D], got {x0.dtype} {list(x0.shape)}")
-    if n_samples < 1:
-        raise ConfigError(f"{_NAME}: n_samples must be >= 1, got {n_samples}", param="n_samples")
-    if not sigma > 0:
-        raise ConfigError(f"{_NAME}: sigma must be > 0, got {sigma}", param="sigma")
-    if not 0 <= low < 1:
-        raise ConfigError(f"{_NAME}: low must lie in [0, 1), got {low}", param="low")
     n, d = x0.shape
     opts = {"generator": generator, "dtype": x0.dtype, "device": x0.device}
     if neighbourhood == "gaussian":
@@ -59,19 +56,21 @@ def perturb(x0: Tensor, neighbourhood: Neighbourhood = "gaussian", n_samples: in
         z = torch.bernoulli(torch.full((n, n_samples, d), 0.5, dtype=x0.dtype, device=x0.device),
                             generator=generator)
         return z, x0[:, None] * z
-    if neighbourhood == "uniform":
-        alpha = low + (1 - low) * torch.rand(n, n_samples, 1, **opts)
-        return alpha.expand(n, n_samples, d), alpha * x0[:, None]
-    raise ConfigError(f"{_NAME}: neighbourhood must be 'gaussian', 'binary' or 'uniform', got "
-                      f"{neighbourhood!r}", param="neighbourhood")
+    alpha = low + (1 - low) * torch.rand(n, n_samples, 1, **opts)       # uniform
+    return alpha.expand(n, n_samples, d), alpha * x0[:, None]
 
 
 def responses(model: Callable[[Tensor], Tensor], x0: Tensor, x: Tensor, target: Tensor,
-              neighbourhood: Neighbourhood = "gaussian", loss: LossName = "squared") -> Tensor:
+              neighbourhood: Annotated[str, one_of(_NEIGHBOURHOODS)] = "gaussian",
+              loss: Annotated[str, one_of(_LOSSES)] = "squared") -> Tensor:
     """What the loss compares ``g`` with: the target logit ``f_t(x(z))`` ``[N, S]`` (squared) or
     its gradient in ``z`` ``[N, S, D]`` (gradient matching: ``grad_x f_t`` for the Gaussian,
     ``x0 * grad_x f_t`` for the multiplicative neighbourhoods); ``model`` maps ``[M, D]`` to
     ``[M, C]`` and ``target [N]`` holds each row's explained class."""
+    check(_NAME, declared(responses), {"neighbourhood": neighbourhood, "loss": loss})
+    if x.dim() != 3 or x0.shape != (x.shape[0], x.shape[2]):
+        raise ShapeError(f"{_NAME}: x must be perturbed inputs [N, S, D] of x0 [N, D], got "
+                         f"{list(x.shape)} for x0 {list(x0.shape)}")
     n, s, d = x.shape
     if target.shape != (n,) or target.is_floating_point():
         raise ShapeError(f"{_NAME}: target must be [{n}] class ids, got {target.dtype} {list(target.shape)}")
@@ -86,7 +85,7 @@ def responses(model: Callable[[Tensor], Tensor], x0: Tensor, x: Tensor, target: 
 
 
 def lfa_loss(z: Tensor, response: Tensor, attributions: Tensor, bias: Tensor | None = None,
-             loss: LossName = "squared") -> Tensor:
+             loss: str = "squared") -> Tensor:
     """Per-row LFA loss ``[N]`` (float64), the mean over the ``S`` perturbations of
     squared: ``1/2 (f_s - w^T z_s - b)^2``, ``b`` given or else the best intercept
     ``mean_s (f_s - w^T z_s)``; gradient matching: ``||grad_z f_s - w||^2``."""

@@ -157,5 +157,13 @@ def test_bad_input_names_plugin_and_field():
         perturb(torch.zeros(2, 2), sigma=0.0)
     with pytest.raises(sdk.errors.ConfigError, match="neighbourhood"):
         perturb(torch.zeros(2, 2), "laplace")
+    with pytest.raises(sdk.errors.ConfigError, match="low"):
+        perturb(torch.zeros(2, 2), "uniform", low=1.0)
+    with pytest.raises(sdk.errors.ConfigError, match="n_samples"):
+        perturb(torch.zeros(2, 2), n_samples=0)
+    with pytest.raises(sdk.errors.ConfigError, match="loss"):
+        responses(mlp(d=2), torch.zeros(2, 2), torch.zeros(2, 3, 2), torch.zeros(2, dtype=torch.long), loss="l1")
+    with pytest.raises(sdk.errors.ShapeError, match=r"local_function_approximation: x must be perturbed inputs"):
+        responses(mlp(d=2), torch.zeros(2, 2), torch.zeros(2, 3, 5), torch.zeros(2, dtype=torch.long))
     with pytest.raises(sdk.errors.ShapeError, match="local_function_approximation: target"):
         responses(mlp(d=2), torch.zeros(2, 2), torch.zeros(2, 3, 2), torch.zeros(3, dtype=torch.long))

@@ -69,6 +69,13 @@ def test_matches_per_row_loop_and_defaults():
         out = run((k,), train, test, lambda d: d[1])
         assert out[f"diffroar@{k:g}"] == pytest.approx(expected[0] - expected[1], abs=1e-12)
         assert out["diffroar"] == out[f"diffroar@{k:g}"]
+    strong = sdk.create("metric", "diffroar", levels=(0.3,), weight_decay=1.0, max_iter=50)
+    strong.fit(*train)
+    strong.update(*test)
+    expected = [linear_probe_accuracy(slow_masked(train[0], train[1], 0.3, top, fill), train[2],
+                                      slow_masked(test[0], test[1], 0.3, top, fill), test[2],
+                                      weight_decay=1.0, max_iter=50) for top in (True, False)]
+    assert strong.compute()["diffroar"] == pytest.approx(expected[0] - expected[1], abs=1e-12)
     assert keep_mask(torch.tensor([[3.0, -5.0, 1.0, 0.0]]), 0.5).tolist() == [[True, True, False, False]]
     assert keep_mask(torch.tensor([[3.0, -5.0, 1.0, 0.0]]), 0.5, top=False).tolist() == [[False, False, True, True]]
     assert keep_mask(torch.ones(1, 5), 0.5).sum() == 3          # the authors mask round(2.5) = 2

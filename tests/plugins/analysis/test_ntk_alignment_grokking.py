@@ -126,3 +126,33 @@ def test_alignment_rises_in_rich_training_and_stays_in_lazy_training():
         change[alpha] = float(ntk_target_alignment(per_sample_jacobian(model, x), y)) / before
     assert change[0.5] > 1.5
     assert change[10.0] == pytest.approx(1.0, abs=0.05)
+
+
+def test_callback_records_the_probe_alignment_and_resumes(tmp_path):
+    """In sdk.Trainer runs (6 steps of cross-entropy on 4 classes, batches of 8): the probe set is
+    the first 16 rows seen (complete after step 1's forward), the history holds steps 1, 2, 4, 6,
+    its last value equals the metric on the final model's Jacobian with one-hot targets, and a
+    killed and resumed run records the same history."""
+    from sdk.testing import check_resume
+
+    def tracker():
+        return [sdk.create("callback", "ntk_alignment_grokking", probe_size=16, every=2)]
+
+    runs = check_resume(objective=lambda: sdk.create("objective", "cross_entropy"),
+                        tmp_dir=tmp_path, callbacks=tracker)
+    straight, resumed = runs.straight.callbacks[0], runs.resumed.callbacks[0]
+    assert [s for s, _ in straight.history] == [1, 2, 4, 6]
+    state = straight.state_dict()
+    x, y = state["probe_x"], state["probe_targets"]
+    assert x.shape == (16, 6)
+    model = runs.straight.encoder.eval()
+    jac = per_sample_jacobian(model, x)
+    onehot = torch.nn.functional.one_hot(y, 4).to(jac.dtype)
+    metric = sdk.create("metric", "ntk_alignment_grokking")
+    metric.update(jac, onehot)
+    assert straight.history[-1][1] == pytest.approx(metric.compute()["alignment"], rel=1e-6)
+    assert len({round(a, 9) for _, a in straight.history}) == 4          # the kernel moved
+    assert [s for s, _ in resumed.history] == [1, 2, 4, 6]
+    assert [a for _, a in resumed.history] == pytest.approx([a for _, a in straight.history], rel=1e-9)
+    with pytest.raises(sdk.errors.ConfigError, match="probe_size"):
+        sdk.create("callback", "ntk_alignment_grokking", probe_size=1)

@@ -219,8 +219,11 @@ CARD = Card(
     left_out="From the authors' kernel code: they solve K_XX^{-1} Y and K_XX^{-1} K_Xt by Adam "
              "(10000 epochs), here by a Cholesky solve with a jitter of 1e-8; they fit the "
              "noncentral chi-squared by maximum likelihood (scipy), here by matching its first "
-             "three moments. Their main() has no default target error (0.01 here). The neural "
-             "network hypothesis space of the paper is not here.",
+             "three moments, which extrapolates far tails (eps well below the sampled errors) less "
+             "stably: on 120 wine rows at eps = 0.05 the estimate for permuted labels varied "
+             "from 63 to 152 nats over permutations, at eps = 0.3 from 23 to 31. Their main() "
+             "has no default target error (0.01 here). Targets are class ids (one-hot outputs). "
+             "The neural network hypothesis space of the paper is not here.",
 )
 
 

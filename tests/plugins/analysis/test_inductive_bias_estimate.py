@@ -116,3 +116,18 @@ def test_bad_input_names_plugin_and_field():
         metric.update(torch.randn(3, 2), torch.tensor([0, 1, 2]))
     with pytest.raises(sdk.errors.ConfigError, match="target_error"):
         sdk.create("metric", "inductive_bias_estimate", target_error=0.0)
+
+
+def test_a_higher_dimensional_task_needs_more_inductive_bias():
+    """The paper's finding: the same labelling rule (the sign of x_1 + x_2) in 2 vs 16 input
+    dimensions (inputs scaled to equal mean norm), 60 training rows. With the jitter 1e-2 as
+    a noise term (at 1e-8 the exact RBF interpolant of the 2-D labels oscillates wildly)."""
+    bias = {}
+    for d in (2, 16):
+        x = torch.randn(120, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        y = (x[:, :2].sum(1) > 0).long()
+        m = sdk.create("metric", "inductive_bias_estimate", target_error=0.3, num_samples=2000, jitter=1e-2)
+        m.fit(1.5 * x[:60] / math.sqrt(d), y[:60])
+        m.update(1.5 * x[60:] / math.sqrt(d), y[60:])
+        bias[d] = m.compute()["inductive_bias"]
+    assert bias[2] < 1.0 < 10.0 < bias[16]

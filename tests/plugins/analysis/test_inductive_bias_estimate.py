@@ -1,6 +1,6 @@
 """inductive_bias_estimate against scikit-learn's Gaussian process, scipy's noncentral
-chi-squared, the analytic mean of the sampled errors, a Monte-Carlo tail frequency, and the
-true-vs-random-label contrast on wine."""
+chi-squared, the analytic mean of the sampled errors, a Monte-Carlo tail frequency, the
+true-vs-random-label contrast on wine, and the effect of the input dimension."""
 
 import math
 

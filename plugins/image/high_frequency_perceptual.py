@@ -19,6 +19,7 @@ from sdk import keys
 from sdk.card import Card
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
+from sdk.imaging import image_pair
 from sdk.interfaces import Objective
 from sdk.types import Batch, Loss, Views
 
@@ -78,27 +79,13 @@ class HighFrequencyPerceptual(Objective):
 
     def _images(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         owner = "objective 'high_frequency_perceptual'"
-        if not isinstance(target, Tensor) or not target.is_floating_point():
-            raise ShapeError(f"{owner}: Batch.extras[{keys.INPUT!r}] must be a floating image "
-                             f"tensor, got {getattr(target, 'dtype', type(target).__name__)}")
-        if self.image_shape is not None:
-            shape = self.image_shape
-            if target.dim() < 1 or target[0].numel() != torch.Size(shape).numel():
-                raise ShapeError(f"{owner}: Batch.extras[{keys.INPUT!r}] {list(target.shape)} "
-                                 f"does not hold images of image_shape {list(shape)}")
-        elif target.dim() != 4:
-            raise ShapeError(f"{owner}: Batch.extras[{keys.INPUT!r}] must be images [B, C, H, W] "
-                             f"(or give image_shape for flat rows), got {list(target.shape)}")
-        else:
-            shape = tuple(target.shape[1:])
-        if pred.shape[0] != target.shape[0] or pred[0].numel() != torch.Size(shape).numel():
-            raise ShapeError(f"{owner}: Views.embeddings[0] {list(pred.shape)} must hold one "
-                             f"image {list(shape)} per row of the {target.shape[0]} reference images")
+        pred, target = image_pair(owner, pred, target, self.image_shape)
+        shape = target.shape[1:]
         side = 2 ** self.levels
         if shape[1] % side or shape[2] % side:
             raise ShapeError(f"{owner}: images of {shape[1]}x{shape[2]} do not split into "
                              f"{self.levels} Haar level(s): H and W must be multiples of {side}")
-        return pred.reshape(-1, *shape), target.reshape(-1, *shape)
+        return pred, target
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         pred, target = self._images(views.embeddings[0], batch.extras[keys.INPUT])

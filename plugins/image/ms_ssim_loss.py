@@ -18,6 +18,7 @@ from sdk import keys
 from sdk.card import Card
 from sdk.errors import ConfigError, ShapeError
 from sdk.hookspecs import hookimpl
+from sdk.imaging import image_pair
 from sdk.interfaces import Objective
 from sdk.types import Batch, Loss, Views
 
@@ -128,29 +129,14 @@ class MSSSIMLoss(Objective):
 
     def _images(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         owner = "objective 'ms_ssim_loss'"
-        if not isinstance(target, Tensor) or not target.is_floating_point():
-            raise ShapeError(f"{owner}: Batch.extras[{keys.INPUT!r}] must be a floating image "
-                             f"tensor, got {getattr(target, 'dtype', type(target).__name__)}")
-        if self.image_shape is not None:
-            shape = self.image_shape
-            if target[0].numel() != torch.Size(shape).numel():
-                raise ShapeError(f"{owner}: Batch.extras[{keys.INPUT!r}] {list(target.shape)} "
-                                 f"does not hold images of image_shape {list(shape)}")
-        elif target.dim() != 4:
-            raise ShapeError(f"{owner}: Batch.extras[{keys.INPUT!r}] must be images [B, C, H, W] "
-                             f"(or give image_shape for flat rows), got {list(target.shape)}")
-        else:
-            shape = tuple(target.shape[1:])
-        if pred.shape[0] != target.shape[0] or pred[0].numel() != torch.Size(shape).numel():
-            raise ShapeError(f"{owner}: Views.embeddings[0] {list(pred.shape)} must hold one "
-                             f"image {list(shape)} per row of the {target.shape[0]} reference images")
-        h, w = shape[1:]
+        pred, target = image_pair(owner, pred, target, self.image_shape)
+        h, w = target.shape[2:]
         fit = fitting_scales(h, w, self.win_size, len(self.weights))
         if fit == 0 or (self.scales or 0) > fit:
             raise ShapeError(f"{owner}: images of {h}x{w} hold {fit} scale(s) of the "
                              f"{self.win_size}-pixel window (each scale halves the image), "
                              f"{self.scales or 1} needed; lower win_size or scales")
-        return pred.reshape(-1, *shape), target.reshape(-1, *shape)
+        return pred, target
 
     def forward(self, views: Views, batch: Batch) -> Loss:
         pred, target = self._images(views.embeddings[0], batch.extras[keys.INPUT])

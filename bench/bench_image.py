@@ -12,12 +12,11 @@ objective over the valid ones), not in the work per pixel.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 
 import torch
 
-from bench.measure import timed
+from bench.measure import interleaved_medians
 
 SECTION = "Image quality: ms_ssim_loss vs torchmetrics' MS-SSIM (forward + backward)"
 SHAPE = (8, 3, 192, 192)
@@ -57,14 +56,7 @@ def run(report) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a shared CPU, several threads time the machine's load instead
     try:
-        steps = cases(device)
-        for _, step in steps:
-            step()  # warm-up
-        times: dict[str, list[float]] = {name: [] for name, _ in steps}
-        for r in range(ROUNDS):
-            for name, step in (steps if r % 2 == 0 else steps[::-1]):
-                times[name].append(timed(step, device))
-        medians = {name: statistics.median(t) for name, t in times.items()}
+        medians = interleaved_medians(cases(device), device, ROUNDS)
         reference = medians.get("torchmetrics MS-SSIM")
         for name, t in medians.items():
             report.add(SECTION, name, device=device.type, shape="x".join(map(str, SHAPE)),

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import gc
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from bench.measure import child_peak_memory, peak_bytes, timed
+from bench.measure import child_peak_memory, interleaved_medians, peak_bytes
 
 SECTION = "Masked image modelling: MAE step vs the encoder on all tokens"
 BATCH, IMAGE, PATCH, RATIO = 64, (3, 32, 32), 4, 0.75
@@ -87,20 +86,15 @@ def run(report) -> None:
         memory = (peak_memory(device) if device.type == "cuda"
                   else child_peak_memory("bench.bench_masked", "all"))
         steps = cases(device)
-        for _, step in steps:
-            step()  # warm-up
-        times: dict[str, list[float]] = {name: [] for name, _ in steps}
-        for r in range(ROUNDS):
-            for name, step in (steps if r % 2 == 0 else steps[::-1]):
-                times[name].append(timed(step, device))
-        base = statistics.median(times[steps[0][0]])
+        medians = interleaved_medians(steps, device, ROUNDS)
+        base = medians[steps[0][0]]
         for name, _ in steps:
-            t = statistics.median(times[name])
+            t = medians[name]
             report.add(SECTION, name, device=device.type, B=BATCH, median_ms=1000 * t,
                        share=t / base, peak_MiB=memory[name] / 2**20,
                        memory_share=memory[name] / memory[steps[0][0]],
                        goal="~0.25" if "visible" in name else "")
-        visible = statistics.median(times[steps[1][0]])
+        visible = medians[steps[1][0]]
         report.note(f"masked: the encoder on the visible 25% of the tokens takes {visible / base:.2f} "
                     f"of its time on all tokens ({1000 * visible:.1f} ms against {1000 * base:.1f} "
                     f"ms, {device.type}); peak memory {memory[steps[1][0]] / memory[steps[0][0]]:.2f}")

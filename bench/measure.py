@@ -7,10 +7,11 @@ from __future__ import annotations
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -30,6 +31,20 @@ def timed(call: Callable[[], None], device: torch.device) -> float:
     call()
     sync(device)
     return time.perf_counter() - start
+
+
+def interleaved_medians(steps: Sequence[tuple[str, Callable[[], None]]], device: torch.device,
+                        rounds: int) -> dict[str, float]:
+    """Median seconds of each named step over ``rounds`` rounds, after one warm-up call each;
+    the steps run in turn, in reverse order every other round (drifting machine load hits all
+    alike)."""
+    for _, step in steps:
+        step()
+    times: dict[str, list[float]] = {name: [] for name, _ in steps}
+    for r in range(rounds):
+        for name, step in (steps if r % 2 == 0 else steps[::-1]):
+            times[name].append(timed(step, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _rss() -> dict[str, int]:

@@ -17,6 +17,7 @@ its newest checkpoint.
 
 from __future__ import annotations
 
+import copy
 import csv
 import itertools
 import json
@@ -110,7 +111,7 @@ def points(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()
     keys = list(table)
     out = []
     for combination in itertools.product(*(table[k] for k in keys)):
-        point = json.loads(json.dumps(data))  # a deep copy of plain TOML data
+        point = copy.deepcopy(data)
         values = dict(zip(keys, combination))
         for key, value in values.items():
             apply_override(point, f"{key}={_toml(value)}")

@@ -7,6 +7,8 @@ trains with :class:`~sdk.Trainer`, then measures on the held-out ``test`` split:
   RankMe on the training split, the same for the randomly initialised encoder
   (``random_init_*``) and kNN on the raw inputs;
 * supervised recipes (the objective needs logits): accuracy;
+* each distribution shift of ``[evaluation] shifts`` (:func:`shift_splits`): the same
+  accuracies on the shifted test split, as ``shift/<name>/<metric>``;
 * with a ``calibrator``: it is fitted on the held-out ``calibration`` split (on the model's
   logits, or on the linear probe's for self-supervised recipes; on their softmax for a
   calibrator whose ``inputs`` are probabilities) and ECE / NLL are reported before and after
@@ -257,6 +259,7 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
     cfg = recipe.data
     splits, parts, train_loader, trainer = prepare(recipe, run_dir=run_dir, progress=progress)
     supervised = bool(parts["objective"].requires.get("logits"))
+    shifted_tests = shift_splits(recipe, splits)
 
     def ordered(ds: Any) -> DataLoader:
         return DataLoader(ds, batch_size=512, shuffle=False, num_workers=cfg.num_workers)
@@ -316,6 +319,9 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
             if parts["calibrator"] is not None:
                 cal_logits = probe.logits(trainer.embed(ordered(splits.calibration),
                                                         features=use_features))
+    summary.update(shift_metrics(recipe, shifted_tests, trainer, ordered, supervised=supervised,
+                                 features=use_features, probe=probe,
+                                 train=None if supervised else (tr, ytr)))
     calibrator = parts["calibrator"]
     if calibrator is not None and cal_logits is not None:
         device = cal_logits.device
@@ -358,6 +364,49 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
     return summary
 
 
+def shift_splits(recipe: Any, splits: Any) -> dict[str, Any]:
+    """The test split under each shift of ``[evaluation] shifts`` (:func:`sdk.data.shifted`,
+    seeded by ``data.split_seed``), made before training so a shift the data cannot take is a
+    :class:`~sdk.ConfigError` naming its key before anything trains."""
+    from sdk import data
+    from sdk.errors import ConfigError
+
+    out = {}
+    for name, shift in recipe.evaluation.shifts.items():
+        try:
+            out[name] = data.shifted(splits.test, image_shape=splits.image_shape,
+                                     seed=recipe.data.split_seed, shift=shift.shift,
+                                     noise=shift.noise, mask=shift.mask, scale=shift.scale)
+        except ConfigError as exc:
+            where = f"evaluation.shifts.{name}.{exc.param}"
+            raise ConfigError(f"{where}: {exc}", path=where) from None
+    return out
+
+
+def shift_metrics(recipe: Any, shifted_tests: dict[str, Any], trainer: Any, ordered: Any, *,
+                  supervised: bool, features: bool, probe: Any = None,
+                  train: tuple[Any, Any] | None = None) -> dict[str, float]:
+    """The test metrics again on each shifted test split (:func:`shift_splits`), as
+    ``shift/<name>/<metric>``: ``accuracy`` for supervised recipes; ``knn_accuracy`` against
+    the clean training representation ``train`` and, with the fitted ``probe``,
+    ``linear_probe_accuracy`` for self-supervised ones."""
+    from sdk import metrics
+
+    ev, out = recipe.evaluation, {}
+    for name, test in shifted_tests.items():
+        key = f"shift/{name}/"
+        if supervised:
+            logits = trainer.predict(ordered(test)).float()
+            out[key + "accuracy"] = metrics.accuracy(logits.softmax(-1), test.y.to(logits.device))
+            continue
+        te, yte = trainer.embed(ordered(test), features=features, with_targets=True)
+        out[key + "knn_accuracy"] = metrics.knn_accuracy(*train, te, yte, k=ev.knn_k,
+                                                         temperature=ev.knn_temperature)
+        if probe is not None and ev.linear_probe:
+            out[key + "linear_probe_accuracy"] = metrics.accuracy(probe.logits(te), yte)
+    return out
+
+
 def trainer_is_main() -> bool:
     from sdk import distributed
 
@@ -389,6 +438,7 @@ def print_summary(summary: dict[str, Any], console: Console, run_dir: Path) -> N
     is not a terminal or ``CI`` is set."""
     rows = [(label, f"{summary[key]:.4f}" if isinstance(summary[key], float) else str(summary[key]))
             for key, label in RESULT_KEYS if key in summary]
+    rows += [(key, f"{value:.4f}") for key, value in summary.items() if key.startswith("shift/")]
     if not console.is_terminal or os.environ.get("CI"):
         text = {"highlight": False, "markup": False, "soft_wrap": True}
         console.print(f"{summary['recipe']} on {summary['dataset']} ({summary['kind']}, "

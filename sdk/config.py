@@ -232,16 +232,26 @@ def with_trainer_settings(init: Any) -> Any:
     return init
 
 
+def _check_shifts(instance: Any, attribute: attrs.Attribute, value: dict[str, Any]) -> None:
+    for name, shift in value.items():
+        if not any(attrs.astuple(shift)):
+            raise _SettingError(f"{attribute.name}.{name}", "must change the test inputs: give "
+                                "shift, noise, mask or scale")
+
+
 @attrs.define(kw_only=True)
 class EvaluationConfig:
     """How a run is measured: kNN (weighted, InstDisc) and linear probe on the representation
-    (backbone features when the encoder has them and ``features`` is true)."""
+    (backbone features when the encoder has them and ``features`` is true); ``shifts`` names
+    distribution shifts of the test split (:func:`sdk.data.shifted`), each measured again as
+    ``shift/<name>/<metric>``."""
 
     knn_k: int = checked(20, _Ge(1))
     knn_temperature: float = checked(0.07, _Gt(0), _Lt(math.inf))
     linear_probe: bool = True
     features: bool = True
     random_init: bool = True
+    shifts: dict[str, AugmentConfig] = attrs.field(factory=dict, validator=_check_shifts)
 
 
 def _run_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:

@@ -12,7 +12,8 @@ draw from torch's global generator, so a seeded run is reproducible and resumabl
 :class:`RandomMask` (each input feature zeroed with probability p), :class:`RandomScale`
 (per-sample intensity scaling), :class:`RandomResizedCrop` (a random box per sample, resized),
 chained by :class:`Compose`; :func:`multi_crop` gives the global and local crops of SwAV and
-DINO, one transform per view.
+DINO, one transform per view. :func:`shifted` applies them once, seeded, to a whole split: the
+distribution-shifted test splits of a recipe's ``[evaluation] shifts``.
 """
 
 from __future__ import annotations
@@ -341,3 +342,23 @@ def augmentation(*, image_shape: tuple[int, int] | None = None, shift: int = 0,
     if noise:
         parts.append(GaussianNoise(noise))
     return Compose(parts)
+
+
+def shifted(dataset: IndexedDataset, *, image_shape: tuple[int, int] | None = None,
+            seed: int = 0, shift: int = 0, noise: float = 0.0, mask: float = 0.0,
+            scale: float = 0.0) -> IndexedDataset:
+    """``dataset`` under a distribution shift: :func:`augmentation`'s transforms applied once to
+    every input, drawn from a generator seeded by ``seed`` (the same shifted split for every run
+    given the same seed; torch's global generator is left as it was); labels and indices kept.
+    A recipe's ``[evaluation] shifts`` measure its test split so."""
+    transform = augmentation(image_shape=image_shape, shift=shift, noise=noise, mask=mask,
+                             scale=scale)
+    if not transform.transforms:
+        raise ConfigError("shifted: give shift, noise, mask or scale (nothing shifts the inputs)",
+                          param="shift")
+    x = dataset.x
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out, _ = transform(x, Batch(targets=dataset.y, index=dataset.index))
+    return IndexedDataset(out, dataset.y, dataset.index)

@@ -109,6 +109,10 @@ def load_run(run_dir: str | Path, *, allow_imports: bool = False,
         raise ConfigError(f"{run_dir} is not a run directory: it has no config.toml (the "
                           "resolved recipe 'paperplug run' writes)")
     recipe = load_recipe(config, allow_imports=allow_imports)
+    if recipe.stages:
+        names = ", ".join(str(run_dir / s.options.name) for s in recipe.stages)
+        raise ConfigError(f"{run_dir} is the directory of a staged recipe; load one of its "
+                          f"stages' runs: {names}")
     splits = load_splits(recipe.data)
     parts = build(recipe, splits)
     encoder = parts["encoder"]

@@ -91,3 +91,12 @@ def test_a_sweep_runs_its_points_in_processes_and_a_second_run_reads_or_resumes_
     assert "--sweep goes with a RECIPE" in capsys.readouterr().err
     assert main(["run", str(recipe), *argv[2:], "--jobs", "1", "--metric", "nope"]) == 2
     assert "--metric nope: not in every point's summary" in capsys.readouterr().err
+
+
+def test_the_plot_takes_swept_arrays_and_tables_as_values(tmp_path):
+    rows = [{"stages[1].freeze": freeze, "stages[0].train": train, "accuracy": a}
+            for (freeze, train), a in zip([(["backbone"], True), ([], True), (["backbone"], False),
+                                           ([], False)], (0.8, 0.7, 0.6, 0.5))]
+    path = sweep.plot(rows, ["stages[1].freeze", "stages[0].train"], "accuracy",
+                      tmp_path / "sweep.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

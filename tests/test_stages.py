@@ -10,6 +10,7 @@ import torch
 from sdk import checkpoint, data, stages
 from sdk.config import load_recipe, structure, unstructure
 from sdk.errors import ConfigError
+from sdk.runs import load_run
 from sdk.sweep import points
 
 BACKBONE = {"name": "mlp", "hidden_dims": [32], "out_dim": 16}
@@ -93,6 +94,10 @@ def test_stages_chain_initialise_freeze_evaluate_and_resume(tmp_path):
     assert summary["accuracy"] == summary["evaluate/accuracy"] and "knn_accuracy" not in summary
     assert summary["stages"] == ["pretrain", "finetune", "evaluate"]
     assert not (tmp_path / "evaluate" / "checkpoints").exists()
+    run = load_run(tmp_path / "evaluate")  # its encoder.pt stands in for a checkpoint
+    assert all(torch.equal(v, fine[k]) for k, v in run.encoder.state_dict().items())
+    with pytest.raises(ConfigError, match="the directory of a staged recipe"):
+        load_run(tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
     again = load_recipe(tmp_path / "config.toml")  # the written recipe gives the same stages

@@ -116,7 +116,14 @@ def load_run(run_dir: str | Path, *, allow_imports: bool = False,
     splits = load_splits(recipe.data)
     parts = build(recipe, splits)
     encoder = parts["encoder"]
-    path, state = ckpt.load_newest(run_dir / "checkpoints", map_location)
+    from sdk.stages import ENCODER
+
+    if not (run_dir / "checkpoints").is_dir() and (run_dir / ENCODER).is_file():
+        path = run_dir / ENCODER  # a stage that evaluated without training
+        state = {"components": {"encoder": ckpt.load(path, map_location)},
+                 "position": {"step": 0}}
+    else:
+        path, state = ckpt.load_newest(run_dir / "checkpoints", map_location)
     saved = state.get("components", {}).get("encoder")
     if saved is None:
         raise CheckpointError(f"checkpoint {path} holds no encoder")

@@ -91,8 +91,10 @@ def merged(top: Mapping[str, Any], table: Mapping[str, Any]) -> dict[str, Any]:
 def _in_stage(exc: ConfigError, index: int, name: str, table: Mapping[str, Any]) -> ConfigError:
     """``exc`` of a stage's recipe, naming the key where the stage or the top level gives it."""
     path, text = exc.path or "", str(exc)
-    head = re.split(r"[.\[]", path, maxsplit=1)[0]
-    if path and head in table:
+    head, *rest = re.split(r"[.\[]", path, maxsplit=2)
+    given = head in table and (head not in MERGED or not rest
+                               or not isinstance(table[head], Mapping) or rest[0] in table[head])
+    if path and given:
         where = f"stages[{index}].{path}"
         rest = text[len(path) + 2:] if text.startswith(f"{path}: ") else text
         return ConfigError(f"{where}: {rest}", path=where)

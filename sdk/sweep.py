@@ -31,7 +31,6 @@ import attrs
 from sdk.config import (
     Recipe,
     apply_override,
-    dump_toml,
     parse_path,
     read_recipe,
     structure,
@@ -125,8 +124,10 @@ def points(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()
 
 
 def _toml(value: Any) -> str:
-    line = dump_toml({"v": value}).strip()
-    return line.split("=", 1)[1].strip()
+    """``value`` as one inline TOML value (a table or an array of tables too)."""
+    from sdk.config import _toml_value
+
+    return _toml_value(value)
 
 
 def _dir_name(values: Mapping[str, Any]) -> str:

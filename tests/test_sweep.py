@@ -100,3 +100,14 @@ def test_the_plot_takes_swept_arrays_and_tables_as_values(tmp_path):
     path = sweep.plot(rows, ["stages[1].freeze", "stages[0].train"], "accuracy",
                       tmp_path / "sweep.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sweep_value_may_be_a_table_or_an_array_of_tables():
+    data = {**read_recipe(RECIPE), "sweep": {
+        "objectives": [[{"name": "cross_entropy"}], [{"name": "focal_loss", "gamma": 1.0}]],
+        "optimizer.options": [{"betas": [0.9, 0.99]}]}}
+    grid = sweep.points(data)
+    assert [[(o.name, o.params) for o in p.recipe.objectives] for p in grid] == [
+        [("cross_entropy", {})], [("focal_loss", {"gamma": 1.0})]]
+    assert all(p.recipe.optimizer.options == {"betas": [0.9, 0.99]} for p in grid)
+    assert grid[1].name.startswith("objectives=[__name_=__focal_loss_,_gamma_=_1.0__]")

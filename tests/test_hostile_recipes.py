@@ -19,7 +19,8 @@ from sdk.config import dump_toml, load_recipe, tomllib
 from sdk.errors import ConfigError
 
 RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
-BASES = {p.stem: tomllib.loads(p.read_text()) for p in sorted(RECIPES.glob("*.toml"))}
+BASES = {p.stem: doc for p in sorted(RECIPES.glob("*.toml"))  # single runs: prepare builds them
+         if not {"stages", "sweep"} & set(doc := tomllib.loads(p.read_text()))}
 PLUGIN_NAMES = sorted({card.name for card in sdk.get_registry().cards()})
 # checks that relate two tables: an error there may follow from a value elsewhere
 CROSS_TABLE = ("encoder.out_dim", "data.augment", "teacher", "sampler")

@@ -216,10 +216,11 @@ def norm_grad(model: nn.Module, x: Tensor, target: Tensor,
     return combine_maps(maps, x.shape[-2:], layer_weights, combine)
 
 
-def pointing_hits(saliency: Tensor, mask: Tensor, tolerance: float = 15.0) -> Tensor:
+def pointing_hits(saliency: Tensor, mask: Tensor, tolerance: Annotated[float, Ge(0)] = 15.0) -> Tensor:
     """Per row (float64 ``[N]``): 1 when the maximum of ``saliency [N, H, W]`` (the first in
     row-major order on ties) lies within ``tolerance`` pixels (Euclidean) of a pixel of the
     ``mask [N, H, W]`` (boolean, or integers 0 and 1), else 0."""
+    check(_NAME, declared(pointing_hits), {"tolerance": tolerance})
     if saliency.dim() != 3 or not saliency.is_floating_point():
         raise ShapeError(f"{_NAME}: saliency must be floating [N, H, W], got {saliency.dtype} "
                          f"{list(saliency.shape)}")

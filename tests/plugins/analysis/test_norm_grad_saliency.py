@@ -212,6 +212,8 @@ def test_pointing_game_equals_a_loop_streams_and_resumes():
         metric.update(sal[:2], torch.zeros(2, 9, 11, dtype=torch.bool))
     with pytest.raises(sdk.ConfigError, match="tolerance"):
         sdk.create("metric", "norm_grad_saliency", tolerance=-1.0)
+    with pytest.raises(sdk.ConfigError, match="norm_grad_saliency: tolerance must be >= 0"):
+        pointing_hits(sal, mask, -1.0)
 
 
 def test_trained_network_points_at_the_digit_and_a_random_one_does_not():

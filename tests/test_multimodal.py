@@ -70,5 +70,6 @@ def test_cross_modal_recall_against_a_loop():
                 hits += sum(float(s[i, j]) >= float(s[i, i]) for j in range(9)) <= k
         assert cross_modal_recall(za, zb, k=k) == pytest.approx(hits / 18)
     assert cross_modal_recall(za, za) == 1.0
+    assert cross_modal_recall(torch.ones(4, 2), torch.ones(4, 2)) == 0.0  # ties count against
     with pytest.raises(sdk.ShapeError, match="cross_modal_recall"):
         cross_modal_recall(za, zb[:5])

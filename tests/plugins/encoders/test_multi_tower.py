@@ -75,3 +75,12 @@ def test_bad_input_names_the_plugin_and_field():
             "encoder", "mlp", in_dim=3, out_dim=5)])
     with pytest.raises(sdk.ConfigError, match="multi_tower.*in_dims"):
         sdk.create("encoder", "multi_tower", towers=list(enc.towers), in_dims=(6, 3))
+
+
+def test_a_momentum_teacher_copy_reads_the_same_marks():
+    enc = _towers().eval()
+    teacher = sdk.create("teacher", "ema")
+    teacher.attach(enc)
+    teacher.eval()
+    p = torch.randn(5, 3)
+    torch.testing.assert_close(teacher(for_tower(p, 1)), enc.towers[1](p))

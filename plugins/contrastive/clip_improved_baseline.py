@@ -98,7 +98,10 @@ CARD = Card(
              "random swap and deletion, stop-word removal), dropout in the text transformer, "
              "the MLP projectors and the separate temperature (init 0.1) of the augmented-view "
              "pairs; the text transformer, ViT/ResNet image encoders and the web-scale "
-             "image-text data (CC3M, CC12M, YFCC15M) are not here.",
+             "image-text data (CC3M, CC12M, YFCC15M) are not here. In the authors' code the "
+             "smoothing applies to the augmented views' pairs while the weakly augmented pair "
+             "keeps hard targets; here it applies to the pair this term contrasts (compose two "
+             "terms for both).",
 )
 
 

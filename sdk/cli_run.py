@@ -198,7 +198,13 @@ def load_splits(config: Any) -> Any:
         if len(getattr(splits, split)) == 0:
             raise ConfigError(f"data.{key}: leaves the {split} split of {config.name!r} empty",
                               path=f"data.{key}")
-    return splits
+    try:
+        return data.reshape_training(
+            splits, label_noise=config.label_noise, noise_splits=config.label_noise_splits,
+            imbalance_ratio=config.imbalance_ratio, label_fraction=config.label_fraction,
+            label_start=config.label_start, seed=config.split_seed)
+    except ConfigError as exc:
+        raise ConfigError(f"data.{exc.param}: {exc}", path=f"data.{exc.param}") from None
 
 
 class Prepared(NamedTuple):
@@ -211,22 +217,38 @@ class Prepared(NamedTuple):
 
 
 def prepare(recipe: Any, *, run_dir: str | Path | None = None,
-            progress: bool | None = None) -> Prepared:
-    """Load the data and build every part of ``recipe`` up to, not including, training; a bad
+            progress: bool | None = None, stage: Any = None) -> Prepared:
+    """Load the data and build every part of ``recipe`` up to, not including, training (a
+    ``stage``, :class:`sdk.stages.StageSetup`, initialises and freezes the encoder first); a bad
     recipe raises :class:`~sdk.ConfigError` naming its key path."""
     from torch.utils.data import DataLoader
 
     from sdk import checkpoint
 
     checkpoint.seed_everything(recipe.seed)
+    if stage is not None and not stage.train:
+        recipe = evaluation_only(recipe)
     cfg = recipe.data
     splits = load_splits(cfg)
     parts = build(recipe, splits)
+    if stage is not None:
+        parts["stage"] = stage.apply(parts["encoder"])
     train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=True,
                               drop_last=cfg.drop_last and len(splits.train) > cfg.batch_size,
                               num_workers=cfg.num_workers)
     trainer = make_trainer(recipe, parts, run_dir=run_dir, progress=progress)
     return Prepared(splits, parts, train_loader, trainer)
+
+
+def evaluation_only(recipe: Any) -> Any:
+    """``recipe`` for a stage that does not train: its trainer only embeds and predicts, so
+    it needs no training length."""
+    import attrs
+
+    t = recipe.trainer
+    if t.max_epochs is None and t.max_steps is None:
+        return attrs.evolve(recipe, trainer=attrs.evolve(t, max_steps=1))
+    return recipe
 
 
 def calibrate(calibrator: Any, cal_logits: Any, cal_labels: Any, test_logits: Any,
@@ -243,9 +265,24 @@ def calibrate(calibrator: Any, cal_logits: Any, cal_labels: Any, test_logits: An
         return calibrator.predict_proba(recipe_scores(calibrator, test_logits, test_features)).float()
 
 
+def run(recipe: Any, *, run_dir: str | Path, resume: bool = False,
+        progress: bool | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Run ``recipe``: its stages in order (:func:`sdk.stages.run_stages`) when it has
+    ``[[stages]]``, else one :func:`run_recipe`; returns the summary."""
+    if recipe.stages:
+        from sdk.stages import run_stages
+
+        return run_stages(recipe, run_dir=run_dir, resume=resume, progress=progress,
+                          console=console)
+    return run_recipe(recipe, run_dir=run_dir, resume=resume, progress=progress, console=console)
+
+
 def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
-               progress: bool | None = None, console: Console | None = None) -> dict[str, Any]:
-    """Train, evaluate and calibrate ``recipe``; returns (and writes) the summary."""
+               progress: bool | None = None, console: Console | None = None,
+               stage: Any = None) -> dict[str, Any]:
+    """Train, evaluate and calibrate ``recipe``; returns (and writes) the summary. A ``stage``
+    (:class:`sdk.stages.StageSetup`) initialises and freezes the encoder before training, may
+    leave training out, and receives the trained encoder at the end."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -255,7 +292,8 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = recipe.data
-    splits, parts, train_loader, trainer = prepare(recipe, run_dir=run_dir, progress=progress)
+    splits, parts, train_loader, trainer = prepare(recipe, run_dir=run_dir, progress=progress,
+                                                   stage=stage)
     supervised = bool(parts["objective"].requires.get("logits"))
 
     def ordered(ds: Any) -> DataLoader:
@@ -280,7 +318,7 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
                                "kind": "supervised" if supervised else "self-supervised",
                                "n_train": len(splits.train),
                                "n_calibration": len(splits.calibration),
-                               "n_test": len(splits.test)}
+                               "n_test": len(splits.test), **parts.get("stage", {})}
     if not supervised and ev.random_init:
         rep = representation()
         summary["random_init_knn_accuracy"] = knn(*rep)
@@ -295,7 +333,8 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
     trackers = [c for c in parts["callbacks"] if isinstance(c, Tracker)]
     for tracker in trackers:  # they end below, with the evaluation in the summary
         tracker.finish_at_fit_end = False
-    trainer.fit(train_loader, val_loader, resume=resume)
+    if stage is None or stage.train:
+        trainer.fit(train_loader, val_loader, resume=resume)
     summary.update({f"train/{k}": v for k, v in getattr(trainer, "summary", {}).items()})
 
     cal_logits = test_logits = probe = None
@@ -355,6 +394,8 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
             tracker.finish(summary)
         if console is not None:
             print_summary(summary, console, run_dir)
+    if stage is not None:
+        stage.finish(parts["encoder"], run_dir, main=main)
     return summary
 
 
@@ -384,6 +425,11 @@ RESULT_KEYS = (
 )
 
 
+def _title(summary: dict[str, Any]) -> str:
+    stage = summary.get("stage")
+    return summary["recipe"] if stage is None else f"{summary['recipe']}, stage {stage}"
+
+
 def print_summary(summary: dict[str, Any], console: Console, run_dir: Path) -> None:
     """The results as a rich table on a terminal; plain ``label: value`` lines when the output
     is not a terminal or ``CI`` is set."""
@@ -391,13 +437,13 @@ def print_summary(summary: dict[str, Any], console: Console, run_dir: Path) -> N
             for key, label in RESULT_KEYS if key in summary]
     if not console.is_terminal or os.environ.get("CI"):
         text = {"highlight": False, "markup": False, "soft_wrap": True}
-        console.print(f"{summary['recipe']} on {summary['dataset']} ({summary['kind']}, "
+        console.print(f"{_title(summary)} on {summary['dataset']} ({summary['kind']}, "
                       f"{summary['n_test']} held-out test samples)", **text)
         for label, value in rows:
             console.print(f"{label}: {value}", **text)
         console.print(f"run directory: {run_dir}", **text)
         return
-    table = Table(title=f"{summary['recipe']} on {summary['dataset']} "
+    table = Table(title=f"{_title(summary)} on {summary['dataset']} "
                         f"({summary['kind']}, {summary['n_test']} held-out test samples)")
     table.add_column("result")
     table.add_column("value", justify="right")
@@ -476,7 +522,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     source = args.recipe or Path(args.resume) / "config.toml"
     recipe = load_recipe(source, args.overrides, allow_imports=args.allow_imports)
     run_dir = args.resume or args.run_dir or default_run_dir(recipe.name)
-    run_recipe(recipe, run_dir=run_dir, resume=args.resume is not None, console=console)
+    run(recipe, run_dir=run_dir, resume=args.resume is not None, console=console)
     return 0
 
 

@@ -47,6 +47,7 @@ constraints, one-line docs): the ``[trainer]`` table, the keyword arguments of
 
 from __future__ import annotations
 
+import copy
 import datetime
 import difflib
 import inspect
@@ -132,7 +133,7 @@ def checked(default: Any, *given: Any) -> Any:
                        metadata={"constraints": _declared(given)})
 
 
-_Ge, _Gt, _Lt = annotated_types.Ge, annotated_types.Gt, annotated_types.Lt
+_Ge, _Gt, _Le, _Lt = annotated_types.Ge, annotated_types.Gt, annotated_types.Le, annotated_types.Lt
 
 
 @attrs.define(kw_only=True)
@@ -155,6 +156,12 @@ class DataConfig:
     num_workers: int = checked(0, _Ge(0))
     drop_last: bool = True
     augment: AugmentConfig | None = None
+    # the training split (sdk.data.reshape_training)
+    label_fraction: float = checked(1.0, _Gt(0), _Le(1))
+    label_start: float = checked(0.0, _Ge(0), _Lt(1))
+    imbalance_ratio: float = checked(1.0, _Ge(1), _Lt(math.inf))
+    label_noise: float = checked(0.0, _Ge(0), _Lt(1))
+    label_noise_splits: list[str] = attrs.Factory(lambda: ["train"])
     # a user's own data, for name = "image_folder", "table" or "arrays" (sdk.datasources)
     path: str | None = None
     target: str | None = None
@@ -268,6 +275,8 @@ class Recipe:
     optimizer: OptimizerConfig = attrs.Factory(OptimizerConfig)
     trainer: TrainerConfig = attrs.Factory(TrainerConfig)
     evaluation: EvaluationConfig = attrs.Factory(EvaluationConfig)
+    stages: list[Any] = attrs.Factory(list)
+    """The :class:`sdk.stages.Stage` list of a recipe with ``[[stages]]`` (empty otherwise)."""
 
 
 # structuring --------------------------------------------------------------------------------
@@ -596,12 +605,19 @@ def structure(data: Mapping[str, Any], *, allow_imports: bool = False) -> Recipe
     """Turn a recipe mapping into a :class:`Recipe` (errors name the key path); ``module``
     entries are refused unless ``allow_imports`` (see the module docstring)."""
     check_imports(data, allow_imports=allow_imports)
+    stages: list[Any] = []
+    if "stages" in data:
+        from sdk.stages import structure_stages
+
+        data, stages = structure_stages(data, allow_imports=allow_imports)
     if "objectives" in data and isinstance(data["objectives"], Mapping):
         data = {**data, "objectives": [data["objectives"]]}
     try:
-        return CONVERTER.structure(dict(data), Recipe)
+        recipe = CONVERTER.structure(dict(data), Recipe)
     except ClassValidationError as exc:
         raise _cattrs_errors(exc) from None
+    recipe.stages = stages
+    return recipe
 
 
 def load_recipe(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = (), *,
@@ -642,8 +658,13 @@ def read_recipe(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def unstructure(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as plain TOML-ready data (the resolved recipe a run writes to config.toml)."""
-    return CONVERTER.unstructure(recipe)
+    """The recipe as plain TOML-ready data (the resolved recipe a run writes to config.toml);
+    a staged recipe's stages as their tables were given."""
+    data = CONVERTER.unstructure(attrs.evolve(recipe, stages=[]))
+    del data["stages"]
+    if recipe.stages:
+        data["stages"] = [copy.deepcopy(s.table) for s in recipe.stages]
+    return data
 
 
 # TOML output --------------------------------------------------------------------------------

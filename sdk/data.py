@@ -152,6 +152,84 @@ def load(name: str = "digits", *, calibration_fraction: float = 0.2,
                       image_shape=shape, channels=channels, classes=classes)
 
 
+# the training split a recipe trains on ------------------------------------------------------
+
+NOISE_SPLITS = ("train", "calibration", "test")
+
+
+def flip_labels(y: Tensor, rate: float, num_classes: int, seed: int = 0) -> Tensor:
+    """Symmetric label noise: each label, with probability ``rate``, replaced by a class drawn
+    uniformly from the ``num_classes - 1`` others (seeded by ``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+    flip = torch.rand(y.shape, generator=g) < rate
+    other = (y + torch.randint(1, num_classes, y.shape, generator=g)) % num_classes
+    return torch.where(flip, other, y)
+
+
+def long_tailed(y: Tensor, ratio: float, seed: int = 0) -> Tensor:
+    """Indices of a long-tailed subset: class ``c`` of ``C`` (in class-id order) keeps
+    ``max(1, round(n_c * ratio ** (-c / (C - 1))))`` of its ``n_c`` samples (drawn with a
+    generator seeded by ``seed``), so the largest class has ``ratio`` times the smallest's."""
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(y)
+    kept = []
+    for rank, c in enumerate(classes.tolist()):
+        members = torch.nonzero(y == c).flatten()
+        share = ratio ** (-rank / max(len(classes) - 1, 1))
+        count = max(1, int(round(members.numel() * share)))
+        kept.append(members[torch.randperm(members.numel(), generator=g)[:count]])
+    return torch.cat(kept).sort().values
+
+
+def label_subset(y: Tensor, fraction: float, start: float = 0.0, seed: int = 0) -> Tensor:
+    """Indices of a stratified part of ``y``: in a per-class order drawn with a generator
+    seeded by ``seed``, class ``c``'s samples from ``round(start * n_c)`` on, at least one and
+    ``round(fraction * n_c)`` of them. Parts with the same ``seed`` whose ``[start, start +
+    fraction)`` ranges do not overlap share no sample."""
+    if start + fraction > 1 + 1e-9:
+        raise ConfigError(f"label_start + label_fraction must be <= 1, got {start} + {fraction}",
+                          param="label_start")
+    g = torch.Generator().manual_seed(seed)
+    kept = []
+    for c in torch.unique(y).tolist():
+        members = torch.nonzero(y == c).flatten()
+        members = members[torch.randperm(members.numel(), generator=g)]
+        first = int(round(start * members.numel()))
+        count = max(1, int(round(fraction * members.numel())))
+        kept.append(members[first:first + count])
+    return torch.cat(kept).sort().values
+
+
+def reshape_training(splits: DataSplits, *, label_noise: float = 0.0,
+                     noise_splits: Sequence[str] = ("train",), imbalance_ratio: float = 1.0,
+                     label_fraction: float = 1.0, label_start: float = 0.0,
+                     seed: int = 0) -> DataSplits:
+    """``splits`` with symmetric ``label_noise`` in the ``noise_splits`` (:func:`flip_labels`,
+    drawn per split before any subset is taken, so a sample's noisy label does not depend on
+    the subset), then the training split made long-tailed (:func:`long_tailed`) and cut to a
+    stratified part (:func:`label_subset`). Samples keep their dataset indices."""
+    unknown = sorted(set(noise_splits) - set(NOISE_SPLITS))
+    if unknown:
+        raise ConfigError(f"unknown split {unknown[0]!r}; the splits are "
+                          f"{', '.join(NOISE_SPLITS)}", param="label_noise_splits")
+    parts = {name: getattr(splits, name) for name in NOISE_SPLITS}
+    if label_noise > 0:
+        for k, name in enumerate(NOISE_SPLITS):
+            if name in noise_splits:
+                ds = parts[name]
+                y = flip_labels(ds.y, label_noise, splits.num_classes, seed=seed * 3 + k + 1)
+                parts[name] = IndexedDataset(ds.x, y, ds.index)
+    train = parts["train"]
+    keep = torch.arange(len(train))
+    if imbalance_ratio > 1:
+        keep = long_tailed(train.y, imbalance_ratio, seed)
+    if label_fraction < 1 or label_start > 0:
+        keep = keep[label_subset(train.y[keep], label_fraction, label_start, seed)]
+    if keep.numel() < len(train):
+        parts["train"] = IndexedDataset(train.x[keep], train.y[keep], train.index[keep])
+    return attrs.evolve(splits, **parts)
+
+
 # augmentations ------------------------------------------------------------------------------
 
 

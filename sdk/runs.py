@@ -109,10 +109,21 @@ def load_run(run_dir: str | Path, *, allow_imports: bool = False,
         raise ConfigError(f"{run_dir} is not a run directory: it has no config.toml (the "
                           "resolved recipe 'paperplug run' writes)")
     recipe = load_recipe(config, allow_imports=allow_imports)
+    if recipe.stages:
+        names = ", ".join(str(run_dir / s.options.name) for s in recipe.stages)
+        raise ConfigError(f"{run_dir} is the directory of a staged recipe; load one of its "
+                          f"stages' runs: {names}")
     splits = load_splits(recipe.data)
     parts = build(recipe, splits)
     encoder = parts["encoder"]
-    path, state = ckpt.load_newest(run_dir / "checkpoints", map_location)
+    from sdk.stages import ENCODER
+
+    if not (run_dir / "checkpoints").is_dir() and (run_dir / ENCODER).is_file():
+        path = run_dir / ENCODER  # a stage that evaluated without training
+        state = {"components": {"encoder": ckpt.load(path, map_location)},
+                 "position": {"step": 0}}
+    else:
+        path, state = ckpt.load_newest(run_dir / "checkpoints", map_location)
     saved = state.get("components", {}).get("encoder")
     if saved is None:
         raise CheckpointError(f"checkpoint {path} holds no encoder")

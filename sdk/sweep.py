@@ -136,18 +136,21 @@ def _dir_name(values: Mapping[str, Any]) -> str:
 
 def _run_point(recipe_data: dict[str, Any], run_dir: str, threads: int, allow_imports: bool
                ) -> dict[str, Any]:
-    """A sweep point in a worker process: its run, or the summary it already wrote."""
+    """A sweep point in a worker process: its run, or the summary it already wrote (a staged
+    point's finished stages are read back, the rest run)."""
     import torch
 
-    from sdk.cli_run import run_recipe
+    from sdk.cli_run import run
 
-    done = Path(run_dir) / "summary.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    torch.set_num_threads(threads)
     recipe = structure(recipe_data, allow_imports=allow_imports)
-    resume = (Path(run_dir) / "checkpoints").is_dir()
-    return run_recipe(recipe, run_dir=run_dir, resume=resume, progress=False)
+    done = Path(run_dir) / "summary.json"
+    if not recipe.stages and done.is_file():
+        summary = json.loads(done.read_text())
+        if "recipe" in summary:  # the run's summary, not the one training writes before it
+            return summary
+    torch.set_num_threads(threads)
+    resume = bool(recipe.stages) or (Path(run_dir) / "checkpoints").is_dir()
+    return run(recipe, run_dir=run_dir, resume=resume, progress=False)
 
 
 def run_sweep(swept: Sequence[Point], out_dir: str | Path, *, jobs: int | None = None,

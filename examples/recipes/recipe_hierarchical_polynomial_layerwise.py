@@ -25,6 +25,12 @@ The baseline is the two-layer network with the same frozen first layer (width ``
 (generous to the baseline). A degree-2 random-feature model cannot represent the ``He_3(p)``
 part of ``h`` (40% of its variance for a Gaussian ``p``); a kernel method needs ``d^6`` samples
 for it, the layer-wise network ``d^2``.
+
+Where this differs from the papers: their widths, step sizes and sample sizes are polynomial in
+``d`` with unstated constants (ours are measured to fit minutes of CPU). Their first step
+learns the kernel-smoothed target ``K h``, whose quadratic part is ``E[g'(p)] p``, so ``g`` needs
+``E[g'(p)] != 0``: ``He_3`` (``E[He_3'(z)] = 0`` for a Gaussian ``z``) leaves ``p`` only at order
+``1/d``. ``A`` has a flat spectrum, as their well-spread quadratic features have.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 Transformer forecaster trained end to end, on MSE alone or on (1 - 0.1) MSE + 0.1 NT-Xent of two
 scaling+jitter views, forecasts better than contrastive pretraining with a linear head on the
 frozen encoder (the two-step protocol the paper argues against). Measured over seeds 0-3 at this
-size: frozen / end-to-end test MSE 1.08-1.65 (1.22 on seed 0).
+size: frozen / the worse end-to-end arm's test MSE 1.06-1.56 (1.18 on seed 0; 1.06 on seed 1,
+where no arm learns much in 100 steps); 4.3-7.6 in the full version.
 
 Not asserted, as it does not hold at every size: the paper's main finding, end to end with the
 contrastive term below MSE alone. At this size (100 steps) it holds on seeds 0-3 by 1-5%; the
@@ -35,4 +36,4 @@ def test_windows_are_consecutive_look_backs_and_horizons():
 
 def test_end_to_end_training_beats_the_frozen_two_step():
     r = {k: v[0] for k, v in load().main(fast=True, seed=0).items()}
-    assert r["pretrain_frozen"] > 1.1 * max(r["mse"], r["mse_contrastive"])
+    assert r["pretrain_frozen"] > 1.05 * max(r["mse"], r["mse_contrastive"])

@@ -3,7 +3,7 @@ Transformer forecaster trained end to end, on MSE alone or on (1 - 0.1) MSE + 0.
 scaling+jitter views, forecasts better than contrastive pretraining with a linear head on the
 frozen encoder (the two-step protocol the paper argues against). Measured over seeds 0-3 at this
 size: frozen / the worse end-to-end arm's test MSE 1.06-1.56 (1.18 on seed 0; 1.06 on seed 1,
-where no arm learns much in 100 steps); 4.3-7.6 in the full version.
+where no arm learns much in 100 steps); 3.1-4.9 in the full version.
 
 Not asserted, as it does not hold at every size: the paper's main finding, end to end with the
 contrastive term below MSE alone. At this size (100 steps) it holds on seeds 0-3 by 1-5%; the

@@ -30,8 +30,8 @@ import attrs
 
 from sdk.config import (
     Recipe,
+    _toml_value,
     apply_override,
-    dump_toml,
     parse_path,
     read_recipe,
     structure,
@@ -125,8 +125,8 @@ def points(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()
 
 
 def _toml(value: Any) -> str:
-    line = dump_toml({"v": value}).strip()
-    return line.split("=", 1)[1].strip()
+    """``value`` as one inline TOML value (an array of tables as inline tables)."""
+    return _toml_value(value)
 
 
 def _dir_name(values: Mapping[str, Any]) -> str:

@@ -103,3 +103,7 @@ def test_a_swept_value_may_be_an_array_of_tables(tmp_path):
     sweep.write_table(rows, ["transforms"], tmp_path)
     table = list(csv.DictReader((tmp_path / sweep.SWEEP_CSV).open()))
     assert [r["transforms"] for r in table] == ["[]", '[{ name = "mixup", alpha = 1.0 }]']
+    for keys in (["transforms"], ["seed", "transforms"]):  # on the x axis, or one line each
+        rows = [{**r, "seed": 0} for r in rows]
+        png = sweep.plot(rows, keys, "accuracy", tmp_path / f"{len(keys)}.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,10 +6,11 @@ trained on a large set with noisy labels (70% of the training split, 30% of its 
 fine-tuned, every weight, on a small clean set (the disjoint next 10%) at a tenth of the
 learning rate (supervised domain adaptation, SDA: the stages of
 ``recipe_noisy_pretrain_clean_finetune.toml``), against the paper's teacher-student baseline that
-composes from the registered plugins: knowledge distillation (``knowledge_distillation``, Hinton
-et al.'s T = 4, alpha = 0.9) of the noisy-trained model, frozen as the teacher, into a student
-trained from scratch on the clean set. For context it also trains the same network on the clean
-set alone. Deep mutual learning, the paper's other baseline, has no plugin here and is left out.
+composes from the registered plugins: knowledge distillation (``knowledge_distillation`` of
+Hinton et al., at the plugin's T = 4, alpha = 0.9) of the noisy-trained model, frozen as the
+teacher, into a student trained from scratch on the clean set at the first stage's learning
+rate. For context it also trains the same network on the clean set alone, at that rate too.
+Deep mutual learning, the paper's other baseline, has no plugin here and is left out.
 
     python examples/recipes/recipe_noisy_pretrain_clean_finetune.py   # full: 3 seeds
 
@@ -60,7 +61,7 @@ def main(fast: bool = False, seed: int = 0) -> dict:
                              run_dir=Path(tmp) / "scratch", progress=False)
 
     # knowledge distillation: the noisy stage's model, frozen, teaches a fresh student on the
-    # clean part (Hinton et al.: T = 4, alpha = 0.9 on the soft term)
+    # clean part (T = 4, alpha = 0.9 on the soft term)
     student = _from_scratch(clean.recipe, recipe.optimizer.lr, KD)
     splits = load_splits(student.data)
     teacher = build(noisy.recipe, load_splits(noisy.recipe.data))["encoder"]

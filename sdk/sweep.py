@@ -30,8 +30,8 @@ import attrs
 
 from sdk.config import (
     Recipe,
+    _toml_value,
     apply_override,
-    dump_toml,
     parse_path,
     read_recipe,
     structure,
@@ -125,8 +125,8 @@ def points(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()
 
 
 def _toml(value: Any) -> str:
-    line = dump_toml({"v": value}).strip()
-    return line.split("=", 1)[1].strip()
+    """``value`` as one inline TOML value (an array of tables as inline tables)."""
+    return _toml_value(value)
 
 
 def _dir_name(values: Mapping[str, Any]) -> str:
@@ -212,18 +212,19 @@ def plot(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str, pa
 
     plt = plots._pyplot()
     first, rest = keys[0], keys[1:]
-    xs = list(dict.fromkeys(r[first] for r in rows))
-    numeric = all(_number(x) for x in xs)
+    xs = list(dict.fromkeys(_toml(r[first]) for r in rows))  # as TOML: a value may be an array
+    numeric = all(_number(r[first]) for r in rows)
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for group in dict.fromkeys(tuple(r[k] for k in rest) for r in rows):
-        line = [r for r in rows if tuple(r[k] for k in rest) == group]
-        x = [r[first] if numeric else xs.index(r[first]) for r in line]
-        label = ", ".join(f"{k}={_toml(v)}" for k, v in zip(rest, group)) or None
+    for group in dict.fromkeys(tuple(_toml(r[k]) for k in rest) for r in rows):
+        line = [r for r in rows if tuple(_toml(r[k]) for k in rest) == group]
+        x = [r[first] if numeric else xs.index(_toml(r[first])) for r in line]
+        label = ", ".join(f"{k}={v}" for k, v in zip(rest, group)) or None
         ax.plot(x, [r[metric] for r in line], "o-", label=label)
-    if numeric and min(xs) > 0 and max(xs) / min(xs) >= 10:
+    values = [r[first] for r in rows]
+    if numeric and min(values) > 0 and max(values) / min(values) >= 10:
         ax.set_xscale("log")
     if not numeric:
-        ax.set_xticks(range(len(xs)), [_toml(x) for x in xs])
+        ax.set_xticks(range(len(xs)), xs)
     ax.set(xlabel=first, ylabel=metric, title=f"{metric} over {first}")
     if rest:
         ax.legend()

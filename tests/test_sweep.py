@@ -91,3 +91,19 @@ def test_a_sweep_runs_its_points_in_processes_and_a_second_run_reads_or_resumes_
     assert "--sweep goes with a RECIPE" in capsys.readouterr().err
     assert main(["run", str(recipe), *argv[2:], "--jobs", "1", "--metric", "nope"]) == 2
     assert "--metric nope: not in every point's summary" in capsys.readouterr().err
+
+
+def test_a_swept_value_may_be_an_array_of_tables(tmp_path):
+    mixup = [{"name": "mixup", "alpha": 1.0}]
+    grid = sweep.points({**read_recipe(RECIPE), "sweep": {"transforms": [[], mixup]}})
+    assert [[t.name for t in p.recipe.transforms] for p in grid] == [[], ["mixup"]]
+    assert grid[1].recipe.transforms[0].params == {"alpha": 1.0}
+    assert grid[0].name != grid[1].name and "/" not in grid[1].name
+    rows = [{"transforms": [], "accuracy": 0.5}, {"transforms": mixup, "accuracy": 0.6}]
+    sweep.write_table(rows, ["transforms"], tmp_path)
+    table = list(csv.DictReader((tmp_path / sweep.SWEEP_CSV).open()))
+    assert [r["transforms"] for r in table] == ["[]", '[{ name = "mixup", alpha = 1.0 }]']
+    for keys in (["transforms"], ["seed", "transforms"]):  # on the x axis, or one line each
+        rows = [{**r, "seed": 0} for r in rows]
+        png = sweep.plot(rows, keys, "accuracy", tmp_path / f"{len(keys)}.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -367,3 +367,33 @@ class NTXent(Objective):
                                            extra_negative_logits=extra, extra_negative_mask=extra_mask)
         return Loss(value=masked_mean(loss, valid, c),
                     per_sample=per_sample(loss, c))
+
+
+# two views from different encoders (CLIP's image and text) ---------------------------------
+
+
+def cross_modal_info_nce(views: Views, batch: Batch, scale: Tensor, *, pair: tuple[int, int] = (0, 1),
+                         label_smoothing: float = 0.0, gather: Gather = False) -> Tensor:
+    """CLIP's symmetric InfoNCE between views ``a, b = pair`` (two modalities of one sample,
+    encoded by different towers), per sample ``[B]``::
+
+        l_i = 1/2 [ CE_eps(s * cos(a_i, b_.), i) + CE_eps(s * cos(b_i, a_.), i) ]
+
+    with ``s`` the logit scale (1 / temperature, a tensor: it may be learned) and ``CE_eps`` the
+    cross-entropy against the smoothed target ``(1 - eps) onehot(i) + eps / N`` over the ``N``
+    candidates of the other modality (every rank's when ``gather`` is on; ``eps = 0``: CLIP).
+    Only the cross-modal pairs count: a view is never contrasted with its own modality."""
+    a, b = pair
+    if not (0 <= a < views.n_views and 0 <= b < views.n_views) or a == b:
+        raise ShapeError(f"cross_modal_info_nce: pair {tuple(pair)} must name two different views "
+                         f"of the {views.n_views} given")
+    c = contrast(Views(embeddings=(views.embeddings[a], views.embeddings[b]), extras=views.extras),
+                 batch, gather=gather)
+    n = c.candidates.shape[0] // 2  # candidates of one modality
+    rows = c.self_col[:c.batch_size]  # each sample's column among its modality's candidates
+    za, zb = c.anchors[:c.batch_size], c.anchors[c.batch_size:]
+    s = scale.float()
+    a_to_b = (za @ c.candidates[n:].T).float() * s
+    b_to_a = (zb @ c.candidates[:n].T).float() * s
+    return (F.cross_entropy(a_to_b, rows, reduction="none", label_smoothing=label_smoothing)
+            + F.cross_entropy(b_to_a, rows, reduction="none", label_smoothing=label_smoothing)) / 2

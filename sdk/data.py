@@ -208,7 +208,9 @@ def reshape_training(splits: DataSplits, *, label_noise: float = 0.0,
     """``splits`` with symmetric ``label_noise`` in the ``noise_splits`` (:func:`flip_labels`,
     drawn per split before any subset is taken, so a sample's noisy label does not depend on
     the subset), then the training split made long-tailed (:func:`long_tailed`) and cut to a
-    stratified part (:func:`label_subset`). Samples keep their dataset indices."""
+    stratified part (:func:`label_subset`), both chosen by the true labels, so that a noisy
+    part and a clean part with disjoint ranges share no sample. Samples keep their dataset
+    indices."""
     unknown = sorted(set(noise_splits) - set(NOISE_SPLITS))
     if unknown:
         raise ConfigError(f"unknown split {unknown[0]!r}; the splits are "
@@ -220,12 +222,12 @@ def reshape_training(splits: DataSplits, *, label_noise: float = 0.0,
                 ds = parts[name]
                 y = flip_labels(ds.y, label_noise, splits.num_classes, seed=seed * 3 + k + 1)
                 parts[name] = IndexedDataset(ds.x, y, ds.index)
-    train = parts["train"]
+    train, true_y = parts["train"], splits.train.y
     keep = torch.arange(len(train))
     if imbalance_ratio > 1:
-        keep = long_tailed(train.y, imbalance_ratio, seed)
+        keep = long_tailed(true_y, imbalance_ratio, seed)
     if label_fraction < 1 or label_start > 0:
-        keep = keep[label_subset(train.y[keep], label_fraction, label_start, seed)]
+        keep = keep[label_subset(true_y[keep], label_fraction, label_start, seed)]
     if keep.numel() < len(train):
         parts["train"] = IndexedDataset(train.x[keep], train.y[keep], train.index[keep])
     return attrs.evolve(splits, **parts)

@@ -176,10 +176,15 @@ DETECTION_LOGITS = "detection_logits"
 """``Views.extras``: a discriminator's score per token that the token was corrupted, float
 ``[B, T]`` (a logit, one per position of :data:`TOKEN_IDS`; ``multi_course_electra``)."""
 
+PAIRED_INPUT = "paired_input"
+"""``Batch.extras``: the second modality of each sample, ``[B, ...]``, row ``i`` paired with row
+``i`` of ``x`` (the text of an image, a sensor reading of a scene), which a
+:class:`sdk.multimodal.TowerView` with ``paired=True`` gives its tower (``multi_tower``)."""
+
 SHARED = (NEGATIVES, NEGATIVES_MASK, NEGATIVES_INDEX, TEACHER, FEATURES, PATCHES, ADJACENCY,
           TARGET_FEATURES, LAYERS, TEACHER_LAYERS, UNLABELED, UNLABELED_INDEX, TIME, EVENT,
           PROPENSITY, MASK, IDS_RESTORE, RECONSTRUCTION_TARGET, VIEW_TOKENS,
           GENERATED, REFERENCE_LOGITS, INPUT, EDIT_DISTANCE, TOKEN_IDS, TOKEN_MASK,
           AUGMENTATION_PARAMS, CLASS_TEXT_FEATURES, MIXING_SOURCE, OTHER_COMPONENT,
           GATE_LOGITS, GATE_TARGETS, REFERENCE_LOGPROBS, REWARD, RETRIEVAL_SCORES,
-          ATTRIBUTE, ORIGINAL_TOKEN_IDS, CORRUPTION_LABELS, DETECTION_LOGITS)
+          ATTRIBUTE, ORIGINAL_TOKEN_IDS, CORRUPTION_LABELS, DETECTION_LOGITS, PAIRED_INPUT)

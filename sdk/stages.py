@@ -92,7 +92,7 @@ def _in_stage(exc: ConfigError, index: int, name: str, table: Mapping[str, Any])
     """``exc`` of a stage's recipe, naming the key where the stage or the top level gives it."""
     path, text = exc.path or "", str(exc)
     head, *rest = re.split(r"[.\[]", path, maxsplit=2)
-    given = head in table and (head not in MERGED or not rest
+    given = head in table and head not in OWN_KEYS and (head not in MERGED or not rest
                                or not isinstance(table[head], Mapping) or rest[0] in table[head])
     if path and given:
         where = f"stages[{index}].{path}"

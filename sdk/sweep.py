@@ -30,6 +30,7 @@ import attrs
 
 from sdk.config import (
     Recipe,
+    _toml_value,
     apply_override,
     parse_path,
     read_recipe,
@@ -124,9 +125,7 @@ def points(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()
 
 
 def _toml(value: Any) -> str:
-    """``value`` as one inline TOML value (a table or an array of tables too)."""
-    from sdk.config import _toml_value
-
+    """``value`` as one inline TOML value (an array of tables as inline tables)."""
     return _toml_value(value)
 
 
@@ -213,7 +212,7 @@ def plot(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str, pa
 
     plt = plots._pyplot()
     first, rest = keys[0], keys[1:]
-    xs = list(dict.fromkeys(_toml(r[first]) for r in rows))  # TOML text: arrays and tables too
+    xs = list(dict.fromkeys(_toml(r[first]) for r in rows))  # as TOML: a value may be an array
     numeric = all(_number(r[first]) for r in rows)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for group in dict.fromkeys(tuple(_toml(r[k]) for k in rest) for r in rows):

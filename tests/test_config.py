@@ -10,7 +10,7 @@ from typing import Annotated
 import pytest
 
 import sdk
-from sdk import data
+from sdk import data, sweep
 from sdk.card import Card
 from sdk.cli_run import build
 from sdk.config import (
@@ -53,11 +53,9 @@ def error_of(source, overrides=(), splits=None) -> ConfigError:
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.stem)
 def test_every_example_recipe_loads_builds_and_round_trips(path, splits):
-    from sdk.sweep import points
-
-    swept = points(path)  # a sweep recipe: every point checked, the first one built
+    swept = sweep.points(path)  # a recipe with a [sweep] table: its first point
     recipe = swept[0].recipe if swept else load_recipe(path)
-    for stage in recipe.stages:
+    for stage in recipe.stages:  # a staged recipe: every stage is built
         assert build(stage.recipe, splits)["objective"] is not None
     if not recipe.stages:
         parts = build(recipe, splits)

@@ -178,3 +178,16 @@ def test_random_resized_crop_aspect_ratio_is_width_over_height():
     inner = centres.abs() < 0.875 - 0.25 * 0.875
     span = tall[inner, -1, 0] - tall[inner, 0, 0]
     torch.testing.assert_close(span, torch.full_like(span, 0.25 * 1.75))
+
+
+def test_a_noisy_part_and_a_clean_part_with_disjoint_ranges_share_no_sample(splits):
+    noisy = data.reshape_training(splits, label_noise=0.3, label_fraction=0.7)
+    clean = data.reshape_training(splits, label_start=0.7, label_fraction=0.1)
+    assert not set(noisy.train.index.tolist()) & set(clean.train.index.tolist())
+    # the parts are stratified by the true labels: the same samples with and without noise
+    assert torch.equal(noisy.train.index,
+                       data.reshape_training(splits, label_fraction=0.7).train.index)
+    truth = dict(zip(splits.train.index.tolist(), splits.train.y.tolist()))
+    wrong = sum(truth[i] != y for i, y in zip(noisy.train.index.tolist(), noisy.train.y.tolist()))
+    assert 0.25 < wrong / len(noisy.train) < 0.35
+    assert all(truth[i] == y for i, y in zip(clean.train.index.tolist(), clean.train.y.tolist()))

@@ -124,7 +124,8 @@ def test_per_sample_objectives_are_declared_so():
                           "score_two_turn_rl",
                           "gradient_reversal_disentangle",
                           "high_frequency_perceptual", "directional_subspace_loss",
-                          "rogue_clean_guidance_consistency", "multi_course_electra"}
+                          "rogue_clean_guidance_consistency", "multi_course_electra",
+                          "bpr_loss"}
 
 
 def test_gather_resolves_auto_by_world_size_and_rejects_other_values():

@@ -93,21 +93,17 @@ def test_a_sweep_runs_its_points_in_processes_and_a_second_run_reads_or_resumes_
     assert "--metric nope: not in every point's summary" in capsys.readouterr().err
 
 
-def test_the_plot_takes_swept_arrays_and_tables_as_values(tmp_path):
-    rows = [{"stages[1].freeze": freeze, "stages[0].train": train, "accuracy": a}
-            for (freeze, train), a in zip([(["backbone"], True), ([], True), (["backbone"], False),
-                                           ([], False)], (0.8, 0.7, 0.6, 0.5))]
-    path = sweep.plot(rows, ["stages[1].freeze", "stages[0].train"], "accuracy",
-                      tmp_path / "sweep.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_a_sweep_value_may_be_a_table_or_an_array_of_tables():
-    data = {**read_recipe(RECIPE), "sweep": {
-        "objectives": [[{"name": "cross_entropy"}], [{"name": "focal_loss", "gamma": 1.0}]],
-        "optimizer.options": [{"betas": [0.9, 0.99]}]}}
-    grid = sweep.points(data)
-    assert [[(o.name, o.params) for o in p.recipe.objectives] for p in grid] == [
-        [("cross_entropy", {})], [("focal_loss", {"gamma": 1.0})]]
-    assert all(p.recipe.optimizer.options == {"betas": [0.9, 0.99]} for p in grid)
-    assert grid[1].name.startswith("objectives=[__name_=__focal_loss_,_gamma_=_1.0__]")
+def test_a_swept_value_may_be_an_array_of_tables(tmp_path):
+    mixup = [{"name": "mixup", "alpha": 1.0}]
+    grid = sweep.points({**read_recipe(RECIPE), "sweep": {"transforms": [[], mixup]}})
+    assert [[t.name for t in p.recipe.transforms] for p in grid] == [[], ["mixup"]]
+    assert grid[1].recipe.transforms[0].params == {"alpha": 1.0}
+    assert grid[0].name != grid[1].name and "/" not in grid[1].name
+    rows = [{"transforms": [], "accuracy": 0.5}, {"transforms": mixup, "accuracy": 0.6}]
+    sweep.write_table(rows, ["transforms"], tmp_path)
+    table = list(csv.DictReader((tmp_path / sweep.SWEEP_CSV).open()))
+    assert [r["transforms"] for r in table] == ["[]", '[{ name = "mixup", alpha = 1.0 }]']
+    for keys in (["transforms"], ["seed", "transforms"]):  # on the x axis, or one line each
+        rows = [{**r, "seed": 0} for r in rows]
+        png = sweep.plot(rows, keys, "accuracy", tmp_path / f"{len(keys)}.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -52,7 +52,8 @@ def recipe_data(method: str, *, pretrain_epochs: int, finetune_epochs: int,
     label fraction a probe stage and a fine-tune stage, both starting from the pre-trained
     encoder's backbone."""
     pretrain = {"name": "pretrain", **copy.deepcopy(METHODS.get(method, SIMCLR)),
-                "train": method != "scratch", "trainer": {"max_epochs": pretrain_epochs}}
+                "train": method != "scratch", "trainer": {"max_epochs": pretrain_epochs},
+                "evaluation": {"linear_probe": False}}  # the probe stages measure it
     stages = [pretrain]
     for f in fractions:
         stages.append({"name": f"probe_{tag(f)}", "init": "pretrain", "init_keys": ["backbone"],

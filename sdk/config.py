@@ -456,7 +456,8 @@ def _cattrs_errors(exc: ClassValidationError, what: str = "invalid recipe") -> C
         if m is None:
             lines.append(message)
             continue
-        path, text = m["path"].lstrip("."), m["msg"]
+        # a table's keys as recipe key paths spell them: shifts['noise'] -> shifts.noise
+        path, text = re.sub(r"\['([^'\]]*)'\]", r".\1", m["path"]).lstrip("."), m["msg"]
         for entry in text.split(_SUB * 2):
             key, _, msg = entry.rpartition(_SUB)
             where = f"{path}.{key}" if path and key else path or key

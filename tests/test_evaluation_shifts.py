@@ -56,9 +56,9 @@ def test_shift_tables_are_checked_with_their_key_path():
     base = RECIPES / "supervised_digits.toml"
     with pytest.raises(ConfigError, match=r"evaluation.shifts.none: must change the test inputs"):
         load_recipe(base, ["evaluation.shifts.none={}"])
-    with pytest.raises(ConfigError, match=r"shifts\['x'\].nois: unknown key; did you mean 'noise'"):
+    with pytest.raises(ConfigError, match=r"evaluation.shifts.x.nois: unknown key; did you mean 'noise'"):
         load_recipe(base, ["evaluation.shifts.x={nois=0.1}"])
-    with pytest.raises(ConfigError, match=r"shifts\['x'\].mask: must be < 1"):
+    with pytest.raises(ConfigError, match=r"evaluation.shifts.x.mask: must be < 1"):
         load_recipe(base, ["evaluation.shifts.x={mask=1.5}"])
 
 

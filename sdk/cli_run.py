@@ -99,6 +99,21 @@ def build(recipe: Any, splits: Any) -> dict[str, Any]:
             check_composition(objective, teacher)
         except ConfigError as exc:
             raise ConfigError(f"teacher: {exc}", path="teacher") from None
+    callbacks = [create(s, "callback", f"callbacks[{i}]", context)
+                 for i, s in enumerate(recipe.callbacks)]
+    readers = [spec.name for spec, c in zip(recipe.callbacks, callbacks)
+               if getattr(c, "reads_unlabeled", False)]
+    if objective.requires.get("unlabeled"):
+        readers.append(objective.name)
+    if recipe.data.unlabeled and not readers:
+        raise ConfigError("data.unlabeled: nothing in the recipe reads the unlabelled stream; "
+                          "give an objective or a callback that learns from unlabelled data "
+                          "(e.g. [[callbacks]] name = \"self_training\")", path="data.unlabeled")
+    if readers and not recipe.data.unlabeled:
+        raise ConfigError(f"data.unlabeled: {', '.join(map(repr, readers))} learns from "
+                          f"unlabelled data; set data.unlabeled = true (with label_fraction < 1 "
+                          f"or imbalance_ratio > 1, whose left-out samples it is)",
+                          path="data.unlabeled")
     calibrator = optional("calibrator", "calibrator")
     if calibrator is not None:
         from sdk.calibration import check_recipe_calibrator
@@ -111,8 +126,7 @@ def build(recipe: Any, splits: Any) -> dict[str, Any]:
         "reweighter": optional("reweighter", "reweighter"),
         "scheduler": optional("schedule", "schedule"),
         "calibrator": calibrator,
-        "callbacks": [create(s, "callback", f"callbacks[{i}]", context)
-                      for i, s in enumerate(recipe.callbacks)],
+        "callbacks": callbacks,
         "optimizer": build_optimizer(recipe.optimizer),
     }
 
@@ -201,12 +215,16 @@ def load_splits(config: Any) -> Any:
             raise ConfigError(f"data.{key}: leaves the {split} split of {config.name!r} empty",
                               path=f"data.{key}")
     try:
-        return data.reshape_training(
+        splits = data.reshape_training(
             splits, label_noise=config.label_noise, noise_splits=config.label_noise_splits,
             imbalance_ratio=config.imbalance_ratio, label_fraction=config.label_fraction,
             label_start=config.label_start, seed=config.split_seed)
     except ConfigError as exc:
         raise ConfigError(f"data.{exc.param}: {exc}", path=f"data.{exc.param}") from None
+    if config.unlabeled and splits.unlabeled is None:
+        raise ConfigError("data.unlabeled: imbalance_ratio and label_fraction leave no training "
+                          "sample out, so there is no unlabelled data", path="data.unlabeled")
+    return splits
 
 
 class Prepared(NamedTuple):
@@ -336,8 +354,12 @@ def run_recipe(recipe: Any, *, run_dir: str | Path, resume: bool = False,
     trackers = [c for c in parts["callbacks"] if isinstance(c, Tracker)]
     for tracker in trackers:  # they end below, with the evaluation in the summary
         tracker.finish_at_fit_end = False
+    unlabeled = None
+    if cfg.unlabeled:  # the training samples the label fraction and the long tail left out
+        unlabeled = DataLoader(splits.unlabeled, batch_size=cfg.unlabeled_batch_size
+                               or cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
     if stage is None or stage.train:
-        trainer.fit(train_loader, val_loader, resume=resume)
+        trainer.fit(train_loader, val_loader, resume=resume, unlabeled=unlabeled)
     summary.update({f"train/{k}": v for k, v in getattr(trainer, "summary", {}).items()})
 
     cal_logits = test_logits = probe = None

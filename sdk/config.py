@@ -162,6 +162,8 @@ class DataConfig:
     imbalance_ratio: float = checked(1.0, _Ge(1), _Lt(math.inf))
     label_noise: float = checked(0.0, _Ge(0), _Lt(1))
     label_noise_splits: list[str] = attrs.Factory(lambda: ["train"])
+    unlabeled: bool = False
+    unlabeled_batch_size: int | None = checked(None, _Ge(1))
     # a user's own data, for name = "image_folder", "table" or "arrays" (sdk.datasources)
     path: str | None = None
     target: str | None = None

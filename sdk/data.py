@@ -74,6 +74,9 @@ class DataSplits:
     image_shape: tuple[int, int] | None = None
     channels: int = 1
     classes: tuple[str, ...] | None = None
+    unlabeled: IndexedDataset | None = None
+    """The training samples :func:`reshape_training` left out (indices ``0..U-1``; their
+    targets are those of the data, which the engine does not read from an unlabelled stream)."""
 
 
 def stratified_split(y: Tensor, fractions: Sequence[float], seed: int = 0) -> list[Tensor]:
@@ -230,6 +233,9 @@ def reshape_training(splits: DataSplits, *, label_noise: float = 0.0,
         keep = keep[label_subset(true_y[keep], label_fraction, label_start, seed)]
     if keep.numel() < len(train):
         parts["train"] = IndexedDataset(train.x[keep], train.y[keep], train.index[keep])
+        rest = torch.ones(len(train), dtype=torch.bool)
+        rest[keep] = False
+        parts["unlabeled"] = IndexedDataset(train.x[rest], train.y[rest])
     return attrs.evolve(splits, **parts)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sdk import checkpoint, data, stages
+from sdk.cli_run import build as cli_run_build
 from sdk.config import load_recipe, structure, unstructure
 from sdk.errors import ConfigError
 from sdk.runs import load_run
@@ -149,3 +150,32 @@ def test_reshape_training_keeps_indices_and_noises_only_the_named_splits():
     assert abs(len(out.train) - len(splits.train) / 2) <= 10
     with pytest.raises(ConfigError, match="unknown split 'val'"):
         data.reshape_training(splits, label_noise=0.1, noise_splits=["val"])
+
+
+def test_the_left_out_training_samples_are_the_unlabelled_stream(tmp_path, monkeypatch):
+    from sdk import cli_run
+    from sdk.cli_run import load_splits, prepare, run_recipe
+
+    supervised = {"name": "semisup", "data": {"name": "digits", "batch_size": 32,
+                                              "label_fraction": 0.2, "unlabeled": True,
+                                              "unlabeled_batch_size": 64},
+                  "encoder": {"name": "mlp", "hidden_dims": [32], "out_dim": 10},
+                  "objectives": [{"name": "cross_entropy"}],
+                  "callbacks": [{"name": "self_training", "threshold": 0.0, "refresh_every": 2}],
+                  "trainer": {"max_steps": 5}}
+    recipe_ = load_recipe(supervised)
+    splits = load_splits(recipe_.data)
+    assert len(splits.train) + len(splits.unlabeled) == len(data.load("digits").train)
+    assert torch.equal(splits.unlabeled.index, torch.arange(len(splits.unlabeled)))
+    built = []
+    monkeypatch.setattr(cli_run, "build", lambda *a: built.append(cli_run_build(*a)) or built[-1])
+    run_recipe(recipe_, run_dir=tmp_path)
+    callback = built[0]["callbacks"][0]
+    assert callback.labels is not None and callback.labels.numel() == len(splits.unlabeled)
+    assert (callback.labels >= 0).sum() > 0  # rounds of pseudo-labels over the left-out samples
+    with pytest.raises(ConfigError, match="^data.unlabeled: 'self_training' learns from"):
+        prepare(load_recipe(supervised, ["data.unlabeled=false"]))
+    with pytest.raises(ConfigError, match="^data.unlabeled: nothing in the recipe reads"):
+        prepare(load_recipe(supervised, ["callbacks=[]"]))
+    with pytest.raises(ConfigError, match="^data.unlabeled: imbalance_ratio and label_fraction"):
+        prepare(load_recipe(supervised, ["data.label_fraction=1.0"]))

@@ -407,10 +407,12 @@ def _is_dict(type_: Any) -> bool:
 
 def _array(type_: Any, conv: cattrs.Converter) -> Any:
     inner = cattrs.cols.list_structure_factory(type_, conv)
+    element = typing.get_args(type_)[0] if typing.get_args(type_) else Any
+    what = "an array of tables" if attrs.has(element) else "an array"
 
     def hook(value: Any, _: Any) -> Any:
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"expected an array of tables, got {_show(value)}")
+            raise TypeError(f"expected {what}, got {_show(value)}")
         return inner(value, type_)
     return hook
 

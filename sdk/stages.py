@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from cattrs.errors import ClassValidationError
 
+from sdk.config import _run_name
 from sdk.errors import ConfigError
 
 ENCODER = "encoder.pt"
@@ -47,17 +49,11 @@ MERGED = ("data", "optimizer", "trainer", "evaluation")
 """The tables a stage updates key by key; every other key it gives replaces the top level's."""
 
 
-def _dir_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value in ("", ".", "..") or re.search(r"[/\\\x00-\x1f\x7f]", value):
-        raise ConfigError(f"name must be usable as a directory name (no path separators or "
-                          f"control characters), got {value!r}", param="name")
-
-
 @attrs.define(kw_only=True)
 class StageOptions:
     """A stage's own keys (see the module docstring)."""
 
-    name: str = attrs.field(validator=_dir_name)
+    name: str = attrs.field(validator=_run_name)
     init: str = "previous"
     init_keys: list[str] = attrs.Factory(list)
     freeze: list[str] = attrs.Factory(list)
@@ -126,12 +122,11 @@ def structure_stages(data: Mapping[str, Any], *, allow_imports: bool = False
         own = {k: table[k] for k in OWN_KEYS if k in table}
         try:
             options = CONVERTER.structure(own, StageOptions)
-        except Exception as exc:  # cattrs' ClassValidationError, or the name validator
-            err = _cattrs_errors(exc) if hasattr(exc, "exceptions") else exc
-            key = getattr(err, "path", None) or getattr(err, "param", None) or "name"
-            rest = str(err)
-            rest = rest[len(key) + 2:] if rest.startswith(f"{key}: ") else rest
-            raise ConfigError(f"stages[{i}].{key}: {rest}", path=f"stages[{i}].{key}") from None
+        except ClassValidationError as exc:
+            err = _cattrs_errors(exc)
+            rest = str(err)[len(err.path) + 2:]  # "<key>: <message>"
+            raise ConfigError(f"stages[{i}].{err.path}: {rest}", path=f"stages[{i}].{err.path}"
+                              ) from None
         names = [s.options.name for s in stages]
         if options.name in names:
             raise ConfigError(f"stages[{i}].name: {options.name!r} is the name of stages"

@@ -4,24 +4,14 @@ layer, ridge on the output layer) has a lower test MSE than two-layer random fea
 first layer, and its learnt feature is p (measured over seeds 0-5 at this size: MSE ratio
 0.52-1.03, 0.65 on average over seeds 0-2; |corr(u, p)| 0.72-0.94, >= 0.88 on seeds 0-2)."""
 
-import importlib.util
-from pathlib import Path
-
-PATH = (Path(__file__).resolve().parents[2] / "examples" / "recipes"
-        / "recipe_hierarchical_polynomial_layerwise.py")
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("recipe_hierarchical_polynomial_layerwise", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-def test_ridge_solves_its_normal_equations():
+def test_ridge_solves_its_normal_equations(recipe_script):
     import torch
 
-    recipe = load()
+    recipe = recipe_script("recipe_hierarchical_polynomial_layerwise")
     g = torch.Generator().manual_seed(0)
     f, y = torch.randn(50, 4, generator=g, dtype=torch.float64), torch.randn(50, generator=g,
                                                                              dtype=torch.float64)
@@ -31,8 +21,8 @@ def test_ridge_solves_its_normal_equations():
                           atol=1e-12)
 
 
-def test_layerwise_three_layer_beats_random_features_and_learns_p():
-    recipe = load()
+def test_layerwise_three_layer_beats_random_features_and_learns_p(recipe_script):
+    recipe = recipe_script("recipe_hierarchical_polynomial_layerwise")
     ratios = []
     for seed in (0, 1, 2):
         r = {k: v[0] for k, v in recipe.main(fast=True, seed=seed).items()}

@@ -5,24 +5,12 @@ level alone does (ridge retrieval probe; measured at 5 epochs over seeds 0-3: le
 0.28-0.32 against 0.13-0.16, level 2 0.82-0.85 against 0.44-0.53), and their own heads retrieve
 far above chance."""
 
-import importlib.util
-from pathlib import Path
 
 import torch
 
-PATH = (Path(__file__).resolve().parents[2] / "examples" / "recipes"
-        / "recipe_multilevel_image_text_contrastive.py")
 
-
-def load():
-    spec = importlib.util.spec_from_file_location("recipe_multilevel_image_text_contrastive", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_multilevel_training_makes_intermediate_levels_retrieve():
-    recipe = load()
+def test_multilevel_training_makes_intermediate_levels_retrieve(recipe_script):
+    recipe = recipe_script("recipe_multilevel_image_text_contrastive")
     result = recipe.main(fast=True)
     multi, last = result["multilevel"], result["last_level"]
     for level in (0, 1):  # the intermediate levels
@@ -32,8 +20,8 @@ def test_multilevel_training_makes_intermediate_levels_retrieve():
     assert min(multi["head_r1"][0][2], last["head_r1"][0][2]) > 100 * result["chance"]
 
 
-def test_the_ridge_probe_recovers_a_linear_pairing():
-    recipe = load()
+def test_the_ridge_probe_recovers_a_linear_pairing(recipe_script):
+    recipe = recipe_script("recipe_multilevel_image_text_contrastive")
     g = torch.Generator().manual_seed(0)
     h = torch.randn(200, 5, generator=g)
     t = h @ torch.randn(5, 4, generator=g)

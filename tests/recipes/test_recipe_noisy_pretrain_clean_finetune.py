@@ -5,7 +5,6 @@ noisy-trained model beats it and the student distilled from it on the clean part
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from sdk import plots
@@ -15,12 +14,6 @@ from sdk.config import load_recipe
 SCRIPT = (Path(__file__).resolve().parents[2] / "examples" / "recipes"
           / "recipe_noisy_pretrain_clean_finetune.py")
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("recipe_noisy_pretrain_clean_finetune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_stages_are_a_noisy_part_and_a_disjoint_clean_part_fine_tuned_at_a_tenth_lr():
@@ -39,10 +32,10 @@ def test_the_stages_are_a_noisy_part_and_a_disjoint_clean_part_fine_tuned_at_a_t
     assert b.test.y.tolist() == full.test.y.tolist()  # measured on the clean test split
 
 
-def test_fine_tuning_the_noisy_model_on_clean_data_beats_distilling_it(monkeypatch):
+def test_fine_tuning_the_noisy_model_on_clean_data_beats_distilling_it(monkeypatch, recipe_script):
     for figure in ("reliability_diagram", "training_curves"):  # not what is measured here
         monkeypatch.setattr(plots, figure, lambda *args, **kwargs: None)
-    result = _script().main(fast=True, seed=0)
+    result = recipe_script("recipe_noisy_pretrain_clean_finetune").main(fast=True, seed=0)
     # seeds 0, 1, 2 measured: SDA 0.914 / 0.972 / 0.955, KD student 0.891 / 0.930 / 0.875,
     # the noisy-trained model 0.858 / 0.928 / 0.875 (clean-only training 0.903 / 0.939 / 0.950)
     assert result["sda_finetuned"] > result["kd_student"] + 0.01

@@ -5,23 +5,12 @@ on the random-init backbone of the from-scratch arm (fast version, 20 pre-traini
 are reported, not asserted: at this size fine-tuning from the pre-trained backbone does not beat
 training from scratch reliably."""
 
-import importlib.util
-from pathlib import Path
 
 from sdk.config import structure
 
-RECIPE = Path(__file__).parents[2] / "examples" / "recipes" / "recipe_ssl_label_fraction_sweep.py"
 
-
-def load():
-    spec = importlib.util.spec_from_file_location("recipe_ssl_label_fraction_sweep", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_arm_is_one_staged_recipe_of_a_probe_and_a_fine_tune_per_fraction():
-    recipe = load()
+def test_every_arm_is_one_staged_recipe_of_a_probe_and_a_fine_tune_per_fraction(recipe_script):
+    recipe = recipe_script("recipe_ssl_label_fraction_sweep")
     for arm in (*recipe.METHODS, "scratch"):
         stages = structure(recipe.recipe_data(arm, pretrain_epochs=1, finetune_epochs=1)).stages
         assert [s.options.name for s in stages] == ["pretrain"] + [
@@ -43,8 +32,9 @@ def test_every_arm_is_one_staged_recipe_of_a_probe_and_a_fine_tune_per_fraction(
         "dino_head", "ema")
 
 
-def test_simclr_pretraining_beats_scratch_with_five_percent_of_the_labels(tmp_path):
-    results = load().main(fast=True, seed=0, run_dir=tmp_path, jobs=1)
+def test_simclr_pretraining_beats_scratch_with_five_percent_of_the_labels(tmp_path, recipe_script):
+    recipe = recipe_script("recipe_ssl_label_fraction_sweep")
+    results = recipe.main(fast=True, seed=0, run_dir=tmp_path, jobs=1)
     assert set(results) == {"simclr", "scratch"}
     assert results["simclr"]["probe_5pct"] > results["scratch"]["probe_5pct"]
     assert (tmp_path / "simclr" / "finetune_5pct" / "summary.json").is_file()

@@ -9,24 +9,14 @@ Not asserted, as it does not hold at every size: the paper's main finding, end t
 contrastive term below MSE alone. At this size (100 steps) it holds on seeds 0-3 by 1-5%; the
 full version (200 steps, deeper) reverses it on every seed (see the README's results table)."""
 
-import importlib.util
-from pathlib import Path
-
-PATH = (Path(__file__).resolve().parents[2] / "examples" / "recipes"
-        / "recipe_ts_forecast_contrastive.py")
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("recipe_ts_forecast_contrastive", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-def test_windows_are_consecutive_look_backs_and_horizons():
+def test_windows_are_consecutive_look_backs_and_horizons(recipe_script):
     import torch
 
-    recipe = load()
+    recipe = recipe_script("recipe_ts_forecast_contrastive")
     s = torch.arange(20.0).reshape(2, 10)
     x, y = recipe.windows(s, 3, 2, 1, 10, 2)
     assert x.shape == (6, 3, 1) and y.shape == (6, 2)  # starts 1, 3, 5 per channel
@@ -34,6 +24,7 @@ def test_windows_are_consecutive_look_backs_and_horizons():
     assert x[3, :, 0].tolist() == [11.0, 12.0, 13.0] and y[5].tolist() == [18.0, 19.0]
 
 
-def test_end_to_end_training_beats_the_frozen_two_step():
-    r = {k: v[0] for k, v in load().main(fast=True, seed=0).items()}
+def test_end_to_end_training_beats_the_frozen_two_step(recipe_script):
+    recipe = recipe_script("recipe_ts_forecast_contrastive")
+    r = {k: v[0] for k, v in recipe.main(fast=True, seed=0).items()}
     assert r["pretrain_frozen"] > 1.05 * max(r["mse"], r["mse_contrastive"])

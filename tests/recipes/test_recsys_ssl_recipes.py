@@ -5,24 +5,13 @@ popularity, and the InfoNCE term makes the item embeddings more uniform (uniform
 -3.33 to -3.39). Not asserted: the paper's Recall@20 gain, which did not appear at this size (the
 InfoNCE arm was 0.08-0.16 lower). Also checked: the metrics and the data by hand."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
 
-RECIPE = Path(__file__).parents[2] / "examples" / "recipes" / "recsys_ssl_recipes.py"
 
-
-def load():
-    spec = importlib.util.spec_from_file_location("recsys_ssl_recipes", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bpr_and_bpr_infonce_beat_popularity_and_infonce_spreads_the_items():
-    out = load().main(fast=True, seed=0)
+def test_bpr_and_bpr_infonce_beat_popularity_and_infonce_spreads_the_items(recipe_script):
+    out = recipe_script("recsys_ssl_recipes").main(fast=True, seed=0)
     assert out["seeds"] == 2 and out["epochs"] == 10
     pop = out["popularity/recall/per_user=3"]
     assert out["bpr/recall/per_user=3"] > pop + 0.15
@@ -31,8 +20,8 @@ def test_bpr_and_bpr_infonce_beat_popularity_and_infonce_spreads_the_items():
     assert out["bpr_infonce/uniformity/per_user=3"] < out["bpr/uniformity/per_user=3"] - 0.3
 
 
-def test_ranking_metrics_by_hand():
-    recipe = load()
+def test_ranking_metrics_by_hand(recipe_script):
+    recipe = recipe_script("recsys_ssl_recipes")
     scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
     train = torch.tensor([[True, False, False, False, False]])  # item 0 is excluded from the ranking
     test = torch.tensor([[False, False, True, False, True]])
@@ -41,8 +30,9 @@ def test_ranking_metrics_by_hand():
     assert math.isclose(got["ndcg"], (1 / math.log2(3)) / (1 + 1 / math.log2(3)), rel_tol=1e-6)
 
 
-def test_interactions_hold_out_a_fixed_number_per_user_and_lightgcn_propagates_symmetrically():
-    recipe = load()
+def test_interactions_hold_out_a_fixed_number_per_user_and_lightgcn_propagates_symmetrically(
+        recipe_script):
+    recipe = recipe_script("recsys_ssl_recipes")
     train, test = recipe.interactions(users=20, items=15, per_user=3, held_out=2, seed=1)
     assert train.sum(1).tolist() == [3] * 20 and test.sum(1).tolist() == [2] * 20
     assert not (train & test).any()

@@ -82,6 +82,7 @@ from sdk.types import Batch, Loss, Views, unchecked_builder
 _NULL = contextlib.nullcontext()
 _unchecked_batch = unchecked_builder(Batch)
 _unchecked_views = unchecked_builder(Views)
+_plain_views = unchecked_builder(Views, convert=False)  # the plain loop's: a tuple, no extras
 _ITEM_FIELDS = ("targets", "index", "domain")
 _STATEFUL = (nn.Module, Callback, DataSampler, Schedule)  # the kinds that declare state_dict
 _BATCH_FIELDS = ("targets", "index", "domain", "weight")
@@ -122,9 +123,11 @@ class ResumableSampler(DataSampler):
         total = len(self) * self.world
         if total > self.n:
             order = torch.cat([order, order[: total - self.n]])
-        mine = order[self.rank::self.world][self._skip:]
-        self._skip = 0
-        return iter(mine.tolist())
+        if self.world > 1:
+            order = order[self.rank::self.world]
+        if self._skip:
+            order, self._skip = order[self._skip:], 0
+        return iter(order.tolist())
 
 
 class RankShard(DataSampler):
@@ -1132,39 +1135,54 @@ class Trainer:
         computes what :meth:`_steps` does, in the same order, in a fraction of its Python per
         step (the engine's fixed cost); a test holds the two equal."""
         state, objective, optimizer = self.state, self.objective, self.optimizer
-        encode, scheduler = self._encode_z, self.scheduler
+        encode, scheduler, window = self._encode_z, self.scheduler, self._window
         n_views, logits, tells = len(self.view_transforms), self._needs_logits, self._tells_progress
+        on_cpu, bar = self._on_cpu, progress.bar
         self._view_inputs = None  # recompute_gradients: only from before_optimizer_step
         for item in it:
             state.views = state.loss = None
-            x, batch = self._to_device(item, check=not self._checked)
+            kind = type(item)
+            if (self._checked and on_cpu and (kind is tuple or kind is list) and len(item) == 3
+                    and item[0].is_cpu):  # a CPU loader's (x, targets, index), already validated
+                x = item[0]
+                batch = _unchecked_batch(targets=item[1], index=item[2])
+            else:
+                x, batch = self._to_device(item, check=not self._checked)
             if tells:
                 objective.set_progress(state.step, self.total_steps)
             state.x = x
-            embeddings = tuple(map(encode, [x] * n_views))
+            embeddings = (encode(x),) if n_views == 1 else tuple(map(encode, [x] * n_views))
             first = embeddings[0] if logits else None
             if first is not None and first.dim() == 3:  # a sequence model's [B, T, V]
                 embeddings = ()
+            state.batch = batch
             if self._checked:
-                state.batch = batch
-                state.views = views = _unchecked_views(embeddings=embeddings, logits=first)
+                state.views = views = _plain_views(embeddings=embeddings, logits=first)
                 state.loss = loss = nn.Module.__call__(objective, views, batch)
             else:
-                state.batch = batch
                 state.views = views = Views(embeddings=embeddings, logits=first)
                 state.loss = loss = objective(views, batch)
+                self._checked = True
             value = loss.value
             value.backward()
-            self._window.append((value.detach(), state.step + 1, loss.logs, x.shape[0]))
-            self._checked = True
+            step = state.step + 1
+            window.append((value.detach(), step, loss.logs, x.shape[0]))
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            state.step += 1
+            state.step = step
             optimizer.zero_grad(set_to_none=True)
             self.batch_idx += 1
-            self._after_step(progress)
-            if self._done():
+            # _after_step and _done, inline
+            if bar is not None:
+                progress.advance(state.epoch)
+            if step % self.log_every == 0:
+                self._log_train(progress)
+            every = self.checkpoint_every
+            if every is not None and step % every == 0 and self.run_dir is not None:
+                self._save_guarded()
+            total = self.total_steps
+            if self.should_stop or total is not None and step >= total:
                 return False
         return True
 
@@ -1331,11 +1349,12 @@ class Trainer:
         record: dict[str, Any] = {"kind": "epoch", "epoch": self.epoch, "step": self.step}
         if partial:
             record["partial"] = True
-        self._guard()
         count = self._epoch_count + len(self._window)
         if count:
             total = self._epoch_sum + self._window_values().sum() if self._window else self._epoch_sum
-            record["loss"] = float(total) / count
+            record["loss"] = float(total) / count  # the host read; finite unless a loss is not
+            if not math.isfinite(record["loss"]):
+                self._guard()
         if self.val_loader is not None:
             self.val_metrics = self.evaluate(self.val_loader)
             record.update({f"val/{k}": v for k, v in self.val_metrics.items()})
@@ -1391,7 +1410,7 @@ class Trainer:
         self._epoch_sum.add_(window)
         self._epoch_count += count
         samples = sum(entry[3] for entry in self._window)
-        self._window = []
+        self._window.clear()  # in place: the plain loop holds the list
         now = time.perf_counter()
         rate = samples * self.world / max(now - self._t_log, 1e-9)
         self._t_log = now

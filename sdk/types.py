@@ -43,18 +43,20 @@ def _embeddings(value: Any) -> tuple[Tensor, ...]:
     return tuple(value)
 
 
-_BUILDERS: dict[type, Any] = {}
+_BUILDERS: dict[tuple[type, bool], Any] = {}
 
 
-def unchecked_builder(cls: type) -> Any:
+def unchecked_builder(cls: type, *, convert: bool = True) -> Any:
     """A keyword-only constructor of the record class ``cls`` that converts its fields but does
     not validate them: for the engine's own records once the first micro-batch's passed
     validation (users and plugins build records through the validating constructors).
+    ``convert=False``: the values are stored as given (the caller passes them in their
+    converted form already: a tuple of embeddings, a frozen mapping).
 
     Generated once per class from its attrs fields, as attrs generates ``__init__``: one
     assignment per field, a converter only where a value is given (defaults are stored as they
     are), so building a record costs no per-field loop."""
-    builder = _BUILDERS.get(cls)
+    builder = _BUILDERS.get((cls, convert))
     if builder is not None:
         return builder
     fields = attrs.fields(cls)
@@ -65,7 +67,7 @@ def unchecked_builder(cls: type) -> Any:
         if isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]
             raise TypeError(f"unchecked_builder: {cls.__name__}.{f.name} has a factory default")
         scope[f"_default{i}"] = f.default
-        if f.converter is None:
+        if f.converter is None or not convert:
             params.append(f"{f.name}=_default{i}")
             body.append(f"_set(r, {f.name!r}, {f.name})")
         else:
@@ -76,8 +78,13 @@ def unchecked_builder(cls: type) -> Any:
     source = (f"def build_{cls.__name__}(*, {', '.join(params)}):\n    "
               + "\n    ".join([*body, "return r"]))
     exec(compile(source, f"<unchecked {cls.__name__}>", "exec"), scope)  # our own source only
-    builder = _BUILDERS[cls] = scope[f"build_{cls.__name__}"]
+    builder = _BUILDERS[cls, convert] = scope[f"build_{cls.__name__}"]
     return builder
+
+
+ID_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+"""The dtypes of ids that :func:`check_ids` accepts without a look at anything else but the
+rank (a hot path may test ``ids.dtype in ID_DTYPES`` and call it only otherwise)."""
 
 
 def check_ids(owner: str, field: str, ids: Tensor, high: int | None = None) -> None:

@@ -47,6 +47,7 @@ import functools
 import inspect
 import json
 import math
+import operator
 import os
 import sys
 import time
@@ -83,6 +84,7 @@ _NULL = contextlib.nullcontext()
 _unchecked_batch = unchecked_builder(Batch)
 _unchecked_views = unchecked_builder(Views)
 _plain_views = unchecked_builder(Views, convert=False)  # the plain loop's: a tuple, no extras
+_LOSS, _SAMPLES = operator.itemgetter(0), operator.itemgetter(3)  # of a log window's entry
 _ITEM_FIELDS = ("targets", "index", "domain")
 _STATEFUL = (nn.Module, Callback, DataSampler, Schedule)  # the kinds that declare state_dict
 _BATCH_FIELDS = ("targets", "index", "domain", "weight")
@@ -1397,7 +1399,7 @@ class Trainer:
 
     def _window_values(self) -> Tensor:
         """The log window's losses [n] (float32, on the device)."""
-        return torch.stack([entry[0] for entry in self._window]).float()  # promotes mixed dtypes
+        return torch.stack(list(map(_LOSS, self._window))).float()  # promotes mixed dtypes
 
     def _log_train(self, progress: _Progress) -> None:
         count = len(self._window)
@@ -1409,7 +1411,7 @@ class Trainer:
             self._guard()
         self._epoch_sum.add_(window)
         self._epoch_count += count
-        samples = sum(entry[3] for entry in self._window)
+        samples = sum(map(_SAMPLES, self._window))
         self._window.clear()  # in place: the plain loop holds the list
         now = time.perf_counter()
         rate = samples * self.world / max(now - self._t_log, 1e-9)

@@ -54,27 +54,34 @@ def unchecked_builder(cls: type, *, convert: bool = True) -> Any:
     converted form already: a tuple of embeddings, a frozen mapping).
 
     Generated once per class from its attrs fields, as attrs generates ``__init__``: one
-    assignment per field, a converter only where a value is given (defaults are stored as they
-    are), so building a record costs no per-field loop."""
+    assignment per field (through the field's slot descriptor where the class has slots), a
+    converter only where a value is given (defaults are stored as they are), so building a
+    record costs no per-field loop."""
     builder = _BUILDERS.get((cls, convert))
     if builder is not None:
         return builder
     fields = attrs.fields(cls)
-    scope: dict[str, Any] = {"_new": object.__new__, "_set": object.__setattr__, "_cls": cls,
-                             "_missing": object()}
+    scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_missing": object()}
+    slots = "__slots__" in cls.__dict__
     params, body = [], ["r = _new(_cls)"]
     for i, f in enumerate(fields):
         if isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]
             raise TypeError(f"unchecked_builder: {cls.__name__}.{f.name} has a factory default")
         scope[f"_default{i}"] = f.default
+        if slots:
+            scope[f"_set{i}"] = cls.__dict__[f.name].__set__
+            store = f"_set{i}(r, {{}})"
+        else:
+            scope[f"_set{i}"] = object.__setattr__
+            store = f"_set{i}(r, {f.name!r}, {{}})"
         if f.converter is None or not convert:
             params.append(f"{f.name}=_default{i}")
-            body.append(f"_set(r, {f.name!r}, {f.name})")
+            body.append(store.format(f.name))
         else:
             scope[f"_convert{i}"] = f.converter
             params.append(f"{f.name}=_missing")
-            body.append(f"_set(r, {f.name!r}, _default{i} if {f.name} is _missing "
-                        f"else _convert{i}({f.name}))")
+            body.append(store.format(f"_default{i} if {f.name} is _missing "
+                                     f"else _convert{i}({f.name})"))
     source = (f"def build_{cls.__name__}(*, {', '.join(params)}):\n    "
               + "\n    ".join([*body, "return r"]))
     exec(compile(source, f"<unchecked {cls.__name__}>", "exec"), scope)  # our own source only

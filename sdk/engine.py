@@ -884,6 +884,10 @@ class Trainer:
     def _to_device(self, item: Any, check: bool = True) -> tuple[Tensor, Batch]:
         """The input and the Batch of a loader item, on the device; ``check=False`` builds the
         Batch without validating it (training after the first micro-batch)."""
+        kind = type(item)
+        if (not check and self._on_cpu and (kind is tuple or kind is list) and len(item) == 3
+                and item[0].is_cpu):  # a CPU loader's (x, targets, index): the common case
+            return item[0], _unchecked_batch(targets=item[1], index=item[2])
         make = Batch if check else _unchecked_batch
         fields: dict[str, Any] = {}
         if isinstance(item, (tuple, list)):
@@ -1139,17 +1143,11 @@ class Trainer:
         state, objective, optimizer = self.state, self.objective, self.optimizer
         encode, scheduler, window = self._encode_z, self.scheduler, self._window
         n_views, logits, tells = len(self.view_transforms), self._needs_logits, self._tells_progress
-        on_cpu, bar = self._on_cpu, progress.bar
+        bar = progress.bar
         self._view_inputs = None  # recompute_gradients: only from before_optimizer_step
         for item in it:
             state.views = state.loss = None
-            kind = type(item)
-            if (self._checked and on_cpu and (kind is tuple or kind is list) and len(item) == 3
-                    and item[0].is_cpu):  # a CPU loader's (x, targets, index), already validated
-                x = item[0]
-                batch = _unchecked_batch(targets=item[1], index=item[2])
-            else:
-                x, batch = self._to_device(item, check=not self._checked)
+            x, batch = self._to_device(item, check=not self._checked)
             if tells:
                 objective.set_progress(state.step, self.total_steps)
             state.x = x

@@ -1141,9 +1141,8 @@ class Trainer:
         computes what :meth:`_steps` does, in the same order, in a fraction of its Python per
         step (the engine's fixed cost); a test holds the two equal."""
         state, objective, optimizer = self.state, self.objective, self.optimizer
-        encode, scheduler, window = self._encode_z, self.scheduler, self._window
+        encode, scheduler = self._encode_z, self.scheduler
         n_views, logits, tells = len(self.view_transforms), self._needs_logits, self._tells_progress
-        bar = progress.bar
         self._view_inputs = None  # recompute_gradients: only from before_optimizer_step
         for item in it:
             state.views = state.loss = None
@@ -1166,23 +1165,15 @@ class Trainer:
             value = loss.value
             value.backward()
             step = state.step + 1
-            window.append((value.detach(), step, loss.logs, x.shape[0]))
+            self._window.append((value.detach(), step, loss.logs, x.shape[0]))
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             state.step = step
             optimizer.zero_grad(set_to_none=True)
             self.batch_idx += 1
-            # _after_step and _done, inline
-            if bar is not None:
-                progress.advance(state.epoch)
-            if step % self.log_every == 0:
-                self._log_train(progress)
-            every = self.checkpoint_every
-            if every is not None and step % every == 0 and self.run_dir is not None:
-                self._save_guarded()
-            total = self.total_steps
-            if self.should_stop or total is not None and step >= total:
+            self._after_step(progress)
+            if self._done():
                 return False
         return True
 
@@ -1410,7 +1401,7 @@ class Trainer:
         self._epoch_sum.add_(window)
         self._epoch_count += count
         samples = sum(map(_SAMPLES, self._window))
-        self._window.clear()  # in place: the plain loop holds the list
+        self._window = []
         now = time.perf_counter()
         rate = samples * self.world / max(now - self._t_log, 1e-9)
         self._t_log = now

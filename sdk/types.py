@@ -89,11 +89,6 @@ def unchecked_builder(cls: type, *, convert: bool = True) -> Any:
     return builder
 
 
-ID_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
-"""The dtypes of ids that :func:`check_ids` accepts without a look at anything else but the
-rank (a hot path may test ``ids.dtype in ID_DTYPES`` and call it only otherwise)."""
-
-
 def check_ids(owner: str, field: str, ids: Tensor, high: int | None = None) -> None:
     """Raise :class:`sdk.ShapeError` naming ``owner`` and ``field`` unless ``ids`` (class ids,
     dataset indices, group ids) are an integer tensor ``[B]``, in ``[0, high)`` when ``high``

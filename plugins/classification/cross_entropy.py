@@ -16,7 +16,7 @@ from sdk import classification as cls
 from sdk.card import Card
 from sdk.hookspecs import hookimpl
 from sdk.interfaces import Input, Objective
-from sdk.types import ID_DTYPES, Batch, Loss, Views, check_ids
+from sdk.types import Batch, Loss, Views, check_ids
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
@@ -32,8 +32,7 @@ def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, label_smooth
     the device asserts).
     """
     if targets.dim() == 1:
-        if targets.dtype not in ID_DTYPES:  # the common ids pass without a call
-            check_ids("cross_entropy", "targets", targets)
+        check_ids("cross_entropy", "targets", targets)
     else:
         cls.targets("cross_entropy", logits, targets)
         targets = targets.float()

@@ -59,6 +59,7 @@ from typing import Any
 import attrs
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from sdk import checkpoint as ckpt
@@ -86,6 +87,18 @@ _unchecked_views = unchecked_builder(Views)
 _plain_views = unchecked_builder(Views, convert=False)  # the plain loop's: a tuple, no extras
 _LOSS, _SAMPLES = operator.itemgetter(0), operator.itemgetter(3)  # of a log window's entry
 _ITEM_FIELDS = ("targets", "index", "domain")
+# torch's process-wide module hooks: nn.Module._call_impl calls forward directly, with none of
+# its hook handling, when neither these nor the module's own hooks are set (and it is neither
+# compiled nor traced); the plain loop makes that test itself and, when it holds, calls the
+# objective's forward (the Python of two calls less per step). A torch without these names
+# (None) has every call go through nn.Module.__call__.
+_GLOBAL_MODULE_HOOKS = tuple(vars(_torch_module).get(name) for name in (
+    "_global_backward_pre_hooks", "_global_backward_hooks", "_global_forward_hooks",
+    "_global_forward_pre_hooks"))
+if any(hooks is None for hooks in _GLOBAL_MODULE_HOOKS):
+    _GLOBAL_MODULE_HOOKS = None
+_OWN_MODULE_HOOKS = ("_backward_hooks", "_backward_pre_hooks", "_forward_hooks",
+                     "_forward_pre_hooks")
 _STATEFUL = (nn.Module, Callback, DataSampler, Schedule)  # the kinds that declare state_dict
 _BATCH_FIELDS = ("targets", "index", "domain", "weight")
 UNLABELED_SEED = 104_729
@@ -460,6 +473,7 @@ class Trainer:
             setattr(self, name, value)
         self.device = resolve_device(self.config.device)
         self._on_cpu = self.device.type == "cpu"
+        self._host_window = self._on_cpu  # the log window holds floats (see _window below)
         self._skip_nonfinite = self.on_nonfinite == "skip"
         if self.precision == "fp16-mixed" and self.device.type != "cuda":
             raise ConfigError(f"precision 'fp16-mixed' (float16 with a GradScaler) needs a CUDA "
@@ -493,11 +507,14 @@ class Trainer:
         self._listeners: dict[str, tuple[Callable[[State], Any], ...]] = {}
         self._attached = False
         self._checked = False  # the first micro-batch's records are validated, later ones trusted
-        # the log window, one entry per micro-batch: its loss (detached, on the device: summed
-        # at log points, so a step costs no device op for logging), the step it is part of, its
-        # term logs and its number of samples; and the epoch's sum and count of logged losses
-        self._window: list[tuple[Tensor, int, Mapping[str, Tensor], int]] = []
-        self._epoch_sum = torch.zeros(())
+        # the log window, one entry per micro-batch: its loss, the step it is part of, its term
+        # logs and its number of samples; and the epoch's sum and count of logged losses (a host
+        # float: log points read the window's sum anyway). On an accelerator a loss stays a
+        # detached tensor on the device (summed at log points, so a step costs no host sync);
+        # on the CPU, where reading it syncs nothing, it is a float (``tolist``: no detached
+        # copy, no warning for a tensor that requires grad), and a log point costs no tensor op
+        self._window: list[tuple[Tensor | float, int, Mapping[str, Tensor], int]] = []
+        self._epoch_sum = 0.0
         self._epoch_count = 0
         # the non-finite guard: the newest checkpoint written (each written after the guard
         # passed), updates dropped by on_nonfinite="skip", and the step's finite flag (skip only)
@@ -1086,7 +1103,6 @@ class Trainer:
         return self.should_stop or (total is not None and self.state.step >= total)
 
     def _loop(self, loader: Any, skip: int, progress: _Progress) -> None:
-        zero = torch.zeros((), dtype=torch.float32, device=self.device)
         while not self._done() and (self.max_epochs is None or self.epoch < self.max_epochs):
             if self._resumable is not None:
                 self._resumable.set_epoch(self.epoch)
@@ -1098,7 +1114,7 @@ class Trainer:
             if skip == 0:
                 self.batch_idx = 0
                 self.emit(Event.ON_EPOCH_START)
-                self._window, self._epoch_sum, self._epoch_count = [], zero.new_zeros(()), 0
+                self._window, self._epoch_sum, self._epoch_count = [], 0.0, 0
             n_batches = len(loader) if isinstance(loader, Sized) else None
             it = iter(loader)
             if self._resumable is None:
@@ -1143,6 +1159,14 @@ class Trainer:
         state, objective, optimizer = self.state, self.objective, self.optimizer
         encode, scheduler = self._encode_z, self.scheduler
         n_views, logits, tells = len(self.view_transforms), self._needs_logits, self._tells_progress
+        host = self._host_window
+        # torch's condition for calling forward directly (see _GLOBAL_MODULE_HOOKS), read every
+        # step: a hook registered during the run (by a log listener, a forward) is honoured
+        own, world_hooks = objective.__dict__, _GLOBAL_MODULE_HOOKS
+        direct = world_hooks is not None and all(name in own for name in _OWN_MODULE_HOOKS)
+        g1, g2, g3, g4 = world_hooks if direct else ((),) * 4
+        tracing = torch._C._get_tracing_state
+        due = self._next_due(progress)
         self._view_inputs = None  # recompute_gradients: only from before_optimizer_step
         for item in it:
             state.views = state.loss = None
@@ -1157,7 +1181,13 @@ class Trainer:
             state.batch = batch
             if self._checked:
                 state.views = views = _plain_views(embeddings=embeddings, logits=first)
-                state.loss = loss = nn.Module.__call__(objective, views, batch)
+                if direct and not (own["_backward_hooks"] or own["_backward_pre_hooks"]
+                                   or own["_forward_hooks"] or own["_forward_pre_hooks"]
+                                   or g1 or g2 or g3 or g4
+                                   or own.get("_compiled_call_impl") is not None or tracing()):
+                    state.loss = loss = objective.forward(views, batch)
+                else:
+                    state.loss = loss = nn.Module.__call__(objective, views, batch)
             else:
                 state.views = views = Views(embeddings=embeddings, logits=first)
                 state.loss = loss = objective(views, batch)
@@ -1165,16 +1195,19 @@ class Trainer:
             value = loss.value
             value.backward()
             step = state.step + 1
-            self._window.append((value.detach(), step, loss.logs, x.shape[0]))
+            self._window.append((value.tolist() if host else value.detach(), step, loss.logs,
+                                 x.shape[0]))
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             state.step = step
             optimizer.zero_grad(set_to_none=True)
             self.batch_idx += 1
-            self._after_step(progress)
-            if self._done():
-                return False
+            if step >= due or self.should_stop:
+                self._after_step(progress)
+                if self._done():
+                    return False
+                due = self._next_due(progress)
         return True
 
     def _forward(self, x: Tensor, batch: Batch, *, boundary: bool) -> Tensor:
@@ -1201,8 +1234,9 @@ class Trainer:
                                  max_steps=self.total_steps)
         loss = state.loss
         value = loss.value.detach()
-        # no host sync: the guard reads the window at log points
-        self._window.append((value, state.step + 1, loss.logs, x.shape[0]))
+        # no host sync on an accelerator: the guard reads the window at log points
+        self._window.append((value.tolist() if self._host_window else value, state.step + 1,
+                             loss.logs, x.shape[0]))
         if self._skip_nonfinite:
             ok = torch.isfinite(value)
             self._step_ok = ok if self._step_ok is None else self._step_ok & ok
@@ -1308,6 +1342,21 @@ class Trainer:
                 and self.run_dir is not None):
             self._save_guarded()
 
+    def _next_due(self, progress: _Progress) -> float:
+        """The first step after the current one whose end has work for :meth:`_after_step` (a
+        log point, a checkpoint, a progress bar's advance: every step) or ends the run
+        (``total_steps``): the plain loop runs a step's end only then, or when ``should_stop``
+        is set."""
+        step = self.state.step
+        if progress.bar is not None:
+            return step + 1
+        due = [step - step % self.log_every + self.log_every]
+        if self.checkpoint_every is not None and self.run_dir is not None:
+            due.append(step - step % self.checkpoint_every + self.checkpoint_every)
+        if self.total_steps is not None:
+            due.append(max(self.total_steps, step + 1))
+        return min(due)
+
     def _end_epoch(self, progress: _Progress) -> None:
         self.emit(Event.ON_EPOCH_END)
         self._validate_and_log_epoch(progress, partial=False)
@@ -1342,8 +1391,8 @@ class Trainer:
             record["partial"] = True
         count = self._epoch_count + len(self._window)
         if count:
-            total = self._epoch_sum + self._window_values().sum() if self._window else self._epoch_sum
-            record["loss"] = float(total) / count  # the host read; finite unless a loss is not
+            total = self._epoch_sum + self._window_sum() if self._window else self._epoch_sum
+            record["loss"] = total / count  # finite unless a loss is not
             if not math.isfinite(record["loss"]):
                 self._guard()
         if self.val_loader is not None:
@@ -1387,18 +1436,28 @@ class Trainer:
         self.emit(Event.ON_LOG)
 
     def _window_values(self) -> Tensor:
-        """The log window's losses [n] (float32, on the device)."""
-        return torch.stack(list(map(_LOSS, self._window))).float()  # promotes mixed dtypes
+        """The log window's losses [n] (float64 on the CPU, float32 on the device)."""
+        losses = list(map(_LOSS, self._window))
+        if self._host_window:
+            return torch.tensor(losses, dtype=torch.float64)
+        return torch.stack(losses).float()  # promotes mixed dtypes
+
+    def _window_sum(self) -> float:
+        """The sum of the log window's losses, on the host (an accelerator's one sync of a
+        log point)."""
+        if self._host_window:
+            return sum(map(_LOSS, self._window))
+        return float(self._window_values().sum())
 
     def _log_train(self, progress: _Progress) -> None:
         count = len(self._window)
         if count == 0:
             return
-        window = self._window_values().sum()
-        loss = float(window) / count  # the host sync of this log point
+        window = self._window_sum()
+        loss = window / count
         if not math.isfinite(loss):
             self._guard()
-        self._epoch_sum.add_(window)
+        self._epoch_sum += window
         self._epoch_count += count
         samples = sum(map(_SAMPLES, self._window))
         self._window = []
@@ -1533,9 +1592,11 @@ class Trainer:
         if self._unlabeled is not None:
             self._unlabeled.seek(*pos.get("unlabeled", (0, 0)))
         run = state["running"]
-        self._epoch_sum = run["epoch_sum"].to(self.device)
+        self._epoch_sum = float(run["epoch_sum"])
         # the window's losses were checked before it was written; their samples were counted
-        self._window = [(v, self.step, {}, 0) for v in run["window"].to(self.device).unbind()]
+        window = run["window"]
+        losses = window.tolist() if self._host_window else window.to(self.device).unbind()
+        self._window = [(v, self.step, {}, 0) for v in losses]
         self._epoch_count = run["epoch_count"] - len(self._window)
         self.skipped_steps = run.get("skipped_steps", 0)
         self._last_good = path
@@ -1567,7 +1628,8 @@ class Trainer:
         """The losses of the current log window and the epoch's sum of the logged ones (so a
         resumed run logs the same, bit for bit)."""
         window = self._window_values() if self._window else torch.zeros(0)
-        return {"epoch_sum": self._epoch_sum.cpu(), "window": window.cpu(),
+        return {"epoch_sum": torch.tensor(self._epoch_sum, dtype=torch.float64),
+                "window": window.cpu(),
                 "log_count": len(self._window),
                 "epoch_count": self._epoch_count + len(self._window),
                 "skipped_steps": self.skipped_steps}

@@ -9,6 +9,7 @@ act on every run; they are generated from :class:`sdk.events.Event` and receive 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pluggy
@@ -26,6 +27,7 @@ def paperplug_register(registry: Any) -> None:
     """Add this module's plugins: ``registry.add(factory, card=Card(...))``."""
 
 
+@functools.cache  # every fit looks up each event's hook
 def hook_name(event: Event | str) -> str:
     """The pluggy hook of an event: ``paperplug_<event>``."""
     return PREFIX + Event(event).value

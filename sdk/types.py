@@ -202,18 +202,18 @@ class Batch:
         return attrs.evolve(self, **changes)
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, init=False)
 class Loss:
     """An objective's result: scalar ``value``, optional ``per_sample`` [B], detached ``logs``."""
 
     value: Tensor
     per_sample: Tensor | None = None
-    logs: Mapping[str, Tensor] = _EMPTY  # frozen below (most losses log nothing: no call then)
+    logs: Mapping[str, Tensor] = _EMPTY
 
-    def __attrs_post_init__(self) -> None:
-        if self.logs is not _EMPTY:
-            object.__setattr__(self, "logs", _frozen_mapping(self.logs))
-        value, per_sample = self.value, self.per_sample
+    def __init__(self, *, value: Tensor, per_sample: Tensor | None = None,
+                 logs: Mapping[str, Tensor] = _EMPTY) -> None:
+        # validates and stores in one call (objectives build one per step): attrs' generated
+        # __init__ would add a call of __attrs_post_init__ and a bound setter
         if not isinstance(value, Tensor):
             raise TypeError(f"Loss.value: expected a scalar torch.Tensor, got {type(value).__name__}")
         if value.dim() != 0:
@@ -222,6 +222,12 @@ class Loss:
             _tensor_or_none("Loss", "per_sample", per_sample)
             if per_sample.dim() != 1:
                 raise ShapeError(f"Loss.per_sample: expected shape [B], got {_shape(per_sample)}")
+        _set_value(self, value)
+        _set_per_sample(self, per_sample)
+        _set_logs(self, logs if logs is _EMPTY else _frozen_mapping(logs))  # most log nothing
+
+
+_set_value, _set_per_sample, _set_logs = (Loss.__dict__[f.name].__set__ for f in attrs.fields(Loss))
 
 
 @attrs.frozen(kw_only=True)

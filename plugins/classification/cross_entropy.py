@@ -26,18 +26,21 @@ def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, label_smooth
     weights, 1 without; an id target's sample is weighted ``w_y``, an ignored one gives 0);
     ``reduction="mean"``: their weighted mean, in torch's fused kernel.
 
-    ``targets`` are class ids [B] or probabilities [B, C] (soft labels, e.g. from mixup),
-    checked by :func:`sdk.classification.targets` (soft labels' values on CPU); ids out of
-    range on CPU are found when torch fails on them, so the hot path reads no values (on CUDA
-    the device asserts).
+    ``targets`` are class ids [B] of any integer dtype or probabilities [B, C] (soft labels,
+    e.g. from mixup), checked by :func:`sdk.classification.targets` (soft labels' values on
+    CPU). int64 ids go to torch's kernel unchecked: ids of another rank, shape or range make it
+    fail, and only then are they checked, to say why (on CUDA the device asserts), so the hot
+    path reads no values and calls no check.
     """
-    if targets.dim() == 1:
-        check_ids("cross_entropy", "targets", targets)
-    else:
-        cls.targets("cross_entropy", logits, targets)
-        targets = targets.float()
+    if targets.dtype is not torch.int64:
+        if targets.dim() == 1:
+            check_ids("cross_entropy", "targets", targets)
+            targets = targets.long()
+        else:
+            cls.targets("cross_entropy", logits, targets)
+            targets = targets.float()
     try:
-        logits = logits if logits.dtype == torch.float32 else logits.float()
+        logits = logits if logits.dtype is torch.float32 else logits.float()
         return F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing,
                                ignore_index=-100 if ignore_index is None else ignore_index,
                                reduction=reduction)

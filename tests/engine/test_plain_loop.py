@@ -160,3 +160,58 @@ def test_the_general_loop_runs_whenever_the_plain_one_would_skip_something(
     assert not trainer._plain_loop and not plain_calls and trainer.step == 4
     if "teacher" in kw:
         assert kw["teacher"].updates == 4
+
+
+def _plain_trainer(make_mlp, objective, **kw):
+    return sdk.Trainer(make_mlp(), objective, functools.partial(torch.optim.SGD, lr=0.1),
+                       progress=False, **kw)
+
+
+def test_the_plain_loop_honours_the_objectives_module_hooks(data, make_mlp):
+    """The plain loop calls an objective's forward directly only where torch would (no hooks):
+    a forward hook, a forward pre-hook, a process-wide hook and one registered during the run
+    all run on every step they exist for."""
+    loader = DataLoader(data, batch_size=16)
+    steps = len(loader)
+    objective = sdk.create("objective", "cross_entropy")
+    seen = {"pre": 0, "post": 0, "global": 0, "late": 0}
+    objective.register_forward_pre_hook(lambda m, args: seen.__setitem__("pre", seen["pre"] + 1))
+    objective.register_forward_hook(lambda m, a, out: seen.__setitem__("post", seen["post"] + 1))
+
+    class Late(Callback):  # registers a hook when the second epoch starts
+        def on_epoch_start(self, state):
+            if state.epoch == 1:
+                objective.register_forward_hook(
+                    lambda m, a, out: seen.__setitem__("late", seen["late"] + 1))
+
+    def on_any(module, args, out):
+        if module is objective:
+            seen["global"] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(on_any)
+    try:
+        trainer = _plain_trainer(make_mlp, objective, callbacks=[Late()], max_epochs=2)
+        trainer.fit(loader)
+    finally:
+        handle.remove()
+    assert trainer._plain_loop
+    assert seen == {"pre": 2 * steps, "post": 2 * steps, "global": 2 * steps, "late": steps}
+
+
+def test_the_plain_loop_stops_on_the_step_should_stop_is_set(data, make_mlp):
+    """A stop requested between log points (here by the objective's forward) ends the run after
+    that step, as the general loop's check after every step does."""
+    class StopAt(type(sdk.create("objective", "cross_entropy"))):
+        trainer = None
+
+        def forward(self, views, batch):
+            loss = super().forward(views, batch)
+            if self.trainer.state.step == 6:  # the forward of step 7
+                self.trainer.should_stop = True
+            return loss
+
+    objective = StopAt()
+    trainer = _plain_trainer(make_mlp, objective, max_epochs=5, log_every=50)
+    objective.trainer = trainer
+    trainer.fit(DataLoader(data, batch_size=16))
+    assert trainer._plain_loop and trainer.step == 7

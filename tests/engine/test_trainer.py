@@ -280,8 +280,10 @@ _PROJECT = str(Path(sdk.__file__).parent.parent)
 _NOT_PROJECT = ("/tests/", "/.venv/", "/site-packages/")
 
 
-def test_no_host_sync_between_log_points(loader, make_mlp, monkeypatch):
-    """Between log points the engine (sdk/, plugins/) never reads a tensor on the host."""
+@pytest.mark.parametrize("host_window", [False, True])
+def test_no_host_sync_between_log_points(loader, make_mlp, monkeypatch, host_window):
+    """Between log points the engine (sdk/, plugins/) never reads a tensor on the host, but for
+    the CPU's log window, which reads each loss (``tolist``: no sync on the CPU) and nothing else."""
     calls: list[str] = []
     for name in _SYNCS:
         original = getattr(torch.Tensor, name)
@@ -307,11 +309,18 @@ def test_no_host_sync_between_log_points(loader, make_mlp, monkeypatch):
             spans[-1] = (spans[-1][0], len(calls))
 
     enc = make_mlp()
-    sdk.Trainer(enc, sdk.create("objective", "cross_entropy"), SGD, callbacks=[Mark()],
-                max_epochs=2, log_every=1000, clip_grad_norm=1.0, progress=False).fit(loader)
+    trainer = sdk.Trainer(enc, sdk.create("objective", "cross_entropy"), SGD, callbacks=[Mark()],
+                          max_epochs=2, log_every=1000, clip_grad_norm=1.0, progress=False)
+    trainer._host_window = host_window  # False: an accelerator's window, on this CPU
+    trainer.fit(loader)
     assert len(spans) == 2
     for start, end in spans:
-        assert start == end, calls[start:end]
+        reads = calls[start:end]
+        if host_window:  # one read per step, the engine's window reading the step's loss
+            assert len(reads) == len(loader), reads
+            assert all(r.startswith("tolist from") and "sdk/engine.py" in r for r in reads), reads
+        else:
+            assert not reads, reads
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sdk
 
@@ -50,6 +51,24 @@ def test_errors():
     with pytest.raises(sdk.RequirementError, match="needs Views.logits"):
         sdk.create("objective", "cross_entropy")(sdk.Views(embeddings=(torch.zeros(4, 3),)),
                                                   sdk.Batch(targets=torch.zeros(4, dtype=torch.long)))
+
+
+def test_ids_of_any_integer_dtype_and_errors_found_after_torch_fails():
+    """int64 ids go to torch's kernel unchecked; ids of other integer dtypes are converted (torch
+    takes only int64 and uint8), and ids torch refuses are checked to say why."""
+    from plugins.classification.cross_entropy import cross_entropy_loss
+
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 3, 1, 2, 2, 0])
+    reference = F.cross_entropy(logits, y)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        assert torch.equal(cross_entropy_loss(logits, y.to(dtype), reduction="mean"), reference)
+    with pytest.raises(sdk.ShapeError, match="must lie in"):
+        cross_entropy_loss(logits, torch.tensor([0, 1, 2, 3, 4, 0]), reduction="mean")
+    with pytest.raises(sdk.ShapeError, match="soft labels must be floating point"):
+        cross_entropy_loss(logits, torch.zeros(6, 4, dtype=torch.long), reduction="mean")
+    with pytest.raises(sdk.ShapeError, match="must be integer ids"):
+        cross_entropy_loss(logits, torch.zeros(6, dtype=torch.bool), reduction="mean")
 
 
 def test_class_weights_and_ignore_index_reduce_as_torch():
